@@ -1,0 +1,57 @@
+"""`distill` command line: run the loop, run one stage, build the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distill.rundir import STAGES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill", description="Iterative self-distillation for audio LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="run (or resume) the round loop")
+    p_run.add_argument("config")
+    p_run.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    p_stage = sub.add_parser("stage", help="run one stage of one round (e.g. a Slurm array task sampling a shard)")
+    p_stage.add_argument("stage", choices=STAGES)
+    p_stage.add_argument("config")
+    p_stage.add_argument("--round", type=int, required=True)
+    p_stage.add_argument("overrides", nargs="*")
+
+    p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen2-Audio that vLLM loads")
+    p_tiny.add_argument("out")
+
+    args = parser.parse_args(argv)
+    from distill.config import ConfigError, load_config
+
+    try:
+        if args.command == "make-tiny-model":
+            from distill.tiny_model import build_tiny_model
+
+            print(build_tiny_model(args.out))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        from distill import loop
+
+        if args.command == "run":
+            loop.run_loop(cfg)
+            return 0
+        run = loop.RunDir(cfg.run_dir)
+        loop.init_run_dir(cfg, run)
+        loop.ensure_base_model(cfg)
+        train_items, eval_items = loop.prepare_data(cfg, run)
+        with loop.EngineCache(cfg.engine, cfg.seed) as engines:
+            done = loop.run_stage(cfg, run, args.round, args.stage, train_items, eval_items, engines)
+        print(f"round {args.round} {args.stage}: {'done' if done else 'waiting for other shards'}")
+        return 0
+    except ConfigError as exc:
+        print(f"distill: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Launching the SFT entry point: `accelerate launch ... distill/train.py ...` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from distill.config import TrainConfig
+
+TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
+                  section: str) -> list[str]:
+    """The accelerate command line for one training stage (what a user would type)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(tcfg.num_processes),
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", tcfg.mixed_precision]
+    if tcfg.zero_stage > 0:
+        cmd += ["--use_deepspeed", "--zero_stage", str(tcfg.zero_stage)]
+    cmd += [str(TRAIN_SCRIPT), "--config", str(config_path), "--data", *map(str, data), "--model", str(model),
+            "--out", str(out), "--section", section]
+    return cmd
+
+
+def train_env(tcfg: TrainConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    # DeepSpeed compiles a small op with g++ on first use (~25 s); cache it where all runs reuse it.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distill" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tcfg.num_processes)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_training(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
+                 section: str) -> None:
+    cmd = train_command(tcfg, config_path, data, model, out, section)
+    print("train: " + " ".join(cmd[2:]), flush=True)
+    result = subprocess.run(cmd, env=train_env(tcfg))
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed (exit {result.returncode}); command: {' '.join(cmd)}")

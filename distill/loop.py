@@ -1,0 +1,145 @@
+"""The round loop: cold start, then rounds of sample -> filter -> train -> export -> eval.
+
+Each stage is a function from the files of the previous stage to its own files; the loop only
+decides what is left to do by looking at the run directory, so re-running the same command after
+an interruption finishes the run without redoing finished stages or shards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from data_pipelines.items import Item, read_manifest, write_manifest
+from data_pipelines.synthetic import generate_split
+from distill.config import RESUMABLE_CHANGES, Config, ConfigError, config_diff, load_config, to_yaml
+from distill.eval import eval_stage
+from distill.export import export_stage
+from distill.io import atomic_write_jsonl, atomic_write_text, read_json
+from distill.launch import run_training
+from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
+from distill.prompting import load_tokenizer
+from distill.rewards.filter import filter_stage
+from distill.rollout.engine import EngineCache
+from distill.rollout.sample import sample_stage, shard_plan
+from distill.rundir import STAGES, RoundDir, RunDir
+from distill.sft_data import cold_start_rows
+from distill.tiny_model import build_tiny_model
+
+
+def init_run_dir(cfg: Config, run: RunDir) -> None:
+    """Save the resolved config; on resume, refuse changes that would invalidate finished work."""
+    if run.config.exists():
+        saved = load_config(run.config)
+        changed = [k for k in config_diff(saved, cfg) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(
+                f"{run.config}: this run was started with a different config; changed key(s): {', '.join(changed)}. "
+                "Use a new run_name, or revert those keys to resume."
+            )
+    atomic_write_text(run.config, to_yaml(cfg))
+
+
+def ensure_base_model(cfg: Config) -> Path:
+    path = Path(cfg.model.path)
+    if not (path / "config.json").exists():
+        if not cfg.model.build_tiny:
+            raise FileNotFoundError(f"model.path={path}: no model there (set model.build_tiny=true for a tiny one)")
+        print(f"model: building a tiny random Qwen2-Audio at {path}")
+        build_tiny_model(path, cfg.model.tiny)
+    return path
+
+
+def prepare_data(cfg: Config, run: RunDir) -> tuple[list[Item], list[Item]]:
+    """The train and held-out items: the configured manifests, or synthetic items written once."""
+    if cfg.data.train_manifest:
+        return read_manifest(cfg.data.train_manifest), read_manifest(cfg.data.eval_manifest)
+    syn = cfg.data.synthetic
+    splits = []
+    for split, n in (("train", syn.train_items), ("eval", syn.eval_items)):
+        manifest = run.data_dir / f"{split}.jsonl"
+        if not manifest.exists():
+            items = generate_split(run.data_dir, split, syn.families, n, syn.seed, syn.difficulty, cfg.data.sample_rate)
+            write_manifest(manifest, items)
+        splits.append(read_manifest(manifest))
+    return splits[0], splits[1]
+
+
+def input_model(cfg: Config, run: RunDir, index: int) -> Path:
+    """The model a round starts from: the previous round's export (or the base model)."""
+    if index == 0 or (index == 1 and not cfg.cold_start.enabled):
+        return Path(cfg.model.path)
+    prev = run.round(index - 1)
+    if not prev.is_done("export"):
+        raise RuntimeError(f"round {index} needs round {index - 1}'s exported model, but {prev.path} is at "
+                           f"stage {prev.last_stage()!r}")
+    return prev.model_dir
+
+
+def run_stage(cfg: Config, run: RunDir, index: int, stage: str, train_items: list[Item], eval_items: list[Item],
+              engines: EngineCache) -> bool:
+    """Run one stage of one round unless it is done; True when the stage is (now) finished."""
+    rd = run.round(index)
+    if rd.is_done(stage):
+        return True
+    rd.path.mkdir(parents=True, exist_ok=True)
+    model = input_model(cfg, run, index)
+    start = time.time()
+    print(f"\n== round {index}: {stage} ==", flush=True)
+    if stage == "sample":
+        stats = sample_stage(cfg, train_items, model, rd, engines.get)
+        count, _ = shard_plan(cfg)
+        if any(not rd.shard_path(i, count).exists() for i in range(count)):
+            return False  # other shards belong to other array tasks
+    elif stage == "filter" and index == 0:
+        rows = cold_start_rows(train_items, load_tokenizer(str(model)), cfg.data.system_prompt)
+        atomic_write_jsonl(rd.filtered, rows)
+        stats = {"kept": len(rows), "source": "reference traces (cold start)"}
+    elif stage == "filter":
+        stats = filter_stage(cfg, rd)
+        if stats["kept"] == 0:
+            raise RuntimeError(f"round {index}: the filter kept no traces ({stats['rejected_by_reason']}); raise "
+                               "sample.n or sample.max_tokens, or start from a stronger model")
+    elif stage == "train":
+        engines.close()  # training needs the accelerator memory and the cores the engine holds
+        tcfg = cfg.cold_start.train if index == 0 else cfg.train
+        section = "cold_start.train" if index == 0 else "train"
+        run_training(tcfg, run.config, [rd.filtered], model, rd.train_dir, section)
+        stats = read_json(rd.checkpoint / "train_summary.json")
+    elif stage == "export":
+        stats = export_stage(cfg, rd, Path(cfg.model.path), eval_items, engines.get)
+    elif stage == "eval":
+        stats = eval_stage(cfg, eval_items, rd.model_dir, rd, engines.get)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    rd.mark_done(stage, {**stats, "seconds": round(time.time() - start, 2)})
+    return True
+
+
+def run_round(cfg: Config, run: RunDir, index: int, train_items: list[Item], eval_items: list[Item],
+              engines: EngineCache) -> RoundDir:
+    for stage in STAGES:
+        if index == 0 and stage == "sample":
+            continue  # the cold start trains on the items' reference traces
+        if not run_stage(cfg, run, index, stage, train_items, eval_items, engines):
+            raise RuntimeError(f"round {index}: stage {stage} is waiting for other shards")
+    return run.round(index)
+
+
+def run_loop(cfg: Config) -> list[dict]:
+    """Run (or resume) the whole loop; return the per-round metric records."""
+    run = RunDir(cfg.run_dir)
+    init_run_dir(cfg, run)
+    ensure_base_model(cfg)
+    train_items, eval_items = prepare_data(cfg, run)
+    logger = WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config={"run_name": cfg.run_name})
+    first = 0 if cfg.cold_start.enabled else 1
+    with EngineCache(cfg.engine, cfg.seed) as engines:
+        for index in range(first, cfg.loop.rounds + 1):
+            rd = run_round(cfg, run, index, train_items, eval_items, engines)
+            write_run_metrics(run)
+            logger.log_round(round_record(rd))
+    logger.finish()
+    records = write_run_metrics(run)
+    print("\n" + format_table(records), flush=True)
+    return records

@@ -1,0 +1,96 @@
+"""Round metrics: one record per round, built from the stats each stage left on disk.
+
+Because the records are rebuilt from the round directories, a resumed run never logs a round
+twice in metrics.jsonl, and the table printed at the end covers the whole run.
+"""
+
+from __future__ import annotations
+
+from distill.io import atomic_write_jsonl
+from distill.rundir import RoundDir, RunDir
+
+
+def round_record(rd: RoundDir) -> dict:
+    stats = rd.stats()
+    sample, filt, train, ev = (stats.get(s, {}) for s in ("sample", "filter", "train", "eval"))
+    return {
+        "round": rd.index,
+        "stage": rd.last_stage(),
+        "samples": filt.get("traces"),
+        "sample_accuracy": filt.get("sample_accuracy"),
+        "kept": filt.get("kept"),
+        "kept_fraction": filt.get("kept_fraction"),
+        "rejected_by_reason": filt.get("rejected_by_reason"),
+        "train_steps": train.get("steps"),
+        "train_loss": train.get("final_loss"),
+        "heldout_accuracy": ev.get("accuracy"),
+        "heldout_per_family": ev.get("per_family"),
+        "model_sha256": stats.get("export", {}).get("weights_sha256"),
+        "sampled_from_sha256": sample.get("model_sha256"),
+        "seconds": {s: v.get("seconds") for s, v in stats.items()},
+    }
+
+
+def write_run_metrics(run: RunDir) -> list[dict]:
+    records = [round_record(rd) for rd in run.rounds()]
+    atomic_write_jsonl(run.metrics, records)
+    return records
+
+
+def _fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def format_table(records: list[dict]) -> str:
+    """The per-round table printed at the end of `distill run`."""
+    header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "train_loss", "heldout_acc", "time_s"]
+    lines = [header]
+    for r in records:
+        total = sum(v for v in r["seconds"].values() if v)
+        lines.append([
+            f"{r['round']:d}" + (" (cold start)" if r["round"] == 0 else ""),
+            _fmt(r["stage"]),
+            _fmt(r["samples"]),
+            _fmt(r["kept"]),
+            _fmt(r["kept_fraction"], ".0%"),
+            _fmt(r["sample_accuracy"], ".1%"),
+            _fmt(r["train_loss"], ".4f"),
+            _fmt(r["heldout_accuracy"], ".1%"),
+            f"{total:.0f}",
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+class WandbLogger:
+    """Round metrics to wandb (offline by default: written under the run directory, no network)."""
+
+    def __init__(self, run: RunDir, mode: str, project: str, config: dict):
+        self.wb = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        self.wb = wandb.init(project=project, name=run.path.name, dir=str(run.path), mode=mode, config=config,
+                             reinit="finish_previous")
+
+    def log_round(self, record: dict) -> None:
+        if self.wb is None:
+            return
+        flat = {k: v for k, v in record.items() if isinstance(v, int | float) and v is not None}
+        for reason, n in (record.get("rejected_by_reason") or {}).items():
+            flat[f"rejected/{reason}"] = n
+        for family, acc in (record.get("heldout_per_family") or {}).items():
+            flat[f"heldout_accuracy/{family}"] = acc
+        for stage, seconds in record["seconds"].items():
+            if seconds is not None:
+                flat[f"seconds/{stage}"] = seconds
+        self.wb.log(flat, step=record["round"])
+
+    def finish(self) -> None:
+        if self.wb is not None:
+            self.wb.finish()

@@ -1,0 +1,40 @@
+"""Prompts: one place that turns an item into the chat text the model sees, for every stage.
+
+Sampling, training and eval must render the same prompt, or the student is trained on a format
+it is never sampled with.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def chat_prompt(tokenizer, question: str, system_prompt: str) -> str:
+    """The rendered chat up to the assistant turn (the model's own chat template, one audio item)."""
+    messages = [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": [{"type": "audio", "audio": "item"}, {"type": "text", "text": question}]},
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def question_text(question: str, choices: list[str] | None) -> str:
+    """The question as asked, with the options listed when it is multiple choice."""
+    if not choices:
+        return question
+    return f"{question}\nOptions: {', '.join(choices)}."
+
+
+def model_prompt(model_dir: str | Path, question: str, choices: list[str] | None, system_prompt: str) -> str:
+    return chat_prompt(load_tokenizer(str(model_dir)), question_text(question, choices), system_prompt)

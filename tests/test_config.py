@@ -1,0 +1,46 @@
+import pytest
+
+from distill.config import ConfigError, config_diff, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_preset_and_overrides_merge(tmp_path):
+    cfg = load_config(write(tmp_path, "run_name: r\nmodel: {path: m}\nsample: {n: 4}\n"), ["sample.n=6", "train.zero_stage=3"])
+    assert cfg.sample.n == 6 and cfg.train.zero_stage == 3 and cfg.run_name == "r"
+
+
+def test_demo_preset_is_valid():
+    cfg = load_config("configs/demo_cpu.yaml")
+    assert cfg.model.build_tiny and cfg.model.path == "checkpoints/demo_cpu/base_model"
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "key"),
+    [
+        ("run_name: r\nmodel: {path: m}\nsample: {nn: 4}\n", [], "nn"),
+        ("run_name: r\nmodel: {path: m}\n", ["sample.n=lots"], "sample.n"),
+        ("run_name: r\nmodel: {path: m}\n", ["train.zero_stage=4"], "train.zero_stage"),
+        ("run_name: r\nmodel: {path: m}\n", ["sample.top_p=1.5"], "sample.top_p"),
+        ("run_name: r\nmodel: {path: m}\n", ["sample.n=0"], "sample.n"),
+        ("run_name: r\nmodel: {path: m}\n", ["data.synthetic.families=[nope]"], "data.synthetic.families"),
+        ("model: {path: m}\n", [], "run_name"),
+        ("run_name: r\nmodel: {path: m}\n", ["bogus.key=1"], "bogus"),
+        ("run_name: r\nmodel: {path: m}\n", ["sample.shard_index=3", "sample.num_shards=2"], "sample.shard_index"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(tmp_path, text, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_config_diff_lists_changed_keys(tmp_path):
+    path = write(tmp_path, "run_name: r\nmodel: {path: m}\n")
+    a = load_config(path)
+    b = load_config(path, ["sample.n=3", "train.learning_rate=0.1"])
+    assert config_diff(a, b) == ["sample.n", "train.learning_rate"]
+    assert config_diff(a, load_config(path)) == []

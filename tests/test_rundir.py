@@ -1,0 +1,37 @@
+import pytest
+
+from distill.rundir import RoundDir, RunDir
+
+
+def test_stage_markers_order(tmp_path):
+    rd = RunDir(tmp_path).round(1)
+    assert rd.last_stage() is None and not rd.is_done("sample")
+    rd.mark_done("sample", {"n": 3})
+    assert rd.is_done("sample") and not rd.is_done("filter")
+    rd.mark_done("filter", {"kept": 2})
+    assert rd.is_done("sample") and rd.is_done("filter") and not rd.is_done("train")
+    assert rd.stats() == {"sample": {"n": 3}, "filter": {"kept": 2}}
+
+
+def test_stats_written_before_marker(tmp_path):
+    rd = RoundDir(tmp_path, 2)
+    rd.mark_done("sample", {"x": 1})
+    assert (rd.stats_dir / "sample.json").exists() and rd.stage_file.read_text() == "sample\n"
+    assert not list(rd.path.rglob("*.tmp"))
+
+
+def test_unknown_marker_is_an_error(tmp_path):
+    rd = RoundDir(tmp_path, 1)
+    rd.path.mkdir()
+    rd.stage_file.write_text("bake\n")
+    with pytest.raises(ValueError, match="STAGE: unknown stage 'bake'"):
+        rd.is_done("sample")
+
+
+def test_rounds_listed_in_order(tmp_path):
+    run = RunDir(tmp_path)
+    for i in (2, 0, 1):
+        run.round(i).path.mkdir()
+    (tmp_path / "round_x").mkdir()
+    assert [r.index for r in run.rounds()] == [0, 1, 2]
+    assert run.round(3).shard_path(7, 8).name == "shard-00007-of-00008.jsonl"

@@ -1,0 +1,46 @@
+import torch
+
+from data_pipelines.synthetic import generate_split
+from distill.prompting import load_tokenizer
+from distill.sft_data import IGNORE, SFTDataset, cold_start_rows, collate, split_prefix, weighted_loss
+
+
+def test_split_prefix_moves_prefill_into_prompt():
+    assert split_prefix("P", "<think>\nx</think>a", "<think>\n") == ("P<think>\n", "x</think>a")
+    assert split_prefix("P", "x</think>a", "<think>\n") == ("P", "x</think>a")
+    assert split_prefix("P", "<think>\nx", "") == ("P", "<think>\nx")
+
+
+def test_dataset_masks_prompt_and_weights_answer(tiny_model, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    items = generate_split(tmp_path, "train", ["pitch_level"], 2, 0, 1, 16000)
+    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys")
+    ds = SFTDataset(rows, processor, max_seq_len=1024, answer_loss_weight=3.0, generation_prefix="<think>\n")
+    ex = ds[0]
+    tok = processor.tokenizer
+    targets = ex["labels"][ex["labels"] != IGNORE].tolist()
+    # The loss covers exactly the generated part: reasoning, </think>, answer, end of turn.
+    assert tok.decode(targets) == rows[0]["completion"].removeprefix("<think>\n") + tok.eos_token
+    n_audio = int((ex["input_ids"] == tok.convert_tokens_to_ids("<|AUDIO|>")).sum())
+    assert n_audio == ex["feature_attention_mask"].sum().item() // 4 + 1 or n_audio > 10
+    close = tok.convert_tokens_to_ids("</think>")
+    after = (ex["input_ids"] == close).nonzero()[0].item() + 1
+    assert set(ex["weights"][after:].tolist()) == {3.0}
+    assert set(ex["weights"][:after][ex["labels"][:after] != IGNORE].tolist()) == {1.0}
+    batch = collate([ds[0], ds[1]], tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["weights"].shape
+    assert batch["input_features"].shape[:2] == (2, 128)
+
+
+def test_weighted_loss_ignores_masked_and_weighs_tokens():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 1] = 5.0  # predicts label[1]=1 well
+    labels = torch.tensor([[IGNORE, 1, 2, IGNORE]])
+    uniform = weighted_loss(logits, labels, torch.ones(1, 4))
+    ce_good = torch.nn.functional.cross_entropy(logits[0, 0:1], torch.tensor([1]))
+    ce_flat = torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([2]))
+    assert torch.isclose(uniform, (ce_good + ce_flat) / 2)
+    heavy = weighted_loss(logits, labels, torch.tensor([[1.0, 1.0, 3.0, 1.0]]))
+    assert torch.isclose(heavy, (ce_good + 3 * ce_flat) / 4)
