@@ -69,6 +69,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.answer_loss_weight = answer_loss_weight
         self.sample_rate = processor.feature_extractor.sampling_rate
         self.think_close_id = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+        self.audio_token = processor.audio_token
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,6 +77,9 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         prompt, completion = split_prefix(row["prompt"], row["completion"], self.generation_prefix)
+        if self.audio_token in completion:
+            raise ValueError(f"SFT row {row.get('id', index)!r}: the completion contains the audio placeholder "
+                             f"{self.audio_token}; the filter's control-token check should have rejected it")
         audio = load_audio(row["audio"], self.sample_rate)
         enc = self.processor(text=[prompt], audio=[audio], sampling_rate=self.sample_rate, return_tensors="pt")
         prompt_ids = enc["input_ids"][0].tolist()

@@ -1,7 +1,8 @@
 import pytest
 
 from distill.rewards.checks import (
-    answer_matches, check_correct, check_finished, check_format, extract_answer, split_trace,
+    answer_matches, check_control_tokens, check_correct, check_finished, check_format, extract_answer,
+    split_trace,
 )
 
 GOOD = "<think>\nThe tone sits near 900 Hz, above 500 Hz.\n</think>\nhigh"
@@ -69,3 +70,10 @@ def test_check_correct():
     assert check_correct(GOOD, "high", ["high", "low"]) is None
     assert check_correct(GOOD, "low", ["high", "low"]) == "answer:wrong"
     assert check_correct("high", "high") == "answer:missing"
+
+
+def test_check_control_tokens():
+    tokens = ("<|AUDIO|>", "<|im_start|>")
+    assert check_control_tokens(GOOD, tokens) is None
+    assert check_control_tokens("<think>x<|AUDIO|></think>high", tokens) == "control_tokens"
+    assert check_control_tokens("<think>x</think>high<|im_start|>user", tokens) == "control_tokens"

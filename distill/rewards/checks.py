@@ -42,6 +42,12 @@ def check_finished(finish_reason: str) -> str | None:
     return "truncated" if finish_reason == "length" else None
 
 
+def check_control_tokens(text: str, control_tokens: tuple[str, ...]) -> str | None:
+    """Chat or audio control tokens (`<|im_start|>`, `<|AUDIO|>`, ...) inside a trace: the model
+    wandered out of its turn, and an audio placeholder in a target would break training."""
+    return "control_tokens" if any(tok in text for tok in control_tokens) else None
+
+
 def normalize(text: str) -> str:
     return " ".join(text.lower().translate(_PUNCT).split())
 

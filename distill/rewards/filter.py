@@ -11,16 +11,24 @@ from collections import Counter, defaultdict
 
 from distill.config import Config
 from distill.io import atomic_write_jsonl
-from distill.rewards.checks import check_correct, check_finished, check_format
+from distill.prompting import load_tokenizer
+from distill.rewards.checks import check_control_tokens, check_correct, check_finished, check_format
 from distill.rollout.sample import read_samples, shard_plan
 from distill.rundir import RoundDir
 
 
-def trace_failures(trace: dict, cfg: Config) -> list[str]:
+def control_tokens(model_dir: str) -> tuple[str, ...]:
+    """The tokenizer's special tokens (chat turns, audio placeholders), which no trace may contain."""
+    tokenizer = load_tokenizer(model_dir)
+    return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}))
+
+
+def trace_failures(trace: dict, cfg: Config, forbidden: tuple[str, ...]) -> list[str]:
     """Every reason this trace fails; empty when it passes."""
     text = trace["completion"]
     results = [
         check_finished(trace["finish_reason"]),
+        check_control_tokens(text, forbidden),
         check_format(text, cfg.filter.min_reasoning_chars),
         check_correct(text, trace["reference"], trace.get("choices")),
     ]
@@ -35,6 +43,7 @@ def filter_stage(cfg: Config, rd: RoundDir) -> dict:
     for trace in traces:
         by_item[trace["item_id"]].append(trace)
 
+    forbidden = control_tokens(traces[0]["lineage"]["model_dir"]) if traces else ()
     kept, rejected, reasons = [], [], Counter()
     correct = 0
     all_fail, all_pass = [], []
@@ -42,7 +51,7 @@ def filter_stage(cfg: Config, rd: RoundDir) -> dict:
         group.sort(key=lambda t: t["sample_index"])
         passing = 0
         for trace in group:
-            failures = trace_failures(trace, cfg)
+            failures = trace_failures(trace, cfg, forbidden)
             correct += "answer:wrong" not in failures and "answer:missing" not in failures
             passing += not failures
             if not failures and passing <= cfg.filter.keep_per_prompt:

@@ -1,0 +1,57 @@
+import pytest
+
+from distill.config import ConfigError, load_config
+from distill.loop import init_run_dir, input_model, prepare_data
+from distill.rollout.sample import sample_seed, shard_plan
+from distill.rundir import RunDir
+
+
+def cfg_for(tmp_path, *overrides):
+    return load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", *overrides])
+
+
+def test_resume_refuses_changed_config_but_allows_more_rounds(tmp_path):
+    cfg = cfg_for(tmp_path)
+    run = RunDir(cfg.run_dir)
+    init_run_dir(cfg, run)
+    init_run_dir(cfg_for(tmp_path, "loop.rounds=5"), run)
+    assert "rounds: 5" in run.config.read_text()
+    with pytest.raises(ConfigError, match="changed key\\(s\\): sample.n, train.learning_rate"):
+        init_run_dir(cfg_for(tmp_path, "sample.n=3", "train.learning_rate=0.1"), run)
+
+
+def test_shard_plan_from_config_and_slurm(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert shard_plan(cfg_for(tmp_path, "sample.num_shards=3")) == (3, [0, 1, 2])
+    assert shard_plan(cfg_for(tmp_path, "sample.num_shards=3", "sample.shard_index=1")) == (3, [1])
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "6")
+    assert shard_plan(cfg_for(tmp_path)) == (6, [4])
+
+
+def test_sample_seeds_are_stable_and_distinct():
+    assert sample_seed(0, 1, "a", 0) == sample_seed(0, 1, "a", 0)
+    seeds = {sample_seed(0, r, i, j) for r in (1, 2) for i in ("a", "b") for j in range(4)}
+    assert len(seeds) == 16 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_synthetic_data_written_once(tmp_path):
+    cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2")
+    run = RunDir(cfg.run_dir)
+    train, held_out = prepare_data(cfg, run)
+    assert len(train) == 4 and len(held_out) == 2
+    assert not {i.id for i in train} & {i.id for i in held_out}
+    mtime = (run.data_dir / "train.jsonl").stat().st_mtime_ns
+    prepare_data(cfg, run)
+    assert (run.data_dir / "train.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_round_needs_previous_export(tmp_path):
+    cfg = cfg_for(tmp_path)
+    run = RunDir(cfg.run_dir)
+    assert str(input_model(cfg, run, 0)) == cfg.model.path
+    with pytest.raises(RuntimeError, match="round 1 needs round 0's exported model"):
+        input_model(cfg, run, 1)
+    run.round(0).mark_done("export", {})
+    assert input_model(cfg, run, 1) == run.round(0).model_dir
+    assert str(input_model(cfg_for(tmp_path, "cold_start.enabled=false"), run, 1)) == cfg.model.path
