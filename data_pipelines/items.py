@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distill.io import atomic_write_jsonl
+from distill.rewards.checks import split_trace
 
 SCHEMA_VERSION = 1
 CATEGORIES = ("speech", "sound", "music", "other")
@@ -61,12 +62,24 @@ def parse_item(obj: object, where: str, base_dir: Path) -> Item:
         raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
     fields = {k: v for k, v in obj.items() if k != "schema_version"}
     item = Item(**fields)
+    choices = item.choices
+    if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+        raise ManifestError(f"{where}: 'choices' must be a list of strings")
+    for key in ("reasoning", "transcript", "family"):
+        if getattr(item, key) is not None and not isinstance(getattr(item, key), str):
+            raise ManifestError(f"{where}: {key!r} must be a string")
+    if not isinstance(item.difficulty, int):
+        raise ManifestError(f"{where}: 'difficulty' must be an integer")
+    if item.reasoning is not None and split_trace(item.reasoning) is None:
+        raise ManifestError(f"{where}: 'reasoning' must be '<think>...</think>' followed by the answer")
     if item.category not in CATEGORIES:
         raise ManifestError(f"{where}: category {item.category!r} not in {CATEGORIES}")
     if item.choices is not None and item.answer not in item.choices:
         raise ManifestError(f"{where}: answer {item.answer!r} is not one of the choices {item.choices}")
     audio = Path(item.audio)
     item.audio = str(audio if audio.is_absolute() else (base_dir / audio).resolve())
+    if not Path(item.audio).is_file():
+        raise ManifestError(f"{where}: audio file {item.audio} does not exist")
     return item
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distill.rundir import STAGES
+from distill.rundir import STAGES, StageOrderError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Iterative self-distillation for audio LMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -24,9 +24,22 @@ def main(argv: list[str] | None = None) -> int:
 
     p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen2-Audio that vLLM loads")
     p_tiny.add_argument("out")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may also follow options (`stage sample CFG --round 1 key=value`): collect them.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    from data_pipelines.audio import AudioError
+    from data_pipelines.items import ManifestError
     from distill.config import ConfigError, load_config
+    from distill.export import ExportGateError
 
     try:
         if args.command == "make-tiny-model":
@@ -51,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"distill: config error: {exc}", file=sys.stderr)
         return 2
+    except (ManifestError, AudioError, ExportGateError, FileNotFoundError, FileExistsError, StageOrderError) as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelConfig:
-    """Sizes of the tiny random Qwen2-Audio built by `distill make-tiny-model`."""
+    """Sizes of the tiny random Qwen2-Audio the loop builds when model.build_tiny is set
+    (`distill make-tiny-model` builds the defaults)."""
 
     audio_d_model: int = 64
     audio_layers: int = 2
@@ -111,6 +112,7 @@ class TrainConfig:
     max_seq_len: int = 1024
     # Loss weight of the tokens after </think> relative to the reasoning tokens.
     answer_loss_weight: float = 1.0
+    max_grad_norm: float = 1.0
     freeze_audio_encoder: bool = True
     zero_stage: int = 2
     num_processes: int = 2
@@ -123,6 +125,9 @@ class TrainConfig:
 @dataclass
 class ColdStartConfig:
     enabled: bool = True
+    # How many train items' reference traces the cold start sees (0: all). Reference reasoning is
+    # scarce in practice; the rounds then write traces for the whole question pool.
+    items: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -174,11 +179,18 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "cold_start.train.mixed_precision": ("no", "bf16", "fp16"),
     "wandb.mode": ("offline", "online", "disabled"),
+    "data.synthetic.difficulty": (1, 2, 3),
 }
 _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",
     "train.grad_accum", "train.num_processes", "loop.rounds", "eval.max_tokens", "engine.max_model_len",
     "cold_start.train.micro_batch_size", "cold_start.train.num_processes", "data.sample_rate",
+    "train.grad_accum", "cold_start.train.grad_accum", "train.max_seq_len", "cold_start.train.max_seq_len",
+    "train.epochs", "cold_start.train.epochs", "data.synthetic.train_items", "data.synthetic.eval_items",
+)
+_NON_NEGATIVE = (
+    "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",
+    "cold_start.train.warmup_steps", "train.max_grad_norm", "cold_start.train.max_grad_norm",
 )
 
 
@@ -197,6 +209,12 @@ def _validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value <= 0:
             raise ConfigError(f"{key}={value!r}: must be positive")
+    for key in _NON_NEGATIVE:
+        value = _get(cfg, key)
+        if value < 0:
+            raise ConfigError(f"{key}={value!r}: must be >= 0")
+    if not cfg.data.synthetic.families:
+        raise ConfigError("data.synthetic.families: give at least one family")
     if not 0.0 < cfg.sample.top_p <= 1.0:
         raise ConfigError(f"sample.top_p={cfg.sample.top_p!r}: must be in (0, 1]")
     if cfg.sample.temperature < 0:
@@ -221,26 +239,40 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
     Raises ConfigError naming the offending key for unknown keys, wrong types and bad values.
     """
-    schema = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        try:
+            preset = OmegaConf.load(path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+        except Exception as exc:  # YAML syntax errors carry their own line and column
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        merged = _merge(merged, preset, f"in {path}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+    merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "in a command-line override")
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
     try:
-        layers = [schema]
-        if path is not None:
-            layers.append(OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r}: expected key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"missing required key(s): {', '.join(missing)}")
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"config key {key!r}{where}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        raise ConfigError(_describe(exc, "")) from None
     _validate(cfg)
     return cfg
+
+
+def _describe(exc: OmegaConfBaseException, where: str) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    return f"config key {key!r}{' ' + where if where else ''}: {getattr(exc, 'msg', None) or exc}"
+
+
+def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, where)) from None
 
 
 def to_yaml(cfg: Config | DictConfig) -> str:

@@ -7,32 +7,27 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from data_pipelines.audio import load_audio
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.io import atomic_write_json, atomic_write_jsonl
 from distill.prompting import load_tokenizer
 from distill.rewards.checks import check_correct, check_format
-from distill.rollout.engine import Request, generate
+from distill.rollout.engine import generate
+from distill.rollout.sample import item_request
 from distill.rundir import RoundDir
-from distill.sft_data import item_prompt
 
 
 def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     start = time.time()
     tokenizer = load_tokenizer(str(model_dir))
-    requests = [
-        Request(item_prompt(tokenizer, it, cfg.data.system_prompt) + cfg.sample.generation_prefix,
-                load_audio(it.audio, cfg.data.sample_rate), cfg.data.sample_rate, seed=0)
-        for it in items
-    ]
+    requests = [item_request(cfg, tokenizer, it) for it in items]
     outs = generate(get_engine(model_dir), requests, 0.0, 1.0, cfg.eval.max_tokens)
     per_family: dict[str, list[bool]] = defaultdict(list)
     rows, n_correct, n_format = [], 0, 0
     for item, out in zip(items, outs, strict=True):
         text = cfg.sample.generation_prefix + out.text
         correct = check_correct(text, item.answer, item.choices) is None
-        well_formed = check_format(text) is None
+        well_formed = check_format(text, cfg.filter.min_reasoning_chars) is None
         n_correct += correct
         n_format += well_formed
         per_family[item.family or item.category].append(correct)

@@ -12,17 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from data_pipelines.audio import load_audio
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.io import atomic_write_json
 from distill.prompting import load_tokenizer
-from distill.rollout.engine import EXPORT_MANIFEST, Request, generate, weights_hash
+from distill.rollout.engine import EXPORT_MANIFEST, generate, weights_hash
+from distill.rollout.sample import item_request
 from distill.rundir import RoundDir
-from distill.sft_data import item_prompt
 
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
-                   "preprocessor_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 GATE_PROBES = 4
 
 
@@ -33,6 +30,8 @@ class ExportGateError(RuntimeError):
 def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items: list[Item],
                  get_engine: Callable) -> dict:
     """Build rd.model_dir from rd.checkpoint and the processor files of `processor_source`."""
+    from transformers import AutoProcessor
+
     start = time.time()
     if not rd.checkpoint.exists():
         raise FileNotFoundError(f"{rd.checkpoint}: no trainer checkpoint; run the train stage")
@@ -43,9 +42,7 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
     for src in rd.checkpoint.iterdir():
         if src.suffix in (".safetensors", ".json") and src.name != "train_summary.json":
             shutil.copy2(src, tmp / src.name)
-    for name in PROCESSOR_FILES:
-        if (processor_source / name).exists():
-            shutil.copy2(processor_source / name, tmp / name)
+    AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     digest = weights_hash(tmp)
     atomic_write_json(tmp / EXPORT_MANIFEST, {"weights_sha256": digest, "round": rd.index,
                                               "checkpoint": str(rd.checkpoint)})
@@ -60,11 +57,7 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
 def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Callable) -> list[str]:
     """Load `model_dir` in vLLM and generate greedily for a few items; raise ExportGateError if not."""
     tokenizer = load_tokenizer(str(model_dir))
-    requests = [
-        Request(item_prompt(tokenizer, it, cfg.data.system_prompt) + cfg.sample.generation_prefix,
-                load_audio(it.audio, cfg.data.sample_rate), cfg.data.sample_rate, seed=0)
-        for it in probe_items[:GATE_PROBES]
-    ]
+    requests = [item_request(cfg, tokenizer, it) for it in probe_items[:GATE_PROBES]]
     try:
         outs = generate(get_engine(model_dir), requests, 0.0, 1.0, cfg.eval.max_tokens)
     except Exception as exc:

@@ -34,17 +34,26 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield the objects of a JSONL file; a malformed line raises ValueError naming file and line."""
+def read_jsonl_numbered(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) of a JSONL file, skipping blank lines; a malformed line or a
+    line that is not a JSON object raises ValueError naming file and line."""
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    for _, obj in read_jsonl_numbered(path):
+        yield obj
 
 
 def read_json(path: str | Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def train_env(tcfg: TrainConfig) -> dict[str, str]:
 def run_training(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
                  section: str) -> None:
     cmd = train_command(tcfg, config_path, data, model, out, section)
-    print("train: " + " ".join(cmd[2:]), flush=True)
+    print("train: " + shlex.join(["accelerate", "launch", *cmd[3:]]), flush=True)
     result = subprocess.run(cmd, env=train_env(tcfg))
     if result.returncode != 0:
         raise RuntimeError(f"training failed (exit {result.returncode}); command: {' '.join(cmd)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from data_pipelines.items import Item, read_manifest, write_manifest
 from data_pipelines.synthetic import generate_split
 from distill.config import RESUMABLE_CHANGES, Config, ConfigError, config_diff, load_config, to_yaml
@@ -82,6 +84,7 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, train_items: lis
     rd = run.round(index)
     if rd.is_done(stage):
         return True
+    rd.require_before(stage, first="filter" if index == 0 else "sample")
     rd.path.mkdir(parents=True, exist_ok=True)
     model = input_model(cfg, run, index)
     start = time.time()
@@ -92,7 +95,8 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, train_items: lis
         if any(not rd.shard_path(i, count).exists() for i in range(count)):
             return False  # other shards belong to other array tasks
     elif stage == "filter" and index == 0:
-        rows = cold_start_rows(train_items, load_tokenizer(str(model)), cfg.data.system_prompt)
+        seed_items = train_items[: cfg.cold_start.items or None]
+        rows = cold_start_rows(seed_items, load_tokenizer(str(model)), cfg.data.system_prompt)
         atomic_write_jsonl(rd.filtered, rows)
         stats = {"kept": len(rows), "source": "reference traces (cold start)"}
     elif stage == "filter":
@@ -132,14 +136,17 @@ def run_loop(cfg: Config) -> list[dict]:
     init_run_dir(cfg, run)
     ensure_base_model(cfg)
     train_items, eval_items = prepare_data(cfg, run)
-    logger = WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config={"run_name": cfg.run_name})
+    logger = WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(
+        OmegaConf.structured(cfg)))
     first = 0 if cfg.cold_start.enabled else 1
-    with EngineCache(cfg.engine, cfg.seed) as engines:
-        for index in range(first, cfg.loop.rounds + 1):
-            rd = run_round(cfg, run, index, train_items, eval_items, engines)
-            write_run_metrics(run)
-            logger.log_round(round_record(rd))
-    logger.finish()
+    try:
+        with EngineCache(cfg.engine, cfg.seed) as engines:
+            for index in range(first, cfg.loop.rounds + 1):
+                rd = run_round(cfg, run, index, train_items, eval_items, engines)
+                write_run_metrics(run)
+                logger.log_round(round_record(rd))
+    finally:
+        logger.finish()
     records = write_run_metrics(run)
     print("\n" + format_table(records), flush=True)
     return records

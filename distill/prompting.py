@@ -7,7 +7,6 @@ it is never sampled with.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -35,6 +34,3 @@ def question_text(question: str, choices: list[str] | None) -> str:
         return question
     return f"{question}\nOptions: {', '.join(choices)}."
 
-
-def model_prompt(model_dir: str | Path, question: str, choices: list[str] | None, system_prompt: str) -> str:
-    return chat_prompt(load_tokenizer(str(model_dir)), question_text(question, choices), system_prompt)

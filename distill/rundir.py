@@ -29,6 +29,10 @@ from distill.io import atomic_write_json, atomic_write_text, read_json
 STAGES = ("sample", "filter", "train", "export", "eval")
 
 
+class StageOrderError(RuntimeError):
+    """A stage was asked to run before the stage it reads from has finished."""
+
+
 class RoundDir:
     def __init__(self, run_dir: Path, index: int):
         self.index = index
@@ -58,6 +62,13 @@ class RoundDir:
     def is_done(self, stage: str) -> bool:
         last = self.last_stage()
         return last is not None and STAGES.index(stage) <= STAGES.index(last)
+
+    def require_before(self, stage: str, first: str = STAGES[0]) -> None:
+        """Raise unless the stage before `stage` is finished (`first` is the round's first stage)."""
+        i = STAGES.index(stage)
+        if stage != first and i > 0 and not self.is_done(STAGES[i - 1]):
+            raise StageOrderError(f"{self.path}: stage {stage!r} needs {STAGES[i - 1]!r} finished first "
+                                  f"(last finished: {self.last_stage()!r})")
 
     def mark_done(self, stage: str, stats: dict) -> None:
         """Record a finished stage: its stats first, then the marker."""

@@ -3,7 +3,8 @@
 A row is `{"id", "audio", "prompt", "completion"}`: `prompt` is the rendered chat text with the
 audio placeholder, `completion` the assistant text from `<think>` on. The prompt is tokenized
 with the audio (the processor expands the placeholder), the completion on its own, and the two
-are concatenated: exactly the token sequence vLLM sampled, so the loss covers what was generated.
+are concatenated, as vLLM saw them; the completion is re-tokenized from its text, which for a
+byte-level BPE gives the sampled ids in all but rare merge cases.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from data_pipelines.audio import load_audio
 from data_pipelines.items import Item
-from distill.io import read_jsonl
+from distill.io import read_jsonl_numbered
 from distill.prompting import THINK_CLOSE, chat_prompt, question_text
 
 IGNORE = -100
@@ -37,11 +38,13 @@ def cold_start_rows(items: list[Item], tokenizer, system_prompt: str) -> list[di
 def load_rows(paths: list[str | Path]) -> list[dict]:
     rows = []
     for path in paths:
-        for lineno, row in enumerate(read_jsonl(path), start=1):
+        for lineno, row in read_jsonl_numbered(path):
             missing = [k for k in ("audio", "prompt", "completion") if not isinstance(row.get(k), str)]
             if missing:
                 raise ValueError(f"{path}:{lineno}: SFT row lacks string field(s) {', '.join(missing)}")
             rows.append(row)
+    if not rows:
+        raise ValueError(f"{', '.join(map(str, paths))}: no SFT rows")
     return rows
 
 
@@ -84,8 +87,12 @@ class SFTDataset(torch.utils.data.Dataset):
         enc = self.processor(text=[prompt], audio=[audio], sampling_rate=self.sample_rate, return_tensors="pt")
         prompt_ids = enc["input_ids"][0].tolist()
         completion_ids = self.tokenizer(completion + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + completion_ids)[: self.max_seq_len]
-        labels = ([IGNORE] * len(prompt_ids) + completion_ids)[: self.max_seq_len]
+        if len(prompt_ids) + len(completion_ids) > self.max_seq_len:
+            # Truncation would cut the end-of-turn token (or the audio placeholders): refuse instead.
+            raise ValueError(f"SFT row {row.get('id', index)!r}: {len(prompt_ids)} prompt + {len(completion_ids)} "
+                             f"completion tokens exceed train.max_seq_len={self.max_seq_len}")
+        ids = prompt_ids + completion_ids
+        labels = [IGNORE] * len(prompt_ids) + completion_ids
         weights = [0.0] * len(prompt_ids)
         after_think = False
         for tok in completion_ids:
@@ -94,7 +101,7 @@ class SFTDataset(torch.utils.data.Dataset):
         return {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
-            "weights": torch.tensor(weights[: self.max_seq_len]),
+            "weights": torch.tensor(weights),
             "input_features": enc["input_features"][0],
             "feature_attention_mask": enc["feature_attention_mask"][0],
         }

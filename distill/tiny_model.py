@@ -73,6 +73,8 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
 
     cfg = cfg or TinyModelConfig()
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; a tiny model is only built into a new or empty folder")
     texts = corpus() + [
         "You are a helpful assistant.", "You are a helpful assistant that listens carefully and reasons about sounds.",
         "system", "user", "assistant", "Audio 1: ",
@@ -118,8 +120,13 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
         save_for_serving(model, tmp)
         processor.save_pretrained(tmp)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            out_dir.rmdir()  # empty, checked above
         tmp.rename(out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").exists():
+            raise
+        # Another process (a parallel array task) finished the same build first: use its model.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,7 +43,7 @@ def build_accelerator(tcfg: TrainConfig):
         plugin = DeepSpeedPlugin(
             zero_stage=tcfg.zero_stage,
             gradient_accumulation_steps=tcfg.grad_accum,
-            gradient_clipping=1.0,
+            gradient_clipping=tcfg.max_grad_norm,
             zero3_save_16bit_model=True,
         )
     # On CPU the process group must be gloo, or accelerate and DeepSpeed disagree on the world size.
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                 logits = model(**batch).logits
                 loss = weighted_loss(logits, labels, weights)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and tcfg.zero_stage == 0 and tcfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)  # DeepSpeed clips itself
                 optimizer.step()
                 optimizer.zero_grad()
             tokens += int(batch["attention_mask"].sum())

@@ -1,7 +1,12 @@
 import pytest
 
 from distill.rewards.checks import (
-    answer_matches, check_control_tokens, check_correct, check_finished, check_format, extract_answer,
+    answer_matches,
+    check_control_tokens,
+    check_correct,
+    check_finished,
+    check_format,
+    extract_answer,
     split_trace,
 )
 

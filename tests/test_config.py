@@ -44,3 +44,31 @@ def test_config_diff_lists_changed_keys(tmp_path):
     b = load_config(path, ["sample.n=3", "train.learning_rate=0.1"])
     assert config_diff(a, b) == ["sample.n", "train.learning_rate"]
     assert config_diff(a, load_config(path)) == []
+
+
+def test_unreadable_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
+        load_config(write(tmp_path, "run_name: [unclosed\n"))
+
+
+def test_override_errors_say_so(tmp_path):
+    with pytest.raises(ConfigError, match="in a command-line override"):
+        load_config(write(tmp_path, "run_name: r\nmodel: {path: m}\n"), ["sample.n=lots"])
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(write(tmp_path, "run_name: r\nmodel: {path: m}\nsample: {n: lots}\n"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cold_start.items=-1", "cold_start.items=-1: must be >= 0"),
+        ("train.grad_accum=0", "train.grad_accum=0: must be positive"),
+        ("data.synthetic.families=[]", "give at least one family"),
+        ("data.synthetic.difficulty=7", "data.synthetic.difficulty=7: must be one of"),
+    ],
+)
+def test_more_bad_values(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(write(tmp_path, "run_name: r\nmodel: {path: m}\n"), [override])

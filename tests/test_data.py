@@ -75,9 +75,13 @@ def test_load_audio_rejects_garbage(tmp_path):
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "colour": 1}', "unknown field"),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "schema_version": 9}', "schema_version"),
         ('[1, 2]', "expected a JSON object"),
+        ('{"id": "a", "audio": "gone.wav", "question": "q", "answer": "a"}', "gone.wav does not exist"),
+        ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "choices": "abc"}', "list of strings"),
+        ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "reasoning": "no tags"}', "'reasoning' must"),
     ],
 )
 def test_manifest_errors_name_file_and_line(tmp_path, line, reason):
+    (tmp_path / "x.wav").write_bytes(b"")
     good = json.dumps(Item(id="ok", audio="x.wav", question="q", answer="a").to_json())
     path = tmp_path / "m.jsonl"
     path.write_text(good + "\n" + line + "\n")
@@ -86,6 +90,7 @@ def test_manifest_errors_name_file_and_line(tmp_path, line, reason):
 
 
 def test_manifest_duplicate_ids(tmp_path):
+    (tmp_path / "x.wav").write_bytes(b"")
     good = json.dumps(Item(id="ok", audio="x.wav", question="q", answer="a").to_json())
     path = tmp_path / "m.jsonl"
     path.write_text(good + "\n\n" + good + "\n")

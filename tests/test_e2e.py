@@ -50,8 +50,10 @@ def test_two_rounds_end_to_end(tmp_path):
         exported = read_json(rd / "model" / "distill_export.json")["weights_sha256"]
         assert exported == weights_hash(rd / "model")
         hashes[i] = exported
-        acc = read_json(rd / "eval.json")["accuracy"]
-        assert 0.0 <= acc <= 1.0
+        ev = read_json(rd / "eval.json")
+        answers = list(read_jsonl(rd / "eval_samples.jsonl"))
+        assert ev["items"] == len(answers) == 8
+        assert ev["accuracy"] == round(sum(a["correct"] for a in answers) / 8, 4)
         for f in ("chat_template.jinja", "tokenizer.json", "processor_config.json", "config.json"):
             assert (rd / "model" / f).exists(), f
     assert len(set(hashes.values())) == 3, "every round must train new weights"
@@ -67,6 +69,14 @@ def test_two_rounds_end_to_end(tmp_path):
         assert len(kept) == stats["kept"] and len(kept) + len(rejected) == 48
         assert sum(stats["rejected_by_reason"].values()) == len(rejected)
         assert all(r["rejected_because"] for r in rejected)
+    # The LR schedule advances once per optimizer step, whatever the number of ranks.
+    from distill.config import load_config
+    from distill.train import lr_lambda
+
+    tcfg = load_config(run / "config.yaml").train
+    steps = list(read_jsonl(run / "round_001" / "train" / "log.jsonl"))
+    expected = [tcfg.learning_rate * lr_lambda(tcfg.warmup_steps, 2)(s) for s in range(2)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
     assert metrics[2]["sampled_from_sha256"] == hashes[1] and metrics[2]["train_steps"] == 2

@@ -26,7 +26,7 @@ def test_shard_plan_from_config_and_slurm(monkeypatch, tmp_path):
     assert shard_plan(cfg_for(tmp_path, "sample.num_shards=3", "sample.shard_index=1")) == (3, [1])
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "6")
-    assert shard_plan(cfg_for(tmp_path)) == (6, [4])
+    assert shard_plan(cfg_for(tmp_path, "sample.num_shards=6")) == (6, [4])
 
 
 def test_sample_seeds_are_stable_and_distinct():
@@ -55,3 +55,34 @@ def test_round_needs_previous_export(tmp_path):
     run.round(0).mark_done("export", {})
     assert input_model(cfg, run, 1) == run.round(0).model_dir
     assert str(input_model(cfg_for(tmp_path, "cold_start.enabled=false"), run, 1)) == cfg.model.path
+
+
+def test_cli_takes_overrides_after_options(tmp_path, capsys):
+    from distill.cli import main
+
+    # A bad value in an override placed after --round must reach the config check.
+    assert main(["stage", "sample", "configs/demo_cpu.yaml", "--round", "1", f"output_dir={tmp_path}",
+                 "sample.n=0"]) == 2
+    assert "sample.n=0: must be positive" in capsys.readouterr().err
+
+
+def test_slurm_array_shards(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert shard_plan(cfg_for(tmp_path, "sample.num_shards=4")) == (4, [2])
+    with pytest.raises(ValueError, match="Slurm array has 4 tasks but sample.num_shards=3"):
+        shard_plan(cfg_for(tmp_path, "sample.num_shards=3"))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")
+    with pytest.raises(ValueError, match="outside"):
+        shard_plan(cfg_for(tmp_path, "sample.num_shards=4"))
+
+
+def test_stage_needs_the_previous_one(tmp_path):
+    from distill.rundir import StageOrderError
+
+    rd = RunDir(tmp_path).round(1)
+    rd.require_before("sample")
+    with pytest.raises(StageOrderError, match="stage 'train' needs 'filter' finished first"):
+        rd.require_before("train")
+    rd.require_before("filter", first="filter")

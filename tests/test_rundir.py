@@ -13,11 +13,19 @@ def test_stage_markers_order(tmp_path):
     assert rd.stats() == {"sample": {"n": 3}, "filter": {"kept": 2}}
 
 
-def test_stats_written_before_marker(tmp_path):
+def test_stats_written_before_marker(tmp_path, monkeypatch):
+    import distill.rundir
+
     rd = RoundDir(tmp_path, 2)
-    rd.mark_done("sample", {"x": 1})
-    assert (rd.stats_dir / "sample.json").exists() and rd.stage_file.read_text() == "sample\n"
-    assert not list(rd.path.rglob("*.tmp"))
+
+    def crash(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(distill.rundir, "atomic_write_text", crash)
+    with pytest.raises(OSError):
+        rd.mark_done("sample", {"x": 1})
+    # The crash hit the marker: the stats are there, the stage does not count as done.
+    assert (rd.stats_dir / "sample.json").exists() and not rd.is_done("sample")
 
 
 def test_unknown_marker_is_an_error(tmp_path):

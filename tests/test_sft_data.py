@@ -24,7 +24,8 @@ def test_dataset_masks_prompt_and_weights_answer(tiny_model, tmp_path):
     # The loss covers exactly the generated part: reasoning, </think>, answer, end of turn.
     assert tok.decode(targets) == rows[0]["completion"].removeprefix("<think>\n") + tok.eos_token
     n_audio = int((ex["input_ids"] == tok.convert_tokens_to_ids("<|AUDIO|>")).sum())
-    assert n_audio == ex["feature_attention_mask"].sum().item() // 4 + 1 or n_audio > 10
+    frames = int(ex["feature_attention_mask"].sum())
+    assert n_audio == (((frames - 1) // 2 + 1) - 2) // 2 + 1  # Qwen2-Audio's conv + pooling strides
     close = tok.convert_tokens_to_ids("</think>")
     after = (ex["input_ids"] == close).nonzero()[0].item() + 1
     assert set(ex["weights"][after:].tolist()) == {3.0}
@@ -44,3 +45,16 @@ def test_weighted_loss_ignores_masked_and_weighs_tokens():
     assert torch.isclose(uniform, (ce_good + ce_flat) / 2)
     heavy = weighted_loss(logits, labels, torch.tensor([[1.0, 1.0, 3.0, 1.0]]))
     assert torch.isclose(heavy, (ce_good + 3 * ce_flat) / 4)
+
+
+def test_dataset_refuses_audio_placeholder_in_completion(tiny_model, tmp_path):
+    import pytest
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    items = generate_split(tmp_path, "train", ["pitch_level"], 1, 0, 1, 16000)
+    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys")
+    rows[0]["completion"] = "<think>\nx<|AUDIO|>\n</think>\nhigh"
+    ds = SFTDataset(rows, processor, 1024, 1.0, "<think>\n")
+    with pytest.raises(ValueError, match="contains the audio placeholder"):
+        ds[0]

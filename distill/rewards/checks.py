@@ -13,6 +13,7 @@ from distill.prompting import THINK_CLOSE, THINK_OPEN
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 _LETTER = re.compile(r"^\(?([a-z])\)?$")
+_NEGATION = re.compile(r"\b(not|no|neither|never|isnt|cannot)\b")
 
 
 def split_trace(text: str) -> tuple[str, str] | None:
@@ -76,6 +77,8 @@ def answer_matches(answer: str, reference: str, choices: list[str] | None = None
     if letter:
         index = ord(letter.group(1)) - ord("a")
         return 0 <= index < len(options) and options[index] == ref
+    if _NEGATION.search(got):
+        return False  # "not high" names one option and means the other
     named = [o for o in options if re.search(rf"\b{re.escape(o)}\b", got)]
     return named == [ref]
 

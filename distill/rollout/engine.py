@@ -118,7 +118,11 @@ class EngineCache:
 
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            # vLLM 0.32's LLM has no public shutdown; stop the engine process explicitly when the
+            # client exposes it, else rely on garbage collection.
+            core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if hasattr(core, "shutdown"):
+                core.shutdown()
             self.llm = None
             self.model_dir = None
             gc.collect()

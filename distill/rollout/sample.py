@@ -27,11 +27,17 @@ TRACE_SCHEMA_VERSION = 1
 
 
 def shard_plan(cfg: Config) -> tuple[int, list[int]]:
-    """(shard count, shard indices this process samples): config, else the Slurm array, else all."""
+    """(shard count, shard indices this process samples): sample.shard_index, else the Slurm array
+    task (an array of sample.num_shards tasks, any first index), else all shards."""
     count, index = cfg.sample.num_shards, cfg.sample.shard_index
     if index < 0 and "SLURM_ARRAY_TASK_ID" in os.environ:
-        count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", count))
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        slurm_count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", count))
+        if slurm_count != count:
+            raise ValueError(f"Slurm array has {slurm_count} tasks but sample.num_shards={count}; "
+                             "submit one array task per shard")
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        if not 0 <= index < count:
+            raise ValueError(f"SLURM_ARRAY_TASK_ID gives shard {index}, outside [0, {count})")
     return count, (list(range(count)) if index < 0 else [index])
 
 
@@ -39,6 +45,12 @@ def sample_seed(base_seed: int, round_index: int, item_id: str, sample_index: in
     """A stable per-sample seed: the same trace is drawn wherever and whenever its shard runs."""
     key = f"{base_seed}/{round_index}/{item_id}/{sample_index}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def item_request(cfg: Config, tokenizer, item: Item, seed: int = 0) -> Request:
+    """The engine request for one item: chat prompt + generation prefix, with its audio."""
+    prompt = item_prompt(tokenizer, item, cfg.data.system_prompt) + cfg.sample.generation_prefix
+    return Request(prompt, load_audio(item.audio, cfg.data.sample_rate), cfg.data.sample_rate, seed)
 
 
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
@@ -51,17 +63,18 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     for shard in indices:
         path = rd.shard_path(shard, count)
         if path.exists():
+            check_shard_model(path, model_hash)
             skipped += 1
             continue
         shard_items = items[shard::count]
         requests, meta = [], []
         for item in shard_items:
-            audio = load_audio(item.audio, cfg.data.sample_rate)
-            prompt = item_prompt(tokenizer, item, cfg.data.system_prompt)
+            base = item_request(cfg, tokenizer, item)
+            prompt = base.prompt.removesuffix(sc.generation_prefix)
             audio_hash = sha256_file(item.audio)
             for j in range(sc.n):
                 seed = sample_seed(cfg.seed, rd.index, item.id, j)
-                requests.append(Request(prompt + sc.generation_prefix, audio, cfg.data.sample_rate, seed))
+                requests.append(Request(base.prompt, base.audio, base.sample_rate, seed))
                 meta.append((item, prompt, audio_hash, j, seed))
         outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens)
         rows = []
@@ -93,6 +106,15 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     print(f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
           f"({new_traces / max(seconds, 1e-9):.1f} traces/s)")
     return {"new_traces": new_traces, "shards_skipped": skipped, "shards": count, "model_sha256": model_hash}
+
+
+def check_shard_model(path: Path, model_hash: str) -> None:
+    """A shard on disk must come from the model this round samples from, or it is stale."""
+    first = next(read_jsonl(path), None)
+    found = first and first["lineage"]["model_sha256"]
+    if found != model_hash:
+        raise RuntimeError(f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
+                           f"{model_hash[:12]}; delete the stale shard (or the round) to resample")
 
 
 def read_samples(rd: RoundDir, count: int) -> list[dict]:
