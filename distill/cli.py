@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         run = loop.RunDir(cfg.run_dir)
         loop.init_run_dir(cfg, run)
         loop.ensure_base_model(cfg)
-        train_items, eval_items = loop.prepare_data(cfg, run)
+        data = loop.prepare_data(cfg, run)
         with loop.EngineCache(cfg.engine, cfg.seed) as engines:
-            done = loop.run_stage(cfg, run, args.round, args.stage, train_items, eval_items, engines)
+            done = loop.run_stage(cfg, run, args.round, args.stage, data, engines)
         print(f"round {args.round} {args.stage}: {'done' if done else 'waiting for other shards'}")
         return 0
     except ConfigError as exc:

@@ -49,6 +49,9 @@ class ModelConfig:
 class SyntheticDataConfig:
     families: list[str] = field(default_factory=lambda: ["pitch_level"])
     difficulty: int = 1
+    # Difficulty of the cold start's items (0: same as `difficulty`): a curriculum that starts
+    # easy and leaves the harder question pool to the rounds.
+    cold_start_difficulty: int = 0
     train_items: int = 64
     eval_items: int = 64
     seed: int = 0
@@ -59,6 +62,8 @@ class DataConfig:
     # JSONL manifests (data_pipelines.items schema); empty means: generate synthetic items.
     train_manifest: str = ""
     eval_manifest: str = ""
+    # Items whose reference traces the cold start trains on (default: the train manifest).
+    cold_start_manifest: str = ""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     sample_rate: int = 16000
     system_prompt: str = "You are a helpful assistant that listens carefully and reasons about sounds."
@@ -180,6 +185,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "cold_start.train.mixed_precision": ("no", "bf16", "fp16"),
     "wandb.mode": ("offline", "online", "disabled"),
     "data.synthetic.difficulty": (1, 2, 3),
+    "data.synthetic.cold_start_difficulty": (0, 1, 2, 3),
 }
 _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",

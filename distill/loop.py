@@ -8,6 +8,7 @@ an interruption finishes the run without redoing finished stages or shards.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -52,19 +53,31 @@ def ensure_base_model(cfg: Config) -> Path:
     return path
 
 
-def prepare_data(cfg: Config, run: RunDir) -> tuple[list[Item], list[Item]]:
-    """The train and held-out items: the configured manifests, or synthetic items written once."""
+@dataclass
+class Datasets:
+    train: list[Item]  # the rounds' question pool
+    eval: list[Item]  # held out
+    cold_start: list[Item]  # items with reference traces for round 0
+
+
+def prepare_data(cfg: Config, run: RunDir) -> Datasets:
+    """The configured manifests, or synthetic items written once into the run directory."""
     if cfg.data.train_manifest:
-        return read_manifest(cfg.data.train_manifest), read_manifest(cfg.data.eval_manifest)
+        train = read_manifest(cfg.data.train_manifest)
+        cold = read_manifest(cfg.data.cold_start_manifest) if cfg.data.cold_start_manifest else train
+        return Datasets(train, read_manifest(cfg.data.eval_manifest), cold)
     syn = cfg.data.synthetic
-    splits = []
-    for split, n in (("train", syn.train_items), ("eval", syn.eval_items)):
+    splits = {"train": (syn.train_items, syn.difficulty), "eval": (syn.eval_items, syn.difficulty)}
+    if syn.cold_start_difficulty not in (0, syn.difficulty):
+        splits["cold_start"] = (syn.train_items, syn.cold_start_difficulty)
+    items = {}
+    for split, (n, difficulty) in splits.items():
         manifest = run.data_dir / f"{split}.jsonl"
         if not manifest.exists():
-            items = generate_split(run.data_dir, split, syn.families, n, syn.seed, syn.difficulty, cfg.data.sample_rate)
-            write_manifest(manifest, items)
-        splits.append(read_manifest(manifest))
-    return splits[0], splits[1]
+            write_manifest(manifest, generate_split(run.data_dir, split, syn.families, n, syn.seed, difficulty,
+                                                    cfg.data.sample_rate))
+        items[split] = read_manifest(manifest)
+    return Datasets(items["train"], items["eval"], items.get("cold_start", items["train"]))
 
 
 def input_model(cfg: Config, run: RunDir, index: int) -> Path:
@@ -78,8 +91,7 @@ def input_model(cfg: Config, run: RunDir, index: int) -> Path:
     return prev.model_dir
 
 
-def run_stage(cfg: Config, run: RunDir, index: int, stage: str, train_items: list[Item], eval_items: list[Item],
-              engines: EngineCache) -> bool:
+def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, engines: EngineCache) -> bool:
     """Run one stage of one round unless it is done; True when the stage is (now) finished."""
     rd = run.round(index)
     if rd.is_done(stage):
@@ -90,12 +102,12 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, train_items: lis
     start = time.time()
     print(f"\n== round {index}: {stage} ==", flush=True)
     if stage == "sample":
-        stats = sample_stage(cfg, train_items, model, rd, engines.get)
+        stats = sample_stage(cfg, data.train, model, rd, engines.get)
         count, _ = shard_plan(cfg)
         if any(not rd.shard_path(i, count).exists() for i in range(count)):
             return False  # other shards belong to other array tasks
     elif stage == "filter" and index == 0:
-        seed_items = train_items[: cfg.cold_start.items or None]
+        seed_items = data.cold_start[: cfg.cold_start.items or None]
         rows = cold_start_rows(seed_items, load_tokenizer(str(model)), cfg.data.system_prompt)
         atomic_write_jsonl(rd.filtered, rows)
         stats = {"kept": len(rows), "source": "reference traces (cold start)"}
@@ -111,21 +123,20 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, train_items: lis
         run_training(tcfg, run.config, [rd.filtered], model, rd.train_dir, section)
         stats = read_json(rd.checkpoint / "train_summary.json")
     elif stage == "export":
-        stats = export_stage(cfg, rd, Path(cfg.model.path), eval_items, engines.get)
+        stats = export_stage(cfg, rd, Path(cfg.model.path), data.eval, engines.get)
     elif stage == "eval":
-        stats = eval_stage(cfg, eval_items, rd.model_dir, rd, engines.get)
+        stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get)
     else:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     rd.mark_done(stage, {**stats, "seconds": round(time.time() - start, 2)})
     return True
 
 
-def run_round(cfg: Config, run: RunDir, index: int, train_items: list[Item], eval_items: list[Item],
-              engines: EngineCache) -> RoundDir:
+def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: EngineCache) -> RoundDir:
     for stage in STAGES:
         if index == 0 and stage == "sample":
             continue  # the cold start trains on the items' reference traces
-        if not run_stage(cfg, run, index, stage, train_items, eval_items, engines):
+        if not run_stage(cfg, run, index, stage, data, engines):
             raise RuntimeError(f"round {index}: stage {stage} is waiting for other shards")
     return run.round(index)
 
@@ -135,14 +146,14 @@ def run_loop(cfg: Config) -> list[dict]:
     run = RunDir(cfg.run_dir)
     init_run_dir(cfg, run)
     ensure_base_model(cfg)
-    train_items, eval_items = prepare_data(cfg, run)
+    data = prepare_data(cfg, run)
     logger = WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(
         OmegaConf.structured(cfg)))
     first = 0 if cfg.cold_start.enabled else 1
     try:
         with EngineCache(cfg.engine, cfg.seed) as engines:
             for index in range(first, cfg.loop.rounds + 1):
-                rd = run_round(cfg, run, index, train_items, eval_items, engines)
+                rd = run_round(cfg, run, index, data, engines)
                 write_run_metrics(run)
                 logger.log_round(round_record(rd))
     finally:

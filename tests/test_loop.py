@@ -38,9 +38,9 @@ def test_sample_seeds_are_stable_and_distinct():
 def test_synthetic_data_written_once(tmp_path):
     cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2")
     run = RunDir(cfg.run_dir)
-    train, held_out = prepare_data(cfg, run)
-    assert len(train) == 4 and len(held_out) == 2
-    assert not {i.id for i in train} & {i.id for i in held_out}
+    data = prepare_data(cfg, run)
+    assert len(data.train) == 4 and len(data.eval) == 2 and data.cold_start is data.train
+    assert not {i.id for i in data.train} & {i.id for i in data.eval}
     mtime = (run.data_dir / "train.jsonl").stat().st_mtime_ns
     prepare_data(cfg, run)
     assert (run.data_dir / "train.jsonl").stat().st_mtime_ns == mtime
@@ -86,3 +86,11 @@ def test_stage_needs_the_previous_one(tmp_path):
     with pytest.raises(StageOrderError, match="stage 'train' needs 'filter' finished first"):
         rd.require_before("train")
     rd.require_before("filter", first="filter")
+
+
+def test_cold_start_curriculum_gets_its_own_items(tmp_path):
+    cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2",
+                  "data.synthetic.difficulty=3", "data.synthetic.cold_start_difficulty=1")
+    data = prepare_data(cfg, RunDir(cfg.run_dir))
+    assert {i.difficulty for i in data.cold_start} == {1} and {i.difficulty for i in data.train} == {3}
+    assert not {i.id for i in data.cold_start} & {i.id for i in data.train}

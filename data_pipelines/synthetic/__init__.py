@@ -23,7 +23,7 @@ FAMILIES: dict[str, Family] = {
     "pitch_level": pitch_level,
     "higher_of_two": higher_of_two,
 }
-SPLITS = {"train": 1, "eval": 2}
+SPLITS = {"train": 1, "eval": 2, "cold_start": 3}
 
 
 def make_example(family: str, split: str, index: int, seed: int, difficulty: int, sample_rate: int) -> Example:
