@@ -27,15 +27,24 @@ TINY_RUN = [
 
 
 def distill_run(out: Path, *overrides: str, **popen) -> subprocess.Popen:
+    """Start `distill run`; its output goes to a file (a pipe nobody reads would fill and block it)."""
     cmd = [sys.executable, "-m", "distill.cli", "run", "configs/demo_cpu.yaml", f"output_dir={out}", *TINY_RUN,
            *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    log = (out / "run.log").open("a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+    proc.log_path = out / "run.log"  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    proc.wait(timeout=timeout)
+    text = output(proc)
+    assert proc.returncode == 0, text[-4000:]
+    return text
 
 
 def traces(round_dir: Path) -> list[dict]:
@@ -95,7 +104,7 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     proc = distill_run(tmp_path, *overrides, start_new_session=True)
     deadline = time.time() + 480
     while not list(samples.glob("shard-*.jsonl")):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert proc.poll() is None, output(proc)[-4000:]
         assert time.time() < deadline, "sampling never started"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -103,7 +112,8 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     on_disk = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in samples.glob("shard-*.jsonl")}
     r0_train = (run / "round_000" / "train" / "final" / "train_summary.json").stat().st_mtime_ns
 
-    log = finish(distill_run(tmp_path, *overrides))
+    before = len(output(proc))
+    log = finish(distill_run(tmp_path, *overrides))[before:]
     assert "round 0: train" not in log, "the finished cold start was redone"
     for name, ident in on_disk.items():
         p = samples / name
