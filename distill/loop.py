@@ -153,9 +153,11 @@ def run_loop(cfg: Config) -> list[dict]:
     try:
         with EngineCache(cfg.engine, cfg.seed) as engines:
             for index in range(first, cfg.loop.rounds + 1):
+                finished_before = run.round(index).is_done(STAGES[-1])
                 rd = run_round(cfg, run, index, data, engines)
                 write_run_metrics(run)
-                logger.log_round(round_record(rd))
+                if not finished_before:  # a resumed run logs each round to wandb once
+                    logger.log_round(round_record(rd))
     finally:
         logger.finish()
     records = write_run_metrics(run)

@@ -6,7 +6,9 @@ twice in metrics.jsonl, and the table printed at the end covers the whole run.
 
 from __future__ import annotations
 
-from distill.io import atomic_write_jsonl
+import secrets
+
+from distill.io import atomic_write_jsonl, atomic_write_text
 from distill.rundir import RoundDir, RunDir
 
 
@@ -75,8 +77,12 @@ class WandbLogger:
             return
         import wandb
 
+        # One wandb run per run directory: a resumed `distill run` continues it.
+        id_file = run.path / "wandb_id"
+        if not id_file.exists():
+            atomic_write_text(id_file, secrets.token_hex(4) + "\n")
         self.wb = wandb.init(project=project, name=run.path.name, dir=str(run.path), mode=mode, config=config,
-                             reinit="finish_previous")
+                             id=id_file.read_text().strip(), resume="allow", reinit="finish_previous")
 
     def log_round(self, record: dict) -> None:
         if self.wb is None:

@@ -124,3 +124,5 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     assert f"{len(on_disk)} shard(s) already on disk" in log
     assert (run / "round_002" / "STAGE").read_text().strip() == "eval"
     assert read_json(run / "round_002" / "stats" / "train.json")["zero_stage"] == 3
+    # The resumed run continues the same wandb run.
+    assert len({p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}) == 1

@@ -36,7 +36,8 @@ def test_sample_seeds_are_stable_and_distinct():
 
 
 def test_synthetic_data_written_once(tmp_path):
-    cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2")
+    cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2",
+                  "data.synthetic.cold_start_difficulty=0")
     run = RunDir(cfg.run_dir)
     data = prepare_data(cfg, run)
     assert len(data.train) == 4 and len(data.eval) == 2 and data.cold_start is data.train
