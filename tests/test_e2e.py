@@ -95,6 +95,23 @@ def test_two_rounds_end_to_end(tmp_path):
     assert metrics[2]["sampled_from_sha256"] == hashes[1] and metrics[2]["train_steps"] == 2
     assert list((run / "wandb").glob("offline-run-*"))
 
+    # Round 3 as a Slurm array would run it: one `distill stage sample` per shard, then the filter.
+    stage = [sys.executable, "-m", "distill.cli", "stage"]
+    args = ["configs/demo_cpu.yaml", "--round", "3", f"output_dir={tmp_path}", *TINY_RUN, "loop.rounds=3"]
+    for task in (2, 0, 1):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3"}
+        done = subprocess.run([*stage, "sample", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        finished = "round 3 sample: done" in done.stdout
+        assert finished == (task == 1), done.stdout[-2000:]  # done only once every shard is on disk
+    rows = traces(run / "round_003")
+    assert len(rows) == 48 and {r["lineage"]["model_sha256"] for r in rows} == {hashes[2]}
+    assert sorted({r["lineage"]["shard"] for r in rows}) == ["0/3", "1/3", "2/3"]
+    done = subprocess.run([*stage, "filter", *args], capture_output=True, text=True)
+    assert done.returncode == 0 and (run / "round_003" / "STAGE").read_text().strip() == "filter", done.stderr
+    early = subprocess.run([*stage, "export", *args], capture_output=True, text=True)
+    assert early.returncode == 1 and "stage 'export' needs 'train' finished first" in early.stderr
+
 
 def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     run = tmp_path / "demo_cpu"
