@@ -173,6 +173,9 @@ class Config:
         return Path(self.output_dir) / self.run_name
 
 
+# Head sizes vLLM 0.32's CPU attention accepts (CPUAttentionBackend.get_supported_head_sizes).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
 # Keys a resumed run may change without invalidating what is already on disk.
 RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard_index")
 
@@ -229,6 +232,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.shard_index={cfg.sample.shard_index}: must be -1 or in [0, {cfg.sample.num_shards})"
         )
+    for key in ("sample.max_tokens", "eval.max_tokens"):
+        if _get(cfg, key) >= cfg.engine.max_model_len:
+            raise ConfigError(f"{key}={_get(cfg, key)}: must be below engine.max_model_len="
+                              f"{cfg.engine.max_model_len}, which also holds the prompt and audio tokens")
+    tiny = cfg.model.tiny
+    if cfg.model.build_tiny and (tiny.text_hidden % tiny.text_heads or tiny.text_hidden // tiny.text_heads
+                                 not in VLLM_CPU_HEAD_SIZES):
+        raise ConfigError(f"model.tiny.text_hidden/text_heads={tiny.text_hidden}/{tiny.text_heads}: the head size "
+                          f"must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)")
     if bool(cfg.data.train_manifest) != bool(cfg.data.eval_manifest):
         raise ConfigError("data.train_manifest and data.eval_manifest: give both or neither")
     from data_pipelines.synthetic import FAMILIES

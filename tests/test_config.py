@@ -72,3 +72,12 @@ def test_override_errors_say_so(tmp_path):
 def test_more_bad_values(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_config(write(tmp_path, "run_name: r\nmodel: {path: m}\n"), [override])
+
+
+def test_token_budgets_and_tiny_head_size(tmp_path):
+    path = write(tmp_path, "run_name: r\nmodel: {path: m, build_tiny: true}\n")
+    with pytest.raises(ConfigError, match="sample.max_tokens=2048: must be below engine.max_model_len=1024"):
+        load_config(path, ["sample.max_tokens=2048"])
+    with pytest.raises(ConfigError, match="head size must be one of"):
+        load_config(path, ["model.tiny.text_heads=8"])
+    assert load_config(path, ["model.tiny.text_heads=4"]).model.tiny.text_heads == 4  # head size 32
