@@ -26,3 +26,14 @@ def test_serving_state_dict_renames_only_known_prefixes():
     assert serving_state_dict(sd) == {"language_model.model.norm.weight": 1, "language_model.lm_head.weight": 2,
                                       "audio_tower.x": 3, "multi_modal_projector.linear.bias": 4,
                                       "audio_tower.conv1.bias": 5}
+
+
+def test_make_tiny_model_cli_builds_once_and_never_overwrites(tmp_path, capsys):
+    from distill.cli import main
+
+    out = tmp_path / "m"
+    assert main(["make-tiny-model", str(out)]) == 0
+    assert {"model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    assert main(["make-tiny-model", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
