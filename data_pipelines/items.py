@@ -11,11 +11,10 @@ reference trace used for the cold start.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.io import atomic_write_jsonl
+from distill.io import atomic_write_jsonl, read_jsonl_numbered
 from distill.rewards.checks import split_trace
 
 SCHEMA_VERSION = 1
@@ -88,20 +87,18 @@ def read_manifest(path: str | Path) -> list[Item]:
     path = Path(path)
     items: list[Item] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    try:
+        for lineno, obj in read_jsonl_numbered(path):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
             item = parse_item(obj, where, path.parent)
             if item.id in seen:
                 raise ManifestError(f"{where}: duplicate id {item.id!r} (first on line {seen[item.id]})")
             seen[item.id] = lineno
             items.append(item)
+    except ManifestError:
+        raise
+    except ValueError as exc:  # malformed JSON, or a line that is not an object
+        raise ManifestError(str(exc)) from None
     if not items:
         raise ManifestError(f"{path}: no items")
     return items

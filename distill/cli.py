@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from distill.rundir import STAGES, StageOrderError
+from distill.rundir import STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.run_loop(cfg)
             return 0
         run = loop.RunDir(cfg.run_dir)
-        loop.init_run_dir(cfg, run)
-        loop.ensure_base_model(cfg)
-        data = loop.prepare_data(cfg, run)
+        data = loop.init_run_dir(cfg, run)
         with loop.EngineCache(cfg.engine, cfg.seed) as engines:
             done = loop.run_stage(cfg, run, args.round, args.stage, data, engines)
         print(f"round {args.round} {args.stage}: {'done' if done else 'waiting for other shards'}")
@@ -64,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"distill: config error: {exc}", file=sys.stderr)
         return 2
-    except (ManifestError, AudioError, ExportGateError, FileNotFoundError, FileExistsError, StageOrderError) as exc:
-        print(f"distill: error: {exc}", file=sys.stderr)
+    except (ManifestError, AudioError, ExportGateError, OSError, RuntimeError, ValueError) as exc:
+        if os.environ.get("DISTILL_TRACEBACK"):
+            raise
+        print(f"distill: error: {exc}\n(set DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -194,12 +194,14 @@ _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",
     "train.grad_accum", "train.num_processes", "loop.rounds", "eval.max_tokens", "engine.max_model_len",
     "cold_start.train.micro_batch_size", "cold_start.train.num_processes", "data.sample_rate",
-    "train.grad_accum", "cold_start.train.grad_accum", "train.max_seq_len", "cold_start.train.max_seq_len",
+    "cold_start.train.grad_accum", "train.max_seq_len", "cold_start.train.max_seq_len",
+    "train.learning_rate", "cold_start.train.learning_rate", "engine.kv_cache_memory_bytes",
     "train.epochs", "cold_start.train.epochs", "data.synthetic.train_items", "data.synthetic.eval_items",
 )
 _NON_NEGATIVE = (
     "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",
     "cold_start.train.warmup_steps", "train.max_grad_norm", "cold_start.train.max_grad_norm",
+    "train.answer_loss_weight", "cold_start.train.answer_loss_weight",
 )
 
 
@@ -232,11 +234,27 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.shard_index={cfg.sample.shard_index}: must be -1 or in [0, {cfg.sample.num_shards})"
         )
+    for section in ("train", "cold_start.train"):
+        tcfg = _get(cfg, section)
+        if tcfg.zero_stage == 0 and tcfg.num_processes > 1:
+            raise ConfigError(f"{section}.zero_stage=0 with {section}.num_processes={tcfg.num_processes}: "
+                              "multi-process training runs through DeepSpeed; use zero_stage 1, 2 or 3")
+        if tcfg.max_seq_len < cfg.engine.max_model_len:
+            # A sampled trace fills up to max_model_len; a shorter training window would cut it.
+            raise ConfigError(f"{section}.max_seq_len={tcfg.max_seq_len}: must be >= engine.max_model_len="
+                              f"{cfg.engine.max_model_len}")
+    if not 0.0 < cfg.engine.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"engine.gpu_memory_utilization={cfg.engine.gpu_memory_utilization}: must be in (0, 1]")
+    if cfg.data.cold_start_manifest and not cfg.data.train_manifest:
+        raise ConfigError("data.cold_start_manifest: needs data.train_manifest and data.eval_manifest too")
     for key in ("sample.max_tokens", "eval.max_tokens"):
         if _get(cfg, key) >= cfg.engine.max_model_len:
             raise ConfigError(f"{key}={_get(cfg, key)}: must be below engine.max_model_len="
                               f"{cfg.engine.max_model_len}, which also holds the prompt and audio tokens")
     tiny = cfg.model.tiny
+    if cfg.model.build_tiny and tiny.text_heads % tiny.text_kv_heads:
+        raise ConfigError(f"model.tiny.text_heads={tiny.text_heads}: must be a multiple of "
+                          f"model.tiny.text_kv_heads={tiny.text_kv_heads}")
     if cfg.model.build_tiny and (tiny.text_hidden % tiny.text_heads or tiny.text_hidden // tiny.text_heads
                                  not in VLLM_CPU_HEAD_SIZES):
         raise ConfigError(f"model.tiny.text_hidden/text_heads={tiny.text_hidden}/{tiny.text_heads}: the head size "

@@ -44,10 +44,13 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
             shutil.copy2(src, tmp / src.name)
     AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     digest = weights_hash(tmp)
-    atomic_write_json(tmp / EXPORT_MANIFEST, {"weights_sha256": digest, "round": rd.index,
-                                              "checkpoint": str(rd.checkpoint)})
+    manifest = {"weights_sha256": digest, "round": rd.index, "checkpoint": str(rd.checkpoint), "gate": "pending"}
+    atomic_write_json(tmp / EXPORT_MANIFEST, manifest)
     tmp.rename(rd.model_dir)
+    # The gate runs on the final path so its engine serves eval and the next round's sampling;
+    # until it passes, the manifest says so and no sampler accepts the model.
     probes = gate(cfg, rd.model_dir, probe_items, get_engine)
+    atomic_write_json(rd.model_dir / EXPORT_MANIFEST, {**manifest, "gate": "passed"})
     seconds = time.time() - start
     print(f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM and generated "
           f"{len(probes)} probe answers in {seconds:.1f}s")

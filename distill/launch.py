@@ -38,6 +38,8 @@ def train_env(tcfg: TrainConfig) -> dict[str, str]:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distill" / "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tcfg.num_processes)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if tcfg.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # DeepSpeed would otherwise pick the GPU up
     return env
 
 

@@ -24,14 +24,25 @@ from distill.metrics import WandbLogger, format_table, round_record, write_run_m
 from distill.prompting import load_tokenizer
 from distill.rewards.filter import filter_stage
 from distill.rollout.engine import EngineCache
-from distill.rollout.sample import sample_stage, shard_plan
-from distill.rundir import STAGES, RoundDir, RunDir
+from distill.rollout.sample import sample_stage
+from distill.rundir import STAGES, RoundDir, RunDir, StageOrderError
 from distill.sft_data import cold_start_rows
 from distill.tiny_model import build_tiny_model
 
 
-def init_run_dir(cfg: Config, run: RunDir) -> None:
-    """Save the resolved config; on resume, refuse changes that would invalidate finished work."""
+def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
+    """Check a resumed run's config, build the base model and the data if needed, then save the
+    resolved config. The config is saved last, so a set-up that fails (a wrong path, a bad
+    manifest) can be corrected and re-run without being refused as a changed config."""
+    check_resume(cfg, run)
+    ensure_base_model(cfg)
+    data = prepare_data(cfg, run)
+    atomic_write_text(run.config, to_yaml(cfg))
+    return data
+
+
+def check_resume(cfg: Config, run: RunDir) -> None:
+    """On resume, refuse config changes that would invalidate finished work."""
     if run.config.exists():
         saved = load_config(run.config)
         changed = [k for k in config_diff(saved, cfg) if k not in RESUMABLE_CHANGES]
@@ -40,7 +51,6 @@ def init_run_dir(cfg: Config, run: RunDir) -> None:
                 f"{run.config}: this run was started with a different config; changed key(s): {', '.join(changed)}. "
                 "Use a new run_name, or revert those keys to resume."
             )
-    atomic_write_text(run.config, to_yaml(cfg))
 
 
 def ensure_base_model(cfg: Config) -> Path:
@@ -94,6 +104,8 @@ def input_model(cfg: Config, run: RunDir, index: int) -> Path:
 def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, engines: EngineCache) -> bool:
     """Run one stage of one round unless it is done; True when the stage is (now) finished."""
     rd = run.round(index)
+    if index == 0 and stage == "sample":
+        raise StageOrderError("round 0 is the cold start: it trains on reference traces and samples nothing")
     if rd.is_done(stage):
         return True
     rd.require_before(stage, first="filter" if index == 0 else "sample")
@@ -103,7 +115,7 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
     print(f"\n== round {index}: {stage} ==", flush=True)
     if stage == "sample":
         stats = sample_stage(cfg, data.train, model, rd, engines.get)
-        count, _ = shard_plan(cfg)
+        count = cfg.sample.num_shards
         if any(not rd.shard_path(i, count).exists() for i in range(count)):
             return False  # other shards belong to other array tasks
     elif stage == "filter" and index == 0:
@@ -112,7 +124,7 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
         atomic_write_jsonl(rd.filtered, rows)
         stats = {"kept": len(rows), "source": "reference traces (cold start)"}
     elif stage == "filter":
-        stats = filter_stage(cfg, rd)
+        stats = filter_stage(cfg, rd, model)
         if stats["kept"] == 0:
             raise RuntimeError(f"round {index}: the filter kept no traces ({stats['rejected_by_reason']}); raise "
                                "sample.n or sample.max_tokens, or start from a stronger model")
@@ -144,20 +156,16 @@ def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: Eng
 def run_loop(cfg: Config) -> list[dict]:
     """Run (or resume) the whole loop; return the per-round metric records."""
     run = RunDir(cfg.run_dir)
-    init_run_dir(cfg, run)
-    ensure_base_model(cfg)
-    data = prepare_data(cfg, run)
+    data = init_run_dir(cfg, run)
     logger = WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(
         OmegaConf.structured(cfg)))
     first = 0 if cfg.cold_start.enabled else 1
     try:
         with EngineCache(cfg.engine, cfg.seed) as engines:
             for index in range(first, cfg.loop.rounds + 1):
-                finished_before = run.round(index).is_done(STAGES[-1])
                 rd = run_round(cfg, run, index, data, engines)
                 write_run_metrics(run)
-                if not finished_before:  # a resumed run logs each round to wandb once
-                    logger.log_round(round_record(rd))
+                logger.log_round(rd, round_record(rd))
     finally:
         logger.finish()
     records = write_run_metrics(run)

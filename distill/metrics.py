@@ -84,10 +84,12 @@ class WandbLogger:
         self.wb = wandb.init(project=project, name=run.path.name, dir=str(run.path), mode=mode, config=config,
                              id=id_file.read_text().strip(), resume="allow", reinit="finish_previous")
 
-    def log_round(self, record: dict) -> None:
-        if self.wb is None:
+    def log_round(self, rd: RoundDir, record: dict) -> None:
+        """Log a finished round once: a marker in the round directory remembers it across resumes."""
+        marker = rd.path / "wandb_logged"
+        if self.wb is None or marker.exists():
             return
-        flat = {k: v for k, v in record.items() if isinstance(v, int | float) and v is not None}
+        flat = {k: v for k, v in record.items() if isinstance(v, int | float)}
         for reason, n in (record.get("rejected_by_reason") or {}).items():
             flat[f"rejected/{reason}"] = n
         for family, acc in (record.get("heldout_per_family") or {}).items():
@@ -96,6 +98,7 @@ class WandbLogger:
             if seconds is not None:
                 flat[f"seconds/{stage}"] = seconds
         self.wb.log(flat, step=record["round"])
+        atomic_write_text(marker, self.wb.id + "\n")
 
     def finish(self) -> None:
         if self.wb is not None:

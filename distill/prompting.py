@@ -34,3 +34,8 @@ def question_text(question: str, choices: list[str] | None) -> str:
         return question
     return f"{question}\nOptions: {', '.join(choices)}."
 
+
+
+def item_prompt(tokenizer, item, system_prompt: str) -> str:
+    """The chat prompt for a data_pipelines Item, without the generation prefix."""
+    return chat_prompt(tokenizer, question_text(item.question, item.choices), system_prompt)

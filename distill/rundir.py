@@ -71,7 +71,10 @@ class RoundDir:
                                   f"(last finished: {self.last_stage()!r})")
 
     def mark_done(self, stage: str, stats: dict) -> None:
-        """Record a finished stage: its stats first, then the marker."""
+        """Record a finished stage: its stats first, then the marker. A stage already counted as done
+        (a late array task) changes nothing, so the marker never moves backwards."""
+        if self.is_done(stage):
+            return
         atomic_write_json(self.stats_dir / f"{stage}.json", stats)
         atomic_write_text(self.stage_file, stage + "\n")
 
@@ -85,7 +88,6 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     data_dir = property(lambda self: self.path / "data")
-    base_model = property(lambda self: self.path / "base_model")
     metrics = property(lambda self: self.path / "metrics.jsonl")
 
     def round(self, index: int) -> RoundDir:

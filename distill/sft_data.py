@@ -16,13 +16,9 @@ import torch
 from data_pipelines.audio import load_audio
 from data_pipelines.items import Item
 from distill.io import read_jsonl_numbered
-from distill.prompting import THINK_CLOSE, chat_prompt, question_text
+from distill.prompting import THINK_CLOSE, item_prompt
 
 IGNORE = -100
-
-
-def item_prompt(tokenizer, item: Item, system_prompt: str) -> str:
-    return chat_prompt(tokenizer, question_text(item.question, item.choices), system_prompt)
 
 
 def cold_start_rows(items: list[Item], tokenizer, system_prompt: str) -> list[dict]:
@@ -71,7 +67,11 @@ class SFTDataset(torch.utils.data.Dataset):
         self.max_seq_len = max_seq_len
         self.answer_loss_weight = answer_loss_weight
         self.sample_rate = processor.feature_extractor.sampling_rate
-        self.think_close_id = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+        close_ids = self.tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+        if answer_loss_weight != 1.0 and len(close_ids) != 1:
+            raise ValueError(f"answer_loss_weight={answer_loss_weight} needs {THINK_CLOSE} to be one token in this "
+                             f"tokenizer (it is {len(close_ids)}); add it as a token or set the weight to 1")
+        self.think_close_id = close_ids[0] if len(close_ids) == 1 else None
         self.audio_token = processor.audio_token
 
     def __len__(self) -> int:

@@ -82,3 +82,9 @@ def test_check_control_tokens():
     assert check_control_tokens(GOOD, tokens) is None
     assert check_control_tokens("<think>x<|AUDIO|></think>high", tokens) == "control_tokens"
     assert check_control_tokens("<think>x</think>high<|im_start|>user", tokens) == "control_tokens"
+
+
+def test_negation_words_as_options():
+    assert answer_matches("The answer is no.", "no", ["yes", "no"])
+    assert not answer_matches("no", "yes", ["yes", "no"])
+    assert not answer_matches("not high", "high", ["high", "low"])

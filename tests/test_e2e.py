@@ -60,8 +60,11 @@ def test_two_rounds_end_to_end(tmp_path):
     for i in range(3):
         rd = run / f"round_{i:03d}"
         assert (rd / "STAGE").read_text().strip() == "eval"
-        exported = read_json(rd / "model" / "distill_export.json")["weights_sha256"]
-        assert exported == weights_hash(rd / "model")
+        export = read_json(rd / "model" / "distill_export.json")
+        exported = export["weights_sha256"]
+        assert exported == weights_hash(rd / "model") and export["gate"] == "passed"
+        summary = read_json(rd / "stats" / "train.json")
+        assert summary["processes"] == 2 and summary["zero_stage"] == 2  # two DeepSpeed ranks really ran
         hashes[i] = exported
         ev = read_json(rd / "eval.json")
         answers = list(read_jsonl(rd / "eval_samples.jsonl"))

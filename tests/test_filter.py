@@ -26,12 +26,12 @@ def round_dir(tmp_path, tiny_model):
     c = [trace("c", 0, "high", tiny_model), trace("c", 1, GOOD, tiny_model), trace("c", 2, WRONG, tiny_model)]
     atomic_write_jsonl(rd.shard_path(0, 2), a + c[:1])
     atomic_write_jsonl(rd.shard_path(1, 2), b + c[1:])
-    return cfg, rd
+    return cfg, rd, tiny_model
 
 
 def test_filter_keeps_passing_traces_up_to_k_and_says_why_others_failed(round_dir):
-    cfg, rd = round_dir
-    stats = filter_stage(cfg, rd)
+    cfg, rd, model = round_dir
+    stats = filter_stage(cfg, rd, model)
     kept = {t["trace_id"] for t in read_jsonl(rd.filtered)}
     assert kept == {"a#0", "a#1", "c#1"}
     reasons = {t["trace_id"]: t["rejected_because"] for t in read_jsonl(rd.rejected)}
@@ -46,13 +46,14 @@ def test_filter_keeps_passing_traces_up_to_k_and_says_why_others_failed(round_di
     assert stats["traces"] == 9 and stats["kept"] == 3
     assert stats["rejected_by_reason"] == {"answer:wrong": 2, "over_keep_per_prompt": 1, "control_tokens": 1,
                                            "truncated": 1, "format:think_block": 1}
+    assert stats["failures_by_check"]["answer:wrong"] == 3 and stats["failures_by_check"]["answer:missing"] == 1
     assert stats["prompts_all_failed"] == 1 and stats["all_failed_ids"] == ["b"]
     assert stats["prompts_all_passed"] == 1
     assert stats["sample_accuracy"] == round(5 / 9, 4)
 
 
 def test_filter_refuses_missing_shard(round_dir):
-    cfg, rd = round_dir
+    cfg, rd, model = round_dir
     rd.shard_path(1, 2).unlink()
     with pytest.raises(FileNotFoundError, match=r"sample shard\(s\) \[1\] of 2 missing"):
-        filter_stage(cfg, rd)
+        filter_stage(cfg, rd, model)

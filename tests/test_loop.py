@@ -10,14 +10,26 @@ def cfg_for(tmp_path, *overrides):
     return load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", *overrides])
 
 
-def test_resume_refuses_changed_config_but_allows_more_rounds(tmp_path):
-    cfg = cfg_for(tmp_path)
+def test_resume_refuses_changed_config_but_allows_more_rounds(tmp_path, tiny_model):
+    small = (f"model.path={tiny_model}", "data.synthetic.train_items=2", "data.synthetic.eval_items=2")
+    cfg = cfg_for(tmp_path, *small)
     run = RunDir(cfg.run_dir)
     init_run_dir(cfg, run)
-    init_run_dir(cfg_for(tmp_path, "loop.rounds=5"), run)
+    init_run_dir(cfg_for(tmp_path, *small, "loop.rounds=5"), run)
     assert "rounds: 5" in run.config.read_text()
     with pytest.raises(ConfigError, match="changed key\\(s\\): sample.n, train.learning_rate"):
-        init_run_dir(cfg_for(tmp_path, "sample.n=3", "train.learning_rate=0.1"), run)
+        init_run_dir(cfg_for(tmp_path, *small, "sample.n=3", "train.learning_rate=0.1"), run)
+
+
+def test_failed_setup_saves_no_config(tmp_path, tiny_model):
+    bad = cfg_for(tmp_path, f"model.path={tmp_path}/nowhere", "model.build_tiny=false")
+    run = RunDir(bad.run_dir)
+    with pytest.raises(FileNotFoundError, match="nowhere: no model there"):
+        init_run_dir(bad, run)
+    assert not run.config.exists()
+    init_run_dir(cfg_for(tmp_path, f"model.path={tiny_model}", "data.synthetic.train_items=2",
+                         "data.synthetic.eval_items=2"), run)  # the corrected config is accepted
+    assert run.config.exists()
 
 
 def test_shard_plan_from_config_and_slurm(monkeypatch, tmp_path):

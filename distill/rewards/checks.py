@@ -77,7 +77,7 @@ def answer_matches(answer: str, reference: str, choices: list[str] | None = None
     if letter:
         index = ord(letter.group(1)) - ord("a")
         return 0 <= index < len(options) and options[index] == ref
-    if _NEGATION.search(got):
+    if _NEGATION.search(got) and not any(_NEGATION.fullmatch(o) for o in options):
         return False  # "not high" names one option and means the other
     named = [o for o in options if re.search(rf"\b{re.escape(o)}\b", got)]
     return named == [ref]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from distill.config import Config
 from distill.io import atomic_write_jsonl
 from distill.prompting import load_tokenizer
 from distill.rewards.checks import check_control_tokens, check_correct, check_finished, check_format
-from distill.rollout.sample import read_samples, shard_plan
+from distill.rollout.sample import read_samples
 from distill.rundir import RoundDir
 
 
@@ -35,16 +36,16 @@ def trace_failures(trace: dict, cfg: Config, forbidden: tuple[str, ...]) -> list
     return [r for r in results if r is not None]
 
 
-def filter_stage(cfg: Config, rd: RoundDir) -> dict:
+def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
+    """Check every trace of round `rd` (sampled from `model_dir`); write kept and rejected traces."""
     start = time.time()
-    count, _ = shard_plan(cfg)
-    traces = read_samples(rd, count)
+    traces = read_samples(rd, cfg.sample.num_shards)
     by_item: dict[str, list[dict]] = defaultdict(list)
     for trace in traces:
         by_item[trace["item_id"]].append(trace)
 
-    forbidden = control_tokens(traces[0]["lineage"]["model_dir"]) if traces else ()
-    kept, rejected, reasons = [], [], Counter()
+    forbidden = control_tokens(str(model_dir))
+    kept, rejected, reasons, failures_by_check = [], [], Counter(), Counter()
     correct = 0
     all_fail, all_pass = [], []
     for item_id, group in by_item.items():
@@ -52,6 +53,7 @@ def filter_stage(cfg: Config, rd: RoundDir) -> dict:
         passing = 0
         for trace in group:
             failures = trace_failures(trace, cfg, forbidden)
+            failures_by_check.update(failures)
             correct += "answer:wrong" not in failures and "answer:missing" not in failures
             passing += not failures
             if not failures and passing <= cfg.filter.keep_per_prompt:
@@ -73,7 +75,10 @@ def filter_stage(cfg: Config, rd: RoundDir) -> dict:
         "kept": len(kept),
         "kept_fraction": round(len(kept) / max(1, len(traces)), 4),
         "sample_accuracy": round(correct / max(1, len(traces)), 4),
+        # Each rejected trace under its first failed check (these add up to the rejected count) ...
         "rejected_by_reason": dict(reasons.most_common()),
+        # ... and every failed check of every trace.
+        "failures_by_check": dict(failures_by_check.most_common()),
         "prompts": len(by_item),
         "prompts_all_failed": len(all_fail),
         "prompts_all_passed": len(all_pass),

@@ -53,7 +53,11 @@ def verified_weights_hash(model_dir: str | Path) -> str:
     actual = weights_hash(model_dir)
     manifest = Path(model_dir) / EXPORT_MANIFEST
     if manifest.exists():
-        recorded = read_json(manifest)["weights_sha256"]
+        export = read_json(manifest)
+        if export.get("gate") != "passed":
+            raise RuntimeError(f"{model_dir}: the export gate has not passed (vLLM never loaded this model and "
+                               "generated); re-run the export stage")
+        recorded = export["weights_sha256"]
         if recorded != actual:
             raise RuntimeError(
                 f"{model_dir}: weights changed since export (recorded {recorded[:12]}, found {actual[:12]}); "

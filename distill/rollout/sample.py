@@ -18,10 +18,9 @@ from data_pipelines.audio import load_audio
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
-from distill.prompting import load_tokenizer
+from distill.prompting import item_prompt, load_tokenizer
 from distill.rollout.engine import Request, generate, verified_weights_hash
 from distill.rundir import RoundDir
-from distill.sft_data import item_prompt
 
 TRACE_SCHEMA_VERSION = 1
 
@@ -69,12 +68,12 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         shard_items = items[shard::count]
         requests, meta = [], []
         for item in shard_items:
-            base = item_request(cfg, tokenizer, item)
-            prompt = base.prompt.removesuffix(sc.generation_prefix)
+            prompt = item_prompt(tokenizer, item, cfg.data.system_prompt)
+            audio = load_audio(item.audio, cfg.data.sample_rate)
             audio_hash = sha256_file(item.audio)
             for j in range(sc.n):
                 seed = sample_seed(cfg.seed, rd.index, item.id, j)
-                requests.append(Request(base.prompt, base.audio, base.sample_rate, seed))
+                requests.append(Request(prompt + sc.generation_prefix, audio, cfg.data.sample_rate, seed))
                 meta.append((item, prompt, audio_hash, j, seed))
         outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens)
         rows = []
@@ -105,13 +104,16 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     seconds = time.time() - start
     print(f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
           f"({new_traces / max(seconds, 1e-9):.1f} traces/s)")
+    # Counts of this process's work: a resumed run or one array task reports only what it sampled.
     return {"new_traces": new_traces, "shards_skipped": skipped, "shards": count, "model_sha256": model_hash}
 
 
 def check_shard_model(path: Path, model_hash: str) -> None:
     """A shard on disk must come from the model this round samples from, or it is stale."""
     first = next(read_jsonl(path), None)
-    found = first and first["lineage"]["model_sha256"]
+    if first is None:
+        return  # an empty shard (more shards than items) holds nothing stale
+    found = first["lineage"]["model_sha256"]
     if found != model_hash:
         raise RuntimeError(f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
                            f"{model_hash[:12]}; delete the stale shard (or the round) to resample")
