@@ -37,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
-    from data_pipelines.audio import AudioError
-    from data_pipelines.items import ManifestError
     from distill.config import ConfigError, load_config
-    from distill.export import ExportGateError
 
     try:
         if args.command == "make-tiny-model":
@@ -63,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"distill: config error: {exc}", file=sys.stderr)
         return 2
-    except (ManifestError, AudioError, ExportGateError, OSError, RuntimeError, ValueError) as exc:
+    # Manifest, audio and export-gate errors are ValueError/RuntimeError subclasses.
+    except (OSError, RuntimeError, ValueError) as exc:
         if os.environ.get("DISTILL_TRACEBACK"):
             raise
         print(f"distill: error: {exc}\n(set DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)

@@ -25,7 +25,7 @@ from distill.prompting import load_tokenizer
 from distill.rewards.filter import filter_stage
 from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage
-from distill.rundir import STAGES, RoundDir, RunDir, StageOrderError
+from distill.rundir import RoundDir, RunDir
 from distill.sft_data import cold_start_rows
 from distill.tiny_model import build_tiny_model
 
@@ -104,11 +104,9 @@ def input_model(cfg: Config, run: RunDir, index: int) -> Path:
 def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, engines: EngineCache) -> bool:
     """Run one stage of one round unless it is done; True when the stage is (now) finished."""
     rd = run.round(index)
-    if index == 0 and stage == "sample":
-        raise StageOrderError("round 0 is the cold start: it trains on reference traces and samples nothing")
+    rd.require_before(stage)
     if rd.is_done(stage):
         return True
-    rd.require_before(stage, first="filter" if index == 0 else "sample")
     rd.path.mkdir(parents=True, exist_ok=True)
     model = input_model(cfg, run, index)
     start = time.time()
@@ -136,18 +134,14 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
         stats = read_json(rd.checkpoint / "train_summary.json")
     elif stage == "export":
         stats = export_stage(cfg, rd, Path(cfg.model.path), data.eval, engines.get)
-    elif stage == "eval":
+    else:  # eval; require_before has refused any stage the round does not have
         stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get)
-    else:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     rd.mark_done(stage, {**stats, "seconds": round(time.time() - start, 2)})
     return True
 
 
 def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: EngineCache) -> RoundDir:
-    for stage in STAGES:
-        if index == 0 and stage == "sample":
-            continue  # the cold start trains on the items' reference traces
+    for stage in run.round(index).stages:
         if not run_stage(cfg, run, index, stage, data, engines):
             raise RuntimeError(f"round {index}: stage {stage} is waiting for other shards")
     return run.round(index)

@@ -63,11 +63,18 @@ class RoundDir:
         last = self.last_stage()
         return last is not None and STAGES.index(stage) <= STAGES.index(last)
 
-    def require_before(self, stage: str, first: str = STAGES[0]) -> None:
-        """Raise unless the stage before `stage` is finished (`first` is the round's first stage)."""
-        i = STAGES.index(stage)
-        if stage != first and i > 0 and not self.is_done(STAGES[i - 1]):
-            raise StageOrderError(f"{self.path}: stage {stage!r} needs {STAGES[i - 1]!r} finished first "
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """This round's stages: round 0, the cold start, trains on reference traces and samples nothing."""
+        return STAGES[1:] if self.index == 0 else STAGES
+
+    def require_before(self, stage: str) -> None:
+        """Raise unless `stage` belongs to this round and the stage before it is finished."""
+        if stage not in self.stages:
+            raise StageOrderError(f"round {self.index} has no {stage!r} stage (its stages: {', '.join(self.stages)})")
+        i = self.stages.index(stage)
+        if i > 0 and not self.is_done(self.stages[i - 1]):
+            raise StageOrderError(f"{self.path}: stage {stage!r} needs {self.stages[i - 1]!r} finished first "
                                   f"(last finished: {self.last_stage()!r})")
 
     def mark_done(self, stage: str, stats: dict) -> None:

@@ -98,7 +98,10 @@ def test_stage_needs_the_previous_one(tmp_path):
     rd.require_before("sample")
     with pytest.raises(StageOrderError, match="stage 'train' needs 'filter' finished first"):
         rd.require_before("train")
-    rd.require_before("filter", first="filter")
+    cold = RunDir(tmp_path).round(0)
+    cold.require_before("filter")  # the cold start's first stage
+    with pytest.raises(StageOrderError, match="round 0 has no 'sample' stage"):
+        cold.require_before("sample")
 
 
 def test_cold_start_curriculum_gets_its_own_items(tmp_path):
