@@ -1,34 +1,136 @@
-"""Audio decoding: soundfile to decode, soxr to resample (torchaudio is not usable beside CPU torch)."""
+"""Audio decoding and checks: soundfile decodes, soxr resamples (torchaudio is not usable beside CPU torch).
+
+`prepare_audio` is the one path from a file to the waveform a model hears: decode, check (readable,
+complete, non-empty, finite, not silent, a usable sample rate), mix down to mono, resample, and apply
+the length policy (reject, truncate, or allow up to `max_chunks` chunks of `chunk_seconds`).
+Every failure is an AudioError carrying a stable reason code, which validation reports and counts.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
 
+LONG_AUDIO_POLICIES = ("reject", "truncate", "chunk")
+
 
 class AudioError(ValueError):
-    """An audio file cannot be used; the message names the file and the reason."""
+    """An audio input cannot be used. `reason` is a stable code (counted in reports); the message
+    names the file and says why."""
+
+    def __init__(self, source: str | Path, reason: str, detail: str):
+        super().__init__(f"{source}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class AudioPolicy:
+    """What the model accepts. Built from the `data.audio` config (see distill/config.py)."""
+
+    sample_rate: int = 16000
+    # Longest audio accepted as one item. Step-Audio serves at most 29.98 s per audio item and
+    # Qwen2-Audio's feature extractor silently cuts at 30 s, so longer audio must be handled here.
+    max_seconds: float = 30.0
+    long_audio: str = "reject"
+    chunk_seconds: float = 25.0
+    max_chunks: int = 4
+    # Upsampling cannot restore what a low-rate recording never captured (nothing above rate/2).
+    min_sample_rate: int = 8000
+    # Peak amplitude at or below this (about -80 dBFS) counts as silence.
+    silence_peak: float = 1e-4
+
+    def key(self) -> str:
+        """A short tag of every setting that changes the prepared waveform (part of cache keys)."""
+        limit = self.max_chunks * self.chunk_seconds if self.long_audio == "chunk" else self.max_seconds
+        return f"{self.sample_rate}-{self.long_audio}-{limit:g}"
+
+
+_DECLARED_SIZE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# Sizes that streaming writers put in a WAV header before they know the length: not a truncation.
+_STREAMING_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)
+
+
+def _truncation_note(extra: str) -> str | None:
+    """libsndfile reads what is there of a cut-off WAV or Ogg file and says so only in its log."""
+    match = _DECLARED_SIZE.search(extra)
+    if match and int(match.group(1)) not in _STREAMING_SIZES and int(match.group(2)) < int(match.group(1)):
+        return f"the header declares {match.group(1)} data bytes, the file holds {match.group(2)}"
+    if "ended unexpectedly" in extra:
+        return "the stream ends without its end-of-stream mark"
+    return None
+
+
+def decode_audio(source: str | Path | bytes, name: str | Path | None = None) -> tuple[np.ndarray, int]:
+    """Decode a file path or raw file bytes to (mono float32, native rate), checking it is whole.
+
+    Raises AudioError with reason missing_file, unreadable, truncated, empty or nonfinite.
+    """
+    name = name or (source if not isinstance(source, bytes) else "<inline audio>")
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise AudioError(name, "missing_file", "audio file does not exist")
+    handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        with sf.SoundFile(handle) as f:
+            note = _truncation_note(f.extra_info)
+            data = f.read(dtype="float32", always_2d=True)
+            declared = f.frames
+    except Exception as exc:  # soundfile raises several types for unreadable files
+        raise AudioError(name, "unreadable", f"cannot decode audio ({exc})") from None
+    if note is not None:
+        raise AudioError(name, "truncated", f"file is cut off ({note})")
+    if 0 < declared and data.shape[0] < declared:
+        raise AudioError(name, "truncated", f"file is cut off ({data.shape[0]} of {declared} frames decoded)")
+    if data.shape[0] == 0:
+        raise AudioError(name, "empty", "zero-length audio")
+    mono = data.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise AudioError(name, "nonfinite", "audio contains NaN or inf samples")
+    return mono, f.samplerate
+
+
+def prepare_audio(source: str | Path | bytes, policy: AudioPolicy, name: str | Path | None = None) -> np.ndarray:
+    """Decode, check and resample `source` to `policy.sample_rate`, applying the length policy.
+
+    Raises AudioError (see decode_audio) or with reason low_rate, silent or too_long.
+    """
+    name = name or (source if not isinstance(source, bytes) else "<inline audio>")
+    mono, rate = decode_audio(source, name)
+    if rate < policy.min_sample_rate:
+        raise AudioError(name, "low_rate", f"sample rate {rate} Hz is below data.audio.min_sample_rate="
+                                           f"{policy.min_sample_rate}")
+    if float(np.abs(mono).max()) <= policy.silence_peak:
+        raise AudioError(name, "silent", f"silence only (peak {float(np.abs(mono).max()):.2e})")
+    seconds = len(mono) / rate
+    limit = policy.max_chunks * policy.chunk_seconds if policy.long_audio == "chunk" else policy.max_seconds
+    if seconds > limit:
+        if policy.long_audio != "truncate":
+            raise AudioError(name, "too_long", f"{seconds:.2f} s is longer than the {limit:g} s allowed "
+                                               f"(data.audio.long_audio={policy.long_audio})")
+        mono = mono[: int(limit * rate)]
+    if rate != policy.sample_rate:
+        mono = soxr.resample(mono, rate, policy.sample_rate)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def split_chunks(audio: np.ndarray, sample_rate: int, chunk_seconds: float) -> list[np.ndarray]:
+    """Consecutive chunks of at most `chunk_seconds` (the Step-Audio client sends 25 s pieces)."""
+    size = int(chunk_seconds * sample_rate)
+    return [audio[i : i + size] for i in range(0, max(len(audio), 1), size)]
 
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Decode `path` to mono float32 at `sample_rate`."""
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises several types for unreadable files
-        raise AudioError(f"{path}: cannot decode audio ({exc})") from None
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: zero-length audio")
-    mono = data.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise AudioError(f"{path}: audio contains NaN or inf samples")
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate)
-    return mono.astype(np.float32, copy=False)
+    """Decode `path` to mono float32 at `sample_rate` with the default checks (no length limit)."""
+    return prepare_audio(path, AudioPolicy(sample_rate=sample_rate, long_audio="truncate", max_seconds=float("inf"),
+                                           min_sample_rate=1, silence_peak=-1.0))
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:

@@ -25,7 +25,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen2-Audio that vLLM loads")
     p_tiny.add_argument("out")
+
+    p_data = sub.add_parser("data", help="check or convert item sources (JSONL, MMAU JSON, datasets, parquet)")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    for name, text in (("validate", "report every bad item (file, line, reason); exit 1 if any"),
+                       ("import", "convert a source to a distill JSONL manifest, setting bad items aside")):
+        p = data_sub.add_parser(name, help=text)
+        p.add_argument("source", help="manifest .jsonl, MMAU-style .json, save_to_disk folder or .parquet")
+        if name == "import":
+            p.add_argument("out", help="output manifest (.jsonl); bad items go to OUT.rejects.jsonl")
+            p.add_argument("--strict", action="store_true", help="fail if any item is bad")
+        else:
+            p.add_argument("--rejects", help="also write the rejects as JSONL here")
+        p.add_argument("--format", default="auto", help="auto, jsonl, mmau, hf_disk or parquet")
+        p.add_argument("--field", action="append", default=[], metavar="ITEM_FIELD=COLUMN",
+                       help="map a column the readers do not know (e.g. --field question=prompt_text)")
+        p.add_argument("--config", help="config whose data.audio policy and data.sample_rate apply")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.audio.max_seconds=10)")
     return parser
+
+
+def data_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data_pipelines.sources import Source
+    from distill.config import ConfigError, load_data_config
+    from distill.data import import_command, validate_command
+
+    bad = [f for f in args.field if "=" not in f]
+    if bad:
+        raise ConfigError(f"--field {bad[0]!r}: expected ITEM_FIELD=COLUMN")
+    overrides = [*args.overrides, *(["data.strict=true"] if getattr(args, "strict", False) else [])]
+    data = load_data_config(args.config, overrides)
+    source = Source(args.source, args.format, fields=dict(f.split("=", 1) for f in args.field))
+    if args.data_command == "validate":
+        return validate_command(data, source, Path(args.rejects) if args.rejects else None)
+    return import_command(data, source, Path(args.out))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(build_tiny_model(args.out))
             return 0
+        if args.command == "data":
+            return data_command(args)
         cfg = load_config(args.config, args.overrides)
         from distill import loop
 
@@ -53,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run = loop.RunDir(cfg.run_dir)
         data = loop.init_run_dir(cfg, run)
-        with loop.EngineCache(cfg.engine, cfg.seed) as engines:
+        with loop.EngineCache(cfg.engine, cfg.seed, loop.max_audio_items(cfg.data)) as engines:
             done = loop.run_stage(cfg, run, args.round, args.stage, data, engines)
         print(f"round {args.round} {args.stage}: {'done' if done else 'waiting for other shards'}")
         return 0

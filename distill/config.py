@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -54,17 +55,61 @@ class SyntheticDataConfig:
     cold_start_difficulty: int = 0
     train_items: int = 64
     eval_items: int = 64
+    # "choice" (options listed), "free" (open answer) or "mixed" (alternating).
+    answer_format: str = "choice"
     seed: int = 0
 
 
 @dataclass
+class SourceConfig:
+    """One item source: a distill JSONL manifest, an MMAU-style JSON list, a `datasets`
+    save_to_disk folder or a parquet file (data_pipelines/readers.py)."""
+
+    path: str = MISSING
+    format: str = "auto"
+    # Share of the mix (data.train_mix), relative to the other sources' weights.
+    weight: float = 1.0
+    # Item field -> column name, for columns the readers' aliases do not know.
+    fields: dict[str, str] = field(default_factory=dict)
+    # Folder that relative audio paths start from (default: the source's folder).
+    audio_root: str = ""
+
+
+@dataclass
+class AudioConfig:
+    """What the model accepts as audio; every item is checked against it before any sampling."""
+
+    # Step-Audio serves at most 29.98 s per audio item; Qwen2-Audio's features cut at 30 s.
+    max_seconds: float = 30.0
+    # Longer audio: "reject" it, "truncate" it to max_seconds, or "chunk" it into pieces of
+    # chunk_seconds (at most max_chunks), each a separate audio input, as the Step-Audio client does.
+    long_audio: str = "reject"
+    chunk_seconds: float = 25.0
+    max_chunks: int = 4
+    min_sample_rate: int = 8000
+    # Peak amplitude at or below this counts as silence only (about -80 dBFS).
+    silence_peak: float = 1e-4
+    # Prepared waveforms by content hash, shared by all stages and processes ("": <run dir>/cache/audio).
+    cache_dir: str = ""
+    # Threads that decode audio during validation.
+    workers: int = 2
+
+
+@dataclass
 class DataConfig:
-    # JSONL manifests (data_pipelines.items schema); empty means: generate synthetic items.
+    # Item sources (any format of data_pipelines/readers.py); empty means: generate synthetic items.
     train_manifest: str = ""
     eval_manifest: str = ""
-    # Items whose reference traces the cold start trains on (default: the train manifest).
+    # Items whose reference traces the cold start trains on (default: the train items).
     cold_start_manifest: str = ""
+    # Several train sources mixed by weight (instead of train_manifest).
+    train_mix: list[SourceConfig] = field(default_factory=list)
+    # Size of the train mix (0: the largest the sources allow at their weights, without repeats).
+    mix_items: int = 0
+    # Fail on the first bad item instead of setting bad items aside in data/rejects/.
+    strict: bool = False
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     sample_rate: int = 16000
     system_prompt: str = "You are a helpful assistant that listens carefully and reasons about sounds."
 
@@ -189,6 +234,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "wandb.mode": ("offline", "online", "disabled"),
     "data.synthetic.difficulty": (1, 2, 3),
     "data.synthetic.cold_start_difficulty": (0, 1, 2, 3),
+    "data.synthetic.answer_format": ("choice", "free", "mixed"),
+    "data.audio.long_audio": ("reject", "truncate", "chunk"),
 }
 _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",
@@ -197,11 +244,13 @@ _POSITIVE = (
     "cold_start.train.grad_accum", "train.max_seq_len", "cold_start.train.max_seq_len",
     "train.learning_rate", "cold_start.train.learning_rate", "engine.kv_cache_memory_bytes",
     "train.epochs", "cold_start.train.epochs", "data.synthetic.train_items", "data.synthetic.eval_items",
+    "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
+    "data.audio.workers",
 )
 _NON_NEGATIVE = (
     "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",
     "cold_start.train.warmup_steps", "train.max_grad_norm", "cold_start.train.max_grad_norm",
-    "train.answer_loss_weight", "cold_start.train.answer_loss_weight",
+    "train.answer_loss_weight", "cold_start.train.answer_loss_weight", "data.mix_items", "data.audio.silence_peak",
 )
 
 
@@ -211,21 +260,24 @@ def _get(cfg: object, dotted: str) -> Any:
     return cfg
 
 
-def _validate(cfg: Config) -> None:
+def _check_ranges(root: object, prefix: str = "") -> None:
+    """The choice and sign checks of every key that starts with `prefix` ("" for all)."""
+    def value(key: str) -> Any:
+        return _get(root, key)
+
     for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+        if key.startswith(prefix) and value(key) not in allowed:
+            raise ConfigError(f"{key}={value(key)!r}: must be one of {', '.join(map(repr, allowed))}")
     for key in _POSITIVE:
-        value = _get(cfg, key)
-        if value <= 0:
-            raise ConfigError(f"{key}={value!r}: must be positive")
+        if key.startswith(prefix) and value(key) <= 0:
+            raise ConfigError(f"{key}={value(key)!r}: must be positive")
     for key in _NON_NEGATIVE:
-        value = _get(cfg, key)
-        if value < 0:
-            raise ConfigError(f"{key}={value!r}: must be >= 0")
-    if not cfg.data.synthetic.families:
-        raise ConfigError("data.synthetic.families: give at least one family")
+        if key.startswith(prefix) and value(key) < 0:
+            raise ConfigError(f"{key}={value(key)!r}: must be >= 0")
+
+
+def _validate(cfg: Config) -> None:
+    _check_ranges(cfg)
     if not 0.0 < cfg.sample.top_p <= 1.0:
         raise ConfigError(f"sample.top_p={cfg.sample.top_p!r}: must be in (0, 1]")
     if cfg.sample.temperature < 0:
@@ -245,8 +297,6 @@ def _validate(cfg: Config) -> None:
                               f"{cfg.engine.max_model_len}")
     if not 0.0 < cfg.engine.gpu_memory_utilization <= 1.0:
         raise ConfigError(f"engine.gpu_memory_utilization={cfg.engine.gpu_memory_utilization}: must be in (0, 1]")
-    if cfg.data.cold_start_manifest and not cfg.data.train_manifest:
-        raise ConfigError("data.cold_start_manifest: needs data.train_manifest and data.eval_manifest too")
     for key in ("sample.max_tokens", "eval.max_tokens"):
         if _get(cfg, key) >= cfg.engine.max_model_len:
             raise ConfigError(f"{key}={_get(cfg, key)}: must be below engine.max_model_len="
@@ -259,22 +309,43 @@ def _validate(cfg: Config) -> None:
                                  not in VLLM_CPU_HEAD_SIZES):
         raise ConfigError(f"model.tiny.text_hidden/text_heads={tiny.text_hidden}/{tiny.text_heads}: the head size "
                           f"must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)")
-    if bool(cfg.data.train_manifest) != bool(cfg.data.eval_manifest):
-        raise ConfigError("data.train_manifest and data.eval_manifest: give both or neither")
-    from data_pipelines.synthetic import FAMILIES
+    _validate_data(cfg.data)
 
-    for name in cfg.data.synthetic.families:
+
+def _validate_data(data: DataConfig) -> None:
+    from data_pipelines.readers import FORMATS
+    from data_pipelines.synthetic import FAMILIES, family_available
+
+    if not data.synthetic.families:
+        raise ConfigError("data.synthetic.families: give at least one family")
+    if data.cold_start_manifest and not (data.train_manifest or data.train_mix):
+        raise ConfigError("data.cold_start_manifest: needs data.train_manifest (or data.train_mix) and "
+                          "data.eval_manifest too")
+    if data.train_manifest and data.train_mix:
+        raise ConfigError("data.train_manifest and data.train_mix: give one or the other")
+    if bool(data.train_manifest or data.train_mix) != bool(data.eval_manifest):
+        raise ConfigError("data.train_manifest (or data.train_mix) and data.eval_manifest: give both or neither")
+    if data.mix_items and not data.train_mix:
+        raise ConfigError("data.mix_items: needs data.train_mix")
+    for i, src in enumerate(data.train_mix):
+        if src.format not in FORMATS:
+            raise ConfigError(f"data.train_mix[{i}].format={src.format!r}: must be one of {', '.join(FORMATS)}")
+        if src.weight <= 0:
+            raise ConfigError(f"data.train_mix[{i}].weight={src.weight!r}: must be positive")
+    if data.audio.long_audio == "chunk" and data.audio.chunk_seconds > data.audio.max_seconds:
+        raise ConfigError(f"data.audio.chunk_seconds={data.audio.chunk_seconds}: must be at most "
+                          f"data.audio.max_seconds={data.audio.max_seconds}")
+    for name in data.synthetic.families:
         if name not in FAMILIES:
             raise ConfigError(
                 f"data.synthetic.families: unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})"
             )
+        if not data.train_manifest and not data.train_mix and not family_available(name):
+            raise ConfigError(f"data.synthetic.families: {name!r} needs espeak-ng, which is not installed "
+                              "(apt-get install espeak-ng)")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge the schema, a YAML preset and `key=value` overrides; validate; return a typed Config.
-
-    Raises ConfigError naming the offending key for unknown keys, wrong types and bad values.
-    """
+def _merged(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> DictConfig:
     merged = OmegaConf.structured(Config)
     if path is not None:
         try:
@@ -287,16 +358,37 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
-    merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "in a command-line override")
+    return _merge(merged, OmegaConf.from_dotlist(list(overrides)), "in a command-line override")
+
+
+def _to_object(node: DictConfig) -> Any:
+    try:
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, "")) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge the schema, a YAML preset and `key=value` overrides; validate; return a typed Config.
+
+    Raises ConfigError naming the offending key for unknown keys, wrong types and bad values.
+    """
+    merged = _merged(path, overrides)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"missing required key(s): {', '.join(missing)}")
-    try:
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc, "")) from None
+    cfg: Config = _to_object(merged)
     _validate(cfg)
     return cfg
+
+
+def load_data_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
+    """The `data` section alone, checked like load_config checks it (for `distill data`, which
+    needs no run name or model)."""
+    data: DataConfig = _to_object(_merged(path, overrides).data)
+    _check_ranges(SimpleNamespace(data=data), "data.")
+    _validate_data(data)
+    return data
 
 
 def _describe(exc: OmegaConfBaseException, where: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.data import audio_cache
 from distill.io import atomic_write_json, atomic_write_jsonl
 from distill.prompting import load_tokenizer
 from distill.rewards.checks import check_correct, check_format
@@ -20,7 +21,8 @@ from distill.rundir import RoundDir
 def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     start = time.time()
     tokenizer = load_tokenizer(str(model_dir))
-    requests = [item_request(cfg, tokenizer, it) for it in items]
+    cache = audio_cache(cfg)
+    requests = [item_request(cfg, tokenizer, it, cache) for it in items]
     outs = generate(get_engine(model_dir), requests, 0.0, 1.0, cfg.eval.max_tokens)
     per_family: dict[str, list[bool]] = defaultdict(list)
     rows, n_correct, n_format = [], 0, 0

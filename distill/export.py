@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.data import audio_cache
 from distill.io import atomic_write_json
 from distill.prompting import load_tokenizer
 from distill.rollout.engine import EXPORT_MANIFEST, generate, weights_hash
@@ -60,7 +61,8 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
 def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Callable) -> list[str]:
     """Load `model_dir` in vLLM and generate greedily for a few items; raise ExportGateError if not."""
     tokenizer = load_tokenizer(str(model_dir))
-    requests = [item_request(cfg, tokenizer, it) for it in probe_items[:GATE_PROBES]]
+    cache = audio_cache(cfg)
+    requests = [item_request(cfg, tokenizer, it, cache) for it in probe_items[:GATE_PROBES]]
     try:
         outs = generate(get_engine(model_dir), requests, 0.0, 1.0, cfg.eval.max_tokens)
     except Exception as exc:

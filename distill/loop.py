@@ -8,14 +8,12 @@ an interruption finishes the run without redoing finished stages or shards.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data_pipelines.items import Item, read_manifest, write_manifest
-from data_pipelines.synthetic import generate_split
 from distill.config import RESUMABLE_CHANGES, Config, ConfigError, config_diff, load_config, to_yaml
+from distill.data import Datasets, audio_cache, max_audio_items, prepare_data
 from distill.eval import eval_stage
 from distill.export import export_stage
 from distill.io import atomic_write_jsonl, atomic_write_text, read_json
@@ -36,7 +34,7 @@ def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
     manifest) can be corrected and re-run without being refused as a changed config."""
     check_resume(cfg, run)
     ensure_base_model(cfg)
-    data = prepare_data(cfg, run)
+    data = prepare_data(cfg, run.data_dir)
     atomic_write_text(run.config, to_yaml(cfg))
     return data
 
@@ -61,33 +59,6 @@ def ensure_base_model(cfg: Config) -> Path:
         print(f"model: building a tiny random Qwen2-Audio at {path}")
         build_tiny_model(path, cfg.model.tiny)
     return path
-
-
-@dataclass
-class Datasets:
-    train: list[Item]  # the rounds' question pool
-    eval: list[Item]  # held out
-    cold_start: list[Item]  # items with reference traces for round 0
-
-
-def prepare_data(cfg: Config, run: RunDir) -> Datasets:
-    """The configured manifests, or synthetic items written once into the run directory."""
-    if cfg.data.train_manifest:
-        train = read_manifest(cfg.data.train_manifest)
-        cold = read_manifest(cfg.data.cold_start_manifest) if cfg.data.cold_start_manifest else train
-        return Datasets(train, read_manifest(cfg.data.eval_manifest), cold)
-    syn = cfg.data.synthetic
-    splits = {"train": (syn.train_items, syn.difficulty), "eval": (syn.eval_items, syn.difficulty)}
-    if syn.cold_start_difficulty not in (0, syn.difficulty):
-        splits["cold_start"] = (syn.train_items, syn.cold_start_difficulty)
-    items = {}
-    for split, (n, difficulty) in splits.items():
-        manifest = run.data_dir / f"{split}.jsonl"
-        if not manifest.exists():
-            write_manifest(manifest, generate_split(run.data_dir, split, syn.families, n, syn.seed, difficulty,
-                                                    cfg.data.sample_rate))
-        items[split] = read_manifest(manifest)
-    return Datasets(items["train"], items["eval"], items.get("cold_start", items["train"]))
 
 
 def input_model(cfg: Config, run: RunDir, index: int) -> Path:
@@ -118,7 +89,7 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
             return False  # other shards belong to other array tasks
     elif stage == "filter" and index == 0:
         seed_items = data.cold_start[: cfg.cold_start.items or None]
-        rows = cold_start_rows(seed_items, load_tokenizer(str(model)), cfg.data.system_prompt)
+        rows = cold_start_rows(seed_items, load_tokenizer(str(model)), cfg.data.system_prompt, audio_cache(cfg))
         atomic_write_jsonl(rd.filtered, rows)
         stats = {"kept": len(rows), "source": "reference traces (cold start)"}
     elif stage == "filter":
@@ -155,7 +126,7 @@ def run_loop(cfg: Config) -> list[dict]:
         OmegaConf.structured(cfg)))
     first = 0 if cfg.cold_start.enabled else 1
     try:
-        with EngineCache(cfg.engine, cfg.seed) as engines:
+        with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
             for index in range(first, cfg.loop.rounds + 1):
                 rd = run_round(cfg, run, index, data, engines)
                 write_run_metrics(run)

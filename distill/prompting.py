@@ -19,11 +19,13 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def chat_prompt(tokenizer, question: str, system_prompt: str) -> str:
-    """The rendered chat up to the assistant turn (the model's own chat template, one audio item)."""
+def chat_prompt(tokenizer, question: str, system_prompt: str, audio_items: int = 1) -> str:
+    """The rendered chat up to the assistant turn (the model's own chat template): the audio
+    items (chunks of one recording, in order), then the question."""
+    audio = [{"type": "audio", "audio": f"chunk {i}"} for i in range(audio_items)]
     messages = [
         {"role": "system", "content": system_prompt},
-        {"role": "user", "content": [{"type": "audio", "audio": "item"}, {"type": "text", "text": question}]},
+        {"role": "user", "content": [*audio, {"type": "text", "text": question}]},
     ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -35,7 +37,15 @@ def question_text(question: str, choices: list[str] | None) -> str:
     return f"{question}\nOptions: {', '.join(choices)}."
 
 
-
-def item_prompt(tokenizer, item, system_prompt: str) -> str:
+def item_prompt(tokenizer, item, system_prompt: str, audio_items: int = 1) -> str:
     """The chat prompt for a data_pipelines Item, without the generation prefix."""
-    return chat_prompt(tokenizer, question_text(item.question, item.choices), system_prompt)
+    return chat_prompt(tokenizer, question_text(item.question, item.choices), system_prompt, audio_items)
+
+
+def split_trace(text: str) -> tuple[str, str] | None:
+    """(reasoning, answer) of a trace that is exactly `<think>reasoning</think>answer`, else None."""
+    body = text.lstrip()
+    if not body.startswith(THINK_OPEN) or body.count(THINK_OPEN) != 1 or body.count(THINK_CLOSE) != 1:
+        return None
+    reasoning, _, answer = body[len(THINK_OPEN):].partition(THINK_CLOSE)
+    return reasoning.strip(), answer.strip()

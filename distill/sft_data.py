@@ -1,7 +1,8 @@
 """SFT examples: (audio, chat prompt, completion) rows, tokenized the way the sampler saw them.
 
-A row is `{"id", "audio", "prompt", "completion"}`: `prompt` is the rendered chat text with the
-audio placeholder, `completion` the assistant text from `<think>` on. The prompt is tokenized
+A row is `{"id", "audio", "audio_sha256" (optional), "prompt", "completion"}`: `prompt` is the
+rendered chat text with one audio placeholder per audio chunk, `completion` the assistant text
+from `<think>` on. Audio comes from the run's audio cache, as the sampler saw it. The prompt is tokenized
 with the audio (the processor expands the placeholder), the completion on its own, and the two
 are concatenated, as vLLM saw them; the completion is re-tokenized from its text, which for a
 byte-level BPE gives the sampled ids in all but rare merge cases.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.audio import load_audio
+from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from distill.io import read_jsonl_numbered
 from distill.prompting import THINK_CLOSE, item_prompt
@@ -21,13 +22,14 @@ from distill.prompting import THINK_CLOSE, item_prompt
 IGNORE = -100
 
 
-def cold_start_rows(items: list[Item], tokenizer, system_prompt: str) -> list[dict]:
+def cold_start_rows(items: list[Item], tokenizer, system_prompt: str, cache: AudioCache) -> list[dict]:
     """SFT rows from the items' reference traces (items without one get an empty think block)."""
     rows = []
     for item in items:
         completion = item.reasoning or f"<think>\n\n{THINK_CLOSE}\n{item.answer}"
-        rows.append({"id": item.id, "audio": item.audio, "prompt": item_prompt(tokenizer, item, system_prompt),
-                     "completion": completion})
+        chunks = len(cache.chunks(item.audio, item.audio_sha256))
+        rows.append({"id": item.id, "audio": item.audio, "audio_sha256": item.audio_sha256,
+                     "prompt": item_prompt(tokenizer, item, system_prompt, chunks), "completion": completion})
     return rows
 
 
@@ -58,15 +60,19 @@ def split_prefix(prompt: str, completion: str, generation_prefix: str) -> tuple[
 class SFTDataset(torch.utils.data.Dataset):
     """Tokenizes lazily: audio features are large (128 x 3000 floats per item for Qwen2-Audio)."""
 
-    def __init__(self, rows: list[dict], processor, max_seq_len: int, answer_loss_weight: float,
+    def __init__(self, rows: list[dict], processor, cache: AudioCache, max_seq_len: int, answer_loss_weight: float,
                  generation_prefix: str = ""):
         self.rows = rows
+        self.cache = cache
         self.generation_prefix = generation_prefix
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_seq_len = max_seq_len
         self.answer_loss_weight = answer_loss_weight
         self.sample_rate = processor.feature_extractor.sampling_rate
+        if cache.policy.sample_rate != self.sample_rate:
+            raise ValueError(f"data.sample_rate={cache.policy.sample_rate} but the model's feature extractor expects "
+                             f"{self.sample_rate} Hz; set data.sample_rate={self.sample_rate}")
         close_ids = self.tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
         if answer_loss_weight != 1.0 and len(close_ids) != 1:
             raise ValueError(f"answer_loss_weight={answer_loss_weight} needs {THINK_CLOSE} to be one token in this "
@@ -83,8 +89,11 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.audio_token in completion:
             raise ValueError(f"SFT row {row.get('id', index)!r}: the completion contains the audio placeholder "
                              f"{self.audio_token}; the filter's control-token check should have rejected it")
-        audio = load_audio(row["audio"], self.sample_rate)
-        enc = self.processor(text=[prompt], audio=[audio], sampling_rate=self.sample_rate, return_tensors="pt")
+        audio = self.cache.chunks(row["audio"], row.get("audio_sha256"))
+        if prompt.count(self.audio_token) != len(audio):
+            raise ValueError(f"SFT row {row.get('id', index)!r}: the prompt has {prompt.count(self.audio_token)} audio "
+                             f"placeholder(s) but the audio gives {len(audio)} chunk(s)")
+        enc = self.processor(text=[prompt], audio=audio, sampling_rate=self.sample_rate, return_tensors="pt")
         prompt_ids = enc["input_ids"][0].tolist()
         completion_ids = self.tokenizer(completion + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) + len(completion_ids) > self.max_seq_len:
@@ -102,13 +111,14 @@ class SFTDataset(torch.utils.data.Dataset):
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
             "weights": torch.tensor(weights),
-            "input_features": enc["input_features"][0],
-            "feature_attention_mask": enc["feature_attention_mask"][0],
+            # One row per audio chunk; the model assigns them to the placeholders in order.
+            "input_features": enc["input_features"],
+            "feature_attention_mask": enc["feature_attention_mask"],
         }
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad token sequences; stack audio features."""
+    """Right-pad token sequences; concatenate the audio chunks' features in row order."""
     longest = max(len(x["input_ids"]) for x in batch)
 
     def pad(key: str, value: float) -> torch.Tensor:
@@ -126,8 +136,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         "attention_mask": mask,
         "labels": pad("labels", IGNORE),
         "weights": pad("weights", 0.0),
-        "input_features": torch.stack([x["input_features"] for x in batch]),
-        "feature_attention_mask": torch.stack([x["feature_attention_mask"] for x in batch]),
+        "input_features": torch.cat([x["input_features"] for x in batch]),
+        "feature_attention_mask": torch.cat([x["feature_attention_mask"] for x in batch]),
     }
 
 

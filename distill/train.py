@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from distill.config import TrainConfig, load_config
+from distill.data import audio_cache
 from distill.sft_data import SFTDataset, collate, load_rows, weighted_loss
 
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     rows = load_rows(args.data)
-    dataset = SFTDataset(rows, processor, tcfg.max_seq_len, tcfg.answer_loss_weight, cfg.sample.generation_prefix)
+    dataset = SFTDataset(rows, processor, audio_cache(cfg), tcfg.max_seq_len, tcfg.answer_loss_weight,
+                         cfg.sample.generation_prefix)
     pad_id = processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=tcfg.micro_batch_size, shuffle=True, drop_last=len(dataset) >= tcfg.micro_batch_size

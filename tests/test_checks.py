@@ -1,5 +1,6 @@
 import pytest
 
+from distill.prompting import split_trace
 from distill.rewards.checks import (
     answer_matches,
     check_control_tokens,
@@ -7,7 +8,6 @@ from distill.rewards.checks import (
     check_finished,
     check_format,
     extract_answer,
-    split_trace,
 )
 
 GOOD = "<think>\nThe tone sits near 900 Hz, above 500 Hz.\n</think>\nhigh"

@@ -5,39 +5,7 @@ import pytest
 
 from data_pipelines.audio import AudioError, load_audio, write_wav
 from data_pipelines.items import Item, ManifestError, read_manifest, write_manifest
-from data_pipelines.synthetic import FAMILIES, generate_split, make_example
-from data_pipelines.synthetic.tones import PITCH_BOUNDARY_HZ
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_synthetic_is_deterministic_and_splits_differ(family):
-    a = make_example(family, "train", 3, seed=7, difficulty=2, sample_rate=16000)
-    b = make_example(family, "train", 3, seed=7, difficulty=2, sample_rate=16000)
-    c = make_example(family, "eval", 3, seed=7, difficulty=2, sample_rate=16000)
-    assert np.array_equal(a.audio, b.audio) and a.reasoning == b.reasoning
-    assert not np.array_equal(a.audio[:1000], c.audio[:1000])
-    assert a.answer in a.choices and a.reasoning.endswith(a.answer) and "</think>" in a.reasoning
-
-
-def dominant_hz(audio, sample_rate):
-    spectrum = np.abs(np.fft.rfft(audio))
-    return np.argmax(spectrum) * sample_rate / len(audio)
-
-
-@pytest.mark.parametrize("difficulty", [1, 2, 3])
-def test_pitch_level_answer_matches_the_sound(difficulty):
-    for i in range(20):
-        ex = make_example("pitch_level", "train", i, 0, difficulty, 16000)
-        hz = dominant_hz(ex.audio, 16000)
-        assert (hz > PITCH_BOUNDARY_HZ) == (ex.answer == "high"), (i, hz, ex.answer)
-
-
-def test_higher_of_two_answer_matches_the_sound():
-    for i in range(20):
-        ex = make_example("higher_of_two", "eval", i, 0, 3, 16000)
-        half = len(ex.audio) // 2
-        first, second = dominant_hz(ex.audio[:half], 16000), dominant_hz(ex.audio[half:], 16000)
-        assert (first > second) == (ex.answer == "first")
+from data_pipelines.synthetic import generate_split
 
 
 def test_generate_split_roundtrips_through_manifest(tmp_path):
@@ -45,7 +13,7 @@ def test_generate_split_roundtrips_through_manifest(tmp_path):
     assert [it.family for it in items[:2]] == ["pitch_level", "higher_of_two"]
     write_manifest(tmp_path / "m.jsonl", items)
     line = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
-    assert line["schema_version"] == 1 and not line["audio"].startswith("/")
+    assert line["schema_version"] == 2 and not line["audio"].startswith("/")
     back = read_manifest(tmp_path / "m.jsonl")
     assert [b.audio for b in back] == [it.audio for it in items]
     assert load_audio(back[0].audio, 16000).dtype == np.float32
@@ -70,12 +38,11 @@ def test_load_audio_rejects_garbage(tmp_path):
     ("line", "reason"),
     [
         ("{not json", "not valid JSON"),
-        ('{"id": "a", "audio": "x.wav", "question": "q"}', "field 'answer'"),
+        ('{"id": "a", "audio": "x.wav", "question": "q"}', "no reference answer"),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "c", "choices": ["a", "b"]}', "not one of the choices"),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "colour": 1}', "unknown field"),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "schema_version": 9}', "schema_version"),
         ('[1, 2]', "expected a JSON object"),
-        ('{"id": "a", "audio": "gone.wav", "question": "q", "answer": "a"}', "gone.wav does not exist"),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "choices": "abc"}', "list of strings"),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "reasoning": "no tags"}', "'reasoning' must"),
     ],

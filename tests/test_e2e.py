@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distill.io import read_json, read_jsonl
@@ -26,10 +27,10 @@ TINY_RUN = [
 ]
 
 
-def distill_run(out: Path, *overrides: str, **popen) -> subprocess.Popen:
+def distill_run(out: Path, *overrides: str, config: str | Path = "configs/demo_cpu.yaml",
+                **popen) -> subprocess.Popen:
     """Start `distill run`; its output goes to a file (a pipe nobody reads would fill and block it)."""
-    cmd = [sys.executable, "-m", "distill.cli", "run", "configs/demo_cpu.yaml", f"output_dir={out}", *TINY_RUN,
-           *overrides]
+    cmd = [sys.executable, "-m", "distill.cli", "run", str(config), f"output_dir={out}", *TINY_RUN, *overrides]
     log = (out / "run.log").open("a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
     proc.log_path = out / "run.log"  # type: ignore[attr-defined]
@@ -116,12 +117,47 @@ def test_two_rounds_end_to_end(tmp_path):
     assert early.returncode == 1 and "stage 'export' needs 'train' finished first" in early.stderr
 
 
+def mixed_sources_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The demo config with its train items from two sources in two formats, mixed 2:1, each with
+    bad items; returns the config and the reason each bad item must be rejected for."""
+    from omegaconf import OmegaConf
+
+    from data_pipelines.audio import write_wav
+    from data_pipelines.items import write_manifest
+    from data_pipelines.synthetic import generate_split
+
+    src = tmp_path / "sources"
+    good = generate_split(src, "train", ["pitch_level"], 12, 0, 1, 16000)
+    write_manifest(src / "eval.jsonl", generate_split(src, "eval", ["pitch_level"], 8, 0, 1, 16000))
+    write_wav(src / "audio" / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)
+    lines = [json.dumps(it.to_json()) for it in good[:8]]
+    lines += ["{not json", json.dumps({**good[0].to_json(), "id": "gone", "audio": "audio/nowhere.wav"}),
+              json.dumps({**good[0].to_json(), "id": "quiet", "audio": "audio/silence.wav"})]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    mmau = [{"id": it.id, "audio_id": it.audio, "question": it.question, "choices": it.choices,
+             "answer": it.answer, "task": "sound", "difficulty": "easy", "reasoning": it.reasoning} for it in good[8:]]
+    mmau.append({**mmau[0], "id": "no-such-choice", "answer": "medium"})
+    text = json.dumps(mmau, indent=1)
+    (src / "b.json").write_text(text)
+    last_object_line = [i + 1 for i, line in enumerate(text.splitlines()) if line == " {"][-1]
+    cfg = OmegaConf.load("configs/demo_cpu.yaml")
+    cfg.data = {"train_mix": [{"path": str(src / "a.jsonl"), "weight": 2}, {"path": str(src / "b.json"), "weight": 1}],
+                "eval_manifest": str(src / "eval.jsonl")}
+    OmegaConf.save(cfg, tmp_path / "mixed.yaml")
+    bad = {f"{src / 'a.jsonl'}:9": "malformed", f"{src / 'a.jsonl'}:10": "missing_file",
+           f"{src / 'a.jsonl'}:11": "silent", f"{src / 'b.json'}:{last_object_line}": "answer_not_in_choices"}
+    return tmp_path / "mixed.yaml", bad
+
+
 def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
+    """Also: a run whose train items come from a JSONL manifest and an MMAU-style JSON file, both
+    with bad items, reports the bad ones with file, line and reason, and trains on the good ones."""
+    config, bad = mixed_sources_config(tmp_path)
     run = tmp_path / "demo_cpu"
     samples = run / "round_001" / "samples"
     # ZeRO-3 here (ZeRO-2 above): its gathered 16-bit weights must export to a model vLLM loads.
     overrides = ("train.zero_stage=3", "cold_start.train.zero_stage=3")
-    proc = distill_run(tmp_path, *overrides, start_new_session=True)
+    proc = distill_run(tmp_path, *overrides, config=config, start_new_session=True)
     deadline = time.time() + 480
     while not list(samples.glob("shard-*.jsonl")):
         assert proc.poll() is None, output(proc)[-4000:]
@@ -131,14 +167,16 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     proc.wait()
     on_disk = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in samples.glob("shard-*.jsonl")}
     r0_train = (run / "round_000" / "train" / "final" / "train_summary.json").stat().st_mtime_ns
+    data_files = {p: p.stat().st_mtime_ns for p in (run / "data").rglob("*.jsonl")}
 
     before = len(output(proc))
-    log = finish(distill_run(tmp_path, *overrides))[before:]
+    log = finish(distill_run(tmp_path, *overrides, config=config))[before:]
     assert "round 0: train" not in log, "the finished cold start was redone"
     for name, ident in on_disk.items():
         p = samples / name
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == ident, f"{name} was sampled again"
     assert (run / "round_000" / "train" / "final" / "train_summary.json").stat().st_mtime_ns == r0_train
+    assert {p: p.stat().st_mtime_ns for p in (run / "data").rglob("*.jsonl")} == data_files, "data rebuilt"
     rows = traces(run / "round_001")
     assert len(rows) == 12 * 4 and len({r["trace_id"] for r in rows}) == 48
     assert f"{len(on_disk)} shard(s) already on disk" in log
@@ -146,3 +184,15 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     assert read_json(run / "round_002" / "stats" / "train.json")["zero_stage"] == 3
     # The resumed run continues the same wandb run.
     assert len({p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}) == 1
+
+    # Mixed sources: bad items set aside with file, line and reason; the good ones mixed 2:1 and trained on.
+    rejects = {r["where"]: r["reason"] for r in read_jsonl(run / "data" / "rejects" / "train.jsonl")}
+    assert rejects == bad
+    first = output(proc)[:before]
+    assert all(f"rejected {where}: {reason}" in first for where, reason in bad.items())
+    train_ids = {json.loads(line)["id"] for line in (run / "data" / "train.jsonl").read_text().splitlines()}
+    assert len(train_ids) == 12 and not train_ids & {"gone", "quiet", "no-such-choice"}
+    stats = read_json(run / "data" / "stats" / "train.json")["sources"]
+    assert [s["mixed_in"] for s in stats.values()] == [8, 4]
+    cold = {r["id"] for r in read_jsonl(run / "round_000" / "filtered.jsonl")}
+    assert cold == train_ids and {r["item_id"] for r in rows} == train_ids

@@ -1,7 +1,8 @@
 import pytest
 
 from distill.config import ConfigError, load_config
-from distill.loop import init_run_dir, input_model, prepare_data
+from distill.data import prepare_data
+from distill.loop import init_run_dir, input_model
 from distill.rollout.sample import sample_seed, shard_plan
 from distill.rundir import RunDir
 
@@ -51,11 +52,11 @@ def test_synthetic_data_written_once(tmp_path):
     cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2",
                   "data.synthetic.cold_start_difficulty=0")
     run = RunDir(cfg.run_dir)
-    data = prepare_data(cfg, run)
+    data = prepare_data(cfg, run.data_dir)
     assert len(data.train) == 4 and len(data.eval) == 2 and data.cold_start is data.train
     assert not {i.id for i in data.train} & {i.id for i in data.eval}
     mtime = (run.data_dir / "train.jsonl").stat().st_mtime_ns
-    prepare_data(cfg, run)
+    prepare_data(cfg, run.data_dir)
     assert (run.data_dir / "train.jsonl").stat().st_mtime_ns == mtime
 
 
@@ -107,6 +108,6 @@ def test_stage_needs_the_previous_one(tmp_path):
 def test_cold_start_curriculum_gets_its_own_items(tmp_path):
     cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2",
                   "data.synthetic.difficulty=3", "data.synthetic.cold_start_difficulty=1")
-    data = prepare_data(cfg, RunDir(cfg.run_dir))
+    data = prepare_data(cfg, RunDir(cfg.run_dir).data_dir)
     assert {i.difficulty for i in data.cold_start} == {1} and {i.difficulty for i in data.train} == {3}
     assert not {i.id for i in data.cold_start} & {i.id for i in data.train}

@@ -1,5 +1,9 @@
+import numpy as np
 import torch
 
+from data_pipelines.audio import AudioPolicy, write_wav
+from data_pipelines.audio_cache import AudioCache
+from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
 from distill.prompting import load_tokenizer
 from distill.sft_data import IGNORE, SFTDataset, cold_start_rows, collate, split_prefix, weighted_loss
@@ -16,8 +20,9 @@ def test_dataset_masks_prompt_and_weights_answer(tiny_model, tmp_path):
 
     processor = AutoProcessor.from_pretrained(tiny_model)
     items = generate_split(tmp_path, "train", ["pitch_level"], 2, 0, 1, 16000)
-    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys")
-    ds = SFTDataset(rows, processor, max_seq_len=1024, answer_loss_weight=3.0, generation_prefix="<think>\n")
+    cache = AudioCache(tmp_path / "cache", AudioPolicy())
+    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys", cache)
+    ds = SFTDataset(rows, processor, cache, max_seq_len=1024, answer_loss_weight=3.0, generation_prefix="<think>\n")
     ex = ds[0]
     tok = processor.tokenizer
     targets = ex["labels"][ex["labels"] != IGNORE].tolist()
@@ -53,8 +58,32 @@ def test_dataset_refuses_audio_placeholder_in_completion(tiny_model, tmp_path):
 
     processor = AutoProcessor.from_pretrained(tiny_model)
     items = generate_split(tmp_path, "train", ["pitch_level"], 1, 0, 1, 16000)
-    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys")
+    cache = AudioCache(None, AudioPolicy())
+    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys", cache)
     rows[0]["completion"] = "<think>\nx<|AUDIO|>\n</think>\nhigh"
-    ds = SFTDataset(rows, processor, 1024, 1.0, "<think>\n")
+    ds = SFTDataset(rows, processor, cache, 1024, 1.0, "<think>\n")
     with pytest.raises(ValueError, match="contains the audio placeholder"):
         ds[0]
+
+
+def test_long_audio_is_chunked_into_one_placeholder_per_chunk(tiny_model, tmp_path):
+    """data.audio.long_audio=chunk: 55 s of audio becomes 3 audio inputs (25 + 25 + 5 s), each with
+    its own placeholder in the prompt and its own row of features, in order."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    rate = 16000
+    steps = np.concatenate([np.full(25 * rate, 0.1), np.full(25 * rate, 0.2), np.full(5 * rate, 0.3)])
+    write_wav(tmp_path / "long.wav", steps.astype(np.float32), rate)
+    item = Item(id="long", audio=str(tmp_path / "long.wav"), question="q?", answer="a")
+    cache = AudioCache(tmp_path / "cache", AudioPolicy(long_audio="chunk", chunk_seconds=25, max_chunks=3))
+    chunks = cache.chunks(item.audio)
+    assert [len(c) / rate for c in chunks] == [25, 25, 5]
+    assert [round(float(np.median(c)), 2) for c in chunks] == [0.1, 0.2, 0.3]
+    rows = cold_start_rows([item], load_tokenizer(str(tiny_model)), "sys", cache)
+    assert rows[0]["prompt"].count("<|AUDIO|>") == 3 and "Audio 3:" in rows[0]["prompt"]
+    ex = SFTDataset(rows, processor, cache, 4096, 1.0, "<think>\n")[0]
+    assert ex["input_features"].shape[0] == 3
+    assert ex["feature_attention_mask"].sum(dim=1).tolist() == [2500, 2500, 500]  # 100 frames a second
+    batch = collate([ex, ex], processor.tokenizer.pad_token_id)
+    assert batch["input_features"].shape[0] == 6

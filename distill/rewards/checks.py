@@ -9,20 +9,11 @@ from __future__ import annotations
 import re
 import string
 
-from distill.prompting import THINK_CLOSE, THINK_OPEN
+from distill.prompting import split_trace
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 _LETTER = re.compile(r"^\(?([a-z])\)?$")
 _NEGATION = re.compile(r"\b(not|no|neither|never|isnt|cannot)\b")
-
-
-def split_trace(text: str) -> tuple[str, str] | None:
-    """(reasoning, answer) of a trace that is exactly `<think>reasoning</think>answer`, else None."""
-    body = text.lstrip()
-    if not body.startswith(THINK_OPEN) or body.count(THINK_OPEN) != 1 or body.count(THINK_CLOSE) != 1:
-        return None
-    reasoning, _, answer = body[len(THINK_OPEN):].partition(THINK_CLOSE)
-    return reasoning.strip(), answer.strip()
 
 
 def check_format(text: str, min_reasoning_chars: int = 1) -> str | None:

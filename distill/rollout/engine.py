@@ -24,7 +24,7 @@ EXPORT_MANIFEST = "distill_export.json"
 @dataclass
 class Request:
     prompt: str
-    audio: np.ndarray
+    audio: list[np.ndarray]  # one waveform per audio placeholder in the prompt (chunks of long audio)
     sample_rate: int
     seed: int
 
@@ -66,7 +66,7 @@ def verified_weights_hash(model_dir: str | Path) -> str:
     return actual
 
 
-def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int):
+def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items: int = 1):
     from vllm import LLM
 
     return LLM(
@@ -80,7 +80,7 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int):
         # does not use offset"), and a seed per sample is what makes shards reproducible.
         enable_chunked_prefill=cfg.enable_chunked_prefill,
         enable_prefix_caching=True,
-        limit_mm_per_prompt={"audio": 1},
+        limit_mm_per_prompt={"audio": audio_items},
         seed=seed,
     )
 
@@ -89,7 +89,8 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     """One completion per request, in order; each request carries its own seed."""
     from vllm import SamplingParams
 
-    prompts = [{"prompt": r.prompt, "multi_modal_data": {"audio": (r.audio, r.sample_rate)}} for r in requests]
+    prompts = [{"prompt": r.prompt, "multi_modal_data": {"audio": [(a, r.sample_rate) for a in r.audio]}}
+               for r in requests]
     params = [
         SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
                        skip_special_tokens=False)
@@ -106,9 +107,10 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
 class EngineCache:
     """Holds at most one live engine, keyed by model directory."""
 
-    def __init__(self, cfg: EngineConfig, seed: int):
+    def __init__(self, cfg: EngineConfig, seed: int, audio_items: int = 1):
         self.cfg = cfg
         self.seed = seed
+        self.audio_items = audio_items
         self.model_dir: str | None = None
         self.llm = None
 
@@ -116,7 +118,7 @@ class EngineCache:
         key = str(Path(model_dir).resolve())
         if self.model_dir != key:
             self.close()
-            self.llm = open_engine(key, self.cfg, self.seed)
+            self.llm = open_engine(key, self.cfg, self.seed, self.audio_items)
             self.model_dir = key
         return self.llm
 

@@ -12,11 +12,13 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from data_pipelines.audio import load_audio
+from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.data import audio_cache
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
 from distill.prompting import item_prompt, load_tokenizer
 from distill.rollout.engine import Request, generate, verified_weights_hash
@@ -46,10 +48,12 @@ def sample_seed(base_seed: int, round_index: int, item_id: str, sample_index: in
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def item_request(cfg: Config, tokenizer, item: Item, seed: int = 0) -> Request:
-    """The engine request for one item: chat prompt + generation prefix, with its audio."""
-    prompt = item_prompt(tokenizer, item, cfg.data.system_prompt) + cfg.sample.generation_prefix
-    return Request(prompt, load_audio(item.audio, cfg.data.sample_rate), cfg.data.sample_rate, seed)
+def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: int = 0) -> Request:
+    """The engine request for one item: chat prompt (one audio placeholder per chunk) + generation
+    prefix, with its audio from the run's cache."""
+    audio = cache.chunks(item.audio, item.audio_sha256)
+    prompt = item_prompt(tokenizer, item, cfg.data.system_prompt, len(audio)) + cfg.sample.generation_prefix
+    return Request(prompt, audio, cfg.data.sample_rate, seed)
 
 
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
@@ -57,6 +61,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     count, indices = shard_plan(cfg)
     model_hash = verified_weights_hash(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
+    cache = audio_cache(cfg)
     sc = cfg.sample
     start, new_traces, skipped = time.time(), 0, 0
     for shard in indices:
@@ -68,12 +73,12 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         shard_items = items[shard::count]
         requests, meta = [], []
         for item in shard_items:
-            prompt = item_prompt(tokenizer, item, cfg.data.system_prompt)
-            audio = load_audio(item.audio, cfg.data.sample_rate)
-            audio_hash = sha256_file(item.audio)
+            request = item_request(cfg, tokenizer, item, cache)
+            prompt = request.prompt.removesuffix(sc.generation_prefix)
+            audio_hash = item.audio_sha256 or sha256_file(item.audio)  # items built before validation lack it
             for j in range(sc.n):
                 seed = sample_seed(cfg.seed, rd.index, item.id, j)
-                requests.append(Request(prompt + sc.generation_prefix, audio, cfg.data.sample_rate, seed))
+                requests.append(replace(request, seed=seed))
                 meta.append((item, prompt, audio_hash, j, seed))
         outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens)
         rows = []
@@ -84,6 +89,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 "item_id": item.id,
                 "sample_index": j,
                 "audio": item.audio,
+                "audio_sha256": audio_hash,
                 "prompt": prompt,
                 "completion": sc.generation_prefix + out.text,
                 "finish_reason": out.finish_reason,
@@ -94,7 +100,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 "category": item.category,
                 "lineage": {
                     "round": rd.index, "model_dir": str(model_dir), "model_sha256": model_hash,
-                    "audio_sha256": audio_hash, "seed": seed, "shard": f"{shard}/{count}",
+                    "seed": seed, "shard": f"{shard}/{count}",
                     "temperature": sc.temperature, "top_p": sc.top_p, "max_tokens": sc.max_tokens,
                 },
             })
