@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipelines.synthetic.example import Example, for_difficulty, think
-from data_pipelines.synthetic.signals import db_to_gain, finish, silence, sine
+from data_pipelines.synthetic.signals import db_to_gain, finish, sine, two_in_a_row
 
 # Level difference (dB) between the two tones of `louder_of_two`, per difficulty.
 LOUDER_OF_TWO_DB = {1: (10.0, 14.0), 2: (5.0, 7.0), 3: (2.5, 3.5)}
@@ -26,8 +26,7 @@ def louder_of_two(rng: np.random.Generator, difficulty: int, sample_rate: int) -
     seconds = rng.uniform(0.4, 0.6)  # both tones last the same: duration is no cue
     # 500-1500 Hz, where equal-loudness contours are nearly flat: pitch does not change loudness.
     tones = [sine(rng.uniform(500, 1500), seconds, sample_rate, a, rng.uniform(0, 2 * np.pi)) for a in (a1, a2)]
-    parts = [silence(rng.uniform(0.05, 0.15), sample_rate), tones[0],
-             silence(rng.uniform(0.2, 0.3), sample_rate), tones[1], silence(rng.uniform(0.05, 0.15), sample_rate)]
+    parts = two_in_a_row(rng, tones[0], tones[1], sample_rate, edge=(0.05, 0.15), gap=(0.2, 0.3))
     answer = "first" if first_louder else "second"
     l1, l2 = _dbfs(a1), _dbfs(a2)
     evidence = (

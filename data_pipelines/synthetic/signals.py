@@ -34,6 +34,15 @@ def silence(seconds: float, sample_rate: int) -> np.ndarray:
     return np.zeros(int(seconds * sample_rate))
 
 
+def two_in_a_row(rng: np.random.Generator, first: np.ndarray, second: np.ndarray, sample_rate: int,
+                 edge: tuple[float, float], gap: tuple[float, float]) -> list[np.ndarray]:
+    """Two sounds with random silences before (`edge`), between (`gap`) and after (`edge`) them,
+    drawn in that order."""
+    lead = silence(rng.uniform(*edge), sample_rate)
+    middle = silence(rng.uniform(*gap), sample_rate)
+    return [lead, first, middle, second, silence(rng.uniform(*edge), sample_rate)]
+
+
 def band_noise(
     rng: np.random.Generator, seconds: float, sample_rate: int, low_hz: float, high_hz: float, rms: float
 ) -> np.ndarray:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipelines.synthetic.example import Example, for_difficulty, rounded_hz, think
-from data_pipelines.synthetic.signals import band_noise, fade, finish, silence, sine
+from data_pipelines.synthetic.signals import band_noise, fade, finish, sine, two_in_a_row
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ def event_order(rng: np.random.Generator, difficulty: int, sample_rate: int) -> 
     events = [_rms_to(tone, rms), _rms_to(noise, rms)]
     if not tone_first:
         events.reverse()
-    parts = [silence(rng.uniform(0.1, 0.2), sample_rate), events[0],
-             silence(rng.uniform(0.05, 0.15), sample_rate), events[1], silence(rng.uniform(0.1, 0.2), sample_rate)]
+    parts = two_in_a_row(rng, events[0], events[1], sample_rate, edge=(0.1, 0.2), gap=(0.05, 0.15))
     tone_text = f"one sharp spectral peak near {rounded_hz(freq)} Hz, a steady tone"
     noise_text = "energy spread over a band of frequencies, a noise burst"
     first, second = (tone_text, noise_text) if tone_first else (noise_text, tone_text)

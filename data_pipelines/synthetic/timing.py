@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipelines.synthetic.example import Example, for_difficulty, think
-from data_pipelines.synthetic.signals import click, finish, silence, sine
+from data_pipelines.synthetic.signals import click, finish, silence, sine, two_in_a_row
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,7 @@ def longer_of_two(rng: np.random.Generator, difficulty: int, sample_rate: int) -
     d1, d2 = (long, short) if first_longer else (short, long)
     # Pitch and level are drawn per tone, independently of which is longer: neither is a cue.
     tones = [sine(rng.uniform(300, 1200), d, sample_rate, rng.uniform(0.3, 0.8)) for d in (d1, d2)]
-    parts = [silence(rng.uniform(0.05, 0.15), sample_rate), tones[0],
-             silence(rng.uniform(0.2, 0.35), sample_rate), tones[1], silence(rng.uniform(0.05, 0.15), sample_rate)]
+    parts = two_in_a_row(rng, tones[0], tones[1], sample_rate, edge=(0.05, 0.15), gap=(0.2, 0.35))
     answer = "first" if first_longer else "second"
     evidence = (
         f"The first tone lasts about {d1:.2f} s and the second about {d2:.2f} s, "
