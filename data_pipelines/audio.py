@@ -8,7 +8,10 @@ Every failure is an AudioError carrying a stable reason code, which validation r
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import math
 import os
 import re
 import tempfile
@@ -49,9 +52,12 @@ class AudioPolicy:
     silence_peak: float = 1e-4
 
     def key(self) -> str:
-        """A short tag of every setting that changes the prepared waveform (part of cache keys)."""
-        limit = self.max_chunks * self.chunk_seconds if self.long_audio == "chunk" else self.max_seconds
-        return f"{self.sample_rate}-{self.long_audio}-{limit:g}"
+        """A tag of every setting (part of cache keys: an entry made under laxer checks or another
+        length policy is never served)."""
+        return hashlib.sha256(repr(dataclasses.astuple(self)).encode()).hexdigest()[:16]
+
+    def chunk_samples(self) -> int:
+        return int(self.chunk_seconds * self.sample_rate)
 
 
 _DECLARED_SIZE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -107,8 +113,6 @@ def prepare_audio(source: str | Path | bytes, policy: AudioPolicy, name: str | P
     if rate < policy.min_sample_rate:
         raise AudioError(name, "low_rate", f"sample rate {rate} Hz is below data.audio.min_sample_rate="
                                            f"{policy.min_sample_rate}")
-    if float(np.abs(mono).max()) <= policy.silence_peak:
-        raise AudioError(name, "silent", f"silence only (peak {float(np.abs(mono).max()):.2e})")
     seconds = len(mono) / rate
     limit = policy.max_chunks * policy.chunk_seconds if policy.long_audio == "chunk" else policy.max_seconds
     if seconds > limit:
@@ -116,15 +120,21 @@ def prepare_audio(source: str | Path | bytes, policy: AudioPolicy, name: str | P
             raise AudioError(name, "too_long", f"{seconds:.2f} s is longer than the {limit:g} s allowed "
                                                f"(data.audio.long_audio={policy.long_audio})")
         mono = mono[: int(limit * rate)]
+    if float(np.abs(mono).max()) <= policy.silence_peak:  # after truncation: what the model would hear
+        raise AudioError(name, "silent", f"silence only (peak {float(np.abs(mono).max()):.2e})")
     if rate != policy.sample_rate:
         mono = soxr.resample(mono, rate, policy.sample_rate)
+    if policy.long_audio == "chunk" and len(mono) > policy.max_chunks * policy.chunk_samples():
+        # Resampling may add a few samples: the chunk count, not the float seconds, is the limit.
+        mono = mono[: policy.max_chunks * policy.chunk_samples()]
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def split_chunks(audio: np.ndarray, sample_rate: int, chunk_seconds: float) -> list[np.ndarray]:
-    """Consecutive chunks of at most `chunk_seconds` (the Step-Audio client sends 25 s pieces)."""
-    size = int(chunk_seconds * sample_rate)
-    return [audio[i : i + size] for i in range(0, max(len(audio), 1), size)]
+def split_chunks(audio: np.ndarray, max_samples: int) -> list[np.ndarray]:
+    """The fewest near-equal consecutive chunks of at most `max_samples` each (the Step-Audio
+    client sends pieces of at most 25 s; equal pieces never leave a sliver of a last chunk)."""
+    count = max(1, math.ceil(len(audio) / max_samples))
+    return np.array_split(audio, count)
 
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:

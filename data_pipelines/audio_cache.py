@@ -11,14 +11,14 @@ same bytes. An unreadable entry (a crash mid-copy on some file systems) counts a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.audio import AudioPolicy, prepare_audio, split_chunks
-from distill.io import sha256_file
+from data_pipelines.audio import AudioError, AudioPolicy, prepare_audio, split_chunks
 
 
 class AudioCache:
@@ -35,22 +35,35 @@ class AudioCache:
         return self.root / sha256[:2] / f"{sha256}-{self.policy.key()}.npy"
 
     def get(self, path: str | Path, sha256: str | None = None) -> np.ndarray:
-        """The prepared waveform of `path` (raises AudioError as prepare_audio does). Pass the file's
-        `sha256` when it is known (validated items carry it) to skip hashing the file."""
-        if self.root is None:
-            self.misses += 1
-            return prepare_audio(path, self.policy)
-        entry = self.entry(sha256 or sha256_file(path))
-        try:
-            audio = np.load(entry, allow_pickle=False)
+        """The prepared waveform of `path`; see `load`."""
+        return self.load(path, sha256)[0]
+
+    def load(self, path: str | Path, sha256: str | None = None) -> tuple[np.ndarray, str]:
+        """(prepared waveform, sha256 of the file's bytes) of `path`; raises AudioError as
+        prepare_audio does. With `sha256` (validated items carry it) a hit needs no read of the
+        file; on a miss the bytes are read once, hashed and decoded, and a file whose bytes no
+        longer match the given hash is refused (reason "changed"), never cached under the old one."""
+        if sha256 and self.root is not None:
+            audio = self._read(self.entry(sha256))
+            if audio is not None:
+                self.hits += 1
+                return audio, sha256
+        if not Path(path).is_file():
+            raise AudioError(path, "missing_file", "audio file does not exist")
+        data = Path(path).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if sha256 and actual != sha256:
+            raise AudioError(path, "changed", f"the file changed since it was validated (sha256 {sha256[:12]}, now "
+                                              f"{actual[:12]}); validate the data again (a new run)")
+        audio = self._read(self.entry(actual)) if self.root is not None else None
+        if audio is not None:
             self.hits += 1
-            return audio
-        except (FileNotFoundError, ValueError, EOFError, OSError):
-            pass
-        audio = prepare_audio(path, self.policy)
-        self._store(entry, audio)
+            return audio, actual
+        audio = prepare_audio(data, self.policy, name=path)
+        if self.root is not None:
+            self._store(self.entry(actual), audio)
         self.misses += 1
-        return audio
+        return audio, actual
 
     def chunks(self, path: str | Path, sha256: str | None = None) -> list[np.ndarray]:
         """The model's audio inputs for one item: the whole waveform, or its chunks when the
@@ -58,7 +71,14 @@ class AudioCache:
         audio = self.get(path, sha256)
         if self.policy.long_audio != "chunk":
             return [audio]
-        return split_chunks(audio, self.policy.sample_rate, self.policy.chunk_seconds)
+        return split_chunks(audio, self.policy.chunk_samples())
+
+    @staticmethod
+    def _read(entry: Path) -> np.ndarray | None:
+        try:
+            return np.load(entry, allow_pickle=False)
+        except (FileNotFoundError, ValueError, EOFError, OSError):  # absent, or cut short by a crash
+            return None
 
     @staticmethod
     def _store(entry: Path, audio: np.ndarray) -> None:

@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +76,10 @@ def store_audio_bytes(data: bytes, fmt: str, out_dir: Path) -> tuple[str, str]:
     Content-addressed, so re-reading a source (or several processes reading it) writes nothing new.
     """
     digest = hashlib.sha256(data).hexdigest()
-    path = out_dir / f"{digest}.{fmt.lower().lstrip('.') or 'wav'}"
+    ext = fmt.lower().lstrip(".") or "wav"
+    if not re.fullmatch(r"[a-z0-9]{1,5}", ext):
+        raise ManifestError("", f"audio format {fmt!r} is not a file extension (wav, flac, mp3, ...)")
+    path = out_dir / f"{digest}.{ext}"
     if not path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
@@ -94,7 +98,13 @@ def _inline_audio(value: dict, where: str, inline_dir: Path | None) -> tuple[str
         data = base64.b64decode(value["data"], validate=True)
     except (binascii.Error, ValueError):
         raise ManifestError(where, "inline 'audio' data is not valid base64") from None
-    return store_audio_bytes(data, str(value.get("format") or "wav"), inline_dir)
+    try:
+        return store_audio_bytes(data, str(value.get("format") or "wav"), inline_dir)
+    except ManifestError as exc:
+        raise ManifestError(where, exc.detail) from None
+    except OSError as exc:
+        raise ManifestError(where, f"cannot write the inline audio to {inline_dir} ({exc.strerror})",
+                            "unreadable") from None
 
 
 def parse_item(obj: object, where: str, base_dir: Path, inline_dir: Path | None = None) -> Item:

@@ -17,6 +17,7 @@ once to a content-addressed file under `inline_dir`; paths are resolved against 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -67,7 +68,7 @@ def detect_format(path: Path) -> str:
     if suffix == ".jsonl":
         return "jsonl"
     if suffix == ".json":
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig", errors="replace") as handle:
             head = handle.read(4096).lstrip()
         return "mmau" if head.startswith("[") else "jsonl"
     raise ManifestError(str(path), f"cannot tell the format from the name; give one of {FORMATS[1:]}",
@@ -86,26 +87,33 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
     root = Path(audio_root) if audio_root else (path if path.is_dir() else path.parent)
     inline = Path(inline_dir) if inline_dir else root / "audio"
     if fmt == "jsonl":
-        yield from _jsonl(path)
+        yield from _jsonl(path)  # relative audio paths resolve in validation (data_pipelines.validate)
         return
     rows = _json_list(path) if fmt == "mmau" else _table_rows(path, fmt)
-    for where, obj in rows:
+    # Ids for rows that have none: the row's index, under a name unique to this source.
+    prefix = f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+    for index, (where, obj) in enumerate(rows):
         if isinstance(obj, str):  # a parse error
             yield Record(where, error=obj)
             continue
         try:
-            yield Record(where, fields=map_fields(obj, fields or {}, root, inline, where, path.stem))
+            yield Record(where, fields=map_fields(obj, fields or {}, root, inline, where, f"{prefix}-{index}"))
         except ManifestError as exc:
             yield Record(where, error=exc.detail)
 
 
 def _jsonl(path: Path) -> Iterator[Record]:
     """Lines of a distill manifest, unchanged (parse_item checks them against the schema)."""
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield Record(where, error=f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -118,18 +126,25 @@ def _jsonl(path: Path) -> Iterator[Record]:
 def _json_list(path: Path) -> Iterator[tuple[str, dict | str]]:
     """Elements of a JSON list with the line each starts on, decoded one by one so that a bad
     element is reported where it is (a whole-file parse would only say the file is bad)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            "unreadable_source") from None
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):
         raise ManifestError(f"{path}:1", "expected a JSON list of objects", "unreadable_source")
     pos += 1
+    line, counted = 1, 0  # newlines are counted as the reader moves on, once each
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             return
-        where = f"{path}:{text.count(chr(10), 0, pos) + 1}"
+        line += text.count("\n", counted, pos)
+        counted = pos
+        where = f"{path}:{line}"
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
@@ -187,7 +202,7 @@ def _audio_path(value, root: Path, inline: Path) -> tuple[str, str | None]:
     raise ManifestError("", f"no usable audio in the audio column ({type(value).__name__})", "missing_field")
 
 
-def map_fields(obj: dict, fields: dict[str, str], root: Path, inline: Path, where: str, stem: str) -> dict:
+def map_fields(obj: dict, fields: dict[str, str], root: Path, inline: Path, where: str, default_id: str) -> dict:
     """A foreign record's fields in the item schema (difficulty words -> 1..3, task -> category)."""
     out: dict = {}
     for field in ALIASES:
@@ -195,7 +210,7 @@ def map_fields(obj: dict, fields: dict[str, str], root: Path, inline: Path, wher
         if value is not None:
             out[field] = value
     row_id = out.get("id")
-    out["id"] = str(row_id) if row_id is not None else f"{stem}-{where.rsplit(':', 1)[-1].replace('row ', '')}"
+    out["id"] = str(row_id) if row_id is not None else default_id
     if "audio" not in out:
         raise ManifestError(where, "no audio column (give the column in the source's `fields`)", "missing_field")
     out["audio"], sha = _audio_path(out["audio"], root, inline)

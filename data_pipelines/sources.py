@@ -7,6 +7,8 @@ run; a resumed run reads the manifest it wrote.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, read_manifest, write_manifest
 from data_pipelines.readers import read_source
 from data_pipelines.validate import ValidationReport, validate_records
-from distill.io import atomic_write_json, atomic_write_jsonl
+from distill.io import atomic_write_json, atomic_write_jsonl, read_json
 
 
 class MixError(ValueError):
@@ -58,7 +60,8 @@ def validate_source(src: Source, cache: AudioCache, inline_dir: Path, workers: i
                     seen: dict[str, str] | None = None) -> ValidationReport:
     """Read and validate one source (raises ManifestError only when the source itself is unreadable)."""
     records = read_source(src.path, src.format, src.fields, src.audio_root or None, inline_dir)
-    return validate_records(records, cache, inline_dir=inline_dir, workers=workers, seen=seen)
+    base_dir = Path(src.audio_root) if src.audio_root else None
+    return validate_records(records, cache, base_dir=base_dir, inline_dir=inline_dir, workers=workers, seen=seen)
 
 
 def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: Path, *, total: int = 0,
@@ -67,7 +70,16 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
     rejects to `data_dir/rejects/<name>.jsonl`, counts to `data_dir/stats/<name>.json`) on the
     first call; later calls read the manifest back."""
     manifest = data_dir / f"{name}.jsonl"
+    stats_path = data_dir / "stats" / f"{name}.json"
+    # What the split is built from: a resume (even one whose config was never saved) must not
+    # reuse a split built from other sources or audio settings.
+    recipe = hashlib.sha256(repr(([dataclasses.astuple(s) for s in sources], cache.policy.key(), total, seed))
+                            .encode()).hexdigest()[:16]
     if manifest.exists():
+        built = read_json(stats_path).get("recipe") if stats_path.exists() else recipe
+        if built != recipe:
+            raise MixError(f"{manifest}: built from other sources or audio settings than the config now gives; "
+                           f"delete {data_dir} (or use a new run_name) to rebuild it")
         return read_manifest(manifest)
     inline_dir = data_dir / "audio"
     seen: dict[str, str] = {}  # ids are unique across the sources of a split
@@ -87,8 +99,8 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
         raise MixError(f"{', '.join(empty)}: no valid items (see {data_dir / 'rejects' / f'{name}.jsonl'})")
     items = mix([r.items for r in reports], [s.weight for s in sources], total, seed, [s.path for s in sources])
     chosen = {it.id for it in items}
-    stats = {"items": len(items), "sources": {s.path: {**r.stats(), "weight": s.weight, "mixed_in": sum(
+    stats = {"items": len(items), "recipe": recipe, "sources": {s.path: {**r.stats(), "weight": s.weight, "mixed_in": sum(
         it.id in chosen for it in r.items)} for s, r in zip(sources, reports, strict=True)}}
-    atomic_write_json(data_dir / "stats" / f"{name}.json", stats)
+    atomic_write_json(stats_path, stats)
     write_manifest(manifest, items)  # last: its presence means the split is complete
     return items

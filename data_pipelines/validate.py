@@ -20,7 +20,6 @@ from data_pipelines.audio import AudioError
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, ManifestError, parse_item
 from data_pipelines.readers import Record
-from distill.io import sha256_file
 
 
 class ValidationError(ValueError):
@@ -57,9 +56,9 @@ class ValidationReport:
 
     def summary(self, name: str) -> str:
         rate = (len(self.items) + len(self.rejects)) / max(self.seconds, 1e-9)
-        return (f"{name}: {len(self.items)} items valid, {len(self.rejects)} rejected "
-                f"{self.by_reason() or ''} ({self.audio_seconds / 60:.1f} min of audio) in {self.seconds:.1f}s "
-                f"({rate:.0f} items/s)").replace(" {}", "")
+        reasons = f" {self.by_reason()}" if self.rejects else ""
+        return (f"{name}: {len(self.items)} items valid, {len(self.rejects)} rejected{reasons} "
+                f"({self.audio_seconds / 60:.1f} min of audio) in {self.seconds:.1f}s ({rate:.0f} items/s)")
 
     def raise_if_strict(self, strict: bool, name: str) -> None:
         if strict and self.rejects:
@@ -71,11 +70,9 @@ class ValidationReport:
 
 def _check_audio(item: Item, where: str, cache: AudioCache) -> tuple[Item, float] | Reject:
     """Decode the item's audio through the cache; the item with its audio hash and length, or a Reject."""
-    if not Path(item.audio).is_file():
-        return Reject(where, "missing_file", f"audio file {item.audio} does not exist", item.id)
     try:
-        item.audio_sha256 = sha256_file(item.audio)  # the bytes' real hash, whatever the line claimed
-        audio = cache.get(item.audio, item.audio_sha256)
+        # The bytes' real hash, whatever the line claimed; read once, so hash and audio agree.
+        audio, item.audio_sha256 = cache.load(item.audio)
     except AudioError as exc:
         return Reject(where, exc.reason, exc.detail, item.id)
     except OSError as exc:

@@ -92,7 +92,11 @@ def test_long_audio_policies(tmp_path):
     assert len(cut) == 2 * RATE
     chunked = AudioPolicy(long_audio="chunk", chunk_seconds=2.0, max_chunks=3)
     whole = prepare_audio(tmp_path / "long.wav", chunked)
-    assert [len(c) for c in split_chunks(whole, RATE, 2.0)] == [2 * RATE, 2 * RATE, RATE]
+    pieces = split_chunks(whole, chunked.chunk_samples())
+    assert [len(c) for c in pieces] == [26667, 26667, 26666]  # 5 s in 3 near-equal pieces, no 1 s sliver
+    assert np.array_equal(np.concatenate(pieces), whole)
+    # A hair over a chunk gives two halves, not a chunk and a sliver the model cannot use.
+    assert [len(c) for c in split_chunks(np.zeros(2 * RATE + 10), chunked.chunk_samples())] == [RATE + 5] * 2
     with pytest.raises(AudioError, match="longer than the 4 s allowed") as err:
         prepare_audio(tmp_path / "long.wav", AudioPolicy(long_audio="chunk", chunk_seconds=2.0, max_chunks=2))
     assert err.value.reason == "too_long"
@@ -120,6 +124,26 @@ def test_cache_decodes_once_and_keys_by_content_and_policy(tmp_path):
     other = AudioCache(tmp_path / "cache", AudioPolicy(sample_rate=8000))
     assert len(other.get(tmp_path / "a.wav")) == 8000 and other.misses == 1
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+
+
+def test_cache_refuses_a_file_changed_since_validation(tmp_path):
+    write_wav(tmp_path / "v.wav", tone(1.0), RATE)
+    cache = AudioCache(tmp_path / "cache", POLICY)
+    _, sha = cache.load(tmp_path / "v.wav")
+    write_wav(tmp_path / "v.wav", tone(2.0), RATE)
+    assert len(cache.get(tmp_path / "v.wav", sha)) == RATE  # the validated waveform, by its hash
+    cold = AudioCache(tmp_path / "other", POLICY)  # another node, an empty cache
+    with pytest.raises(AudioError, match="changed since it was validated") as err:
+        cold.get(tmp_path / "v.wav", sha)
+    assert err.value.reason == "changed" and not list((tmp_path / "other").rglob("*.npy"))
+
+
+def test_cache_entries_depend_on_every_check(tmp_path):
+    write_wav(tmp_path / "quiet.wav", tone(1.0, amp=5e-5), RATE)
+    lax = AudioCache(tmp_path / "cache", AudioPolicy(silence_peak=0.0))
+    assert len(lax.get(tmp_path / "quiet.wav")) == RATE
+    with pytest.raises(AudioError, match="silence only"):  # the lax entry is not served to a stricter policy
+        AudioCache(tmp_path / "cache", AudioPolicy()).get(tmp_path / "quiet.wav")
 
 
 def test_cache_treats_a_corrupt_entry_as_a_miss(tmp_path):

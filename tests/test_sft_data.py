@@ -67,23 +67,23 @@ def test_dataset_refuses_audio_placeholder_in_completion(tiny_model, tmp_path):
 
 
 def test_long_audio_is_chunked_into_one_placeholder_per_chunk(tiny_model, tmp_path):
-    """data.audio.long_audio=chunk: 55 s of audio becomes 3 audio inputs (25 + 25 + 5 s), each with
-    its own placeholder in the prompt and its own row of features, in order."""
+    """data.audio.long_audio=chunk: 55 s of audio becomes 3 audio inputs of at most 25 s (18.3 s
+    each), each with its own placeholder in the prompt and its own row of features, in order."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model)
     rate = 16000
-    steps = np.concatenate([np.full(25 * rate, 0.1), np.full(25 * rate, 0.2), np.full(5 * rate, 0.3)])
+    steps = np.concatenate([np.full(18 * rate, 0.1), np.full(19 * rate, 0.2), np.full(18 * rate, 0.3)])
     write_wav(tmp_path / "long.wav", steps.astype(np.float32), rate)
     item = Item(id="long", audio=str(tmp_path / "long.wav"), question="q?", answer="a")
     cache = AudioCache(tmp_path / "cache", AudioPolicy(long_audio="chunk", chunk_seconds=25, max_chunks=3))
     chunks = cache.chunks(item.audio)
-    assert [len(c) / rate for c in chunks] == [25, 25, 5]
+    assert [len(c) for c in chunks] == [293334, 293333, 293333]
     assert [round(float(np.median(c)), 2) for c in chunks] == [0.1, 0.2, 0.3]
     rows = cold_start_rows([item], load_tokenizer(str(tiny_model)), "sys", cache)
     assert rows[0]["prompt"].count("<|AUDIO|>") == 3 and "Audio 3:" in rows[0]["prompt"]
     ex = SFTDataset(rows, processor, cache, 4096, 1.0, "<think>\n")[0]
     assert ex["input_features"].shape[0] == 3
-    assert ex["feature_attention_mask"].sum(dim=1).tolist() == [2500, 2500, 500]  # 100 frames a second
+    assert ex["feature_attention_mask"].sum(dim=1).tolist() == [1834] * 3  # 100 frames a second
     batch = collate([ex, ex], processor.tokenizer.pad_token_id)
     assert batch["input_features"].shape[0] == 6

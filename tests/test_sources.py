@@ -125,7 +125,7 @@ def test_hf_save_to_disk_and_parquet_read_without_torchcodec(tmp_path):
         report = validate_records(read_source(src, inline_dir=tmp_path / "inline"), cache(tmp_path))
         assert [it.question for it in report.items] == ["Is it low?", "Is it high?"], src
         assert report.items[0].choices == ["yes", "no"]
-        assert report.items[0].id == f"{src.stem}-0"
+        assert report.items[0].id.startswith(f"{src.stem}-") and report.items[0].id.endswith("-0")
         assert [(r.where, r.reason) for r in report.rejects] == [(f"{src}:row 2", "unreadable")]
         assert Path(report.items[0].audio).parent == tmp_path / "inline"
 
@@ -144,6 +144,32 @@ def test_parquet_with_arrays_and_a_field_map(tmp_path):
     (item,) = report.items
     assert (item.id, item.question, item.answer) == ("u1", "How many beeps?", "3")
     assert abs(len(AudioCache(None, AudioPolicy()).get(item.audio)) - 8000) < 2
+
+
+def test_minified_json_without_ids_bom_and_non_utf8(tmp_path):
+    write_wav(tmp_path / "a.wav", tone(0.5), RATE)
+    objs = [{"audio_id": "a.wav", "question": "q", "answer": "x"}, {"audio_id": "a.wav", "question": "q2", "answer": "y"}]
+    (tmp_path / "one_line.json").write_text(json.dumps(objs), encoding="utf-8-sig")  # a BOM, all on line 1
+    report = validate_records(read_source(tmp_path / "one_line.json"), cache(tmp_path))
+    assert [it.question for it in report.items] == ["q", "q2"] and not report.rejects
+    assert len({it.id for it in report.items}) == 2
+    (tmp_path / "m.jsonl").write_bytes(manifest_line(id="ok", audio="a.wav").encode() + b"\n"
+                                       + '{"id": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    records = list(read_source(tmp_path / "m.jsonl"))
+    assert records[1].where == f"{tmp_path / 'm.jsonl'}:2" and "not UTF-8" in records[1].error
+
+
+def test_audio_root_and_odd_inline_format(tmp_path):
+    write_wav(tmp_path / "clips" / "a.wav", tone(0.5), RATE)
+    (tmp_path / "lists").mkdir()
+    inline = base64.b64encode(wav_bytes()).decode()
+    (tmp_path / "lists" / "m.jsonl").write_text(manifest_line(id="a", audio="a.wav") + "\n"
+                                                + manifest_line(id="b", audio={"data": inline, "format": "a/b"}) + "\n")
+    report = build_split("x", [Source(str(tmp_path / "lists" / "m.jsonl"), audio_root=str(tmp_path / "clips"))],
+                         cache(tmp_path), tmp_path / "data")
+    assert [it.id for it in report] == ["a"]
+    (reject,) = [json.loads(x) for x in (tmp_path / "data" / "rejects" / "x.jsonl").read_text().splitlines()]
+    assert reject["where"].endswith("m.jsonl:2") and "not a file extension" in reject["message"]
 
 
 def test_unknown_format_and_missing_source(tmp_path):
@@ -188,6 +214,8 @@ def test_build_split_writes_manifest_rejects_and_stats_once(tmp_path):
     assert read_manifest(data / "train.jsonl") == got
     again = build_split("train", sources, cache(tmp_path), data, total=6)  # resume: read back, no work
     assert again == got
+    with pytest.raises(MixError, match="built from other sources or audio settings"):
+        build_split("train", sources[:1], cache(tmp_path), data, total=6)
 
 
 def test_cli_data_validate_and_import(tmp_path, capsys):
