@@ -75,10 +75,13 @@ def _truncation_note(extra: str) -> str | None:
     return None
 
 
-def decode_audio(source: str | Path | bytes, name: str | Path | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(source: str | Path | bytes, name: str | Path | None = None, max_seconds: float = math.inf,
+                 truncate: bool = False) -> tuple[np.ndarray, int]:
     """Decode a file path or raw file bytes to (mono float32, native rate), checking it is whole.
 
-    Raises AudioError with reason missing_file, unreadable, truncated, empty or nonfinite.
+    Audio longer than `max_seconds` is refused before it is read (or, with `truncate`, only its
+    first `max_seconds` are read), so a two-hour file never fills memory. Raises AudioError with
+    reason missing_file, unreadable, truncated, empty, nonfinite or too_long.
     """
     name = name or (source if not isinstance(source, bytes) else "<inline audio>")
     if not isinstance(source, bytes) and not Path(source).is_file():
@@ -87,44 +90,56 @@ def decode_audio(source: str | Path | bytes, name: str | Path | None = None) -> 
     try:
         with sf.SoundFile(handle) as f:
             note = _truncation_note(f.extra_info)
-            data = f.read(dtype="float32", always_2d=True)
-            declared = f.frames
+            rate, declared = f.samplerate, f.frames
+            limit = int(max_seconds * rate) if math.isfinite(max_seconds) else None
+            if limit is not None and declared > limit and not truncate:
+                raise AudioError(name, "too_long", f"{declared / rate:.2f} s is longer than the {max_seconds:g} s "
+                                                   "allowed")
+            wanted = min(declared, limit) if limit is not None else declared
+            data = f.read(frames=wanted if declared > 0 else -1, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:  # soundfile raises several types for unreadable files
         raise AudioError(name, "unreadable", f"cannot decode audio ({exc})") from None
     if note is not None:
         raise AudioError(name, "truncated", f"file is cut off ({note})")
-    if 0 < declared and data.shape[0] < declared:
-        raise AudioError(name, "truncated", f"file is cut off ({data.shape[0]} of {declared} frames decoded)")
+    if 0 < declared and data.shape[0] < wanted:
+        raise AudioError(name, "truncated", f"file is cut off ({data.shape[0]} of {wanted} frames decoded)")
     if data.shape[0] == 0:
         raise AudioError(name, "empty", "zero-length audio")
+    if limit is not None and data.shape[0] > limit:  # a header that did not declare its length
+        if not truncate:
+            raise AudioError(name, "too_long", f"{data.shape[0] / rate:.2f} s is longer than the {max_seconds:g} s "
+                                               "allowed")
+        data = data[:limit]
     mono = data.mean(axis=1)
     if not np.isfinite(mono).all():
         raise AudioError(name, "nonfinite", "audio contains NaN or inf samples")
-    return mono, f.samplerate
+    return mono, rate
 
 
 def prepare_audio(source: str | Path | bytes, policy: AudioPolicy, name: str | Path | None = None) -> np.ndarray:
     """Decode, check and resample `source` to `policy.sample_rate`, applying the length policy.
 
-    Raises AudioError (see decode_audio) or with reason low_rate, silent or too_long.
+    Raises AudioError (see decode_audio) or with reason low_rate or silent.
     """
     name = name or (source if not isinstance(source, bytes) else "<inline audio>")
-    mono, rate = decode_audio(source, name)
+    chunked = policy.long_audio == "chunk"
+    limit = policy.max_chunks * policy.chunk_seconds if chunked else policy.max_seconds
+    try:
+        mono, rate = decode_audio(source, name, limit, truncate=policy.long_audio == "truncate")
+    except AudioError as exc:
+        if exc.reason == "too_long":  # name the setting that decides
+            raise AudioError(name, exc.reason, f"{exc.detail} (data.audio.long_audio={policy.long_audio})") from None
+        raise
     if rate < policy.min_sample_rate:
         raise AudioError(name, "low_rate", f"sample rate {rate} Hz is below data.audio.min_sample_rate="
                                            f"{policy.min_sample_rate}")
-    seconds = len(mono) / rate
-    limit = policy.max_chunks * policy.chunk_seconds if policy.long_audio == "chunk" else policy.max_seconds
-    if seconds > limit:
-        if policy.long_audio != "truncate":
-            raise AudioError(name, "too_long", f"{seconds:.2f} s is longer than the {limit:g} s allowed "
-                                               f"(data.audio.long_audio={policy.long_audio})")
-        mono = mono[: int(limit * rate)]
     if float(np.abs(mono).max()) <= policy.silence_peak:  # after truncation: what the model would hear
         raise AudioError(name, "silent", f"silence only (peak {float(np.abs(mono).max()):.2e})")
     if rate != policy.sample_rate:
         mono = soxr.resample(mono, rate, policy.sample_rate)
-    if policy.long_audio == "chunk" and len(mono) > policy.max_chunks * policy.chunk_samples():
+    if chunked and len(mono) > policy.max_chunks * policy.chunk_samples():
         # Resampling may add a few samples: the chunk count, not the float seconds, is the limit.
         mono = mono[: policy.max_chunks * policy.chunk_samples()]
     return np.ascontiguousarray(mono, dtype=np.float32)

@@ -123,6 +123,9 @@ def parse_item(obj: object, where: str, base_dir: Path, inline_dir: Path | None 
     if obj.get("answer") is None or (isinstance(obj["answer"], str) and not obj["answer"].strip()):
         raise ManifestError(where, "no reference answer ('answer' is missing or empty)", "missing_answer")
     fields = {k: v for k, v in obj.items() if k != "schema_version"}
+    for key in ("id", "answer"):  # numeric ids and answers are common in the wild; they mean their text
+        if isinstance(fields.get(key), int | float) and not isinstance(fields[key], bool):
+            fields[key] = str(fields[key])
     audio_sha256 = fields.get("audio_sha256")
     if isinstance(fields.get("audio"), dict):
         fields["audio"], audio_sha256 = _inline_audio(fields["audio"], where, inline_dir)

@@ -54,11 +54,16 @@ class Record:
     where: str
     fields: dict | None = None
     error: str | None = None
+    reason: str = "malformed"  # the reject reason code when `error` is set
 
 
 def detect_format(path: Path) -> str:
     """The format of `path` from its shape: a datasets folder, .parquet, .jsonl, or a JSON list."""
     if path.is_dir():
+        if (path / "dataset_dict.json").exists():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise ManifestError(str(path), f"a DatasetDict with splits {', '.join(splits)}: give one split's folder "
+                                f"(e.g. {path / splits[0]})" if splits else "an empty DatasetDict", "unreadable_source")
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return "hf_disk"
         raise ManifestError(str(path), "a folder that is not a `datasets` save_to_disk folder", "unreadable_source")
@@ -84,7 +89,8 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS[1:]:
         raise ManifestError(str(path), f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", "unreadable_source")
-    root = Path(audio_root) if audio_root else (path if path.is_dir() else path.parent)
+    # Relative audio paths start at audio_root, else beside the file (or the datasets folder).
+    root = Path(audio_root) if audio_root else path.parent
     inline = Path(inline_dir) if inline_dir else root / "audio"
     if fmt == "jsonl":
         yield from _jsonl(path)  # relative audio paths resolve in validation (data_pipelines.validate)
@@ -99,7 +105,7 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
         try:
             yield Record(where, fields=map_fields(obj, fields or {}, root, inline, where, f"{prefix}-{index}"))
         except ManifestError as exc:
-            yield Record(where, error=exc.detail)
+            yield Record(where, error=exc.detail, reason=exc.reason)
 
 
 def _jsonl(path: Path) -> Iterator[Record]:
@@ -193,13 +199,13 @@ def _audio_path(value, root: Path, inline: Path) -> tuple[str, str | None]:
 
             rate = value.get("sampling_rate")
             if not isinstance(rate, int) or rate <= 0:
-                raise ManifestError("", f"audio array without a valid sampling_rate ({rate!r})", "low_rate")
+                raise ManifestError("", f"audio array without a valid sampling_rate ({rate!r})", "bad_audio_column")
             buf = io.BytesIO()
             sf.write(buf, np.asarray(value["array"], dtype=np.float32), rate, format="WAV", subtype="FLOAT")
             return store_audio_bytes(buf.getvalue(), "wav", inline)
         if value.get("path"):
             return _audio_path(value["path"], root, inline)
-    raise ManifestError("", f"no usable audio in the audio column ({type(value).__name__})", "missing_field")
+    raise ManifestError("", f"no usable audio in the audio column ({type(value).__name__})", "bad_audio_column")
 
 
 def map_fields(obj: dict, fields: dict[str, str], root: Path, inline: Path, where: str, default_id: str) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, read_manifest, write_manifest
 from data_pipelines.readers import read_source
-from data_pipelines.validate import ValidationReport, validate_records
+from data_pipelines.validate import Reject, ValidationReport, validate_records
 from distill.io import atomic_write_json, atomic_write_jsonl, read_json
 
 
@@ -65,10 +65,12 @@ def validate_source(src: Source, cache: AudioCache, inline_dir: Path, workers: i
 
 
 def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: Path, *, total: int = 0,
-                seed: int = 0, strict: bool = False, workers: int = 1) -> list[Item]:
+                seed: int = 0, strict: bool = False, workers: int = 1,
+                held_out_from: list[Item] | None = None) -> list[Item]:
     """The validated, mixed items of split `name`, written to `data_dir/<name>.jsonl` (and the
     rejects to `data_dir/rejects/<name>.jsonl`, counts to `data_dir/stats/<name>.json`) on the
-    first call; later calls read the manifest back."""
+    first call; later calls read the manifest back. Items that have the audio and question of an
+    item in `held_out_from` (the train split, for eval) are rejected: held out means never trained on."""
     manifest = data_dir / f"{name}.jsonl"
     stats_path = data_dir / "stats" / f"{name}.json"
     # What the split is built from: a resume (even one whose config was never saved) must not
@@ -84,6 +86,13 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
     inline_dir = data_dir / "audio"
     seen: dict[str, str] = {}  # ids are unique across the sources of a split
     reports = [validate_source(src, cache, inline_dir, workers, seen) for src in sources]
+    if held_out_from:
+        trained = {(it.audio_sha256, it.question) for it in held_out_from}
+        for rep in reports:
+            leaked = [it for it in rep.items if (it.audio_sha256, it.question) in trained]
+            rep.items = [it for it in rep.items if (it.audio_sha256, it.question) not in trained]
+            rep.rejects += [Reject(it.source, "in_train", "the same audio and question are in the train split",
+                                   it.id) for it in leaked]
     rejects = [{**r.to_json(), "source": src.path} for src, rep in zip(sources, reports, strict=True)
                for r in rep.rejects]
     atomic_write_jsonl(data_dir / "rejects" / f"{name}.jsonl", rejects)
@@ -99,8 +108,9 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
         raise MixError(f"{', '.join(empty)}: no valid items (see {data_dir / 'rejects' / f'{name}.jsonl'})")
     items = mix([r.items for r in reports], [s.weight for s in sources], total, seed, [s.path for s in sources])
     chosen = {it.id for it in items}
-    stats = {"items": len(items), "recipe": recipe, "sources": {s.path: {**r.stats(), "weight": s.weight, "mixed_in": sum(
-        it.id in chosen for it in r.items)} for s, r in zip(sources, reports, strict=True)}}
+    stats = {"items": len(items), "recipe": recipe, "sources": [
+        {"path": s.path, **r.stats(), "weight": s.weight, "mixed_in": sum(it.id in chosen for it in r.items)}
+        for s, r in zip(sources, reports, strict=True)]}
     atomic_write_json(stats_path, stats)
     write_manifest(manifest, items)  # last: its presence means the split is complete
     return items

@@ -93,14 +93,14 @@ def validate_records(records: Iterable[Record], cache: AudioCache, base_dir: Pat
     seen = {} if seen is None else seen
     for rec in records:
         if rec.error is not None:
-            report.rejects.append(Reject(rec.where, "malformed", rec.error))
+            report.rejects.append(Reject(rec.where, rec.reason, rec.error))
             continue
         folder = base_dir or Path(rec.where.rsplit(":", 1)[0]).parent
         try:
             item = parse_item(rec.fields, rec.where, folder, inline_dir or folder / "audio")
         except ManifestError as exc:
             item_id = rec.fields.get("id") if isinstance(rec.fields, dict) else None
-            report.rejects.append(Reject(rec.where, exc.reason, exc.detail, str(item_id) if item_id else None))
+            report.rejects.append(Reject(rec.where, exc.reason, exc.detail, None if item_id is None else str(item_id)))
             continue
         item.source = item.source or rec.where
         if item.id in seen:

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--rejects", help="also write the rejects as JSONL here")
         p.add_argument("--format", default="auto", help="auto, jsonl, mmau, hf_disk or parquet")
+        p.add_argument("--audio-root", default="", help="folder relative audio paths start from (default: the "
+                                                         "source's folder)")
         p.add_argument("--field", action="append", default=[], metavar="ITEM_FIELD=COLUMN",
                        help="map a column the readers do not know (e.g. --field question=prompt_text)")
         p.add_argument("--config", help="config whose data.audio policy and data.sample_rate apply")
@@ -57,7 +59,8 @@ def data_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--field {bad[0]!r}: expected ITEM_FIELD=COLUMN")
     overrides = [*args.overrides, *(["data.strict=true"] if getattr(args, "strict", False) else [])]
     data = load_data_config(args.config, overrides)
-    source = Source(args.source, args.format, fields=dict(f.split("=", 1) for f in args.field))
+    source = Source(args.source, args.format, fields=dict(f.split("=", 1) for f in args.field),
+                    audio_root=args.audio_root)
     if args.data_command == "validate":
         return validate_command(data, source, Path(args.rejects) if args.rejects else None)
     return import_command(data, source, Path(args.out))

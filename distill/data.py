@@ -21,8 +21,8 @@ from data_pipelines.items import Item, write_manifest
 from data_pipelines.sources import Source, build_split, validate_source
 from data_pipelines.synthetic import generate_split
 from data_pipelines.validate import ValidationReport
-from distill.config import Config, DataConfig
-from distill.io import atomic_write_jsonl
+from distill.config import Config, ConfigError, DataConfig
+from distill.io import atomic_write_jsonl, read_json
 
 
 def audio_policy(data: DataConfig) -> AudioPolicy:
@@ -40,6 +40,40 @@ def audio_cache(cfg: Config) -> AudioCache:
 def max_audio_items(data: DataConfig) -> int:
     """Audio inputs one prompt may carry: one, or up to max_chunks when long audio is chunked."""
     return data.audio.max_chunks if data.audio.long_audio == "chunk" else 1
+
+
+def check_model_audio(cfg: Config, model_dir: Path) -> None:
+    """Refuse audio settings the model cannot take, before any work: a sample rate other than its
+    feature extractor's, audio items longer than it reads (the rest would be cut silently), and,
+    for Qwen2-Audio, more audio tokens than engine.max_model_len leaves room for."""
+    path = model_dir / "processor_config.json"
+    if not path.exists():
+        path = model_dir / "preprocessor_config.json"
+    if not path.exists():
+        return  # a model without a stored feature extractor: nothing to check against
+    config = read_json(path)
+    fe = config.get("feature_extractor", config)
+    rate, seconds = fe.get("sampling_rate"), fe.get("chunk_length")
+    if rate and rate != cfg.data.sample_rate:
+        raise ConfigError(f"data.sample_rate={cfg.data.sample_rate}: the model's feature extractor ({path}) takes "
+                          f"{rate} Hz; set data.sample_rate={rate}")
+    a = cfg.data.audio
+    item_key, item_seconds = ("data.audio.chunk_seconds", a.chunk_seconds) if a.long_audio == "chunk" else (
+        "data.audio.max_seconds", a.max_seconds)
+    if seconds and item_seconds > seconds:
+        raise ConfigError(f"{item_key}={item_seconds:g}: the model reads at most {seconds} s per audio item and would "
+                          f"cut the rest silently; use at most {seconds}, or data.audio.long_audio=chunk")
+    model_type = read_json(model_dir / "config.json").get("model_type") if (model_dir / "config.json").exists() else None
+    frames = fe.get("nb_max_frames")
+    if model_type == "qwen2_audio" and frames:
+        # Qwen2-Audio pads every item to nb_max_frames mel frames; a conv (stride 2) and a pool
+        # (stride 2) leave a quarter of them as audio tokens.
+        audio_tokens = max_audio_items(cfg.data) * frames // 4
+        budget = max(cfg.sample.max_tokens, cfg.eval.max_tokens)
+        if audio_tokens + budget >= cfg.engine.max_model_len:
+            raise ConfigError(f"engine.max_model_len={cfg.engine.max_model_len}: {max_audio_items(cfg.data)} audio "
+                              f"item(s) of up to {frames // 4} tokens each plus {budget} new tokens do not fit; raise "
+                              "it or lower data.audio.max_chunks")
 
 
 @dataclass
@@ -62,7 +96,7 @@ def prepare_data(cfg: Config, data_dir: Path) -> Datasets:
         train_sources = [Source(s.path, s.format, s.weight, dict(s.fields), s.audio_root) for s in d.train_mix] \
             or _source(d.train_manifest)
         train = build_split("train", train_sources, total=d.mix_items, **common)
-        evals = build_split("eval", _source(d.eval_manifest), **common)
+        evals = build_split("eval", _source(d.eval_manifest), held_out_from=train, **common)
         cold = build_split("cold_start", _source(d.cold_start_manifest), **common) if d.cold_start_manifest else train
         return Datasets(train, evals, cold)
     syn = d.synthetic
@@ -76,7 +110,8 @@ def prepare_data(cfg: Config, data_dir: Path) -> Datasets:
             write_manifest(generated, generate_split(data_dir, split, syn.families, n, syn.seed, difficulty,
                                                      d.sample_rate, syn.answer_format))
         # Synthetic audio goes through the same validation (and cache) as any other source.
-        items[split] = build_split(split, _source(str(generated)), **common)
+        items[split] = build_split(split, _source(str(generated)), held_out_from=items.get("train") if split == "eval"
+                                   else None, **common)
     return Datasets(items["train"], items["eval"], items.get("cold_start", items["train"]))
 
 

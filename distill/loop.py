@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distill.config import RESUMABLE_CHANGES, Config, ConfigError, config_diff, load_config, to_yaml
-from distill.data import Datasets, audio_cache, max_audio_items, prepare_data
+from distill.data import Datasets, audio_cache, check_model_audio, max_audio_items, prepare_data
 from distill.eval import eval_stage
 from distill.export import export_stage
 from distill.io import atomic_write_jsonl, atomic_write_text, read_json
@@ -33,7 +33,7 @@ def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
     resolved config. The config is saved last, so a set-up that fails (a wrong path, a bad
     manifest) can be corrected and re-run without being refused as a changed config."""
     check_resume(cfg, run)
-    ensure_base_model(cfg)
+    check_model_audio(cfg, ensure_base_model(cfg))
     data = prepare_data(cfg, run.data_dir)
     atomic_write_text(run.config, to_yaml(cfg))
     return data

@@ -111,3 +111,16 @@ def test_cold_start_curriculum_gets_its_own_items(tmp_path):
     data = prepare_data(cfg, RunDir(cfg.run_dir).data_dir)
     assert {i.difficulty for i in data.cold_start} == {1} and {i.difficulty for i in data.train} == {3}
     assert not {i.id for i in data.cold_start} & {i.id for i in data.train}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.sample_rate=8000", "data.sample_rate=8000: the model's feature extractor .* takes 16000 Hz"),
+    ("data.audio.max_seconds=40", "data.audio.max_seconds=40: the model reads at most 30 s per audio item"),
+    ("data.audio.long_audio=chunk", "engine.max_model_len=1024: 4 audio item\\(s\\) of up to 750 tokens"),
+])
+def test_audio_settings_the_model_cannot_take_fail_before_any_work(tmp_path, tiny_model, override, message):
+    from distill.data import check_model_audio
+
+    check_model_audio(cfg_for(tmp_path), tiny_model)  # the defaults fit the model
+    with pytest.raises(ConfigError, match=message):
+        check_model_audio(cfg_for(tmp_path, override), tiny_model)

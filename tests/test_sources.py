@@ -130,6 +130,20 @@ def test_hf_save_to_disk_and_parquet_read_without_torchcodec(tmp_path):
         assert Path(report.items[0].audio).parent == tmp_path / "inline"
 
 
+def test_dataset_dict_folder_names_its_splits_and_numeric_ids_are_text(tmp_path):
+    import datasets
+
+    sf.write(tmp_path / "x.flac", tone(0.5), 22050)
+    ds = datasets.Dataset.from_dict(hf_rows(tmp_path)).cast_column("audio", datasets.Audio(decode=False))
+    datasets.DatasetDict({"test": ds, "train": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ManifestError, match="a DatasetDict with splits test, train: give one split's folder"):
+        list(read_source(tmp_path / "dd"))
+    write_wav(tmp_path / "a.wav", tone(0.5), RATE)
+    (tmp_path / "n.jsonl").write_text(json.dumps({"id": 7, "audio": "a.wav", "question": "How many?", "answer": 3}))
+    (item,) = validate_records(read_source(tmp_path / "n.jsonl"), cache(tmp_path)).items
+    assert (item.id, item.answer) == ("7", "3")
+
+
 def test_parquet_with_arrays_and_a_field_map(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -210,12 +224,19 @@ def test_build_split_writes_manifest_rejects_and_stats_once(tmp_path):
     rejects = [json.loads(x) for x in (data / "rejects" / "train.jsonl").read_text().splitlines()]
     assert [(r["where"], r["reason"]) for r in rejects] == [(f"{tmp_path / 'b.jsonl'}:1", "duplicate_id")]
     stats = json.loads((data / "stats" / "train.json").read_text())
-    assert stats["sources"][str(tmp_path / "b.jsonl")]["mixed_in"] == 2
+    assert [(s["path"], s["mixed_in"]) for s in stats["sources"]] == [(str(tmp_path / "a.jsonl"), 4),
+                                                                      (str(tmp_path / "b.jsonl"), 2)]
     assert read_manifest(data / "train.jsonl") == got
     again = build_split("train", sources, cache(tmp_path), data, total=6)  # resume: read back, no work
     assert again == got
     with pytest.raises(MixError, match="built from other sources or audio settings"):
         build_split("train", sources[:1], cache(tmp_path), data, total=6)
+    # An eval item with a train item's audio and question is not held out: rejected.
+    (tmp_path / "e.jsonl").write_text(manifest_line(id="e1", audio="ok.wav") + "\n"
+                                      + manifest_line(id="e2", audio="ok.wav", question="Another question?") + "\n")
+    evals = build_split("eval", [Source(str(tmp_path / "e.jsonl"))], cache(tmp_path), data, held_out_from=got)
+    assert [i.id for i in evals] == ["e2"]
+    assert json.loads((data / "rejects" / "eval.jsonl").read_text())["reason"] == "in_train"
 
 
 def test_cli_data_validate_and_import(tmp_path, capsys):
