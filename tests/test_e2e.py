@@ -196,3 +196,29 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     assert [s["mixed_in"] for s in stats] == [8, 4]
     cold = {r["id"] for r in read_jsonl(run / "round_000" / "filtered.jsonl")}
     assert cold == train_ids and {r["item_id"] for r in rows} == train_ids
+
+
+def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model):
+    """data.audio.long_audio=chunk: a 40 s recording reaches vLLM as two audio inputs of 20 s with
+    two placeholders in the prompt, as training sees it (tests/test_sft_data.py)."""
+    from data_pipelines.audio import write_wav
+    from data_pipelines.items import Item
+    from distill.config import load_config
+    from distill.data import audio_cache, max_audio_items
+    from distill.prompting import load_tokenizer
+    from distill.rollout.engine import EngineCache, generate
+    from distill.rollout.sample import item_request
+
+    cfg = load_config("configs/demo_cpu.yaml", [
+        f"output_dir={tmp_path}", f"model.path={tiny_model}", "data.audio.long_audio=chunk",
+        "data.audio.max_chunks=2", "engine.max_model_len=2048", "train.max_seq_len=2048",
+        "cold_start.train.max_seq_len=2048"])
+    rate = cfg.data.sample_rate
+    t = np.arange(40 * rate) / rate
+    write_wav(tmp_path / "long.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+    item = Item(id="long", audio=str(tmp_path / "long.wav"), question="Is it high or low?", answer="high")
+    request = item_request(cfg, load_tokenizer(str(tiny_model)), item, audio_cache(cfg))
+    assert [len(a) for a in request.audio] == [20 * rate] * 2 and request.prompt.count("<|AUDIO|>") == 2
+    with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
+        (out,) = generate(engines.get(tiny_model), [request], 0.0, 1.0, 8)
+    assert out.num_tokens > 0
