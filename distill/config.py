@@ -140,13 +140,78 @@ class SampleConfig:
     num_shards: int = 1
     # -1: all shards in this process; otherwise one shard (or SLURM_ARRAY_TASK_ID when set).
     shard_index: int = -1
+    # Do not sample again the items every sample of the previous round answered right (its
+    # set_aside.json): their traces would teach nothing, their budget goes to the rest.
+    skip_solved: bool = False
+
+
+# Rule checks of the filter stage (distill/rewards/checks.py), in the order they run.
+RULE_CHECKS = ("finished", "control_tokens", "format", "length", "language", "degeneration", "self_cognition",
+               "correct", "agreement")
+KEEP_POLICIES = ("first", "shortest", "diverse")
+
+
+@dataclass
+class JudgeConfig:
+    """An optional LLM judge: an OpenAI-compatible endpoint (e.g. `vllm serve` of a judge model)
+    scores each trace that passed the rule checks, with the audio attached."""
+
+    enabled: bool = False
+    base_url: str = "http://127.0.0.1:8000/v1"
+    # Served model name ("": the first model the server lists).
+    model: str = ""
+    rubric: str = (
+        "You grade a step-by-step answer to a question about an audio clip. Give a high score only if the "
+        "reasoning is grounded in acoustic features actually heard (pitch, loudness, duration, rhythm, timbre, "
+        "noise, timing) rather than an imagined transcript, is logically coherent, and supports the final "
+        "answer. Reply with one line: 'Score: N' with N from 0 to 10."
+    )
+    min_score: float = 6.0
+    timeout_s: float = 60.0
+    retries: int = 2
+    backoff_s: float = 1.0
+    concurrency: int = 8
+    max_tokens: int = 64
+    # A trace whose judge call failed (timeout, HTTP error) or whose reply holds no score: "reject" or "keep".
+    on_error: str = "reject"
+    send_audio: bool = True
+    # Environment variable holding the endpoint's API key (never stored in configs or logs).
+    api_key_env: str = "DISTILL_JUDGE_API_KEY"
 
 
 @dataclass
 class FilterConfig:
-    # Keep at most this many passing traces per prompt.
+    # Rule checks that must pass for a trace to be kept (all by default).
+    checks: list[str] = field(default_factory=lambda: list(RULE_CHECKS))
+    # Keep at most this many passing traces per prompt, chosen by keep_policy: "first" (sample
+    # order), "shortest" reasoning, or "diverse" (near-duplicates removed, then the most different).
     keep_per_prompt: int = 4
+    keep_policy: str = "first"
+    # Word 3-gram Jaccard similarity at or above which two traces count as near-duplicates.
+    near_duplicate: float = 0.8
+    # Keep prompts whose share of correct samples lies in [min, max] (the report keeps 3-6 of 8 for RL).
+    pass_rate_min: float = 0.0
+    pass_rate_max: float = 1.0
     min_reasoning_chars: int = 1
+    min_reasoning_tokens: int = 1
+    # 0: no cap (truncated generations are rejected by the "finished" check anyway).
+    max_reasoning_tokens: int = 0
+    # Scripts a trace may use besides the question's own ("auto": only the question's; see
+    # distill/rewards/checks.py SCRIPTS): e.g. [latin] rejects stray Chinese in English traces.
+    allowed_scripts: list[str] = field(default_factory=lambda: ["auto"])
+    # Degeneration: a window of this many characters occurring max_repeats times is a loop.
+    repeat_window: int = 40
+    max_repeats: int = 4
+    # The answer: inside <answer_tag>...</answer_tag> when set, else the first line after </think>.
+    answer_tag: str = ""
+    # Numeric answers match when |got - ref| <= abs_tol + rel_tol * |ref| (units converted: ms/s, Hz/kHz).
+    number_rel_tol: float = 0.0
+    number_abs_tol: float = 0.0
+    # A custom answer verifier "package.module:function" called as f(answer, reference, trace) -> bool.
+    verifier: str = ""
+    # Reward per trace: the sum of these weights over the checks it passed (stored for RL).
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"correct": 0.8, "format": 0.2})
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -236,6 +301,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.synthetic.cold_start_difficulty": (0, 1, 2, 3),
     "data.synthetic.answer_format": ("choice", "free", "mixed"),
     "data.audio.long_audio": ("reject", "truncate", "chunk"),
+    "filter.keep_policy": KEEP_POLICIES,
+    "filter.judge.on_error": ("reject", "keep"),
 }
 _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",
@@ -245,12 +312,15 @@ _POSITIVE = (
     "train.learning_rate", "cold_start.train.learning_rate", "engine.kv_cache_memory_bytes",
     "train.epochs", "cold_start.train.epochs", "data.synthetic.train_items", "data.synthetic.eval_items",
     "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
-    "data.audio.workers",
+    "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.judge.timeout_s",
+    "filter.judge.concurrency", "filter.judge.max_tokens",
 )
 _NON_NEGATIVE = (
     "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",
     "cold_start.train.warmup_steps", "train.max_grad_norm", "cold_start.train.max_grad_norm",
     "train.answer_loss_weight", "cold_start.train.answer_loss_weight", "data.mix_items", "data.audio.silence_peak",
+    "filter.min_reasoning_tokens", "filter.max_reasoning_tokens", "filter.number_rel_tol", "filter.number_abs_tol",
+    "filter.judge.retries", "filter.judge.backoff_s",
 )
 
 
@@ -310,6 +380,30 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.tiny.text_hidden/text_heads={tiny.text_hidden}/{tiny.text_heads}: the head size "
                           f"must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)")
     _validate_data(cfg.data)
+    _validate_filter(cfg.filter)
+
+
+def _validate_filter(f: FilterConfig) -> None:
+    from distill.rewards.checks import SCRIPTS
+
+    unknown = [c for c in f.checks if c not in RULE_CHECKS]
+    if unknown:
+        raise ConfigError(f"filter.checks: unknown check(s) {', '.join(unknown)} (known: {', '.join(RULE_CHECKS)})")
+    bad = [k for k in f.reward_weights if k not in (*RULE_CHECKS, "judge")]
+    if bad:
+        raise ConfigError(f"filter.reward_weights: unknown check(s) {', '.join(bad)}")
+    if not 0.0 <= f.pass_rate_min <= f.pass_rate_max <= 1.0:
+        raise ConfigError(f"filter.pass_rate_min={f.pass_rate_min}, filter.pass_rate_max={f.pass_rate_max}: "
+                          "need 0 <= min <= max <= 1")
+    if not 0.0 < f.near_duplicate <= 1.0:
+        raise ConfigError(f"filter.near_duplicate={f.near_duplicate}: must be in (0, 1]")
+    scripts = [s for s in f.allowed_scripts if s != "auto" and s not in SCRIPTS]
+    if scripts or not f.allowed_scripts:
+        raise ConfigError(f"filter.allowed_scripts={f.allowed_scripts}: use 'auto' and/or {', '.join(SCRIPTS)}")
+    if f.max_reasoning_tokens and f.max_reasoning_tokens < f.min_reasoning_tokens:
+        raise ConfigError(f"filter.max_reasoning_tokens={f.max_reasoning_tokens}: below filter.min_reasoning_tokens")
+    if f.verifier and ":" not in f.verifier:
+        raise ConfigError(f"filter.verifier={f.verifier!r}: expected 'package.module:function'")
 
 
 def _validate_data(data: DataConfig) -> None:

@@ -23,6 +23,12 @@ def round_record(rd: RoundDir) -> dict:
         "kept": filt.get("kept"),
         "kept_fraction": filt.get("kept_fraction"),
         "rejected_by_reason": filt.get("rejected_by_reason"),
+        "rejected_by_category": filt.get("by_category"),
+        "mean_reward": filt.get("mean_reward"),
+        "prompts": filt.get("prompts"),
+        "prompts_in_band": None if filt.get("prompts") is None else filt["prompts"] - filt.get("prompts_out_of_band", 0),
+        "prompts_all_solved": filt.get("prompts_all_solved"),
+        "prompts_all_failed": filt.get("prompts_all_failed"),
         "train_steps": train.get("steps"),
         "train_loss": train.get("final_loss"),
         "heldout_accuracy": ev.get("accuracy"),
@@ -45,9 +51,19 @@ def _fmt(value, spec: str = "") -> str:
     return format(value, spec)
 
 
+def _top_reject(record: dict) -> str:
+    """The most common rejection reason and its share of the round's traces."""
+    reasons, samples = record.get("rejected_by_reason") or {}, record.get("samples")
+    if not reasons or not samples:
+        return "-"
+    reason, n = max(reasons.items(), key=lambda kv: kv[1])
+    return f"{reason} {n / samples:.0%}"
+
+
 def format_table(records: list[dict]) -> str:
     """The per-round table printed at the end of `distill run`."""
-    header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "train_loss", "heldout_acc", "time_s"]
+    header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "in_band", "top_reject", "train_loss",
+              "heldout_acc", "time_s"]
     lines = [header]
     for r in records:
         total = sum(v for v in r["seconds"].values() if v)
@@ -58,6 +74,8 @@ def format_table(records: list[dict]) -> str:
             _fmt(r["kept"]),
             _fmt(r["kept_fraction"], ".0%"),
             _fmt(r["sample_accuracy"], ".1%"),
+            "-" if r["prompts"] is None else f"{r['prompts_in_band']}/{r['prompts']}",
+            _top_reject(r),
             _fmt(r["train_loss"], ".4f"),
             _fmt(r["heldout_accuracy"], ".1%"),
             f"{total:.0f}",
@@ -92,6 +110,9 @@ class WandbLogger:
         flat = {k: v for k, v in record.items() if isinstance(v, int | float)}
         for reason, n in (record.get("rejected_by_reason") or {}).items():
             flat[f"rejected/{reason}"] = n
+        for category, counts in (record.get("rejected_by_category") or {}).items():
+            for reason, n in counts.items():
+                flat[f"by_category/{category}/{reason}"] = n
         for family, acc in (record.get("heldout_per_family") or {}).items():
             flat[f"heldout_accuracy/{family}"] = acc
         for stage, seconds in record["seconds"].items():

@@ -19,6 +19,12 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def think_close_token_id(tokenizer) -> int | None:
+    """The id of `</think>` when the tokenizer has it as one token (Qwen-family models do), else None."""
+    ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
 def chat_prompt(tokenizer, question: str, system_prompt: str, audio_items: int = 1) -> str:
     """The rendered chat up to the assistant turn (the model's own chat template): the audio
     items (chunks of one recording, in order), then the question."""

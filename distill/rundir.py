@@ -10,6 +10,7 @@
         samples/shard-00000-of-00004.jsonl
         filtered.jsonl          kept traces (SFT rows with lineage and check results)
         rejected.jsonl          every rejected trace with its reasons
+        set_aside.json          ids of prompts every sample failed / solved
         train/final/            trainer output (full checkpoint)
         model/                  exported, vLLM-loadable model
         eval.json               held-out accuracy
@@ -41,6 +42,7 @@ class RoundDir:
     samples_dir = property(lambda self: self.path / "samples")
     filtered = property(lambda self: self.path / "filtered.jsonl")
     rejected = property(lambda self: self.path / "rejected.jsonl")
+    set_aside = property(lambda self: self.path / "set_aside.json")
     train_dir = property(lambda self: self.path / "train")
     checkpoint = property(lambda self: self.path / "train" / "final")
     model_dir = property(lambda self: self.path / "model")

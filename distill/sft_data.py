@@ -17,7 +17,7 @@ import torch
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from distill.io import read_jsonl_numbered
-from distill.prompting import THINK_CLOSE, item_prompt
+from distill.prompting import THINK_CLOSE, item_prompt, think_close_token_id
 
 IGNORE = -100
 
@@ -73,11 +73,10 @@ class SFTDataset(torch.utils.data.Dataset):
         if cache.policy.sample_rate != self.sample_rate:
             raise ValueError(f"data.sample_rate={cache.policy.sample_rate} but the model's feature extractor expects "
                              f"{self.sample_rate} Hz; set data.sample_rate={self.sample_rate}")
-        close_ids = self.tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
-        if answer_loss_weight != 1.0 and len(close_ids) != 1:
+        self.think_close_id = think_close_token_id(self.tokenizer)
+        if answer_loss_weight != 1.0 and self.think_close_id is None:
             raise ValueError(f"answer_loss_weight={answer_loss_weight} needs {THINK_CLOSE} to be one token in this "
-                             f"tokenizer (it is {len(close_ids)}); add it as a token or set the weight to 1")
-        self.think_close_id = close_ids[0] if len(close_ids) == 1 else None
+                             "tokenizer; add it as a token or set the weight to 1")
         self.audio_token = processor.audio_token
 
     def __len__(self) -> int:

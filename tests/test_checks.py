@@ -1,14 +1,8 @@
 import pytest
 
 from distill.prompting import split_trace
-from distill.rewards.checks import (
-    answer_matches,
-    check_control_tokens,
-    check_correct,
-    check_finished,
-    check_format,
-    extract_answer,
-)
+from distill.rewards.answers import answer_matches, extract_answer
+from distill.rewards.checks import check_control_tokens, check_correct, check_finished, check_format
 
 GOOD = "<think>\nThe tone sits near 900 Hz, above 500 Hz.\n</think>\nhigh"
 
@@ -88,3 +82,97 @@ def test_negation_words_as_options():
     assert answer_matches("The answer is no.", "no", ["yes", "no"])
     assert not answer_matches("no", "yes", ["yes", "no"])
     assert not answer_matches("not high", "high", ["high", "low"])
+
+
+def test_check_length():
+    from distill.rewards.checks import check_length
+
+    assert check_length(50, 10, 100) is None
+    assert check_length(5, 10, 100) == "length:short"
+    assert check_length(101, 10, 100) == "length:long"
+    assert check_length(10_000, 10, 0) is None  # no cap
+    assert check_length(None, 10, 100) is None  # no think block: the format check's business
+
+
+def test_check_language_allows_the_question_scripts():
+    from distill.rewards.checks import check_language, disallowed_pattern, question_scripts
+
+    english = disallowed_pattern(question_scripts("Is the tone high or low?"))
+    assert check_language(GOOD, english) is None
+    assert check_language("<think>\nThe tone ≈ 900 Hz — about 25°, “high”.\n</think>\nhigh", english) is None
+    assert check_language("<think>\nThe tone 频率 is high.\n</think>\nhigh", english) == "language:script"
+    assert check_language("<think>\nЗвук высокий.\n</think>\nhigh", english) == "language:script"
+    chinese = disallowed_pattern(question_scripts("这个音调高还是低？"))
+    assert check_language("<think>\n频率约 900 Hz，所以是高音。\n</think>\n高", chinese) is None
+    assert check_language("<think>\n소리가 높다\n</think>\n高", chinese) == "language:script"
+
+
+def test_check_degeneration():
+    from distill.rewards.checks import check_degeneration
+
+    prose = " ".join(f"step {i}: the tone near {100 + i} Hz is compared with the boundary." for i in range(40))
+    assert check_degeneration(f"<think>\n{prose}\n</think>\nhigh") is None
+    loop = "<think>\nThe tone is high. " + "I think the tone is high, so " * 30 + "\n</think>\nhigh"
+    assert check_degeneration(loop) == "degenerate:loop"
+    stuck = "<think>\n" + prose + " so the answer is" * 12
+    assert check_degeneration(stuck) == "degenerate:loop"
+    assert check_degeneration("<think>\nhigh" + " " * 12 + "tone\n</think>\nhigh") == "degenerate:whitespace"
+    assert check_degeneration("<think>\nhigh\n\n\n\n\ntone\n</think>\nhigh") == "degenerate:whitespace"
+    assert check_degeneration("<think>\nshort\n</think>\nhigh") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "flagged"),
+    [
+        ("I cannot hear the audio, but high tones are common.", True),
+        ("Since I can't listen to the clip, I guess low.", True),
+        ("As a text-based model, I have no access to sound.", True),
+        ("As an AI language model I will assume it is high.", True),
+        ("We don't actually hear anything here.", True),
+        ("Without hearing the audio, the safest answer is low.", True),
+        ("No audio was provided, so I will guess.", True),
+        ("I hear a steady tone near 900 Hz, so it is high.", False),
+        ("The model of the audio: I can hear two onsets and a text-like rhythm.", False),
+        ("Listening closely, the second tone is louder.", False),
+    ],
+)
+def test_check_self_cognition(text, flagged):
+    from distill.rewards.checks import check_self_cognition
+
+    trace = f"<think>\n{text}\n</think>\nhigh"
+    assert (check_self_cognition(trace.lower()) == "self_cognition") is flagged
+
+
+@pytest.mark.parametrize(
+    ("text", "reference", "choices", "reason"),
+    [
+        ("<think>\nThe tone is near 900 Hz, so the pitch is high.\n</think>\nhigh", "high", ["high", "low"], None),
+        ("<think>\nThe tone is near 900 Hz, so the pitch is high.\n</think>\nlow", "high", ["high", "low"],
+         "format:disagree"),
+        ("<think>\nNot low at all; the pitch is high.\n</think>\nA", "high", ["high", "low"], None),
+        ("<think>\nIt sounds like something.\n</think>\nhigh", "high", ["high", "low"], None),  # names nothing
+        ("<think>\nI count 4 onsets in 1.2 s.\n</think>\n4", "4", None, None),
+        ("<think>\nI count 4 onsets in 1.2 s.\n</think>\n3", "4", None, "format:disagree"),
+        ("<think>\nA dog, I think.\n</think>\ncat", "cat", None, None),  # free text: not judged
+    ],
+)
+def test_check_agreement(text, reference, choices, reason):
+    from distill.rewards.checks import check_agreement
+
+    assert check_agreement(text, choices, reference) == reason
+
+
+def test_check_correct_with_tag_tolerance_and_verifier():
+    from distill.rewards.answers import Tolerance
+
+    assert check_correct("<think>x</think>\n<answer>0.5 s</answer>", "500 ms", tag="answer") is None
+    assert check_correct("<think>x</think>\n<answer>445 Hz</answer>", "440 Hz", tag="answer") == "answer:wrong"
+    assert check_correct("<think>x</think>\n445 Hz", "440 Hz", tol=Tolerance(rel_tol=0.05)) is None
+    seen = []
+
+    def verifier(answer, reference, trace):
+        seen.append((answer, reference, trace))
+        return True
+
+    assert check_correct(GOOD, "low", ["high", "low"], verifier=verifier, trace={"id": 1}) is None
+    assert seen == [("high", "low", {"id": 1})]

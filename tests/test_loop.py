@@ -124,3 +124,13 @@ def test_audio_settings_the_model_cannot_take_fail_before_any_work(tmp_path, tin
     check_model_audio(cfg_for(tmp_path), tiny_model)  # the defaults fit the model
     with pytest.raises(ConfigError, match=message):
         check_model_audio(cfg_for(tmp_path, override), tiny_model)
+
+
+def test_skip_solved_reads_the_previous_rounds_set_aside(tmp_path):
+    from distill.io import atomic_write_json
+    from distill.rollout.sample import solved_before
+
+    run = RunDir(tmp_path)
+    atomic_write_json(run.round(1).set_aside, {"always_failed": ["x"], "always_solved": ["a", "b"]})
+    assert solved_before(run.round(2)) == {"a", "b"}
+    assert solved_before(run.round(1)) == set() and solved_before(run.round(3)) == set()

@@ -23,10 +23,12 @@ def test_round_records_and_table_come_from_stage_stats(tmp_path):
     r1 = run.round(1)
     r1.mark_done("sample", {"model_sha256": "abc", "seconds": 3.0})
     r1.mark_done("filter", {"traces": 16, "kept": 4, "kept_fraction": 0.25, "sample_accuracy": 0.5,
-                            "rejected_by_reason": {"answer:wrong": 12}, "seconds": 0.2})
+                            "rejected_by_reason": {"answer:wrong": 10, "format:think_block": 2}, "prompts": 4,
+                            "prompts_out_of_band": 1, "by_category": {"sound": {"kept": 4}}, "seconds": 0.2})
     records = write_run_metrics(run)
     assert [r["round"] for r in records] == [0, 1]
-    assert records[1]["sampled_from_sha256"] == "abc" and records[1]["rejected_by_reason"] == {"answer:wrong": 12}
+    assert records[1]["sampled_from_sha256"] == "abc" and records[1]["rejected_by_reason"]["answer:wrong"] == 10
+    assert records[1]["prompts_in_band"] == 3 and records[1]["rejected_by_category"] == {"sound": {"kept": 4}}
     assert round_record(r1)["stage"] == "filter" and records[0]["train_loss"] == 0.5
     assert run.metrics.read_text().count("\n") == 2
     write_run_metrics(run)  # rebuilt, not appended
@@ -34,3 +36,4 @@ def test_round_records_and_table_come_from_stage_stats(tmp_path):
     table = format_table(records).splitlines()
     assert table[0].split()[:3] == ["round", "stage", "samples"]
     assert "0 (cold start)" in table[2] and "25%" in table[3] and "50.0%" in table[3]
+    assert "3/4" in table[3] and "answer:wrong 62%" in table[3]

@@ -1,23 +1,58 @@
-"""Reward checks: small pure functions of (trace text, reference).
+"""Reward checks: small pure functions of a trace (and its reference).
 
-Each check returns None when the trace passes, or a short reason string when it fails; the
-reason is what the filter stage counts and writes next to every rejected trace.
+Each check returns None when the trace passes, or a short reason string ("family:detail") when it
+fails; the reason is what the filter stage counts and writes next to every rejected trace. The
+text checks work on plain string searches (C speed) rather than backtracking regexes: the filter
+runs them on every sampled trace, thousands of tokens each (bench/filter_checks.py).
 """
 
 from __future__ import annotations
 
 import re
-import string
 
 from distill.prompting import split_trace
+from distill.rewards.answers import (
+    EXACT,
+    Tolerance,
+    Verifier,
+    answer_kind,
+    answer_matches,
+    extract_answer,
+    named_option,
+    normalize,
+    parse_number,
+)
 
-_PUNCT = str.maketrans("", "", string.punctuation)
-_LETTER = re.compile(r"^\(?([a-z])\)?$")
-_NEGATION = re.compile(r"\b(not|no|neither|never|isnt|cannot)\b")
+# Unicode ranges per script. Latin includes ASCII, Latin-1/Extended, general punctuation, and the
+# symbol blocks English reasoning uses (arrows, math operators: "≈ 440 Hz", "→").
+SCRIPTS: dict[str, str] = {
+    "latin": "\u0000-\u024f\u1e00-\u1eff\u2000-\u2bff\u00b0",
+    "greek": "\u0370-\u03ff",
+    "cyrillic": "\u0400-\u04ff",
+    "arabic": "\u0600-\u06ff",
+    "devanagari": "\u0900-\u097f",
+    "cjk": "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef",
+    "hangul": "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af",
+}
+_SCRIPT_RE = {name: re.compile(f"[{chars}]") for name, chars in SCRIPTS.items()}
+
+# Self-cognition: the model claims it cannot hear or is a text model (the report's judge dropped
+# these). Matched on lowercased text near an anchor word, so the whole trace is never regex-scanned.
+SELF_COGNITION_ANCHORS = ("hear", "listen", "audio", "text", "model")
+SELF_COGNITION = re.compile(
+    r"\b(?:i|we)(?: really| actually)? (?:can ?not|can't|cannot|am unable to|am not able to|'m unable to|"
+    r"'m not able to|don't|do not|have no (?:way|ability) to|lack the ability to|don't have the ability to|"
+    r"do not have the ability to)(?: actually| directly)? (?:hear|listen|access|process|perceive|play)\b"
+    r"|\bas an? (?:(?:text[- ]based|text|language|ai|large language|text-only) ){1,2}(?:model|assistant|ai|system)\b"
+    r"|\bwithout (?:being able to )?(?:hearing|listening to) (?:the|this) (?:audio|clip|sound|recording)\b"
+    r"|\b(?:no|not given (?:any|the)) audio (?:was|is|has been) (?:provided|attached|given|shared)\b"
+)
+WHITESPACE_RUNS = (" " * 8, "\n" * 4, "\t" * 4)
+_DIGITS = re.compile(r"\d+(?:\.\d+)?")
 
 
 def check_format(text: str, min_reasoning_chars: int = 1) -> str | None:
-    """One think block first, non-empty reasoning, an answer after it."""
+    """Exactly one think block, first, with non-empty reasoning and an answer after it."""
     parts = split_trace(text)
     if parts is None:
         return "format:think_block"
@@ -34,48 +69,103 @@ def check_finished(finish_reason: str) -> str | None:
     return "truncated" if finish_reason == "length" else None
 
 
+def check_length(reasoning_tokens: int | None, min_tokens: int, max_tokens: int) -> str | None:
+    """Reasoning within [min_tokens, max_tokens] tokens (max_tokens 0: no cap)."""
+    if reasoning_tokens is None:
+        return None  # a trace without a think block fails the format check instead
+    if reasoning_tokens < min_tokens:
+        return "length:short"
+    if max_tokens and reasoning_tokens > max_tokens:
+        return "length:long"
+    return None
+
+
 def check_control_tokens(text: str, control_tokens: tuple[str, ...]) -> str | None:
     """Chat or audio control tokens (`<|im_start|>`, `<|AUDIO|>`, ...) inside a trace: the model
     wandered out of its turn, and an audio placeholder in a target would break training."""
     return "control_tokens" if any(tok in text for tok in control_tokens) else None
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.lower().translate(_PUNCT).split())
+def question_scripts(question: str) -> frozenset[str]:
+    """The scripts a question is written in (Latin always counts: numbers and units are Latin)."""
+    if question.isascii():
+        return frozenset({"latin"})
+    return frozenset({"latin", *(name for name, rx in _SCRIPT_RE.items() if rx.search(question))})
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer after `</think>` (its first non-empty line), or None if there is no think block."""
-    parts = split_trace(text)
-    if parts is None:
+def disallowed_pattern(allowed: frozenset[str]) -> re.Pattern:
+    """A regex matching any character outside the allowed scripts' ranges."""
+    return re.compile(f"[^{''.join(SCRIPTS[s] for s in sorted(allowed))}]")
+
+
+def check_language(text: str, disallowed: re.Pattern) -> str | None:
+    """The trace stays in the allowed scripts (stray Chinese characters in English reasoning are a
+    known failure of this model family). `disallowed` comes from disallowed_pattern."""
+    if text.isascii():
+        return None  # ASCII is Latin: the common case costs nothing
+    match = disallowed.search(text)
+    return None if match is None else "language:script"
+
+
+def check_degeneration(text: str, window: int = 40, max_repeats: int = 4) -> str | None:
+    """Loops and runaway whitespace. A loop shows as a stretch of text repeated over and over; the
+    check counts how often the `window` characters at a few probe points (the middle, three
+    quarters, the end, where a stuck generation keeps going) occur in the whole trace."""
+    if any(run in text for run in WHITESPACE_RUNS):
+        return "degenerate:whitespace"
+    n = len(text)
+    if n < window * max_repeats:
         return None
-    for line in parts[1].splitlines():
-        if line.strip():
-            return line.strip()
+    for start in (n // 2, (3 * n) // 4, n - window - 1):
+        if text.count(text[start : start + window]) >= max_repeats:
+            return "degenerate:loop"
     return None
 
 
-def answer_matches(answer: str, reference: str, choices: list[str] | None = None) -> bool:
-    """Normalized exact match; for multiple choice also the option letter ("B", "(b)") or
-    'the answer is X' phrasings that name exactly one option."""
-    got, ref = normalize(answer), normalize(reference)
-    if got == ref:
-        return True
-    if not choices:
-        return False
-    options = [normalize(c) for c in choices]
-    letter = _LETTER.match(answer.strip().lower())
-    if letter:
-        index = ord(letter.group(1)) - ord("a")
-        return 0 <= index < len(options) and options[index] == ref
-    if _NEGATION.search(got) and not any(_NEGATION.fullmatch(o) for o in options):
-        return False  # "not high" names one option and means the other
-    named = [o for o in options if re.search(rf"\b{re.escape(o)}\b", got)]
-    return named == [ref]
+def check_self_cognition(lowered: str) -> str | None:
+    """Claims of not hearing the audio or of being a text model; `lowered` is the lowercased trace."""
+    for anchor in SELF_COGNITION_ANCHORS:
+        at = lowered.find(anchor)
+        while at >= 0:
+            if SELF_COGNITION.search(lowered, max(0, at - 60), at + 60):
+                return "self_cognition"
+            at = lowered.find(anchor, at + len(anchor))
+    return None
 
 
-def check_correct(text: str, reference: str, choices: list[str] | None = None) -> str | None:
-    answer = extract_answer(text)
+def check_correct(text: str, reference: str, choices: list[str] | None = None, *, tag: str = "",
+                  tol: Tolerance = EXACT, verifier: Verifier | None = None,
+                  trace: dict | None = None) -> str | None:
+    """The extracted answer matches the reference (by a custom verifier when one is given)."""
+    answer = extract_answer(text, tag)
     if answer is None:
         return "answer:missing"
-    return None if answer_matches(answer, reference, choices) else "answer:wrong"
+    if verifier is not None:
+        return None if verifier(answer, reference, trace or {}) else "answer:wrong"
+    return None if answer_matches(answer, reference, choices, tol) else "answer:wrong"
+
+
+def check_agreement(text: str, choices: list[str] | None, reference: str, tag: str = "",
+                    tail_chars: int = 240) -> str | None:
+    """The reasoning's conclusion names the same answer as the answer line: the option mentioned
+    last at the end of the reasoning (multiple choice), or a number there (numeric answers). Free
+    text and conclusions that name nothing pass."""
+    parts = split_trace(text)
+    answer = extract_answer(text, tag)
+    if parts is None or answer is None:
+        return None  # the format and answer checks report these
+    tail = parts[0][-tail_chars:].lower()
+    kind = answer_kind(reference, choices)
+    if kind == "choice":
+        tail = normalize(tail)
+        given = named_option(answer, choices or [])
+        options = [normalize(c) for c in choices or []]
+        last = max(((m.start(), i) for i, o in enumerate(options) if o
+                    for m in re.finditer(rf"\b{re.escape(o)}\b", tail)), default=None)
+        return None if last is None or given is None or last[1] == given else "format:disagree"
+    if kind == "number":
+        digits = _DIGITS.search(answer)
+        got = float(digits.group()) if digits else (parse_number(answer) or (None,))[0]
+        said = {float(x) for x in _DIGITS.findall(tail)}
+        return None if got is None or not said or got in said else "format:disagree"
+    return None

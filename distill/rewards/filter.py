@@ -1,7 +1,12 @@
-"""The filter stage: run the checks on every sampled trace, keep up to k passing traces per prompt.
+"""The filter stage: check every sampled trace, then select per prompt what the next student learns.
 
-Writes `filtered.jsonl` (the kept traces, SFT-ready, with their check results) and
-`rejected.jsonl` (every other trace with all the reasons it failed), and returns the counts.
+Writes
+- `filtered.jsonl`: the kept traces (SFT-ready), each with every check's result and its reward;
+- `rejected.jsonl`: every other trace with all the reasons it failed (or why a passing trace was
+  not kept: its prompt's pass rate outside the band, a near-duplicate, over the per-prompt cap);
+- `set_aside.json`: the ids of prompts every sample failed and every sample solved (next round's
+  budget: `sample.skip_solved` stops sampling the solved ones);
+and returns the counts (per reason, per category, per check) for the round metrics.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from distill.config import Config
-from distill.io import atomic_write_jsonl
+from distill.io import atomic_write_json, atomic_write_jsonl
 from distill.prompting import load_tokenizer
-from distill.rewards.checks import check_control_tokens, check_correct, check_finished, check_format
+from distill.rewards.rules import RulePipeline, reward
+from distill.rewards.select import select
 from distill.rollout.sample import read_samples
 from distill.rundir import RoundDir
 
@@ -24,66 +30,104 @@ def control_tokens(model_dir: str) -> tuple[str, ...]:
     return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}))
 
 
-def trace_failures(trace: dict, cfg: Config, forbidden: tuple[str, ...]) -> list[str]:
-    """Every reason this trace fails; empty when it passes."""
-    text = trace["completion"]
-    results = [
-        check_finished(trace["finish_reason"]),
-        check_control_tokens(text, forbidden),
-        check_format(text, cfg.filter.min_reasoning_chars),
-        check_correct(text, trace["reference"], trace.get("choices")),
-    ]
-    return [r for r in results if r is not None]
+def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | None]]) -> dict:
+    """Score the traces that passed every rule check with the configured judge; adds a "judge"
+    result (and the score) to each of them, and returns the judge's counts."""
+    from distill.data import audio_cache
+    from distill.rewards.judge import Judge, judge_result
+
+    todo = [i for i, r in enumerate(results) if not any(r.values())]
+    if not todo:
+        return {"judged": 0}
+    cache = audio_cache(cfg)
+    judge = Judge(cfg.filter.judge)
+    start = time.time()
+    try:
+        jobs = [(traces[i].get("question", ""), traces[i]["completion"],
+                 cache.get(traces[i]["audio"], traces[i].get("audio_sha256"))) for i in todo]
+        verdicts = judge.score_all(jobs, cfg.data.sample_rate)
+    finally:
+        judge.close()
+    outcomes: Counter = Counter()
+    for i, verdict in zip(todo, verdicts, strict=True):
+        results[i]["judge"] = judge_result(verdict, cfg.filter.judge)
+        traces[i]["judge_score"] = verdict.score
+        outcomes[verdict.reason or "scored"] += 1
+    seconds = time.time() - start
+    print(f"filter: judge {judge.model} scored {outcomes['scored']}/{len(todo)} traces in {seconds:.1f}s "
+          f"({dict(outcomes)})", flush=True)
+    return {"judged": len(todo), "judge_outcomes": dict(outcomes), "judge_seconds": round(seconds, 2)}
 
 
 def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     """Check every trace of round `rd` (sampled from `model_dir`); write kept and rejected traces."""
     start = time.time()
+    fc = cfg.filter
     traces = read_samples(rd, cfg.sample.num_shards)
-    by_item: dict[str, list[dict]] = defaultdict(list)
-    for trace in traces:
-        by_item[trace["item_id"]].append(trace)
+    rules = RulePipeline(fc, control_tokens(str(model_dir)))
+    results = [rules.run(t) for t in traces]
+    rules_seconds = time.time() - start
+    judge_stats = run_judge(cfg, traces, results) if fc.judge.enabled else {}
 
-    forbidden = control_tokens(str(model_dir))
-    kept, rejected, reasons, failures_by_check = [], [], Counter(), Counter()
-    correct = 0
-    all_fail, all_pass = [], []
-    for item_id, group in by_item.items():
-        group.sort(key=lambda t: t["sample_index"])
-        passing = 0
-        for trace in group:
-            failures = trace_failures(trace, cfg, forbidden)
+    by_item: dict[str, list[int]] = defaultdict(list)
+    for i, trace in enumerate(traces):
+        by_item[trace["item_id"]].append(i)
+    kept, rejected = [], []
+    reasons, failures_by_check, correct_total = Counter(), Counter(), 0
+    by_category: dict[str, Counter] = defaultdict(Counter)
+    always_failed, always_solved, out_of_band = [], [], 0
+    texts = [t["completion"] for t in traces]
+    for item_id, idx in by_item.items():
+        idx.sort(key=lambda i: traces[i]["sample_index"])
+        correct = sum(results[i].get("correct") is None for i in idx)
+        correct_total += correct
+        passing = [i for i in idx if not any(results[i].values())]
+        if correct == 0:
+            always_failed.append(item_id)
+        elif correct == len(idx):
+            always_solved.append(item_id)
+        decision = select(texts, passing, correct, len(idx),
+                          fc.keep_per_prompt, fc.keep_policy, (fc.pass_rate_min, fc.pass_rate_max), fc.near_duplicate)
+        out_of_band += not decision.in_band
+        for i in idx:
+            trace, result = traces[i], results[i]
+            failures = [r for r in result.values() if r is not None]
             failures_by_check.update(failures)
-            correct += "answer:wrong" not in failures and "answer:missing" not in failures
-            passing += not failures
-            if not failures and passing <= cfg.filter.keep_per_prompt:
-                kept.append({**trace, "checks": "pass"})
+            row = {**trace, "checks": {k: v or "pass" for k, v in result.items()},
+                   "reward": reward(result, fc.reward_weights)}
+            category = trace.get("category") or "other"
+            if i in decision.kept:
+                kept.append(row)
+                by_category[category]["kept"] += 1
                 continue
-            if not failures:
-                failures = ["over_keep_per_prompt"]
+            failures = failures or [decision.dropped[i]]
             reasons[failures[0]] += 1
-            rejected.append({**trace, "rejected_because": failures})
-        if passing == 0:
-            all_fail.append(item_id)
-        elif passing == len(group):
-            all_pass.append(item_id)
+            by_category[category][failures[0]] += 1
+            rejected.append({**row, "rejected_because": failures})
     atomic_write_jsonl(rd.filtered, kept)
     atomic_write_jsonl(rd.rejected, rejected)
+    atomic_write_json(rd.set_aside, {"always_failed": sorted(always_failed), "always_solved": sorted(always_solved)})
     seconds = time.time() - start
     stats = {
         "traces": len(traces),
         "kept": len(kept),
         "kept_fraction": round(len(kept) / max(1, len(traces)), 4),
-        "sample_accuracy": round(correct / max(1, len(traces)), 4),
+        "sample_accuracy": round(correct_total / max(1, len(traces)), 4),
+        "mean_reward": round(sum(r["reward"] for r in kept + rejected) / max(1, len(traces)), 4),
         # Each rejected trace under its first failed check (these add up to the rejected count) ...
         "rejected_by_reason": dict(reasons.most_common()),
         # ... and every failed check of every trace.
         "failures_by_check": dict(failures_by_check.most_common()),
+        "by_category": {c: dict(n.most_common()) for c, n in sorted(by_category.items())},
         "prompts": len(by_item),
-        "prompts_all_failed": len(all_fail),
-        "prompts_all_passed": len(all_pass),
-        "all_failed_ids": sorted(all_fail),
+        "prompts_out_of_band": out_of_band,
+        "prompts_all_failed": len(always_failed),
+        "prompts_all_solved": len(always_solved),
+        "all_failed_ids": sorted(always_failed),
+        "rule_checks_per_s": round(len(traces) / max(rules_seconds, 1e-9), 1),
+        **judge_stats,
     }
     print(f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {len(by_item)} "
-          f"prompts in {seconds:.1f}s; rejected: {dict(reasons) or 'none'}")
+          f"prompts ({out_of_band} outside the pass-rate band, {len(always_solved)} always solved, "
+          f"{len(always_failed)} always failed) in {seconds:.1f}s; rejected: {dict(reasons) or 'none'}", flush=True)
     return stats

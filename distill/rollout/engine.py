@@ -34,6 +34,8 @@ class Completion:
     text: str
     num_tokens: int
     finish_reason: str
+    # Tokens generated before the reasoning's closing tag (None: no such tag was generated).
+    reasoning_tokens: int | None = None
 
 
 def weights_hash(model_dir: str | Path) -> str:
@@ -85,8 +87,10 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
     )
 
 
-def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int) -> list[Completion]:
-    """One completion per request, in order; each request carries its own seed."""
+def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int,
+             think_close_id: int | None = None) -> list[Completion]:
+    """One completion per request, in order; each request carries its own seed. With
+    `think_close_id`, each completion counts the tokens generated before that token."""
     from vllm import SamplingParams
 
     prompts = [{"prompt": r.prompt, "multi_modal_data": {"audio": [(a, r.sample_rate) for a in r.audio]}}
@@ -100,7 +104,10 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     result = []
     for out in outs:
         o = out.outputs[0]
-        result.append(Completion(text=o.text, num_tokens=len(o.token_ids), finish_reason=str(o.finish_reason)))
+        ids = list(o.token_ids)
+        reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
+        result.append(Completion(text=o.text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
+                                 reasoning_tokens=reasoning))
     return result
 
 

@@ -19,8 +19,8 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
-from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
-from distill.prompting import item_prompt, load_tokenizer
+from distill.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
+from distill.prompting import item_prompt, load_tokenizer, think_close_token_id
 from distill.rollout.engine import Request, generate, verified_weights_hash
 from distill.rundir import RoundDir
 
@@ -59,6 +59,8 @@ def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: in
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     """Sample the missing shards of round `rd` from `model_dir`; return counts for the metrics."""
     count, indices = shard_plan(cfg)
+    solved = solved_before(rd) if cfg.sample.skip_solved else set()
+    pool = [it for it in items if it.id not in solved]
     model_hash = verified_weights_hash(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     cache = audio_cache(cfg)
@@ -70,7 +72,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
             check_shard_model(path, model_hash)
             skipped += 1
             continue
-        shard_items = items[shard::count]
+        shard_items = pool[shard::count]
         requests, meta = [], []
         for item in shard_items:
             request = item_request(cfg, tokenizer, item, cache)
@@ -80,7 +82,8 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 seed = sample_seed(cfg.seed, rd.index, item.id, j)
                 requests.append(replace(request, seed=seed))
                 meta.append((item, prompt, audio_hash, j, seed))
-        outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens)
+        outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens,
+                        think_close_token_id(tokenizer))
         rows = []
         for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
             rows.append({
@@ -94,6 +97,8 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 "completion": sc.generation_prefix + out.text,
                 "finish_reason": out.finish_reason,
                 "num_tokens": out.num_tokens,
+                "reasoning_tokens": out.reasoning_tokens,
+                "question": item.question,
                 "reference": item.answer,
                 "choices": item.choices,
                 "family": item.family,
@@ -111,7 +116,16 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     print(f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
           f"({new_traces / max(seconds, 1e-9):.1f} traces/s)")
     # Counts of this process's work: a resumed run or one array task reports only what it sampled.
-    return {"new_traces": new_traces, "shards_skipped": skipped, "shards": count, "model_sha256": model_hash}
+    return {"new_traces": new_traces, "shards_skipped": skipped, "shards": count, "model_sha256": model_hash,
+            "items": len(pool), "skipped_solved": len(items) - len(pool)}
+
+
+def solved_before(rd: RoundDir) -> set[str]:
+    """Ids of the items every sample of the previous round answered right (none before round 2)."""
+    previous = RoundDir(rd.path.parent, rd.index - 1)
+    if rd.index < 2 or not previous.set_aside.exists():
+        return set()
+    return set(read_json(previous.set_aside)["always_solved"])
 
 
 def check_shard_model(path: Path, model_hash: str) -> None:

@@ -1,0 +1,158 @@
+"""Answer extraction and matching: pure functions of (trace or answer text, reference).
+
+The answer is the text after `</think>` (its first non-empty line), or the content of a
+configured answer tag (`<answer>...</answer>`). It is matched against the reference by the
+reference's kind: multiple choice (option letter or option text), yes/no, a number (with a
+tolerance and units), or free text (normalized exact match); a custom verifier can replace all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distill.prompting import split_trace
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_LETTER = re.compile(r"^\(?([a-z])\)?[.:]?$")
+_NEGATION = re.compile(r"\b(not|no|neither|never|isnt|cannot)\b")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+_UNIT = re.compile(r"^\s*([a-z%]+)")
+_NUMERIC_REFERENCE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?\s*([a-z%]+)?")
+YES = frozenset({"yes", "yeah", "yep", "true", "correct"})
+NO = frozenset({"no", "nope", "false", "incorrect"})
+WORD_NUMBERS = {w: i for i, w in enumerate((
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}
+# Unit -> (dimension, factor to the base unit): "0.5 s" and "500 ms" are the same answer.
+UNITS = {"hz": ("hz", 1.0), "khz": ("hz", 1e3), "s": ("s", 1.0), "sec": ("s", 1.0), "secs": ("s", 1.0),
+         "second": ("s", 1.0), "seconds": ("s", 1.0), "ms": ("s", 1e-3), "db": ("db", 1.0), "bpm": ("bpm", 1.0),
+         "%": ("%", 1.0), "percent": ("%", 1.0)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close a numeric answer must be: |got - ref| <= abs_tol + rel_tol * |ref|."""
+
+    rel_tol: float = 0.0
+    abs_tol: float = 0.0
+
+
+def normalize(text: str) -> str:
+    """Lowercase, no punctuation, no articles, single spaces (SQuAD-style)."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+
+
+def extract_answer(text: str, tag: str = "") -> str | None:
+    """The answer of a trace: inside `<tag>...</tag>` after the think block when `tag` is set,
+    else the first non-empty line after `</think>`; None without a think block or an answer."""
+    parts = split_trace(text)
+    if parts is None:
+        return None
+    rest = parts[1]
+    if tag:
+        open_, close = f"<{tag}>", f"</{tag}>"
+        start = rest.find(open_)
+        end = rest.find(close, start + len(open_))
+        if start < 0 or end < 0:
+            return None
+        return rest[start + len(open_) : end].strip() or None
+    for line in rest.splitlines():
+        if line.strip():
+            return line.strip()
+    return None
+
+
+def parse_number(text: str) -> tuple[float, str | None] | None:
+    """(value in the base unit, dimension) of the first number in `text` ("0.5 s", "440Hz",
+    "three"), or None when there is no number."""
+    low = text.lower().replace(",", "")
+    match = _NUMBER.search(low)
+    if match is None:
+        for word in normalize(low).split():
+            if word in WORD_NUMBERS:
+                return float(WORD_NUMBERS[word]), None
+        return None
+    value = float(match.group())
+    unit = _UNIT.match(low[match.end():])
+    if unit and unit.group(1) in UNITS:
+        dimension, factor = UNITS[unit.group(1)]
+        return value * factor, dimension
+    return value, None
+
+
+EXACT = Tolerance()
+
+
+def numbers_match(answer: str, reference: str, tol: Tolerance = EXACT) -> bool:
+    got, ref = parse_number(answer), parse_number(reference)
+    if got is None or ref is None:
+        return False
+    if got[1] and ref[1] and got[1] != ref[1]:
+        return False  # 440 Hz is not 440 ms
+    return abs(got[0] - ref[0]) <= tol.abs_tol + tol.rel_tol * abs(ref[0]) + 1e-9 * max(1.0, abs(ref[0]))
+
+
+def named_option(answer: str, choices: list[str]) -> int | None:
+    """The index of the one option an answer names (by letter, or by text named exactly once,
+    not negated), or None."""
+    got = normalize(answer)
+    options = [normalize(c) for c in choices]
+    if got in options:
+        return options.index(got)
+    letter = _LETTER.match(answer.strip().lower())
+    if letter:
+        index = ord(letter.group(1)) - ord("a")
+        return index if 0 <= index < len(options) else None
+    if _NEGATION.search(got) and not any(_NEGATION.fullmatch(o) for o in options):
+        return None  # "not high" names one option and means the other
+    named = [i for i, o in enumerate(options) if o and re.search(rf"\b{re.escape(o)}\b", got)]
+    return named[0] if len(named) == 1 else None
+
+
+def answer_kind(reference: str, choices: list[str] | None) -> str:
+    """How a reference is matched: choice, yes_no, number or text."""
+    if choices:
+        return "choice"
+    ref = normalize(reference)
+    if ref in YES or ref in NO:
+        return "yes_no"
+    numeric = _NUMERIC_REFERENCE.fullmatch(reference.strip().lower().replace(",", ""))
+    if (numeric and (numeric.group(1) or "") in ("", *UNITS)) or ref in WORD_NUMBERS:
+        return "number"
+    return "text"
+
+
+def answer_matches(answer: str, reference: str, choices: list[str] | None = None, tol: Tolerance = EXACT) -> bool:
+    """Whether `answer` gives `reference`, by the reference's kind (see answer_kind)."""
+    kind = answer_kind(reference, choices)
+    if kind == "choice":
+        index = named_option(answer, choices or [])
+        return index is not None and normalize(choices[index]) == normalize(reference)  # type: ignore[index]
+    if kind == "yes_no":
+        words = normalize(answer).split()
+        return bool(words) and (words[0] in YES) == (normalize(reference) in YES) and (words[0] in YES | NO)
+    if kind == "number":
+        return numbers_match(answer, reference, tol)
+    return normalize(answer) == normalize(reference)
+
+
+Verifier = Callable[[str, str, dict], bool]
+
+
+def load_verifier(path: str) -> Verifier:
+    """A custom verifier `package.module:function`, called as f(answer, reference, trace) -> bool."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ValueError(f"verifier {path!r}: expected 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"verifier {path!r}: cannot import it ({exc})") from None
+    if not callable(fn):
+        raise ValueError(f"verifier {path!r}: not callable")
+    return fn

@@ -1,0 +1,77 @@
+"""The rule pipeline: every configured check of distill/rewards/checks.py on one trace.
+
+Built once per filter stage (patterns compiled, verifier imported, control tokens known), then
+called on every trace; returns each check's result, so a rejected trace lists all its reasons.
+"""
+
+from __future__ import annotations
+
+import re
+
+from distill.config import RULE_CHECKS, FilterConfig
+from distill.prompting import THINK_CLOSE
+from distill.rewards import checks
+from distill.rewards.answers import Tolerance, load_verifier
+
+
+class RulePipeline:
+    def __init__(self, cfg: FilterConfig, control_tokens: tuple[str, ...]):
+        self.cfg = cfg
+        self.enabled = tuple(c for c in RULE_CHECKS if c in cfg.checks)
+        self.control_tokens = control_tokens
+        self.tol = Tolerance(cfg.number_rel_tol, cfg.number_abs_tol)
+        self.verifier = load_verifier(cfg.verifier) if cfg.verifier else None
+        self.extra_scripts = frozenset(s for s in cfg.allowed_scripts if s != "auto")
+        self.auto_scripts = "auto" in cfg.allowed_scripts
+        self._disallowed: dict[frozenset[str], re.Pattern] = {}
+
+    def disallowed(self, question: str) -> re.Pattern:
+        """The characters a trace for `question` may not use (cached per set of scripts)."""
+        allowed = self.extra_scripts | (checks.question_scripts(question) if self.auto_scripts else frozenset())
+        allowed = allowed or frozenset({"latin"})
+        if allowed not in self._disallowed:
+            self._disallowed[allowed] = checks.disallowed_pattern(allowed)
+        return self._disallowed[allowed]
+
+    def run(self, trace: dict) -> dict[str, str | None]:
+        """Check name -> None (passed) or the reason it failed, for every enabled check."""
+        text = trace["completion"]
+        cfg = self.cfg
+        out: dict[str, str | None] = {}
+        for name in self.enabled:
+            if name == "finished":
+                out[name] = checks.check_finished(trace.get("finish_reason", "stop"))
+            elif name == "control_tokens":
+                out[name] = checks.check_control_tokens(text, self.control_tokens)
+            elif name == "format":
+                out[name] = checks.check_format(text, cfg.min_reasoning_chars)
+            elif name == "length":
+                out[name] = checks.check_length(reasoning_tokens(trace), cfg.min_reasoning_tokens,
+                                                cfg.max_reasoning_tokens)
+            elif name == "language":
+                out[name] = checks.check_language(text, self.disallowed(trace.get("question") or ""))
+            elif name == "degeneration":
+                out[name] = checks.check_degeneration(text, cfg.repeat_window, cfg.max_repeats)
+            elif name == "self_cognition":
+                out[name] = checks.check_self_cognition(text.lower())
+            elif name == "correct":
+                out[name] = checks.check_correct(text, trace["reference"], trace.get("choices"), tag=cfg.answer_tag,
+                                                 tol=self.tol, verifier=self.verifier, trace=trace)
+            else:  # agreement
+                out[name] = checks.check_agreement(text, trace.get("choices"), trace["reference"], cfg.answer_tag)
+        return out
+
+
+def reasoning_tokens(trace: dict) -> int | None:
+    """Tokens before `</think>`: as the sampler counted them, else estimated from the text (about
+    four characters a token) for traces written without the count."""
+    if trace.get("reasoning_tokens") is not None:
+        return trace["reasoning_tokens"]
+    text = trace["completion"]
+    end = text.find(THINK_CLOSE)
+    return None if end < 0 else max(1, end // 4)
+
+
+def reward(results: dict[str, str | None], weights: dict[str, float]) -> float:
+    """The weighted sum of the checks a trace passed (e.g. 0.8 x correct + 0.2 x format)."""
+    return round(sum(w for name, w in weights.items() if name in results and results[name] is None), 6)

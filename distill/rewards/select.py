@@ -1,0 +1,69 @@
+"""Selection per prompt: which of a prompt's passing traces the next student learns from.
+
+A prompt's pass rate (share of its samples whose answer is correct) must lie in the configured
+band, or none of its traces is kept: the report keeps questions that 3 to 6 of 8 samples get
+right, since always-solved ones teach nothing and always-failed ones have nothing to teach.
+Among the passing traces of a prompt in the band, up to k are kept by a policy: in sample order,
+shortest reasoning first, or most diverse (near-duplicates removed, then farthest-first).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_WORD = re.compile(r"\w+")
+
+
+@dataclass
+class Decision:
+    kept: list[int]  # indices into the prompt's traces
+    dropped: dict[int, str]  # index of a passing trace not kept -> why
+    in_band: bool
+
+
+def shingles(text: str, n: int = 3) -> frozenset[int]:
+    """Hashed word n-grams of a text: the unit of near-duplicate comparison."""
+    words = _WORD.findall(text.lower())
+    return frozenset(hash(tuple(words[i : i + n])) for i in range(max(1, len(words) - n + 1)))
+
+
+def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def select(texts: list[str], passing: list[int], correct: int, total: int, keep: int, policy: str,
+           band: tuple[float, float], near_duplicate: float) -> Decision:
+    """Decide which passing traces (indices into `texts`) of one prompt to keep."""
+    rate = correct / total if total else 0.0
+    if not band[0] <= rate <= band[1]:
+        return Decision([], {i: "prompt:pass_rate" for i in passing}, in_band=False)
+    dropped: dict[int, str] = {}
+    order = list(passing)
+    if policy == "shortest":
+        order.sort(key=lambda i: (len(texts[i]), i))
+    elif policy == "diverse":
+        sets = {i: shingles(texts[i]) for i in order}
+        unique: list[int] = []
+        for i in order:  # in sample order: the first of a group of near-duplicates stays
+            if any(jaccard(sets[i], sets[j]) >= near_duplicate for j in unique):
+                dropped[i] = "near_duplicate"
+            else:
+                unique.append(i)
+        order = _farthest_first(unique, sets, keep)
+    kept = order[:keep]
+    dropped.update({i: "over_keep_per_prompt" for i in order[keep:]})
+    return Decision(kept, dropped, in_band=True)
+
+
+def _farthest_first(candidates: list[int], sets: dict[int, frozenset[int]], keep: int) -> list[int]:
+    """Order candidates so that each next one is the least similar to those before it."""
+    if len(candidates) <= keep:
+        return candidates
+    chosen = [candidates[0]]
+    rest = candidates[1:]
+    while rest:
+        best = min(rest, key=lambda i: (max(jaccard(sets[i], sets[j]) for j in chosen), i))
+        chosen.append(best)
+        rest.remove(best)
+    return chosen

@@ -1,0 +1,88 @@
+"""Answer extraction and matching edge cases."""
+
+import pytest
+
+from distill.rewards.answers import (
+    Tolerance,
+    answer_kind,
+    answer_matches,
+    extract_answer,
+    load_verifier,
+    parse_number,
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "choices", "ok"),
+    [
+        # multiple choice: option text, letter, phrasing that names one option, negation
+        ("violin", "violin", ["piano", "violin"], True),
+        ("B", "violin", ["piano", "violin"], True),
+        ("(b).", "violin", ["piano", "violin"], True),
+        ("C", "violin", ["piano", "violin"], False),
+        ("It is a violin.", "violin", ["piano", "violin"], True),
+        ("piano or violin", "violin", ["piano", "violin"], False),
+        ("not the piano", "violin", ["piano", "violin"], False),
+        ("The Violin", "violin", ["piano", "violin"], True),
+        # yes / no
+        ("Yes, it does.", "yes", None, True),
+        ("yeah", "yes", None, True),
+        ("No.", "yes", None, False),
+        ("maybe", "no", None, False),
+        ("false", "no", None, True),
+        # numbers, with units converted and words read
+        ("3", "3", None, True),
+        ("3.0", "3", None, True),
+        ("three", "3", None, True),
+        ("There are 4 beeps.", "3", None, False),
+        ("500 ms", "0.5 s", None, True),
+        ("0.5 s", "500 ms", None, True),
+        ("1.2 kHz", "1200 Hz", None, True),
+        ("440 ms", "440 Hz", None, False),
+        ("1,200 Hz", "1200 Hz", None, True),
+        ("no number here", "3", None, False),
+        # free text: normalized exact match
+        ("A dog barking!", "dog barking", None, True),
+        ("dog barks", "dog barking", None, False),
+    ],
+)
+def test_answer_matches(answer, reference, choices, ok):
+    assert answer_matches(answer, reference, choices) is ok
+
+
+def test_number_tolerance():
+    assert not answer_matches("445 Hz", "440 Hz")
+    assert answer_matches("445 Hz", "440 Hz", tol=Tolerance(rel_tol=0.02))
+    assert answer_matches("3.4", "3", tol=Tolerance(abs_tol=0.5))
+    assert not answer_matches("3.6", "3", tol=Tolerance(abs_tol=0.5))
+
+
+def test_answer_kinds():
+    assert answer_kind("high", ["high", "low"]) == "choice"
+    assert answer_kind("Yes", None) == "yes_no"
+    assert answer_kind("440 Hz", None) == "number" and answer_kind("seven", None) == "number"
+    assert answer_kind("a violin", None) == "text" and answer_kind("3 violins", None) == "text"
+    assert parse_number("about 2.5 seconds") == (2.5, "s") and parse_number("none") is None
+
+
+def test_extract_answer_line_and_tag():
+    assert extract_answer("<think>x</think>\n\n  low \nmore") == "low"
+    assert extract_answer("<think>x</think>") is None
+    assert extract_answer("no think") is None
+    tagged = "<think>x</think>\nSo: <answer> high </answer> done"
+    assert extract_answer(tagged, tag="answer") == "high"
+    assert extract_answer("<think>x</think>\nhigh", tag="answer") is None
+    assert extract_answer("<think>x</think>\n<answer></answer>", tag="answer") is None
+
+
+def _never(answer, reference, trace):
+    return False
+
+
+def test_custom_verifier_by_import_path():
+    fn = load_verifier("tests.test_answers:_never")
+    assert fn("a", "a", {}) is False
+    with pytest.raises(ValueError, match="expected 'package.module:function'"):
+        load_verifier("tests.test_answers")
+    with pytest.raises(ValueError, match="cannot import it"):
+        load_verifier("tests.nowhere:f")
