@@ -167,6 +167,8 @@ class JudgeConfig:
         "answer. Reply with one line: 'Score: N' with N from 0 to 10."
     )
     min_score: float = 6.0
+    # vLLM servers only: constrain the reply to this regex (structured outputs), e.g. "Score: (10|[0-9])".
+    score_regex: str = ""
     timeout_s: float = 60.0
     retries: int = 2
     backoff_s: float = 1.0

@@ -176,3 +176,11 @@ def test_check_correct_with_tag_tolerance_and_verifier():
 
     assert check_correct(GOOD, "low", ["high", "low"], verifier=verifier, trace={"id": 1}) is None
     assert seen == [("high", "low", {"id": 1})]
+
+
+def test_judge_reply_parsing():
+    from distill.rewards.judge import parse_score
+
+    assert parse_score("Score: 7") == 7.0
+    assert parse_score("the first try says score=3 but on reflection Score: 8.5") == 8.5
+    assert parse_score("seven out of ten") is None

@@ -91,6 +91,8 @@ class Judge:
         body = {"model": self.model, "max_tokens": self.cfg.max_tokens, "temperature": 0.0,
                 "messages": judge_messages(self.cfg, question, trace, audio if self.cfg.send_audio else None,
                                            sample_rate)}
+        if self.cfg.score_regex:
+            body["structured_outputs"] = {"regex": self.cfg.score_regex}
         reason = "judge:error"
         for attempt in range(1, self.cfg.retries + 2):
             try:
