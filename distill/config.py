@@ -201,9 +201,11 @@ class FilterConfig:
     # Scripts a trace may use besides the question's own ("auto": only the question's; see
     # distill/rewards/checks.py SCRIPTS): e.g. [latin] rejects stray Chinese in English traces.
     allowed_scripts: list[str] = field(default_factory=lambda: ["auto"])
-    # Degeneration: a window of this many characters occurring max_repeats times is a loop.
+    # Degeneration: a block of at most repeat_max_period characters repeated max_repeats times back
+    # to back is a loop (found from a probe window of repeat_window characters).
     repeat_window: int = 40
     max_repeats: int = 4
+    repeat_max_period: int = 400
     # The answer: inside <answer_tag>...</answer_tag> when set, else the first line after </think>.
     answer_tag: str = ""
     # Numeric answers match when |got - ref| <= abs_tol + rel_tol * |ref| (units converted: ms/s, Hz/kHz).
@@ -314,7 +316,7 @@ _POSITIVE = (
     "train.learning_rate", "cold_start.train.learning_rate", "engine.kv_cache_memory_bytes",
     "train.epochs", "cold_start.train.epochs", "data.synthetic.train_items", "data.synthetic.eval_items",
     "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
-    "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.judge.timeout_s",
+    "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
     "filter.judge.concurrency", "filter.judge.max_tokens",
 )
 _NON_NEGATIVE = (

@@ -11,7 +11,8 @@ from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
 from distill.io import atomic_write_json, atomic_write_jsonl
-from distill.prompting import load_tokenizer
+from distill.prompting import load_tokenizer, split_trace
+from distill.rewards.answers import Tolerance, answer_of
 from distill.rewards.checks import check_correct, check_format
 from distill.rollout.engine import generate
 from distill.rollout.sample import item_request
@@ -28,8 +29,11 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     rows, n_correct, n_format = [], 0, 0
     for item, out in zip(items, outs, strict=True):
         text = cfg.sample.generation_prefix + out.text
-        correct = check_correct(text, item.answer, item.choices) is None
-        well_formed = check_format(text, cfg.filter.min_reasoning_chars) is None
+        parts = split_trace(text)
+        answer = None if parts is None else answer_of(parts[1], cfg.filter.answer_tag)
+        correct = check_correct(answer, item.answer, item.choices, tol=Tolerance(cfg.filter.number_rel_tol,
+                                                                                 cfg.filter.number_abs_tol)) is None
+        well_formed = check_format(parts, cfg.filter.min_reasoning_chars) is None
         n_correct += correct
         n_format += well_formed
         per_family[item.family or item.category].append(correct)

@@ -48,10 +48,16 @@ def item_prompt(tokenizer, item, system_prompt: str, audio_items: int = 1) -> st
     return chat_prompt(tokenizer, question_text(item.question, item.choices), system_prompt, audio_items)
 
 
-def split_trace(text: str) -> tuple[str, str] | None:
-    """(reasoning, answer) of a trace that is exactly `<think>reasoning</think>answer`, else None."""
-    body = text.lstrip()
-    if not body.startswith(THINK_OPEN) or body.count(THINK_OPEN) != 1 or body.count(THINK_CLOSE) != 1:
+def split_trace(text: str, tags_unique: bool = False) -> tuple[str, str] | None:
+    """(reasoning, answer) of a trace that is exactly `<think>reasoning</think>answer`, else None.
+
+    `tags_unique`: the caller knows the text holds no other tag (e.g. exactly two '<'), which
+    spares the one scan of the whole text that proves it.
+    """
+    start = len(text) - len(text.lstrip())
+    close = text.rfind(THINK_CLOSE)
+    if not text.startswith(THINK_OPEN, start) or close < start:
         return None
-    reasoning, _, answer = body[len(THINK_OPEN):].partition(THINK_CLOSE)
-    return reasoning.strip(), answer.strip()
+    if not tags_unique and text.count("think>", start) != 2:  # one of each tag: each holds "think>" once
+        return None
+    return text[start + len(THINK_OPEN) : close].strip(), text[close + len(THINK_CLOSE) :].strip()

@@ -27,12 +27,12 @@ def test_split_trace():
     ],
 )
 def test_check_format(text, reason):
-    assert check_format(text) == reason
+    assert check_format(split_trace(text)) == reason
 
 
 def test_min_reasoning_chars():
-    assert check_format("<think>ab</think>high", min_reasoning_chars=3) == "format:empty_reasoning"
-    assert check_format("<think>abc</think>high", min_reasoning_chars=3) is None
+    assert check_format(split_trace("<think>ab</think>high"), min_reasoning_chars=3) == "format:empty_reasoning"
+    assert check_format(split_trace("<think>abc</think>high"), min_reasoning_chars=3) is None
 
 
 def test_check_finished():
@@ -66,9 +66,9 @@ def test_answer_matches(answer, reference, choices, ok):
 
 
 def test_check_correct():
-    assert check_correct(GOOD, "high", ["high", "low"]) is None
-    assert check_correct(GOOD, "low", ["high", "low"]) == "answer:wrong"
-    assert check_correct("high", "high") == "answer:missing"
+    assert check_correct(extract_answer(GOOD), "high", ["high", "low"]) is None
+    assert check_correct(extract_answer(GOOD), "low", ["high", "low"]) == "answer:wrong"
+    assert check_correct(extract_answer("high"), "high") == "answer:missing"
 
 
 def test_check_control_tokens():
@@ -116,8 +116,13 @@ def test_check_degeneration():
     assert check_degeneration(loop) == "degenerate:loop"
     stuck = "<think>\n" + prose + " so the answer is" * 12
     assert check_degeneration(stuck) == "degenerate:loop"
-    assert check_degeneration("<think>\nhigh" + " " * 12 + "tone\n</think>\nhigh") == "degenerate:whitespace"
-    assert check_degeneration("<think>\nhigh\n\n\n\n\ntone\n</think>\nhigh") == "degenerate:whitespace"
+    assert check_degeneration("<think>\nhigh" + " " * 20 + "tone\n</think>\nhigh") == "degenerate:whitespace"
+    assert check_degeneration("<think>\nhigh" + "\n" * 9 + "tone\n</think>\nhigh") == "degenerate:whitespace"
+    assert check_degeneration("<think>\nhigh" + "\t" * 9 + "tone\n</think>\nhigh") == "degenerate:whitespace"
+    assert check_degeneration("<think>\nhigh\n\n\ntone   x\t\ty\n</think>\nhigh") is None
+    # Formulaic but not looping: the same sentence frame with other numbers, never back to back.
+    frames = " ".join(f"The tone near {300 + 7 * i} Hz is below the boundary." for i in range(60))
+    assert check_degeneration(f"<think>\n{frames}\n</think>\nlow") is None
     assert check_degeneration("<think>\nshort\n</think>\nhigh") is None
 
 
@@ -130,7 +135,6 @@ def test_check_degeneration():
         ("As an AI language model I will assume it is high.", True),
         ("We don't actually hear anything here.", True),
         ("Without hearing the audio, the safest answer is low.", True),
-        ("No audio was provided, so I will guess.", True),
         ("I hear a steady tone near 900 Hz, so it is high.", False),
         ("The model of the audio: I can hear two onsets and a text-like rhythm.", False),
         ("Listening closely, the second tone is louder.", False),
@@ -140,7 +144,7 @@ def test_check_self_cognition(text, flagged):
     from distill.rewards.checks import check_self_cognition
 
     trace = f"<think>\n{text}\n</think>\nhigh"
-    assert (check_self_cognition(trace.lower()) == "self_cognition") is flagged
+    assert (check_self_cognition(trace) == "self_cognition") is flagged
 
 
 @pytest.mark.parametrize(
@@ -159,22 +163,24 @@ def test_check_self_cognition(text, flagged):
 def test_check_agreement(text, reference, choices, reason):
     from distill.rewards.checks import check_agreement
 
-    assert check_agreement(text, choices, reference) == reason
+    reasoning, _ = split_trace(text)
+    assert check_agreement(reasoning, extract_answer(text), choices, reference) == reason
 
 
 def test_check_correct_with_tag_tolerance_and_verifier():
     from distill.rewards.answers import Tolerance
 
-    assert check_correct("<think>x</think>\n<answer>0.5 s</answer>", "500 ms", tag="answer") is None
-    assert check_correct("<think>x</think>\n<answer>445 Hz</answer>", "440 Hz", tag="answer") == "answer:wrong"
-    assert check_correct("<think>x</think>\n445 Hz", "440 Hz", tol=Tolerance(rel_tol=0.05)) is None
+    assert check_correct(extract_answer("<think>x</think>\n<answer>0.5 s</answer>", "answer"), "500 ms") is None
+    assert check_correct(extract_answer("<think>x</think>\n<answer>445 Hz</answer>", "answer"), "440 Hz") \
+        == "answer:wrong"
+    assert check_correct("445 Hz", "440 Hz", tol=Tolerance(rel_tol=0.05)) is None
     seen = []
 
     def verifier(answer, reference, trace):
         seen.append((answer, reference, trace))
         return True
 
-    assert check_correct(GOOD, "low", ["high", "low"], verifier=verifier, trace={"id": 1}) is None
+    assert check_correct("high", "low", ["high", "low"], verifier=verifier, trace={"id": 1}) is None
     assert seen == [("high", "low", {"id": 1})]
 
 

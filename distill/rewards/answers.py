@@ -13,6 +13,7 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from distill.prompting import split_trace
 
@@ -51,17 +52,19 @@ def extract_answer(text: str, tag: str = "") -> str | None:
     """The answer of a trace: inside `<tag>...</tag>` after the think block when `tag` is set,
     else the first non-empty line after `</think>`; None without a think block or an answer."""
     parts = split_trace(text)
-    if parts is None:
-        return None
-    rest = parts[1]
+    return None if parts is None else answer_of(parts[1], tag)
+
+
+def answer_of(after_think: str, tag: str = "") -> str | None:
+    """The answer within the text after `</think>` (see extract_answer)."""
     if tag:
         open_, close = f"<{tag}>", f"</{tag}>"
-        start = rest.find(open_)
-        end = rest.find(close, start + len(open_))
+        start = after_think.find(open_)
+        end = after_think.find(close, start + len(open_))
         if start < 0 or end < 0:
             return None
-        return rest[start + len(open_) : end].strip() or None
-    for line in rest.splitlines():
+        return after_think[start + len(open_) : end].strip() or None
+    for line in after_think.splitlines():
         if line.strip():
             return line.strip()
     return None
@@ -97,11 +100,18 @@ def numbers_match(answer: str, reference: str, tol: Tolerance = EXACT) -> bool:
     return abs(got[0] - ref[0]) <= tol.abs_tol + tol.rel_tol * abs(ref[0]) + 1e-9 * max(1.0, abs(ref[0]))
 
 
+@lru_cache(maxsize=4096)
+def option_patterns(choices: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[re.Pattern | None, ...]]:
+    """Normalized options and a whole-word pattern for each (cached: a round asks the same few)."""
+    options = tuple(normalize(c) for c in choices)
+    return options, tuple(re.compile(rf"\b{re.escape(o)}\b") if o else None for o in options)
+
+
 def named_option(answer: str, choices: list[str]) -> int | None:
     """The index of the one option an answer names (by letter, or by text named exactly once,
     not negated), or None."""
     got = normalize(answer)
-    options = [normalize(c) for c in choices]
+    options, patterns = option_patterns(tuple(choices))
     if got in options:
         return options.index(got)
     letter = _LETTER.match(answer.strip().lower())
@@ -110,13 +120,13 @@ def named_option(answer: str, choices: list[str]) -> int | None:
         return index if 0 <= index < len(options) else None
     if _NEGATION.search(got) and not any(_NEGATION.fullmatch(o) for o in options):
         return None  # "not high" names one option and means the other
-    named = [i for i, o in enumerate(options) if o and re.search(rf"\b{re.escape(o)}\b", got)]
+    named = [i for i, p in enumerate(patterns) if p is not None and p.search(got)]
     return named[0] if len(named) == 1 else None
 
 
-def answer_kind(reference: str, choices: list[str] | None) -> str:
-    """How a reference is matched: choice, yes_no, number or text."""
-    if choices:
+@lru_cache(maxsize=4096)
+def _kind(reference: str, has_choices: bool) -> str:
+    if has_choices:
         return "choice"
     ref = normalize(reference)
     if ref in YES or ref in NO:
@@ -127,12 +137,17 @@ def answer_kind(reference: str, choices: list[str] | None) -> str:
     return "text"
 
 
+def answer_kind(reference: str, choices: list[str] | None) -> str:
+    """How a reference is matched: choice, yes_no, number or text."""
+    return _kind(reference, bool(choices))
+
+
 def answer_matches(answer: str, reference: str, choices: list[str] | None = None, tol: Tolerance = EXACT) -> bool:
     """Whether `answer` gives `reference`, by the reference's kind (see answer_kind)."""
     kind = answer_kind(reference, choices)
     if kind == "choice":
         index = named_option(answer, choices or [])
-        return index is not None and normalize(choices[index]) == normalize(reference)  # type: ignore[index]
+        return index is not None and option_patterns(tuple(choices or []))[0][index] == normalize(reference)
     if kind == "yes_no":
         words = normalize(answer).split()
         return bool(words) and (words[0] in YES) == (normalize(reference) in YES) and (words[0] in YES | NO)

@@ -2,24 +2,25 @@
 
 Each check returns None when the trace passes, or a short reason string ("family:detail") when it
 fails; the reason is what the filter stage counts and writes next to every rejected trace. The
-text checks work on plain string searches (C speed) rather than backtracking regexes: the filter
-runs them on every sampled trace, thousands of tokens each (bench/filter_checks.py).
+text checks work on a few plain string searches (C speed) rather than regexes over the whole
+trace: the filter runs them on every sampled trace, thousands of tokens each
+(bench/filter_checks.py). The trace is split into reasoning and answer once (split_trace), and
+the checks take the pieces.
 """
 
 from __future__ import annotations
 
 import re
 
-from distill.prompting import split_trace
 from distill.rewards.answers import (
     EXACT,
     Tolerance,
     Verifier,
     answer_kind,
     answer_matches,
-    extract_answer,
     named_option,
     normalize,
+    option_patterns,
     parse_number,
 )
 
@@ -37,23 +38,26 @@ SCRIPTS: dict[str, str] = {
 _SCRIPT_RE = {name: re.compile(f"[{chars}]") for name, chars in SCRIPTS.items()}
 
 # Self-cognition: the model claims it cannot hear or is a text model (the report's judge dropped
-# these). Matched on lowercased text near an anchor word, so the whole trace is never regex-scanned.
-SELF_COGNITION_ANCHORS = ("hear", "listen", "audio", "text", "model")
+# these). The whole trace is scanned only for three anchor words; the pattern is tried on a short
+# window around each (a regex over thousands of tokens would cost more than every other check).
+SELF_COGNITION_ANCHORS = (" hear", " listen", " model")
 SELF_COGNITION = re.compile(
     r"\b(?:i|we)(?: really| actually)? (?:can ?not|can't|cannot|am unable to|am not able to|'m unable to|"
     r"'m not able to|don't|do not|have no (?:way|ability) to|lack the ability to|don't have the ability to|"
-    r"do not have the ability to)(?: actually| directly)? (?:hear|listen|access|process|perceive|play)\b"
-    r"|\bas an? (?:(?:text[- ]based|text|language|ai|large language|text-only) ){1,2}(?:model|assistant|ai|system)\b"
-    r"|\bwithout (?:being able to )?(?:hearing|listening to) (?:the|this) (?:audio|clip|sound|recording)\b"
-    r"|\b(?:no|not given (?:any|the)) audio (?:was|is|has been) (?:provided|attached|given|shared)\b"
+    r"do not have the ability to)(?: actually| directly| really)? (?:hear|listen)\b"
+    r"|\bas an? (?:(?:text[- ]based|text|language|ai|large language|text-only) ){1,2}model\b"
+    r"|\bwithout (?:being able to )?(?:hearing|listening to) (?:the|this|any) (?:audio|clip|sound|recording)\b",
+    re.IGNORECASE,
 )
-WHITESPACE_RUNS = (" " * 8, "\n" * 4, "\t" * 4)
+# Runs that count as runaway whitespace (long needles: a string search skips through text faster).
+WHITESPACE_RUNS = (" " * 16, "\n" * 8)
+TAB_RUN = "\t" * 8
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 
 
-def check_format(text: str, min_reasoning_chars: int = 1) -> str | None:
-    """Exactly one think block, first, with non-empty reasoning and an answer after it."""
-    parts = split_trace(text)
+def check_format(parts: tuple[str, str] | None, min_reasoning_chars: int = 1) -> str | None:
+    """Exactly one think block, first, with non-empty reasoning and an answer after it. `parts` is
+    split_trace(text) (the filter splits each trace once for all checks)."""
     if parts is None:
         return "format:think_block"
     reasoning, answer = parts
@@ -102,42 +106,52 @@ def check_language(text: str, disallowed: re.Pattern) -> str | None:
     """The trace stays in the allowed scripts (stray Chinese characters in English reasoning are a
     known failure of this model family). `disallowed` comes from disallowed_pattern."""
     if text.isascii():
-        return None  # ASCII is Latin: the common case costs nothing
-    match = disallowed.search(text)
-    return None if match is None else "language:script"
+        return None  # ASCII is Latin: the common case costs nothing (str.isascii is a flag lookup)
+    # An English trace with a dash or a degree sign: only its non-ASCII stretches are searched.
+    for start in range(0, len(text), 512):
+        chunk = text[start : start + 512]
+        if not chunk.isascii() and disallowed.search(chunk):
+            return "language:script"
+    return None
 
 
-def check_degeneration(text: str, window: int = 40, max_repeats: int = 4) -> str | None:
-    """Loops and runaway whitespace. A loop shows as a stretch of text repeated over and over; the
-    check counts how often the `window` characters at a few probe points (the middle, three
-    quarters, the end, where a stuck generation keeps going) occur in the whole trace."""
-    if any(run in text for run in WHITESPACE_RUNS):
+def check_degeneration(text: str, window: int = 40, max_repeats: int = 4, max_period: int = 400) -> str | None:
+    """Loops and runaway whitespace. A loop is a block of at most `max_period` characters repeated
+    `max_repeats` times back to back; it is looked for at a few probe points (the middle, three
+    quarters and nine tenths in) and at the end, where a stuck generation runs into max_tokens."""
+    if any(run in text for run in WHITESPACE_RUNS) or ("\t" in text and TAB_RUN in text):
         return "degenerate:whitespace"
     n = len(text)
-    if n < window * max_repeats:
+    if n < 2 * window:
         return None
-    for start in (n // 2, (3 * n) // 4, n - window - 1):
-        if text.count(text[start : start + window]) >= max_repeats:
+    for p in (n // 2, (3 * n) // 4, (9 * n) // 10):
+        probe = text[p : p + window]
+        q = text.find(probe, p + 1, p + max_period + window)
+        if q > 0 and text.startswith(text[p:q] * (max_repeats - 1), q):
             return "degenerate:loop"
+    # And at the very end, where a loop cut off by max_tokens stops: the period is the distance
+    # back to the previous occurrence of the last `window` characters.
+    q = text.rfind(text[n - window :], max(0, n - window - max_period), n - 1)
+    if q >= 0 and text.endswith(text[q + window - n :] * max_repeats):  # the last (n - window - q) chars, repeated
+        return "degenerate:loop"
     return None
 
 
-def check_self_cognition(lowered: str) -> str | None:
-    """Claims of not hearing the audio or of being a text model; `lowered` is the lowercased trace."""
+def check_self_cognition(text: str) -> str | None:
+    """Claims of not hearing the audio or of being a text model."""
     for anchor in SELF_COGNITION_ANCHORS:
-        at = lowered.find(anchor)
+        at = text.find(anchor)
         while at >= 0:
-            if SELF_COGNITION.search(lowered, max(0, at - 60), at + 60):
+            if SELF_COGNITION.search(text, max(0, at - 60), at + 60):
                 return "self_cognition"
-            at = lowered.find(anchor, at + len(anchor))
+            at = text.find(anchor, at + len(anchor))
     return None
 
 
-def check_correct(text: str, reference: str, choices: list[str] | None = None, *, tag: str = "",
-                  tol: Tolerance = EXACT, verifier: Verifier | None = None,
-                  trace: dict | None = None) -> str | None:
-    """The extracted answer matches the reference (by a custom verifier when one is given)."""
-    answer = extract_answer(text, tag)
+def check_correct(answer: str | None, reference: str, choices: list[str] | None = None, *,
+                  tol: Tolerance = EXACT, verifier: Verifier | None = None, trace: dict | None = None) -> str | None:
+    """The extracted answer (answer_of / extract_answer) matches the reference, by a custom
+    verifier when one is given."""
     if answer is None:
         return "answer:missing"
     if verifier is not None:
@@ -145,23 +159,31 @@ def check_correct(text: str, reference: str, choices: list[str] | None = None, *
     return None if answer_matches(answer, reference, choices, tol) else "answer:wrong"
 
 
-def check_agreement(text: str, choices: list[str] | None, reference: str, tag: str = "",
+def last_word(text: str, word: str) -> int:
+    """Where `word` last occurs in `text` as a whole word, or -1 (string searches: a `\\b` regex
+    tries every position and costs ten times more)."""
+    at = text.rfind(word)
+    while at >= 0:
+        end = at + len(word)
+        if (at == 0 or not text[at - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
+            return at
+        at = text.rfind(word, 0, end - 1)
+    return -1
+
+
+def check_agreement(reasoning: str | None, answer: str | None, choices: list[str] | None, reference: str,
                     tail_chars: int = 240) -> str | None:
     """The reasoning's conclusion names the same answer as the answer line: the option mentioned
     last at the end of the reasoning (multiple choice), or a number there (numeric answers). Free
     text and conclusions that name nothing pass."""
-    parts = split_trace(text)
-    answer = extract_answer(text, tag)
-    if parts is None or answer is None:
+    if reasoning is None or answer is None:
         return None  # the format and answer checks report these
-    tail = parts[0][-tail_chars:].lower()
+    tail = reasoning[-tail_chars:].lower()
     kind = answer_kind(reference, choices)
-    if kind == "choice":
-        tail = normalize(tail)
+    if kind == "choice":  # options are matched as whole words in the lowercased tail
         given = named_option(answer, choices or [])
-        options = [normalize(c) for c in choices or []]
-        last = max(((m.start(), i) for i, o in enumerate(options) if o
-                    for m in re.finditer(rf"\b{re.escape(o)}\b", tail)), default=None)
+        options, _ = option_patterns(tuple(choices or []))
+        last = max(((at, i) for i, o in enumerate(options) if o and (at := last_word(tail, o)) >= 0), default=None)
         return None if last is None or given is None or last[1] == given else "format:disagree"
     if kind == "number":
         digits = _DIGITS.search(answer)

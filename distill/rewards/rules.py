@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 from distill.config import RULE_CHECKS, FilterConfig
-from distill.prompting import THINK_CLOSE
+from distill.prompting import THINK_CLOSE, split_trace
 from distill.rewards import checks
-from distill.rewards.answers import Tolerance, load_verifier
+from distill.rewards.answers import Tolerance, answer_of, load_verifier
 
 
 class RulePipeline:
@@ -19,6 +19,7 @@ class RulePipeline:
         self.cfg = cfg
         self.enabled = tuple(c for c in RULE_CHECKS if c in cfg.checks)
         self.control_tokens = control_tokens
+        self.angle_tokens = all(t.startswith("<") for t in control_tokens)
         self.tol = Tolerance(cfg.number_rel_tol, cfg.number_abs_tol)
         self.verifier = load_verifier(cfg.verifier) if cfg.verifier else None
         self.extra_scripts = frozenset(s for s in cfg.allowed_scripts if s != "auto")
@@ -37,28 +38,35 @@ class RulePipeline:
         """Check name -> None (passed) or the reason it failed, for every enabled check."""
         text = trace["completion"]
         cfg = self.cfg
+        # One count of '<' settles the common case: exactly the two think tags and no control token
+        # (the tokens all start with '<'), which spares two scans of the whole trace.
+        simple = self.angle_tokens and text.count("<") == 2
+        parts = split_trace(text, tags_unique=simple)
+        answer = None if parts is None else answer_of(parts[1], cfg.answer_tag)
         out: dict[str, str | None] = {}
         for name in self.enabled:
             if name == "finished":
                 out[name] = checks.check_finished(trace.get("finish_reason", "stop"))
             elif name == "control_tokens":
-                out[name] = checks.check_control_tokens(text, self.control_tokens)
+                out[name] = None if simple and parts is not None else checks.check_control_tokens(
+                    text, self.control_tokens)
             elif name == "format":
-                out[name] = checks.check_format(text, cfg.min_reasoning_chars)
+                out[name] = checks.check_format(parts, cfg.min_reasoning_chars)
             elif name == "length":
                 out[name] = checks.check_length(reasoning_tokens(trace), cfg.min_reasoning_tokens,
                                                 cfg.max_reasoning_tokens)
             elif name == "language":
                 out[name] = checks.check_language(text, self.disallowed(trace.get("question") or ""))
             elif name == "degeneration":
-                out[name] = checks.check_degeneration(text, cfg.repeat_window, cfg.max_repeats)
+                out[name] = checks.check_degeneration(text, cfg.repeat_window, cfg.max_repeats, cfg.repeat_max_period)
             elif name == "self_cognition":
-                out[name] = checks.check_self_cognition(text.lower())
+                out[name] = checks.check_self_cognition(text)
             elif name == "correct":
-                out[name] = checks.check_correct(text, trace["reference"], trace.get("choices"), tag=cfg.answer_tag,
-                                                 tol=self.tol, verifier=self.verifier, trace=trace)
+                out[name] = checks.check_correct(answer, trace["reference"], trace.get("choices"), tol=self.tol,
+                                                 verifier=self.verifier, trace=trace)
             else:  # agreement
-                out[name] = checks.check_agreement(text, trace.get("choices"), trace["reference"], cfg.answer_tag)
+                out[name] = checks.check_agreement(None if parts is None else parts[0], answer, trace.get("choices"),
+                                                   trace["reference"])
         return out
 
 
