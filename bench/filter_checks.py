@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import FilterConfig  # noqa: I001
+from distill.config import FilterConfig
 from distill.rewards.rules import RulePipeline
 
 SENTENCES = [

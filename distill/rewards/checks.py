@@ -19,7 +19,6 @@ from distill.rewards.answers import (
     answer_kind,
     answer_matches,
     named_option,
-    normalize,
     option_patterns,
     parse_number,
 )
