@@ -385,6 +385,8 @@ def _validate(cfg: Config) -> None:
                           f"must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)")
     _validate_data(cfg.data)
     _validate_filter(cfg.filter)
+    if cfg.sample.skip_solved and "correct" not in cfg.filter.checks:
+        raise ConfigError("sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)")
 
 
 def _validate_filter(f: FilterConfig) -> None:
@@ -406,6 +408,16 @@ def _validate_filter(f: FilterConfig) -> None:
         raise ConfigError(f"filter.allowed_scripts={f.allowed_scripts}: use 'auto' and/or {', '.join(SCRIPTS)}")
     if f.max_reasoning_tokens and f.max_reasoning_tokens < f.min_reasoning_tokens:
         raise ConfigError(f"filter.max_reasoning_tokens={f.max_reasoning_tokens}: below filter.min_reasoning_tokens")
+    if f.max_repeats < 2:
+        raise ConfigError(f"filter.max_repeats={f.max_repeats}: must be at least 2 (a block seen twice in a row)")
+    if f.repeat_window > f.repeat_max_period:
+        raise ConfigError(f"filter.repeat_window={f.repeat_window}: must be at most filter.repeat_max_period="
+                          f"{f.repeat_max_period}")
+    negative = [k for k, w in f.reward_weights.items() if w < 0]
+    if negative:
+        raise ConfigError(f"filter.reward_weights: negative weight(s) for {', '.join(negative)}")
+    if "correct" not in f.checks and (f.pass_rate_min > 0 or f.pass_rate_max < 1):
+        raise ConfigError("filter.pass_rate_min/max: a pass-rate band needs the 'correct' check in filter.checks")
     if f.verifier and ":" not in f.verifier:
         raise ConfigError(f"filter.verifier={f.verifier!r}: expected 'package.module:function'")
 

@@ -51,13 +51,13 @@ def item_prompt(tokenizer, item, system_prompt: str, audio_items: int = 1) -> st
 def split_trace(text: str, tags_unique: bool = False) -> tuple[str, str] | None:
     """(reasoning, answer) of a trace that is exactly `<think>reasoning</think>answer`, else None.
 
-    `tags_unique`: the caller knows the text holds no other tag (e.g. exactly two '<'), which
-    spares the one scan of the whole text that proves it.
+    `tags_unique`: the caller knows the text holds no other tag (it has exactly two '<'), which
+    spares the two scans of the whole text that prove it.
     """
     start = len(text) - len(text.lstrip())
     close = text.rfind(THINK_CLOSE)
     if not text.startswith(THINK_OPEN, start) or close < start:
         return None
-    if not tags_unique and text.count("think>", start) != 2:  # one of each tag: each holds "think>" once
+    if not tags_unique and (text.count(THINK_OPEN, start) != 1 or text.count(THINK_CLOSE, start) != 1):
         return None
     return text[start + len(THINK_OPEN) : close].strip(), text[close + len(THINK_CLOSE) :].strip()

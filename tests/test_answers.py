@@ -44,6 +44,17 @@ from distill.rewards.answers import (
         # free text: normalized exact match
         ("A dog barking!", "dog barking", None, True),
         ("dog barks", "dog barking", None, False),
+        # lead-ins are not the answer
+        ("Answer: Yes", "yes", None, True),
+        ("Answer: B", "low", ["high", "low"], True),
+        ("The final answer is: dog barking", "dog barking", None, True),
+        # commas, hyphens and bare numbers against a unit
+        ("2,3", "23", None, False),
+        ("0,5", "5", None, False),
+        ("C-3", "-3", None, False),
+        ("-3 dB", "-3 dB", None, True),
+        ("500", "500 ms", None, True),
+        ("2 minutes", "120 s", None, True),
     ],
 )
 def test_answer_matches(answer, reference, choices, ok):
@@ -62,7 +73,9 @@ def test_answer_kinds():
     assert answer_kind("Yes", None) == "yes_no"
     assert answer_kind("440 Hz", None) == "number" and answer_kind("seven", None) == "number"
     assert answer_kind("a violin", None) == "text" and answer_kind("3 violins", None) == "text"
-    assert parse_number("about 2.5 seconds") == (2.5, "s") and parse_number("none") is None
+    q = parse_number("about 2.5 seconds")
+    assert (q.value, q.dimension) == (2.5, "s") and parse_number("none") is None
+    assert parse_number("500 ms").base == 0.5 and parse_number("1,200 Hz").value == 1200
 
 
 def test_extract_answer_line_and_tag():

@@ -100,6 +100,7 @@ def test_check_language_allows_the_question_scripts():
     english = disallowed_pattern(question_scripts("Is the tone high or low?"))
     assert check_language(GOOD, english) is None
     assert check_language("<think>\nThe tone ≈ 900 Hz — about 25°, “high”.\n</think>\nhigh", english) is None
+    assert check_language("<think>\nThe vowel /ə/ in café lasts 30 μs 🎵.\n</think>\nhigh", english) is None
     assert check_language("<think>\nThe tone 频率 is high.\n</think>\nhigh", english) == "language:script"
     assert check_language("<think>\nЗвук высокий.\n</think>\nhigh", english) == "language:script"
     chinese = disallowed_pattern(question_scripts("这个音调高还是低？"))
@@ -138,6 +139,7 @@ def test_check_degeneration():
         ("I hear a steady tone near 900 Hz, so it is high.", False),
         ("The model of the audio: I can hear two onsets and a text-like rhythm.", False),
         ("Listening closely, the second tone is louder.", False),
+        ("As a large language model, I will reason about it.", True),
     ],
 )
 def test_check_self_cognition(text, flagged):
@@ -158,6 +160,9 @@ def test_check_self_cognition(text, flagged):
         ("<think>\nI count 4 onsets in 1.2 s.\n</think>\n4", "4", None, None),
         ("<think>\nI count 4 onsets in 1.2 s.\n</think>\n3", "4", None, "format:disagree"),
         ("<think>\nA dog, I think.\n</think>\ncat", "cat", None, None),  # free text: not judged
+        ("<think>\nSo the answer is very low.\n</think>\nvery low", "very low", ["low", "very low", "high"], None),
+        ("<think>\nThe tone is at 1,200 Hz.\n</think>\n1200 Hz", "1200 Hz", None, None),
+        ("<think>\nIt lasts 500 ms.\n</think>\n0.5 s", "0.5 s", None, None),
     ],
 )
 def test_check_agreement(text, reference, choices, reason):
@@ -190,3 +195,11 @@ def test_judge_reply_parsing():
     assert parse_score("Score: 7") == 7.0
     assert parse_score("the first try says score=3 but on reflection Score: 8.5") == 8.5
     assert parse_score("seven out of ten") is None
+
+
+def test_split_trace_fast_path_agrees_with_the_exact_one():
+    for text in ["<think>I overthink> it</think>B", GOOD, "<think>a</think>b</think>c", " <think>x</think> y"]:
+        exact = split_trace(text)
+        if text.count("<") == 2:  # the only case in which the filter takes the fast path
+            assert split_trace(text, tags_unique=True) == exact, text
+    assert split_trace("<think>I overthink> it</think>B") == ("I overthink> it", "B")

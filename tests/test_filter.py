@@ -104,3 +104,8 @@ def test_filter_checks_can_be_switched_off(round_dir):
     kept = {t["trace_id"] for t in read_jsonl(rd.filtered)}
     assert "b#2" in kept  # truncated and control-token traces are no longer rejected for it
     assert set(next(read_jsonl(rd.filtered))["checks"]) == {"format", "correct"}
+    # Without the correctness check nothing counts as solved or failed.
+    cfg.filter = replace(cfg.filter, checks=["format"])
+    stats = filter_stage(cfg, rd, model)
+    assert stats["prompts_all_solved"] == stats["prompts_all_failed"] == 0 and stats["sample_accuracy"] is None
+    assert read_json(rd.set_aside) == {"always_failed": [], "always_solved": []}

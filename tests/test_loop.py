@@ -132,5 +132,6 @@ def test_skip_solved_reads_the_previous_rounds_set_aside(tmp_path):
 
     run = RunDir(tmp_path)
     atomic_write_json(run.round(1).set_aside, {"always_failed": ["x"], "always_solved": ["a", "b"]})
-    assert solved_before(run.round(2)) == {"a", "b"}
-    assert solved_before(run.round(1)) == set() and solved_before(run.round(3)) == set()
+    assert solved_before(run.round(2)) == {"a", "b"} and solved_before(run.round(1)) == set()
+    atomic_write_json(run.round(2).set_aside, {"always_failed": [], "always_solved": ["c"]})
+    assert solved_before(run.round(3)) == {"a", "b", "c"}  # skipped in round 2, still skipped in round 3

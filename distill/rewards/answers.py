@@ -21,7 +21,12 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _LETTER = re.compile(r"^\(?([a-z])\)?[.:]?$")
 _NEGATION = re.compile(r"\b(not|no|neither|never|isnt|cannot)\b")
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+# A sign only at the start of a word: the hyphen of "C-3" or "20-30" is no minus.
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+_MENTION = re.compile(_NUMBER.pattern + r"(?:\s*[a-z%]+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,200" but not "2,3" or "0,5"
+# "Answer: B", "The final answer is yes": the lead-in is not the answer.
+_LEAD_IN = re.compile(r"^(?:so,? )?(?:the )?(?:final |correct )?answer(?: is)?\s*[:\-]?\s*", re.IGNORECASE)
 _UNIT = re.compile(r"^\s*([a-z%]+)")
 _NUMERIC_REFERENCE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?\s*([a-z%]+)?")
 YES = frozenset({"yes", "yeah", "yep", "true", "correct"})
@@ -31,7 +36,8 @@ WORD_NUMBERS = {w: i for i, w in enumerate((
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}
 # Unit -> (dimension, factor to the base unit): "0.5 s" and "500 ms" are the same answer.
 UNITS = {"hz": ("hz", 1.0), "khz": ("hz", 1e3), "s": ("s", 1.0), "sec": ("s", 1.0), "secs": ("s", 1.0),
-         "second": ("s", 1.0), "seconds": ("s", 1.0), "ms": ("s", 1e-3), "db": ("db", 1.0), "bpm": ("bpm", 1.0),
+         "second": ("s", 1.0), "seconds": ("s", 1.0), "ms": ("s", 1e-3), "min": ("s", 60.0), "mins": ("s", 60.0),
+         "minute": ("s", 60.0), "minutes": ("s", 60.0), "db": ("db", 1.0), "bpm": ("bpm", 1.0),
          "%": ("%", 1.0), "percent": ("%", 1.0)}
 
 
@@ -70,37 +76,54 @@ def answer_of(after_think: str, tag: str = "") -> str | None:
     return None
 
 
-def parse_number(text: str) -> tuple[float, str | None] | None:
-    """(value in the base unit, dimension) of the first number in `text` ("0.5 s", "440Hz",
-    "three"), or None when there is no number."""
-    low = text.lower().replace(",", "")
+@dataclass(frozen=True)
+class Quantity:
+    value: float  # as written
+    unit_factor: float  # to the dimension's base unit (ms -> s: 0.001)
+    dimension: str | None  # hz, s, db, bpm, % or None
+
+    @property
+    def base(self) -> float:
+        return self.value * self.unit_factor
+
+
+def parse_number(text: str) -> Quantity | None:
+    """The first number of `text` with its unit ("0.5 s", "440Hz", "1,200 Hz", "three"), or None."""
+    low = _THOUSANDS.sub("", text.lower())
     match = _NUMBER.search(low)
     if match is None:
         for word in normalize(low).split():
             if word in WORD_NUMBERS:
-                return float(WORD_NUMBERS[word]), None
+                return Quantity(float(WORD_NUMBERS[word]), 1.0, None)
         return None
     value = float(match.group())
     unit = _UNIT.match(low[match.end():])
     if unit and unit.group(1) in UNITS:
         dimension, factor = UNITS[unit.group(1)]
-        return value * factor, dimension
-    return value, None
+        return Quantity(value, factor, dimension)
+    return Quantity(value, 1.0, None)
+
+
+def number_mentions(text: str) -> list[str]:
+    """Every number in `text` with the word after it ("4 onsets", "1,200 Hz", "0.31 s")."""
+    return _MENTION.findall(_THOUSANDS.sub("", text.lower()))
 
 
 EXACT = Tolerance()
 
 
 def numbers_match(answer: str, reference: str, tol: Tolerance = EXACT) -> bool:
+    """Same quantity within the tolerance: units converted when both have one ("500 ms" = "0.5 s");
+    a bare number is read in the reference's unit ("500" = "500 ms")."""
     got, ref = parse_number(answer), parse_number(reference)
     if got is None or ref is None:
         return False
-    if got[1] and ref[1] and got[1] != ref[1]:
+    if got.dimension and ref.dimension and got.dimension != ref.dimension:
         return False  # 440 Hz is not 440 ms
-    return abs(got[0] - ref[0]) <= tol.abs_tol + tol.rel_tol * abs(ref[0]) + 1e-9 * max(1.0, abs(ref[0]))
+    a, b = (got.base, ref.base) if got.dimension else (got.value, ref.value)
+    return abs(a - b) <= tol.abs_tol + tol.rel_tol * abs(b) + 1e-9 * max(1.0, abs(b))
 
 
-@lru_cache(maxsize=4096)
 def option_patterns(choices: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[re.Pattern | None, ...]]:
     """Normalized options and a whole-word pattern for each (cached: a round asks the same few)."""
     options = tuple(normalize(c) for c in choices)
@@ -131,7 +154,7 @@ def _kind(reference: str, has_choices: bool) -> str:
     ref = normalize(reference)
     if ref in YES or ref in NO:
         return "yes_no"
-    numeric = _NUMERIC_REFERENCE.fullmatch(reference.strip().lower().replace(",", ""))
+    numeric = _NUMERIC_REFERENCE.fullmatch(_THOUSANDS.sub("", reference.strip().lower()))
     if (numeric and (numeric.group(1) or "") in ("", *UNITS)) or ref in WORD_NUMBERS:
         return "number"
     return "text"
@@ -144,6 +167,7 @@ def answer_kind(reference: str, choices: list[str] | None) -> str:
 
 def answer_matches(answer: str, reference: str, choices: list[str] | None = None, tol: Tolerance = EXACT) -> bool:
     """Whether `answer` gives `reference`, by the reference's kind (see answer_kind)."""
+    answer = _LEAD_IN.sub("", answer.strip())
     kind = answer_kind(reference, choices)
     if kind == "choice":
         index = named_option(answer, choices or [])

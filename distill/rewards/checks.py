@@ -19,14 +19,16 @@ from distill.rewards.answers import (
     answer_kind,
     answer_matches,
     named_option,
+    number_mentions,
+    numbers_match,
     option_patterns,
-    parse_number,
 )
 
-# Unicode ranges per script. Latin includes ASCII, Latin-1/Extended, general punctuation, and the
-# symbol blocks English reasoning uses (arrows, math operators: "≈ 440 Hz", "→").
+# Unicode ranges per script. Latin includes ASCII, Latin-1/Extended, IPA and combining accents
+# (speech tasks: "ə", "é"), general punctuation, the symbol blocks English reasoning uses (arrows,
+# math operators: "≈ 440 Hz", "→"), the micro sign's Greek twin ("μs"), and emoji.
 SCRIPTS: dict[str, str] = {
-    "latin": "\u0000-\u024f\u1e00-\u1eff\u2000-\u2bff\u00b0",
+    "latin": "\u0000-\u036f\u03bc\u1e00-\u1eff\u2000-\u2bff\U0001f000-\U0001faff",
     "greek": "\u0370-\u03ff",
     "cyrillic": "\u0400-\u04ff",
     "arabic": "\u0600-\u06ff",
@@ -37,8 +39,9 @@ SCRIPTS: dict[str, str] = {
 _SCRIPT_RE = {name: re.compile(f"[{chars}]") for name, chars in SCRIPTS.items()}
 
 # Self-cognition: the model claims it cannot hear or is a text model (the report's judge dropped
-# these). The whole trace is scanned only for three anchor words; the pattern is tried on a short
-# window around each (a regex over thousands of tokens would cost more than every other check).
+# these). The whole trace is scanned only for three anchor words, in lower case as they stand
+# mid-sentence ("I cannot hear", "as a text model"); the pattern is tried on a short window around
+# each (a regex over thousands of tokens would cost more than every other check together).
 SELF_COGNITION_ANCHORS = (" hear", " listen", " model")
 SELF_COGNITION = re.compile(
     r"\b(?:i|we)(?: really| actually)? (?:can ?not|can't|cannot|am unable to|am not able to|'m unable to|"
@@ -51,7 +54,6 @@ SELF_COGNITION = re.compile(
 # Runs that count as runaway whitespace (long needles: a string search skips through text faster).
 WHITESPACE_RUNS = (" " * 16, "\n" * 8)
 TAB_RUN = "\t" * 8
-_DIGITS = re.compile(r"\d+(?:\.\d+)?")
 
 
 def check_format(parts: tuple[str, str] | None, min_reasoning_chars: int = 1) -> str | None:
@@ -171,10 +173,10 @@ def last_word(text: str, word: str) -> int:
 
 
 def check_agreement(reasoning: str | None, answer: str | None, choices: list[str] | None, reference: str,
-                    tail_chars: int = 240) -> str | None:
+                    tol: Tolerance = EXACT, tail_chars: int = 240) -> str | None:
     """The reasoning's conclusion names the same answer as the answer line: the option mentioned
-    last at the end of the reasoning (multiple choice), or a number there (numeric answers). Free
-    text and conclusions that name nothing pass."""
+    last at the end of the reasoning (multiple choice), or one of the numbers there (numeric
+    answers, units converted, within `tol`). Free text and conclusions that name nothing pass."""
     if reasoning is None or answer is None:
         return None  # the format and answer checks report these
     tail = reasoning[-tail_chars:].lower()
@@ -182,11 +184,11 @@ def check_agreement(reasoning: str | None, answer: str | None, choices: list[str
     if kind == "choice":  # options are matched as whole words in the lowercased tail
         given = named_option(answer, choices or [])
         options, _ = option_patterns(tuple(choices or []))
-        last = max(((at, i) for i, o in enumerate(options) if o and (at := last_word(tail, o)) >= 0), default=None)
-        return None if last is None or given is None or last[1] == given else "format:disagree"
+        # The option that ends last wins, the longer one on a tie ("very low" over "low").
+        last = max(((at + len(o), len(o), i) for i, o in enumerate(options) if o and (at := last_word(tail, o)) >= 0),
+                   default=None)
+        return None if last is None or given is None or last[2] == given else "format:disagree"
     if kind == "number":
-        digits = _DIGITS.search(answer)
-        got = float(digits.group()) if digits else (parse_number(answer) or (None,))[0]
-        said = {float(x) for x in _DIGITS.findall(tail)}
-        return None if got is None or not said or got in said else "format:disagree"
+        said = number_mentions(tail)
+        return None if not said or any(numbers_match(x, answer, tol) for x in said) else "format:disagree"
     return None

@@ -39,12 +39,12 @@ def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | Non
     todo = [i for i, r in enumerate(results) if not any(r.values())]
     if not todo:
         return {"judged": 0}
-    cache = audio_cache(cfg)
+    cache = audio_cache(cfg) if cfg.filter.judge.send_audio else None
     judge = Judge(cfg.filter.judge)
     start = time.time()
     try:
         jobs = [(traces[i].get("question", ""), traces[i]["completion"],
-                 cache.get(traces[i]["audio"], traces[i].get("audio_sha256"))) for i in todo]
+                 cache.get(traces[i]["audio"], traces[i].get("audio_sha256")) if cache else None) for i in todo]
         verdicts = judge.score_all(jobs, cfg.data.sample_rate)
     finally:
         judge.close()
@@ -77,14 +77,17 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     by_category: dict[str, Counter] = defaultdict(Counter)
     always_failed, always_solved, out_of_band = [], [], 0
     texts = [t["completion"] for t in traces]
+    # Without the correctness check there is no pass rate: every prompt is in the band, none is
+    # set aside (config validation refuses a band or skip_solved without it).
+    scored = "correct" in rules.enabled
     for item_id, idx in by_item.items():
         idx.sort(key=lambda i: traces[i]["sample_index"])
-        correct = sum(results[i].get("correct") is None for i in idx)
+        correct = sum(results[i]["correct"] is None for i in idx) if scored else len(idx)
         correct_total += correct
         passing = [i for i in idx if not any(results[i].values())]
-        if correct == 0:
+        if scored and correct == 0:
             always_failed.append(item_id)
-        elif correct == len(idx):
+        elif scored and correct == len(idx):
             always_solved.append(item_id)
         decision = select(texts, passing, correct, len(idx),
                           fc.keep_per_prompt, fc.keep_policy, (fc.pass_rate_min, fc.pass_rate_max), fc.near_duplicate)
@@ -112,7 +115,7 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
         "traces": len(traces),
         "kept": len(kept),
         "kept_fraction": round(len(kept) / max(1, len(traces)), 4),
-        "sample_accuracy": round(correct_total / max(1, len(traces)), 4),
+        "sample_accuracy": round(correct_total / max(1, len(traces)), 4) if scored else None,
         "mean_reward": round(sum(r["reward"] for r in kept + rejected) / max(1, len(traces)), 4),
         # Each rejected trace under its first failed check (these add up to the rejected count) ...
         "rejected_by_reason": dict(reasons.most_common()),

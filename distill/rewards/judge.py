@@ -71,7 +71,11 @@ class Judge:
         key = os.environ.get(cfg.api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout_s)
-        self.model = cfg.model or self._first_model()
+        try:
+            self.model = cfg.model or self._first_model()
+        except BaseException:
+            self.client.close()
+            raise
 
     def _first_model(self) -> str:
         import httpx
@@ -80,7 +84,7 @@ class Judge:
             response = self.client.get("/models")
             response.raise_for_status()
             return response.json()["data"][0]["id"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise RuntimeError(f"judge: cannot list the models of {self.cfg.base_url} ({exc}); is the server up? "
                                "Set filter.judge.model to skip the lookup") from None
 
@@ -98,15 +102,18 @@ class Judge:
             try:
                 response = self.client.post("/chat/completions", json=body)
                 if response.status_code == 200:
-                    reply = response.json()["choices"][0]["message"]["content"] or ""
-                    value = parse_score(reply)
-                    return Verdict(value, None if value is not None else "judge:parse_error", attempt, reply)
+                    try:
+                        reply = response.json()["choices"][0]["message"]["content"] or ""
+                    except (KeyError, IndexError, TypeError, ValueError):  # not an OpenAI chat reply
+                        return Verdict(None, "judge:parse_error", attempt, response.text[:500])
+                    value = parse_score(str(reply))
+                    return Verdict(value, None if value is not None else "judge:parse_error", attempt, str(reply))
                 reason = f"judge:http_{response.status_code}"
                 if response.status_code < 500 and response.status_code != 429:
                     return Verdict(None, reason, attempt, response.text[:500])  # a bad request stays bad
             except httpx.TimeoutException:
                 reason = "judge:timeout"
-            except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            except httpx.HTTPError:
                 reason = "judge:error"
             if attempt <= self.cfg.retries:
                 self.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))

@@ -66,7 +66,7 @@ class RulePipeline:
                                                  verifier=self.verifier, trace=trace)
             else:  # agreement
                 out[name] = checks.check_agreement(None if parts is None else parts[0], answer, trace.get("choices"),
-                                                   trace["reference"])
+                                                   trace["reference"], self.tol)
         return out
 
 

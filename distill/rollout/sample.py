@@ -121,11 +121,14 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
 
 
 def solved_before(rd: RoundDir) -> set[str]:
-    """Ids of the items every sample of the previous round answered right (none before round 2)."""
-    previous = RoundDir(rd.path.parent, rd.index - 1)
-    if rd.index < 2 or not previous.set_aside.exists():
-        return set()
-    return set(read_json(previous.set_aside)["always_solved"])
+    """Ids of the items that some earlier round (1 .. rd.index - 1) found solved by every sample:
+    once skipped, an item stays skipped, so the union over the rounds is taken."""
+    solved: set[str] = set()
+    for index in range(1, rd.index):
+        path = RoundDir(rd.path.parent, index).set_aside
+        if path.exists():
+            solved |= set(read_json(path)["always_solved"])
+    return solved
 
 
 def check_shard_model(path: Path, model_hash: str) -> None:
