@@ -124,6 +124,7 @@ def numbers_match(answer: str, reference: str, tol: Tolerance = EXACT) -> bool:
     return abs(a - b) <= tol.abs_tol + tol.rel_tol * abs(b) + 1e-9 * max(1.0, abs(b))
 
 
+@lru_cache(maxsize=4096)
 def option_patterns(choices: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[re.Pattern | None, ...]]:
     """Normalized options and a whole-word pattern for each (cached: a round asks the same few)."""
     options = tuple(normalize(c) for c in choices)
