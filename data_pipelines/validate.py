@@ -16,10 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data_pipelines.audio import AudioError
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, ManifestError, parse_item
 from data_pipelines.readers import Record
+
+PROGRESS_FROM = 500  # items from which validation shows a progress bar
 
 
 class ValidationError(ValueError):
@@ -110,7 +114,10 @@ def validate_records(records: Iterable[Record], cache: AudioCache, base_dir: Pat
         seen[item.id] = rec.where
         parsed.append((item, rec.where))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda p: _check_audio(p[0], p[1], cache), parsed))
+        checks = pool.map(lambda p: _check_audio(p[0], p[1], cache), parsed)
+        # A bar only where it helps: thousands of files take a while, a handful do not.
+        results = list(tqdm(checks, total=len(parsed), desc="validate audio", unit="item", mininterval=1.0,
+                            disable=len(parsed) < PROGRESS_FROM))
     for result in results:
         if isinstance(result, Reject):
             report.rejects.append(result)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from distill.config import JudgeConfig
 
@@ -122,7 +123,8 @@ class Judge:
     def score_all(self, jobs: list[tuple[str, str, np.ndarray | None]], sample_rate: int) -> list[Verdict]:
         """Score (question, trace, audio) jobs with at most `concurrency` requests in flight."""
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(lambda job: self.score(job[0], job[1], job[2], sample_rate), jobs))
+            verdicts = pool.map(lambda job: self.score(job[0], job[1], job[2], sample_rate), jobs)
+            return list(tqdm(verdicts, total=len(jobs), desc="judge", unit="trace", mininterval=1.0))
 
     def close(self) -> None:
         self.client.close()
