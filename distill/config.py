@@ -291,7 +291,10 @@ class Config:
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 # Keys a resumed run may change without invalidating what is already on disk.
-RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard_index")
+RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard_index",
+                     # how the work is done, not what it produces:
+                     "data.audio.workers", "filter.judge.concurrency", "filter.judge.timeout_s",
+                     "filter.judge.retries", "filter.judge.backoff_s")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.zero_stage": (0, 1, 2, 3),
