@@ -152,12 +152,6 @@ def split_chunks(audio: np.ndarray, max_samples: int) -> list[np.ndarray]:
     return np.array_split(audio, count)
 
 
-def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Decode `path` to mono float32 at `sample_rate` with the default checks (no length limit)."""
-    return prepare_audio(path, AudioPolicy(sample_rate=sample_rate, long_audio="truncate", max_seconds=float("inf"),
-                                           min_sample_rate=1, silence_peak=-1.0))
-
-
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
     """Write 16-bit PCM WAV atomically (unique temp name, then rename: parallel writers are safe)."""
     path = Path(path)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
 from distill.io import atomic_write_json, atomic_write_jsonl
-from distill.prompting import load_tokenizer, split_trace
-from distill.rewards.answers import Tolerance, answer_of, load_verifier
-from distill.rewards.checks import check_correct, check_format
+from distill.prompting import load_tokenizer
+from distill.rewards.rules import RulePipeline
 from distill.rollout.engine import generate
 from distill.rollout.sample import item_request
 from distill.rundir import RoundDir
@@ -25,18 +25,16 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     cache = audio_cache(cfg)
     requests = [item_request(cfg, tokenizer, it, cache) for it in items]
     outs = generate(get_engine(model_dir), requests, 0.0, 1.0, cfg.eval.max_tokens)
-    # Held-out accuracy judges answers as the filter does (tolerance, custom verifier).
-    tol = Tolerance(cfg.filter.number_rel_tol, cfg.filter.number_abs_tol)
-    verifier = load_verifier(cfg.filter.verifier) if cfg.filter.verifier else None
+    # Held-out answers are judged by the filter's own format and correctness checks (answer tag,
+    # tolerance, custom verifier), so eval and filter never disagree on what "correct" means.
+    rules = RulePipeline(replace(cfg.filter, checks=["format", "correct"]), ())
     per_family: dict[str, list[bool]] = defaultdict(list)
     rows, n_correct, n_format = [], 0, 0
     for item, out in zip(items, outs, strict=True):
         text = cfg.sample.generation_prefix + out.text
-        parts = split_trace(text)
-        answer = None if parts is None else answer_of(parts[1], cfg.filter.answer_tag)
-        correct = check_correct(answer, item.answer, item.choices, tol=tol, verifier=verifier,
-                                trace={"item_id": item.id, "completion": text}) is None
-        well_formed = check_format(parts, cfg.filter.min_reasoning_chars) is None
+        result = rules.run({"item_id": item.id, "completion": text, "reference": item.answer,
+                            "choices": item.choices})
+        correct, well_formed = result["correct"] is None, result["format"] is None
         n_correct += correct
         n_format += well_formed
         per_family[item.family or item.category].append(correct)

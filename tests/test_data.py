@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from data_pipelines.audio import AudioError, load_audio, write_wav
+from data_pipelines.audio import AudioError, AudioPolicy, prepare_audio, write_wav
 from data_pipelines.items import Item, ManifestError, read_manifest, write_manifest
 from data_pipelines.synthetic import generate_split
 
@@ -16,22 +16,22 @@ def test_generate_split_roundtrips_through_manifest(tmp_path):
     assert line["schema_version"] == 2 and not line["audio"].startswith("/")
     back = read_manifest(tmp_path / "m.jsonl")
     assert [b.audio for b in back] == [it.audio for it in items]
-    assert load_audio(back[0].audio, 16000).dtype == np.float32
+    assert prepare_audio(back[0].audio, AudioPolicy()).dtype == np.float32
 
 
-def test_load_audio_resamples_and_mixes_down(tmp_path):
+def test_prepare_audio_resamples_and_mixes_down(tmp_path):
     stereo = np.stack([np.ones(8000), np.zeros(8000)], axis=1).astype(np.float32) * 0.5
     write_wav(tmp_path / "s.wav", stereo, 8000)
-    mono = load_audio(tmp_path / "s.wav", 16000)
+    mono = prepare_audio(tmp_path / "s.wav", AudioPolicy())
     assert mono.ndim == 1 and abs(len(mono) - 16000) < 10
     assert abs(float(np.median(mono)) - 0.25) < 0.01
 
 
-def test_load_audio_rejects_garbage(tmp_path):
+def test_prepare_audio_rejects_garbage(tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio")
     with pytest.raises(AudioError, match="bad.wav: cannot decode"):
-        load_audio(bad, 16000)
+        prepare_audio(bad, AudioPolicy())
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from data_pipelines.audio import split_chunks
 from distill.config import JudgeConfig
 
 _SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -53,10 +54,9 @@ def wav_base64(audio: np.ndarray, sample_rate: int) -> str:
 def judge_messages(cfg: JudgeConfig, question: str, trace: str, audio: np.ndarray | None, sample_rate: int) -> list:
     content: list[dict] = []
     if audio is not None:
-        step = int(MAX_CHUNK_SECONDS * sample_rate)
-        for start in range(0, max(len(audio), 1), step):
-            content.append({"type": "input_audio", "input_audio": {
-                "data": wav_base64(audio[start : start + step], sample_rate), "format": "wav"}})
+        for piece in split_chunks(audio, int(MAX_CHUNK_SECONDS * sample_rate)):
+            content.append({"type": "input_audio", "input_audio": {"data": wav_base64(piece, sample_rate),
+                                                                   "format": "wav"}})
     content.append({"type": "text", "text": f"Question: {question}\n\nAnswer to grade:\n{trace}"})
     return [{"role": "system", "content": cfg.rubric}, {"role": "user", "content": content}]
 
