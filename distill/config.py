@@ -140,6 +140,9 @@ class SampleConfig:
     num_shards: int = 1
     # -1: all shards in this process; otherwise one shard (or SLURM_ARRAY_TASK_ID when set).
     shard_index: int = -1
+    # Never generate the model's audio-input tokens (<|AUDIO|>, ...): a trace holding one is
+    # unusable (training and teacher-forced scoring would read it as a slot for audio).
+    ban_audio_tokens: bool = True
     # Do not sample again the items every sample of the previous round answered right (its
     # set_aside.json): their traces would teach nothing, their budget goes to the rest.
     skip_solved: bool = False
@@ -147,7 +150,9 @@ class SampleConfig:
 
 # Rule checks of the filter stage (distill/rewards/checks.py), in the order they run.
 RULE_CHECKS = ("finished", "control_tokens", "format", "length", "language", "degeneration", "self_cognition",
-               "correct", "agreement")
+               "correct", "agreement", "acoustic_terms")
+# Checks the filter adds from the grounding stage's measurements (distill/grounding).
+GROUNDING_CHECKS = ("text_solvable", "audio_dependence")
 KEEP_POLICIES = ("first", "shortest", "diverse")
 
 
@@ -179,6 +184,31 @@ class JudgeConfig:
     send_audio: bool = True
     # Environment variable holding the endpoint's API key (never stored in configs or logs).
     api_key_env: str = "DISTILL_JUDGE_API_KEY"
+
+
+@dataclass
+class LexicalConfig:
+    """The cheap lexical grounding signal: does the reasoning cite acoustic properties? Terms are
+    lower-case substrings matched in the lower-cased reasoning (a leading space anchors a short
+    one at a word start: " db", " rms"), listed per language; every language's terms apply."""
+
+    acoustic_terms: dict[str, list[str]] = field(default_factory=lambda: {
+        "en": ["hz", "pitch", "frequenc", "tone", "tonal", "loud", "quiet", "decibel", " db", "volume", "amplitude",
+               "duration", "lasts", "seconds", " ms", "millisecond", "rhythm", "tempo", "beat", "bpm", "timbre",
+               "noise", "noisy", "onset", "harmonic", "spectr", "energy", " rms", "envelope", "silen", "echo",
+               "reverb", "timing", "interval", "pulse", "click", "resonan", "formant", "vibrato", "bass",
+               "treble", "fundamental", "overtone", "waveform", "sustain", "decay"],
+        "zh": ["音高", "频率", "赫兹", "响度", "音量", "分贝", "时长", "节奏", "节拍", "速度", "音色", "噪声", "噪音",
+               "谐波", "频谱", "能量", "静音", "回声", "混响", "音调", "基频", "秒"],
+    })
+    # Transcript-only language; named in the reason of a trace that cites no acoustic term.
+    transcript_terms: dict[str, list[str]] = field(default_factory=lambda: {
+        "en": ["says", "said", "saying", "the words", "the word ", "transcript", "the text", "sentence",
+               "mention", "lyrics", "the speaker states"],
+        "zh": ["说", "文字", "转写", "文本", "句子", "提到", "歌词"],
+    })
+    # Distinct acoustic terms a reasoning must cite to pass the "acoustic_terms" check.
+    min_acoustic_terms: int = 1
 
 
 @dataclass
@@ -215,7 +245,46 @@ class FilterConfig:
     verifier: str = ""
     # Reward per trace: the sum of these weights over the checks it passed (stored for RL).
     reward_weights: dict[str, float] = field(default_factory=lambda: {"correct": 0.8, "format": 0.2})
+    lexical: LexicalConfig = field(default_factory=LexicalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class GroundingConfig:
+    """Acoustic grounding (distill/grounding), measured between sampling and filtering with the
+    sampling engine: counterfactual-audio probes per item, audio dependence per trace."""
+
+    enabled: bool = True
+    # Counterfactual inputs: "silence", "noise" (white noise at the clip's RMS level) and "swap"
+    # (another item's audio, one with a different answer where the split has one).
+    counterfactuals: list[str] = field(default_factory=lambda: ["silence", "noise", "swap"])
+    # Text-solvable probe: answers sampled per item with the real audio and with each counterfactual.
+    probe_samples: int = 2
+    # The probe answers directly after an empty think block (cheap); "<think>\n" with
+    # probe_max_tokens = sample.max_tokens probes with full reasoning instead.
+    probe_prefix: str = "<think>\n\n</think>\n"
+    probe_max_tokens: int = 16
+    probe_temperature: float = 1.0
+    # An item is answerable from text when its counterfactual answers are right at chance + margin or more.
+    text_solvable_margin: float = 0.3
+    # The traces of text-solvable items: "drop" them, "downweight" them in training, or "keep" them (flag only).
+    text_solvable: str = "downweight"
+    text_solvable_weight: float = 0.25
+    # Audio dependence: teacher-forced log-probability of each trace with the real audio minus with
+    # each of these counterfactuals (vLLM prompt_logprobs); the smallest gain counts. Each kind
+    # costs one more forward pass per trace; noise keeps the length and loudness, so only the
+    # content differs.
+    score_against: list[str] = field(default_factory=lambda: ["noise"])
+    # Which traces are scored: "passing" (those that passed every rule check, which pre-filter the
+    # expensive scoring) or "all".
+    score_traces: str = "passing"
+    # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
+    score_batch: int = 256
+    # The "audio_dependence" filter: reasoning must gain at least this many nats per token from
+    # the real audio (null: no threshold) ...
+    min_dependence: float | None = 0.0
+    # ... and the answer at least this many nats in all (null: no threshold).
+    min_answer_dependence: float | None = None
 
 
 @dataclass
@@ -275,6 +344,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
@@ -310,6 +380,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.audio.long_audio": ("reject", "truncate", "chunk"),
     "filter.keep_policy": KEEP_POLICIES,
     "filter.judge.on_error": ("reject", "keep"),
+    "grounding.text_solvable": ("drop", "downweight", "keep"),
+    "grounding.score_traces": ("passing", "all"),
 }
 _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",
@@ -320,14 +392,16 @@ _POSITIVE = (
     "train.epochs", "cold_start.train.epochs", "data.synthetic.train_items", "data.synthetic.eval_items",
     "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
     "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
-    "filter.judge.concurrency", "filter.judge.max_tokens",
+    "filter.judge.concurrency", "filter.judge.max_tokens", "grounding.probe_max_tokens",
+    "grounding.score_batch",
 )
 _NON_NEGATIVE = (
     "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",
     "cold_start.train.warmup_steps", "train.max_grad_norm", "cold_start.train.max_grad_norm",
     "train.answer_loss_weight", "cold_start.train.answer_loss_weight", "data.mix_items", "data.audio.silence_peak",
     "filter.min_reasoning_tokens", "filter.max_reasoning_tokens", "filter.number_rel_tol", "filter.number_abs_tol",
-    "filter.judge.retries", "filter.judge.backoff_s",
+    "filter.judge.retries", "filter.judge.backoff_s", "grounding.probe_samples", "grounding.probe_temperature",
+    "grounding.text_solvable_margin", "grounding.text_solvable_weight", "filter.lexical.min_acoustic_terms",
 )
 
 
@@ -390,6 +464,7 @@ def _validate(cfg: Config) -> None:
     _validate_filter(cfg.filter)
     if cfg.sample.skip_solved and "correct" not in cfg.filter.checks:
         raise ConfigError("sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)")
+    _validate_grounding(cfg)
 
 
 def _validate_filter(f: FilterConfig) -> None:
@@ -398,7 +473,7 @@ def _validate_filter(f: FilterConfig) -> None:
     unknown = [c for c in f.checks if c not in RULE_CHECKS]
     if unknown:
         raise ConfigError(f"filter.checks: unknown check(s) {', '.join(unknown)} (known: {', '.join(RULE_CHECKS)})")
-    bad = [k for k in f.reward_weights if k not in (*RULE_CHECKS, "judge")]
+    bad = [k for k in f.reward_weights if k not in (*RULE_CHECKS, *GROUNDING_CHECKS, "judge")]
     if bad:
         raise ConfigError(f"filter.reward_weights: unknown check(s) {', '.join(bad)}")
     if not 0.0 <= f.pass_rate_min <= f.pass_rate_max <= 1.0:
@@ -423,6 +498,27 @@ def _validate_filter(f: FilterConfig) -> None:
         raise ConfigError("filter.pass_rate_min/max: a pass-rate band needs the 'correct' check in filter.checks")
     if f.verifier and ":" not in f.verifier:
         raise ConfigError(f"filter.verifier={f.verifier!r}: expected 'package.module:function'")
+
+
+def _validate_grounding(cfg: Config) -> None:
+    from distill.grounding.counterfactual import KINDS
+
+    g = cfg.grounding
+    for key in ("counterfactuals", "score_against"):
+        unknown = [k for k in getattr(g, key) if k not in KINDS]
+        if unknown:
+            raise ConfigError(f"grounding.{key}: unknown counterfactual(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(KINDS)})")
+    if not g.enabled:
+        return
+    if g.probe_samples and not g.counterfactuals:
+        raise ConfigError("grounding.probe_samples: probing needs at least one kind in grounding.counterfactuals "
+                          "(or set grounding.probe_samples=0)")
+    if g.text_solvable_weight > 1:
+        raise ConfigError(f"grounding.text_solvable_weight={g.text_solvable_weight}: must be in [0, 1]")
+    if g.probe_max_tokens >= cfg.engine.max_model_len:
+        raise ConfigError(f"grounding.probe_max_tokens={g.probe_max_tokens}: must be below engine.max_model_len="
+                          f"{cfg.engine.max_model_len}")
 
 
 def _validate_data(data: DataConfig) -> None:

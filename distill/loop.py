@@ -1,4 +1,4 @@
-"""The round loop: cold start, then rounds of sample -> filter -> train -> export -> eval.
+"""The round loop: cold start, then rounds of sample -> ground -> filter -> train -> export -> eval.
 
 Each stage is a function from the files of the previous stage to its own files; the loop only
 decides what is left to do by looking at the run directory, so re-running the same command after
@@ -16,6 +16,7 @@ from distill.config import RESUMABLE_CHANGES, Config, ConfigError, config_diff, 
 from distill.data import Datasets, audio_cache, check_model_audio, max_audio_items, prepare_data
 from distill.eval import eval_stage
 from distill.export import export_stage
+from distill.grounding.stage import ground_stage
 from distill.io import atomic_write_jsonl, atomic_write_text, read_json
 from distill.launch import run_training
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
@@ -86,6 +87,10 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
         stats = sample_stage(cfg, data.train, model, rd, engines.get)
         count = cfg.sample.num_shards
         if any(not rd.shard_path(i, count).exists() for i in range(count)):
+            return False  # other shards belong to other array tasks
+    elif stage == "ground":
+        stats = ground_stage(cfg, data.train, model, rd, engines.get)
+        if stats is None:
             return False  # other shards belong to other array tasks
     elif stage == "filter" and index == 0:
         seed_items = data.cold_start[: cfg.cold_start.items or None]

@@ -14,7 +14,8 @@ from distill.rundir import RoundDir, RunDir
 
 def round_record(rd: RoundDir) -> dict:
     stats = rd.stats()
-    sample, filt, train, ev = (stats.get(s, {}) for s in ("sample", "filter", "train", "eval"))
+    sample, ground, filt, train, ev = (stats.get(s, {}) for s in ("sample", "ground", "filter", "train", "eval"))
+    seconds = {s: v.get("seconds") for s, v in stats.items()}
     return {
         "round": rd.index,
         "stage": rd.last_stage(),
@@ -29,14 +30,39 @@ def round_record(rd: RoundDir) -> dict:
         "prompts_in_band": None if filt.get("prompts") is None else filt["prompts"] - filt.get("prompts_out_of_band", 0),
         "prompts_all_solved": filt.get("prompts_all_solved"),
         "prompts_all_failed": filt.get("prompts_all_failed"),
+        # Grounding: probe accuracy with the real audio minus with counterfactual audio, items
+        # answerable from text, and how much the kept and rejected traces depend on the audio.
+        "grounding_gap": ground.get("grounding_gap"),
+        "grounding_gap_by_kind": ground.get("grounding_gap_by_kind"),
+        "probe_accuracy": ground.get("probe_accuracy"),
+        "text_solvable_share": ground.get("text_solvable_share"),
+        "text_solvable_by_category": ground.get("text_solvable_by_category"),
+        "dependence_kept": filt.get("dependence_kept"),
+        "dependence_rejected": filt.get("dependence_rejected"),
+        "acoustic_terms_rate": filt.get("acoustic_terms_rate"),
+        "grounding_cost": (round(seconds["ground"] / seconds["sample"], 4)
+                           if seconds.get("ground") is not None and seconds.get("sample") else None),
         "train_steps": train.get("steps"),
         "train_loss": train.get("final_loss"),
         "heldout_accuracy": ev.get("accuracy"),
         "heldout_per_family": ev.get("per_family"),
         "model_sha256": stats.get("export", {}).get("weights_sha256"),
         "sampled_from_sha256": sample.get("model_sha256"),
-        "seconds": {s: v.get("seconds") for s, v in stats.items()},
+        "seconds": seconds,
     }
+
+
+def distribution(values: list[float]) -> dict | None:
+    """Count, mean and 10th/50th/90th percentiles (nearest rank) of a list of numbers."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+
+    return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 4), "p10": pct(0.1), "p50": pct(0.5),
+            "p90": pct(0.9)}
 
 
 def write_run_metrics(run: RunDir) -> list[dict]:
@@ -62,8 +88,8 @@ def _top_reject(record: dict) -> str:
 
 def format_table(records: list[dict]) -> str:
     """The per-round table printed at the end of `distill run`."""
-    header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "in_band", "top_reject", "train_loss",
-              "heldout_acc", "time_s"]
+    header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "in_band", "top_reject", "gap",
+              "text_solv", "dep_kept", "train_loss", "heldout_acc", "time_s"]
     lines = [header]
     for r in records:
         total = sum(v for v in r["seconds"].values() if v)
@@ -76,6 +102,9 @@ def format_table(records: list[dict]) -> str:
             _fmt(r["sample_accuracy"], ".1%"),
             "-" if r["prompts"] is None else f"{r['prompts_in_band']}/{r['prompts']}",
             _top_reject(r),
+            _fmt(r.get("grounding_gap"), "+.1%"),
+            _fmt(r.get("text_solvable_share"), ".0%"),
+            _fmt((r.get("dependence_kept") or {}).get("p50"), "+.3f"),
             _fmt(r["train_loss"], ".4f"),
             _fmt(r["heldout_accuracy"], ".1%"),
             f"{total:.0f}",
@@ -115,6 +144,11 @@ class WandbLogger:
                 flat[f"by_category/{category}/{reason}"] = n
         for family, acc in (record.get("heldout_per_family") or {}).items():
             flat[f"heldout_accuracy/{family}"] = acc
+        for kind, gap in (record.get("grounding_gap_by_kind") or {}).items():
+            flat[f"grounding_gap/{kind}"] = gap
+        for side in ("kept", "rejected"):
+            for stat, value in (record.get(f"dependence_{side}") or {}).items():
+                flat[f"dependence_{side}/{stat}"] = value
         for stage, seconds in record["seconds"].items():
             if seconds is not None:
                 flat[f"seconds/{stage}"] = seconds

@@ -19,6 +19,18 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def control_tokens(model_dir: str) -> tuple[str, ...]:
+    """The tokenizer's special tokens (chat turns, audio placeholders), which no trace may contain."""
+    tokenizer = load_tokenizer(model_dir)
+    return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}))
+
+
+def audio_tokens(model_dir: str) -> list[str]:
+    """The special tokens that mark audio input (Qwen2-Audio's <|AUDIO|>, <|audio_bos|>, ...): a
+    trace that generates one would be read as a slot for audio by every later stage."""
+    return [t for t in control_tokens(model_dir) if "audio" in t.lower()]
+
+
 def think_close_token_id(tokenizer) -> int | None:
     """The id of `</think>` when the tokenizer has it as one token (Qwen-family models do), else None."""
     ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]

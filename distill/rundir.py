@@ -8,6 +8,7 @@
       round_000/                cold start: SFT on the items' reference traces
       round_001/
         samples/shard-00000-of-00004.jsonl
+        grounding/shard-00000-of-00004.jsonl   per item: counterfactual probes, per-trace audio dependence
         filtered.jsonl          kept traces (SFT rows with lineage and check results)
         rejected.jsonl          every rejected trace with its reasons
         set_aside.json          ids of prompts every sample failed / solved
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from distill.io import atomic_write_json, atomic_write_text, read_json
 
-STAGES = ("sample", "filter", "train", "export", "eval")
+STAGES = ("sample", "ground", "filter", "train", "export", "eval")
 
 
 class StageOrderError(RuntimeError):
@@ -40,6 +41,7 @@ class RoundDir:
         self.path = run_dir / f"round_{index:03d}"
 
     samples_dir = property(lambda self: self.path / "samples")
+    grounding_dir = property(lambda self: self.path / "grounding")
     filtered = property(lambda self: self.path / "filtered.jsonl")
     rejected = property(lambda self: self.path / "rejected.jsonl")
     set_aside = property(lambda self: self.path / "set_aside.json")
@@ -52,6 +54,9 @@ class RoundDir:
 
     def shard_path(self, shard: int, count: int) -> Path:
         return self.samples_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
+
+    def grounding_path(self, shard: int, count: int) -> Path:
+        return self.grounding_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
 
     def last_stage(self) -> str | None:
         if not self.stage_file.exists():
@@ -68,7 +73,7 @@ class RoundDir:
     @property
     def stages(self) -> tuple[str, ...]:
         """This round's stages: round 0, the cold start, trains on reference traces and samples nothing."""
-        return STAGES[1:] if self.index == 0 else STAGES
+        return STAGES[2:] if self.index == 0 else STAGES
 
     def require_before(self, stage: str) -> None:
         """Raise unless `stage` belongs to this round and the stage before it is finished."""

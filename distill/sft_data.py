@@ -1,6 +1,7 @@
 """SFT examples: (audio, chat prompt, completion) rows, tokenized the way the sampler saw them.
 
-A row is `{"id", "audio", "audio_sha256" (optional), "prompt", "completion"}`: `prompt` is the
+A row is `{"id", "audio", "audio_sha256" (optional), "prompt", "completion", "weight" (optional,
+default 1: the filter down-weights traces of items answerable from text)}`: `prompt` is the
 rendered chat text with one audio placeholder per audio chunk, `completion` the assistant text
 from `<think>` on. Audio comes from the run's audio cache, as the sampler saw it. The prompt is tokenized
 with the audio (the processor expands the placeholder), the completion on its own, and the two
@@ -40,6 +41,9 @@ def load_rows(paths: list[str | Path]) -> list[dict]:
             missing = [k for k in ("audio", "prompt", "completion") if not isinstance(row.get(k), str)]
             if missing:
                 raise ValueError(f"{path}:{lineno}: SFT row lacks string field(s) {', '.join(missing)}")
+            weight = row.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+                raise ValueError(f"{path}:{lineno}: SFT row weight {weight!r}: must be a number in [0, 1]")
             rows.append(row)
     if not rows:
         raise ValueError(f"{', '.join(map(str, paths))}: no SFT rows")
@@ -110,6 +114,7 @@ class SFTDataset(torch.utils.data.Dataset):
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
             "weights": torch.tensor(weights),
+            "row_weight": torch.tensor(float(row.get("weight", 1.0))),
             # One row per audio chunk; the model assigns them to the placeholders in order.
             "input_features": enc["input_features"],
             "feature_attention_mask": enc["feature_attention_mask"],
@@ -135,17 +140,22 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         "attention_mask": mask,
         "labels": pad("labels", IGNORE),
         "weights": pad("weights", 0.0),
+        "row_weights": torch.stack([x["row_weight"] for x in batch]),
         "input_features": torch.cat([x["input_features"] for x in batch]),
         "feature_attention_mask": torch.cat([x["feature_attention_mask"] for x in batch]),
     }
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over completion tokens, each weighted (answer tokens may weigh more)."""
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                  row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over completion tokens, each weighted (answer tokens may weigh more),
+    each row scaled by its row weight. The normalizer leaves the row weights out, so a batch of
+    down-weighted rows moves the model less instead of being rescaled back to full strength."""
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     weights = weights[:, 1:] * (labels != IGNORE)
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.clamp(min=0).reshape(-1), reduction="none"
     ).view_as(labels)
-    return (ce * weights).sum() / weights.sum().clamp(min=1e-8)
+    scaled = weights if row_weights is None else weights * row_weights[:, None]
+    return (ce * scaled).sum() / weights.sum().clamp(min=1e-8)

@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     while step < total_steps:
         for batch in loader:
             with accelerator.accumulate(model):
-                weights = batch.pop("weights")
+                weights, row_weights = batch.pop("weights"), batch.pop("row_weights")
                 labels = batch.pop("labels")
                 logits = model(**batch).logits
-                loss = weighted_loss(logits, labels, weights)
+                loss = weighted_loss(logits, labels, weights, row_weights)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg.zero_stage == 0 and tcfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)  # DeepSpeed clips itself

@@ -86,6 +86,14 @@ def test_two_rounds_end_to_end(tmp_path):
         assert len(kept) == stats["kept"] and len(kept) + len(rejected) == 48
         assert sum(stats["rejected_by_reason"].values()) == len(rejected)
         assert all(r["rejected_because"] for r in rejected)
+        # Grounding ran between sampling and filtering on the same engine: every item probed with
+        # real and counterfactual audio, every trace that passed the rules scored, and the filter
+        # applied the audio-dependence threshold to them.
+        ground = read_json(run / f"round_{i:03d}" / "stats" / "ground.json")
+        assert ground["items"] == 12 and set(ground["probe_accuracy"]) == {"real", "silence", "noise", "swap"}
+        assert len(list((run / f"round_{i:03d}" / "grounding").glob("shard-*-of-00003.jsonl"))) == 3
+        assert all(r["checks"]["audio_dependence"] == "pass" and r["grounding"]["dependence"] >= 0 for r in kept)
+        assert ground["traces_scored"] == len(kept) + sum("grounding" in r for r in rejected)
     # The LR schedule advances once per optimizer step, whatever the number of ranks.
     from distill.config import load_config
     from distill.train import lr_lambda
@@ -97,9 +105,12 @@ def test_two_rounds_end_to_end(tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
     assert metrics[2]["sampled_from_sha256"] == hashes[1] and metrics[2]["train_steps"] == 2
+    assert all(m["grounding_gap"] is not None and 0 < m["grounding_cost"] for m in metrics[1:])
+    assert "gap" in log and "text_solv" in log
     assert list((run / "wandb").glob("offline-run-*"))
 
-    # Round 3 as a Slurm array would run it: one `distill stage sample` per shard, then the filter.
+    # Round 3 as a Slurm array would run it: one `distill stage sample` per shard, then one
+    # `distill stage ground` per shard, then the filter.
     stage = [sys.executable, "-m", "distill.cli", "stage"]
     args = ["configs/demo_cpu.yaml", "--round", "3", f"output_dir={tmp_path}", *TINY_RUN, "loop.rounds=3"]
     for task in (2, 0, 1):
@@ -111,6 +122,12 @@ def test_two_rounds_end_to_end(tmp_path):
     rows = traces(run / "round_003")
     assert len(rows) == 48 and {r["lineage"]["model_sha256"] for r in rows} == {hashes[2]}
     assert sorted({r["lineage"]["shard"] for r in rows}) == ["0/3", "1/3", "2/3"]
+    for task in (1, 0, 2):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3"}
+        done = subprocess.run([*stage, "ground", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert ("round 3 ground: done" in done.stdout) == (task == 2), done.stdout[-2000:]
+    assert read_json(run / "round_003" / "stats" / "ground.json")["items"] == 12
     done = subprocess.run([*stage, "filter", *args], capture_output=True, text=True)
     assert done.returncode == 0 and (run / "round_003" / "STAGE").read_text().strip() == "filter", done.stderr
     early = subprocess.run([*stage, "export", *args], capture_output=True, text=True)

@@ -18,7 +18,7 @@ def trace(item, j, completion, model_dir, finish="stop"):
 @pytest.fixture
 def round_dir(tmp_path, tiny_model):
     cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", "sample.num_shards=2",
-                                                "filter.keep_per_prompt=2"])
+                                                "filter.keep_per_prompt=2", "grounding.enabled=false"])
     rd = RunDir(cfg.run_dir).round(1)
     a = [trace("a", j, GOOD, tiny_model) for j in range(3)]  # all pass, one over the cap
     b = [trace("b", 0, WRONG, tiny_model), trace("b", 1, GOOD + "<|im_start|>", tiny_model),
@@ -63,6 +63,7 @@ def test_filter_refuses_missing_shard(round_dir):
 def test_filter_band_policy_reward_and_categories(tmp_path, tiny_model):
     cfg = load_config("configs/demo_cpu.yaml", [
         f"output_dir={tmp_path}", "sample.num_shards=1", "filter.keep_per_prompt=1", "filter.keep_policy=shortest",
+        "grounding.enabled=false",
         "filter.pass_rate_min=0.25", "filter.pass_rate_max=0.75", "filter.reward_weights={correct: 0.8, format: 0.2}"])
     rd = RunDir(cfg.run_dir).round(1)
     long_good = "<think>\nnear 900 Hz, well above the 500 Hz boundary, so it is high\n</think>\nhigh"
@@ -86,7 +87,8 @@ def test_filter_band_policy_reward_and_categories(tmp_path, tiny_model):
     assert rejected["a#0"]["rejected_because"] == ["over_keep_per_prompt"]
     assert rejected["s#0"]["rejected_because"] == ["prompt:pass_rate"]
     assert rejected["a#2"]["reward"] == 0.2 and rejected["a#2"]["checks"]["correct"] == "answer:wrong"
-    assert rejected["f#3"]["rejected_because"] == ["self_cognition", "answer:wrong"]
+    # Claiming not to hear, it cites no acoustic property either.
+    assert rejected["f#3"]["rejected_because"] == ["self_cognition", "answer:wrong", "lexical:no_acoustic_terms"]
     assert stats["prompts_out_of_band"] == 2 and stats["prompts_all_solved"] == 1 and stats["all_failed_ids"] == ["f"]
     assert stats["by_category"] == {"music": {"answer:wrong": 3, "self_cognition": 1},
                                     "sound": {"prompt:pass_rate": 4, "answer:wrong": 2, "kept": 1,

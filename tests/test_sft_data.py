@@ -35,8 +35,10 @@ def test_dataset_masks_prompt_and_weights_answer(tiny_model, tmp_path):
     after = (ex["input_ids"] == close).nonzero()[0].item() + 1
     assert set(ex["weights"][after:].tolist()) == {3.0}
     assert set(ex["weights"][:after][ex["labels"][:after] != IGNORE].tolist()) == {1.0}
+    rows[1]["weight"] = 0.25  # a trace of an item answerable from text, down-weighted by the filter
     batch = collate([ds[0], ds[1]], tok.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["weights"].shape
+    assert batch["row_weights"].tolist() == [1.0, 0.25]
     assert batch["input_features"].shape[:2] == (2, 128)
 
 
@@ -50,6 +52,32 @@ def test_weighted_loss_ignores_masked_and_weighs_tokens():
     assert torch.isclose(uniform, (ce_good + ce_flat) / 2)
     heavy = weighted_loss(logits, labels, torch.tensor([[1.0, 1.0, 3.0, 1.0]]))
     assert torch.isclose(heavy, (ce_good + 3 * ce_flat) / 4)
+
+
+def test_load_rows_refuses_a_bad_weight_naming_file_and_line(tmp_path):
+    import pytest
+
+    from distill.io import atomic_write_jsonl
+    from distill.sft_data import load_rows
+
+    path = tmp_path / "rows.jsonl"
+    row = {"audio": "a.wav", "prompt": "p", "completion": "c"}
+    atomic_write_jsonl(path, [row, {**row, "weight": 0.5}, {**row, "weight": 2}])
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: SFT row weight 2"):
+        load_rows([path])
+
+
+def test_row_weight_scales_the_loss_of_its_row_only():
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[IGNORE, 1, 2, 3], [IGNORE, 4, 0, IGNORE]])
+    weights = torch.ones(2, 4)
+    full = weighted_loss(logits, labels, weights)
+    # A batch of down-weighted rows is not renormalized back to full strength ...
+    assert torch.isclose(weighted_loss(logits, labels, weights, torch.tensor([0.25, 0.25])), 0.25 * full)
+    # ... and a zero-weight row contributes nothing to the gradient.
+    logits.requires_grad_(True)
+    weighted_loss(logits, labels, weights, torch.tensor([1.0, 0.0])).backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
 
 
 def test_dataset_refuses_audio_placeholder_in_completion(tiny_model, tmp_path):

@@ -192,3 +192,44 @@ def check_agreement(reasoning: str | None, answer: str | None, choices: list[str
         said = number_mentions(tail)
         return None if not said or any(numbers_match(x, answer, tol) for x in said) else "format:disagree"
     return None
+
+
+def acoustic_terms(reasoning: str, terms: tuple[str, ...], enough: int = 0) -> list[str]:
+    """The distinct `terms` (lower-case substrings) the reasoning cites, in the order of `terms`;
+    with `enough`, stops once that many are found (the check needs no more)."""
+    text = reasoning.lower()
+    found = []
+    for term in terms:
+        if term in text:
+            found.append(term)
+            if len(found) == enough:
+                break
+    return found
+
+
+def check_acoustic_terms(reasoning: str | None, acoustic: tuple[str, ...], transcript: tuple[str, ...],
+                         min_terms: int = 1) -> str | None:
+    """The reasoning cites at least `min_terms` distinct acoustic properties (pitch, Hz, loudness,
+    duration, rhythm, ...). A cheap lexical signal, not proof of listening: the grounding stage
+    measures that. A failing trace that talks about words instead is told apart in the reason."""
+    if reasoning is None:
+        return None  # the format check reports it
+    if len(acoustic_terms(reasoning, acoustic, min_terms)) >= min_terms:
+        return None
+    return "lexical:transcript_only" if acoustic_terms(reasoning, transcript, 1) else "lexical:no_acoustic_terms"
+
+
+def check_audio_dependence(record: dict | None, min_dependence: float | None, min_answer_dependence: float | None
+                           ) -> str | None:
+    """The trace is more likely with the real audio than with every counterfactual, by at least
+    `min_dependence` nats per reasoning token and `min_answer_dependence` nats over the answer
+    (None: that part unchecked). `record` is the ground stage's measurement of the trace; a trace
+    without one (nothing to compare against) passes."""
+    if record is None:
+        return None
+    dep, ans = record.get("dependence"), record.get("answer_dependence")
+    if min_dependence is not None and dep is not None and dep < min_dependence:
+        return "grounding:audio_independent"
+    if min_answer_dependence is not None and ans is not None and ans < min_answer_dependence:
+        return "grounding:answer_independent"
+    return None

@@ -6,6 +6,8 @@ Writes
   not kept: its prompt's pass rate outside the band, a near-duplicate, over the per-prompt cap);
 - `set_aside.json`: the ids of prompts every sample failed and every sample solved (next round's
   budget: `sample.skip_solved` stops sampling the solved ones);
+with the ground stage's measurements applied: traces of text-solvable items dropped or
+down-weighted, traces whose reasoning does not depend on the audio rejected;
 and returns the counts (per reason, per category, per check) for the round metrics.
 """
 
@@ -17,17 +19,13 @@ from pathlib import Path
 
 from distill.config import Config
 from distill.io import atomic_write_json, atomic_write_jsonl
-from distill.prompting import load_tokenizer
+from distill.metrics import distribution
+from distill.prompting import control_tokens
+from distill.rewards import checks
 from distill.rewards.rules import RulePipeline, reward
 from distill.rewards.select import select
 from distill.rollout.sample import read_samples
 from distill.rundir import RoundDir
-
-
-def control_tokens(model_dir: str) -> tuple[str, ...]:
-    """The tokenizer's special tokens (chat turns, audio placeholders), which no trace may contain."""
-    tokenizer = load_tokenizer(model_dir)
-    return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}))
 
 
 def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | None]]) -> dict:
@@ -59,6 +57,56 @@ def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | Non
     return {"judged": len(todo), "judge_outcomes": dict(outcomes), "judge_seconds": round(seconds, 2)}
 
 
+def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list[dict[str, str | None]]) -> set[str]:
+    """Attach the ground stage's measurements to the traces and add the "text_solvable" and
+    "audio_dependence" results; return the ids of the items answerable from text."""
+    from distill.grounding.stage import read_grounding
+
+    g = cfg.grounding
+    rows = read_grounding(rd, cfg.sample.num_shards)
+    flagged = {item_id for item_id, row in rows.items() if row["text_solvable"]}
+    for trace, result in zip(traces, results, strict=True):
+        row = rows.get(trace["item_id"])
+        if row is None:
+            raise RuntimeError(f"{rd.grounding_dir}: no measurement of item {trace['item_id']!r}; the grounding "
+                               "shards do not match the samples (delete grounding/ to measure again)")
+        record = row["traces"].get(trace["trace_id"])
+        trace["text_solvable"] = row["text_solvable"]
+        if record is not None:
+            trace["grounding"] = record
+        result["text_solvable"] = ("grounding:text_solvable" if row["text_solvable"] and g.text_solvable == "drop"
+                                   else None)
+        if record is None and not any(result.values()):
+            # The ground stage scores every trace that passes the rules; a passing trace without a
+            # score means the config changed between the stages.
+            result["audio_dependence"] = "grounding:unscored"
+        else:
+            result["audio_dependence"] = checks.check_audio_dependence(record, g.min_dependence,
+                                                                       g.min_answer_dependence)
+    return flagged
+
+
+def grounding_stats(cfg: Config, traces: list[dict], kept: list[dict], rejected: list[dict],
+                    results: list[dict[str, str | None]], flagged: set[str]) -> dict:
+    """The filter's grounding metrics: audio dependence of kept and rejected traces, traces of
+    text-solvable items, and the share of traces that cite acoustic properties."""
+    stats: dict = {}
+    lexical = [r["acoustic_terms"] for r in results if "acoustic_terms" in r]
+    if lexical:
+        stats["acoustic_terms_rate"] = round(sum(r is None for r in lexical) / len(lexical), 4)
+    if not cfg.grounding.enabled:
+        return stats
+
+    def deps(rows: list[dict]) -> list[float]:
+        return [r["grounding"]["dependence"] for r in rows if "dependence" in r.get("grounding", {})]
+
+    stats["dependence_kept"] = distribution(deps(kept))
+    stats["dependence_rejected"] = distribution(deps(rejected))
+    stats["text_solvable_traces"] = sum(t["item_id"] in flagged for t in traces)
+    stats["text_solvable_kept"] = sum(t["item_id"] in flagged for t in kept)
+    return stats
+
+
 def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     """Check every trace of round `rd` (sampled from `model_dir`); write kept and rejected traces."""
     start = time.time()
@@ -67,6 +115,7 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     rules = RulePipeline(fc, control_tokens(str(model_dir)))
     results = [rules.run(t) for t in traces]
     rules_seconds = time.time() - start
+    flagged = apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else set()
     judge_stats = run_judge(cfg, traces, results) if fc.judge.enabled else {}
 
     by_item: dict[str, list[int]] = defaultdict(list)
@@ -100,6 +149,8 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
                    "reward": reward(result, fc.reward_weights)}
             category = trace.get("category") or "other"
             if i in decision.kept:
+                if trace["item_id"] in flagged and cfg.grounding.text_solvable == "downweight":
+                    row["weight"] = cfg.grounding.text_solvable_weight
                 kept.append(row)
                 by_category[category]["kept"] += 1
                 continue
@@ -129,6 +180,7 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
         "all_failed_ids": sorted(always_failed),
         "rule_checks_per_s": round(len(traces) / max(rules_seconds, 1e-9), 1),
         **judge_stats,
+        **grounding_stats(cfg, traces, kept, rejected, results, flagged),
     }
     print(f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {len(by_item)} "
           f"prompts ({out_of_band} outside the pass-rate band, {len(always_solved)} always solved, "

@@ -25,6 +25,9 @@ class RulePipeline:
         self.extra_scripts = frozenset(s for s in cfg.allowed_scripts if s != "auto")
         self.auto_scripts = "auto" in cfg.allowed_scripts
         self._disallowed: dict[frozenset[str], re.Pattern] = {}
+        # Every language's terms apply; common terms come first, so a grounded trace stops early.
+        self.acoustic = tuple(dict.fromkeys(t for terms in cfg.lexical.acoustic_terms.values() for t in terms))
+        self.transcript = tuple(dict.fromkeys(t for terms in cfg.lexical.transcript_terms.values() for t in terms))
 
     def disallowed(self, question: str) -> re.Pattern:
         """The characters a trace for `question` may not use (cached per set of scripts)."""
@@ -64,9 +67,12 @@ class RulePipeline:
             elif name == "correct":
                 out[name] = checks.check_correct(answer, trace["reference"], trace.get("choices"), tol=self.tol,
                                                  verifier=self.verifier, trace=trace)
-            else:  # agreement
+            elif name == "agreement":
                 out[name] = checks.check_agreement(None if parts is None else parts[0], answer, trace.get("choices"),
                                                    trace["reference"], self.tol)
+            else:  # acoustic_terms
+                out[name] = checks.check_acoustic_terms(None if parts is None else parts[0], self.acoustic,
+                                                        self.transcript, cfg.lexical.min_acoustic_terms)
         return out
 
 

@@ -88,26 +88,28 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
 
 
 def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int,
-             think_close_id: int | None = None) -> list[Completion]:
-    """One completion per request, in order; each request carries its own seed. With
-    `think_close_id`, each completion counts the tokens generated before that token."""
+             think_close_id: int | None = None, n: int = 1, banned: list[str] | None = None) -> list[Completion]:
+    """`n` completions per request, request by request; each request carries its own seed (vLLM
+    gives its n samples seeds seed, seed+1, ...). With `think_close_id`, each completion counts
+    the tokens generated before that token. n > 1 prepares each prompt and its audio once, which
+    on CPU costs more than decoding a short answer. `banned` tokens are never generated."""
     from vllm import SamplingParams
 
     prompts = [{"prompt": r.prompt, "multi_modal_data": {"audio": [(a, r.sample_rate) for a in r.audio]}}
                for r in requests]
     params = [
-        SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
-                       skip_special_tokens=False)
+        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
+                       skip_special_tokens=False, bad_words=banned or None)
         for r in requests
     ]
     outs = llm.generate(prompts, params, use_tqdm=True)
     result = []
     for out in outs:
-        o = out.outputs[0]
-        ids = list(o.token_ids)
-        reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
-        result.append(Completion(text=o.text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
-                                 reasoning_tokens=reasoning))
+        for o in sorted(out.outputs, key=lambda o: o.index):
+            ids = list(o.token_ids)
+            reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
+            result.append(Completion(text=o.text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
+                                     reasoning_tokens=reasoning))
     return result
 
 

@@ -20,7 +20,7 @@ from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
 from distill.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
-from distill.prompting import item_prompt, load_tokenizer, think_close_token_id
+from distill.prompting import audio_tokens, item_prompt, load_tokenizer, think_close_token_id
 from distill.rollout.engine import Request, generate, verified_weights_hash
 from distill.rundir import RoundDir
 
@@ -65,6 +65,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     tokenizer = load_tokenizer(str(model_dir))
     cache = audio_cache(cfg)
     sc = cfg.sample
+    banned = audio_tokens(str(model_dir)) if sc.ban_audio_tokens else None
     start, new_traces, skipped = time.time(), 0, 0
     for shard in indices:
         path = rd.shard_path(shard, count)
@@ -83,7 +84,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 requests.append(replace(request, seed=seed))
                 meta.append((item, prompt, audio_hash, j, seed))
         outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens,
-                        think_close_token_id(tokenizer))
+                        think_close_token_id(tokenizer), banned=banned)
         rows = []
         for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
             rows.append({
@@ -142,12 +143,14 @@ def check_shard_model(path: Path, model_hash: str) -> None:
                            f"{model_hash[:12]}; delete the stale shard (or the round) to resample")
 
 
-def read_samples(rd: RoundDir, count: int) -> list[dict]:
-    """All traces of a round; raises if a shard is missing (sampling is not finished)."""
-    missing = [i for i in range(count) if not rd.shard_path(i, count).exists()]
+def read_samples(rd: RoundDir, count: int, shards: list[int] | None = None) -> list[dict]:
+    """The traces of a round (of some of its shards); raises if a shard is missing (sampling is not
+    finished)."""
+    shards = list(range(count)) if shards is None else shards
+    missing = [i for i in shards if not rd.shard_path(i, count).exists()]
     if missing:
         raise FileNotFoundError(f"{rd.path}: sample shard(s) {missing} of {count} missing; run the sample stage")
     rows = []
-    for i in range(count):
+    for i in shards:
         rows.extend(read_jsonl(rd.shard_path(i, count)))
     return rows

@@ -1,0 +1,91 @@
+"""Teacher-forced scoring of traces with vLLM `prompt_logprobs`: how much more likely a trace is
+when the model hears the real audio than when it hears a counterfactual.
+
+The prompt and the trace go in as one prompt; vLLM returns the log-probability of every prompt
+token given the ones before it (one forward pass, no sampling). The trace's tokens are the tail
+of that prompt: they are found with the tokenizer's character offsets, so a prompt whose audio
+placeholder vLLM expands into hundreds of audio tokens still lines up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from distill.prompting import THINK_CLOSE
+
+
+@dataclass
+class ScoreJob:
+    prompt: str  # the chat prompt with one audio placeholder per chunk of `audio`
+    completion: str  # the trace, from the generation prefix on
+    audio: list[np.ndarray]
+
+
+@dataclass
+class TraceLogprobs:
+    reasoning: list[float]  # per token, up to and including </think>
+    answer: list[float]  # per token after </think>
+
+    @property
+    def total(self) -> float:
+        return sum(self.reasoning) + sum(self.answer)
+
+
+def completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    """(token ids of the completion as the model reads them after the prompt, how many of them
+    belong to the reasoning: up to the end of the last `</think>`, all of them without one)."""
+    enc = tokenizer(prompt + completion, add_special_tokens=False, return_offsets_mapping=True)
+    cut = len(prompt)
+    first = next((i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= cut),
+                 len(enc["input_ids"]))
+    ids = enc["input_ids"][first:]
+    close = completion.rfind(THINK_CLOSE)
+    if close < 0:
+        return ids, len(ids)
+    close_end = cut + close + len(THINK_CLOSE)
+    reasoning = sum(1 for start, _ in enc["offset_mapping"][first:] if start < close_end)
+    return ids, reasoning
+
+
+def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceLogprobs]:
+    """The log-probability of each job's completion tokens given its prompt and audio."""
+    from vllm import SamplingParams
+
+    if not jobs:
+        return []
+    spans = [completion_tokens(tokenizer, j.prompt, j.completion) for j in jobs]
+    prompts = [{"prompt": j.prompt + j.completion,
+                "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}} for j in jobs]
+    # max_tokens=1 is vLLM's minimum; the one generated token is ignored. prompt_logprobs=0 returns
+    # the log-probability of each prompt token itself (raw model output, before any sampling).
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = []
+    for job, (ids, reasoning), out in zip(jobs, spans, outs, strict=True):
+        tail = list(out.prompt_token_ids[len(out.prompt_token_ids) - len(ids):])
+        if tail != ids:
+            raise RuntimeError(f"scoring: vLLM tokenized the trace differently from the tokenizer ({tail[:8]} vs "
+                               f"{ids[:8]}); trace starts {job.completion[:60]!r}")
+        entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(ids):]
+        values = [entry[tok].logprob for entry, tok in zip(entries, ids, strict=True)]
+        result.append(TraceLogprobs(values[:reasoning], values[reasoning:]))
+    return result
+
+
+@dataclass
+class Dependence:
+    """How much a trace depends on the audio against one counterfactual: log-probability gained
+    from the real audio, per reasoning token (nats/token) and over the whole answer (nats)."""
+
+    reasoning: float
+    answer: float
+
+
+def dependence(real: TraceLogprobs, counter: TraceLogprobs) -> Dependence:
+    """Real-audio minus counterfactual log-probabilities of the same tokens."""
+    if len(real.reasoning) != len(counter.reasoning) or len(real.answer) != len(counter.answer):
+        raise ValueError("dependence: the two scorings cover different tokens")
+    gain = sum(real.reasoning) - sum(counter.reasoning)
+    return Dependence(reasoning=gain / max(1, len(real.reasoning)), answer=sum(real.answer) - sum(counter.answer))

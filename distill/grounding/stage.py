@@ -1,0 +1,249 @@
+"""The ground stage, between sample and filter: does the model listen, item by item and trace by trace?
+
+For each sample shard it writes `grounding/shard-XXXXX-of-YYYYY.jsonl`, one row per item:
+- probe answers sampled with the real audio and with each counterfactual (silence, noise of the
+  same loudness, another item's audio), and whether the item is answerable from text alone;
+- for each scored trace, its audio dependence: the teacher-forced log-probability of the trace
+  with the real audio minus with each counterfactual (vLLM prompt_logprobs), per reasoning token
+  and over the answer. The cheap rule checks pre-filter which traces are scored.
+It runs on the engine that sampled the round (same model), so it costs no engine start; the
+filter stage reads the rows and applies the thresholds. Shards resume and run as array tasks
+exactly like sample shards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from data_pipelines.items import Item
+from distill.config import Config
+from distill.data import audio_cache
+from distill.grounding.counterfactual import counterfactual, stable_seed, swap_partners
+from distill.grounding.probe import ProbeTally, chance, text_solvable
+from distill.grounding.scoring import ScoreJob, dependence, score
+from distill.io import atomic_write_jsonl, read_jsonl
+from distill.metrics import distribution
+from distill.prompting import audio_tokens, control_tokens, item_prompt, load_tokenizer
+from distill.rewards.checks import check_control_tokens
+from distill.rewards.rules import RulePipeline
+from distill.rollout.engine import Request, generate, verified_weights_hash
+from distill.rollout.sample import read_samples, sample_seed, shard_plan
+from distill.rundir import RoundDir
+
+GROUNDING_SCHEMA_VERSION = 1
+
+
+def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable
+                 ) -> dict | None:
+    """Measure the missing grounding shards of round `rd`; return the round's grounding stats once
+    every shard is on disk (None while other array tasks still owe theirs)."""
+    g = cfg.grounding
+    if not g.enabled:
+        return {"enabled": False}
+    count, indices = shard_plan(cfg)
+    model_hash = verified_weights_hash(model_dir)
+    ctx = GroundingContext(cfg, items, model_dir)
+    start, done, skipped = time.time(), 0, 0
+    timing: Counter = Counter()
+    for shard in indices:
+        path = rd.grounding_path(shard, count)
+        if path.exists():
+            check_grounding_model(path, model_hash)
+            skipped += 1
+            continue
+        traces = read_samples(rd, count, shards=[shard])
+        rows = ctx.measure(traces, rd.index, get_engine(model_dir), model_hash, timing)
+        atomic_write_jsonl(path, rows)
+        done += 1
+        print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, "
+              f"{sum(len(r['traces']) for r in rows)} traces scored -> {path}", flush=True)
+    print(f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
+          f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s)", flush=True)
+    if any(not rd.grounding_path(i, count).exists() for i in range(count)):
+        return None
+    stats = summarize(read_grounding(rd, count).values(), g.counterfactuals)
+    # This process's own timing (a resumed stage or one array task times only its shards).
+    return {**stats, "probe_seconds": round(timing["probe"], 2), "score_seconds": round(timing["score"], 2)}
+
+
+class GroundingContext:
+    """What every shard of a round needs: tokenizer, audio, swap partners, the pre-filter."""
+
+    def __init__(self, cfg: Config, items: list[Item], model_dir: Path):
+        self.cfg = cfg
+        self.items = {it.id: it for it in items}
+        self.partners = swap_partners(items, cfg.seed)
+        self.tokenizer = load_tokenizer(str(model_dir))
+        self.cache = audio_cache(cfg)
+        self.control_tokens = control_tokens(str(model_dir))
+        self.audio_tokens = tuple(audio_tokens(str(model_dir)))
+        self.banned = list(self.audio_tokens) if cfg.sample.ban_audio_tokens else None
+        self.prefilter = RulePipeline(cfg.filter, self.control_tokens)
+        self.answer_check = RulePipeline(replace(cfg.filter, checks=["correct"]), ())
+
+    def audio(self, item: Item, kind: str) -> list | None:
+        """The item's audio as heard under `kind` ("real" or a counterfactual); None when a swap
+        has no partner (a one-item split)."""
+        real = self.cache.chunks(item.audio, item.audio_sha256)
+        if kind == "real":
+            return real
+        partner = self.partners.get(item.id)
+        if kind == "swap" and partner is None:
+            return None
+        other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
+        return counterfactual(kind, real, stable_seed(self.cfg.seed, kind, item.id), other)
+
+    def prompt(self, item: Item, audio: list) -> str:
+        return item_prompt(self.tokenizer, item, self.cfg.data.system_prompt, len(audio))
+
+    def measure(self, traces: list[dict], round_index: int, llm, model_hash: str, timing: Counter) -> list[dict]:
+        """The grounding rows of one shard's items (in the order their traces come)."""
+        g = self.cfg.grounding
+        by_item: dict[str, list[dict]] = defaultdict(list)
+        for t in traces:
+            by_item[t["item_id"]].append(t)
+        missing = [i for i in by_item if i not in self.items]
+        if missing:
+            raise RuntimeError(f"ground: traces of item(s) {missing[:5]} that are not in the train split; the "
+                               "samples belong to another data set (delete the round to resample)")
+        items = [self.items[i] for i in by_item]
+        t0 = time.time()
+        tallies, answers = self.probe(items, round_index, llm)
+        timing["probe"] += time.time() - t0
+        t0 = time.time()
+        scores = self.score_traces(by_item, llm)
+        timing["score"] += time.time() - t0
+        rows = []
+        for item in items:
+            rate = chance(item.answer, item.choices)
+            partner = self.partners.get(item.id)
+            rows.append({
+                "schema_version": GROUNDING_SCHEMA_VERSION,
+                "item_id": item.id,
+                "category": item.category,
+                "family": item.family,
+                "model_sha256": model_hash,
+                "swap_partner": partner.id if partner else None,
+                "chance": round(rate, 4),
+                "probe": tallies[item.id].counts,
+                "probe_answers": answers[item.id],
+                "text_solvable": text_solvable(tallies[item.id], rate, g.text_solvable_margin),
+                "traces": {t["trace_id"]: scores[t["trace_id"]] for t in by_item[item.id] if t["trace_id"] in scores},
+            })
+        return rows
+
+    def probe(self, items: list[Item], round_index: int, llm) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
+        """Sample probe_samples short answers per item and input; tally the right ones."""
+        g, sr = self.cfg.grounding, self.cfg.data.sample_rate
+        requests, meta = [], []
+        for item in items:
+            for kind in ("real", *g.counterfactuals):
+                audio = self.audio(item, kind)
+                if audio is None or not g.probe_samples:
+                    continue
+                seed = sample_seed(self.cfg.seed, round_index, f"{item.id}/probe/{kind}", 0)
+                requests.append(Request(self.prompt(item, audio) + g.probe_prefix, audio, sr, seed))
+                meta.extend([(item, kind)] * g.probe_samples)
+        tallies = {it.id: ProbeTally() for it in items}
+        answers: dict[str, dict[str, list[str]]] = {it.id: {} for it in items}
+        if not requests:
+            return tallies, answers
+        outs = generate(llm, requests, g.probe_temperature, 1.0, g.probe_max_tokens, n=g.probe_samples,
+                        banned=self.banned)
+        for (item, kind), out in zip(meta, outs, strict=True):
+            result = self.answer_check.run({"completion": g.probe_prefix + out.text, "reference": item.answer,
+                                            "choices": item.choices, "question": item.question})
+            tallies[item.id].add(kind, result["correct"] is None)
+            answers[item.id].setdefault(kind, []).append(out.text)
+        return tallies, answers
+
+    def score_traces(self, by_item: dict[str, list[dict]], llm) -> dict[str, dict]:
+        """trace id -> audio dependence, for the traces the pre-filter lets through."""
+        g, sr = self.cfg.grounding, self.cfg.data.sample_rate
+        jobs, meta = [], []
+        for item_id, traces in by_item.items():
+            item = self.items[item_id]
+            inputs = {kind: audio for kind in ("real", *g.score_against) if (audio := self.audio(item, kind)) is not None}
+            for t in traces:
+                if g.score_traces == "passing" and any(self.prefilter.run(t).values()):
+                    continue
+                if check_control_tokens(t["completion"], self.audio_tokens):
+                    continue  # the engine would read an audio token in the trace as a slot to fill
+                for kind, audio in inputs.items():
+                    jobs.append(ScoreJob(self.prompt(item, audio), t["completion"], audio))
+                    meta.append((t["trace_id"], kind))
+        per_trace: dict[str, dict] = defaultdict(dict)
+        for lo in range(0, len(jobs), g.score_batch):
+            for (trace_id, kind), lp in zip(meta[lo:lo + g.score_batch],
+                                            score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr), strict=True):
+                per_trace[trace_id][kind] = lp
+        return {trace_id: trace_dependence(lps) for trace_id, lps in per_trace.items()}
+
+
+def trace_dependence(lps: dict) -> dict:
+    """A trace's grounding record from its scorings: against each counterfactual, and the smallest
+    gain over them (the counterfactual the trace depends on least decides)."""
+    real = lps["real"]
+    against = {kind: dependence(real, lp) for kind, lp in lps.items() if kind != "real"}
+    record = {"logprob": round(real.total, 4), "reasoning_tokens": len(real.reasoning),
+              "answer_tokens": len(real.answer),
+              "against": {k: {"reasoning": round(d.reasoning, 4), "answer": round(d.answer, 4)}
+                          for k, d in against.items()}}
+    if against:
+        record["dependence"] = round(min(d.reasoning for d in against.values()), 4)
+        record["answer_dependence"] = round(min(d.answer for d in against.values()), 4)
+    return record
+
+
+def check_grounding_model(path: Path, model_hash: str) -> None:
+    """A grounding shard on disk must come from the model the round samples from, or it is stale."""
+    first = next(read_jsonl(path), None)
+    if first is not None and first["model_sha256"] != model_hash:
+        raise RuntimeError(f"{path}: measured with model {first['model_sha256'][:12]}, but this round samples from "
+                           f"{model_hash[:12]}; delete the stale shard (or the round) to measure again")
+
+
+def read_grounding(rd: RoundDir, count: int) -> dict[str, dict]:
+    """item id -> grounding row, over all shards of a round; raises if a shard is missing."""
+    missing = [i for i in range(count) if not rd.grounding_path(i, count).exists()]
+    if missing:
+        raise FileNotFoundError(f"{rd.path}: grounding shard(s) {missing} of {count} missing; run the ground stage")
+    return {row["item_id"]: row for i in range(count) for row in read_jsonl(rd.grounding_path(i, count))}
+
+
+def summarize(rows, kinds: list[str]) -> dict:
+    """Round grounding metrics: probe accuracy per input, the grounding gap (real minus
+    counterfactual accuracy), text-solvable items per category, and the dependence distribution."""
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_category: dict[str, Counter] = defaultdict(Counter)
+    deps, items, flagged = [], 0, 0
+    for row in rows:
+        items += 1
+        flagged += row["text_solvable"]
+        category = row.get("category") or "other"
+        by_category[category]["items"] += 1
+        by_category[category]["text_solvable"] += row["text_solvable"]
+        for kind, (correct, total) in row["probe"].items():
+            totals[kind][0] += correct
+            totals[kind][1] += total
+        deps.extend(t["dependence"] for t in row["traces"].values() if "dependence" in t)
+    acc = {k: round(c / n, 4) for k, (c, n) in totals.items() if n}
+    cf = [totals[k] for k in kinds if totals[k][1]]
+    cf_acc = round(sum(c for c, _ in cf) / sum(n for _, n in cf), 4) if cf else None
+    real = acc.get("real")
+    return {
+        "items": items,
+        "probe_accuracy": acc,
+        "counterfactual_accuracy": cf_acc,
+        "grounding_gap": None if real is None or cf_acc is None else round(real - cf_acc, 4),
+        "grounding_gap_by_kind": {k: round(real - acc[k], 4) for k in kinds if real is not None and k in acc},
+        "text_solvable": flagged,
+        "text_solvable_share": round(flagged / max(1, items), 4),
+        "text_solvable_by_category": {c: dict(n) for c, n in sorted(by_category.items())},
+        "traces_scored": len(deps),
+        "dependence": distribution(deps),
+    }

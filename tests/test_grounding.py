@@ -1,0 +1,197 @@
+"""Grounding pieces that need no engine: counterfactual audio, swap partners, the text-solvable
+rule, the lexical and audio-dependence checks, token alignment, and the filter applying them."""
+
+import numpy as np
+import pytest
+
+from data_pipelines.items import Item
+from distill.config import ConfigError, load_config
+from distill.grounding.counterfactual import counterfactual, noise, rms, silence, swap_partners
+from distill.grounding.probe import ProbeTally, chance, text_solvable
+from distill.grounding.scoring import TraceLogprobs, completion_tokens, dependence
+from distill.io import atomic_write_jsonl, read_jsonl
+from distill.rewards.checks import acoustic_terms, check_acoustic_terms, check_audio_dependence
+from distill.rewards.filter import filter_stage
+from distill.rundir import RunDir
+
+EN = ("hz", "pitch", "loud", " db")
+TRANSCRIPT = ("says", "the words")
+
+
+def tone(seconds=1.0, freq=440.0, amp=0.3, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def item(i, answer, audio="a.wav"):
+    return Item(id=f"i{i}", audio=audio, question="High or low?", answer=answer, choices=["high", "low"])
+
+
+def test_silence_and_noise_keep_length_chunking_and_loudness():
+    real = [tone(1.0), tone(0.5, amp=0.1)]
+    quiet = silence(real)
+    assert [q.shape for q in quiet] == [r.shape for r in real] and not any(q.any() for q in quiet)
+    hiss = noise(real, seed=7)
+    assert [h.shape for h in hiss] == [r.shape for r in real] and hiss[0].dtype == np.float32
+    assert rms(hiss) == pytest.approx(rms(real), rel=1e-3)  # the same loudness ...
+    # ... but none of the tone: no spectral peak at 440 Hz above the noise floor.
+    spectrum = np.abs(np.fft.rfft(hiss[0]))
+    assert spectrum[440] < 5 * np.median(spectrum)
+    assert np.array_equal(noise(real, seed=7)[0], hiss[0]) and not np.array_equal(noise(real, seed=8)[0], hiss[0])
+
+
+def test_swap_takes_another_items_audio_with_another_answer():
+    items = [item(i, "high" if i % 3 else "low") for i in range(9)]
+    partners = swap_partners(items, seed=0)
+    assert set(partners) == {it.id for it in items}
+    assert all(p.id != i and p.answer != next(it for it in items if it.id == i).answer for i, p in partners.items())
+    # Deterministic and independent of the order the split lists its items in.
+    assert {k: v.id for k, v in swap_partners(items[::-1], seed=0).items()} == {k: v.id for k, v in partners.items()}
+    assert {k: v.id for k, v in swap_partners(items, seed=1).items()} != {k: v.id for k, v in partners.items()}
+    # One answer everywhere: still another item; one item: nothing to swap with.
+    same = swap_partners([item(i, "high") for i in range(3)], seed=0)
+    assert all(p.id != i for i, p in same.items())
+    assert swap_partners([item(0, "high")], seed=0) == {}
+    partner_audio = [tone(2.0, 900.0)]
+    assert counterfactual("swap", [tone()], 0, partner_audio) is partner_audio
+    with pytest.raises(ValueError, match="another item"):
+        counterfactual("swap", [tone()], 0, None)
+    with pytest.raises(ValueError, match="unknown counterfactual 'reverse'"):
+        counterfactual("reverse", [tone()], 0)
+
+
+def test_text_solvable_means_right_without_audio_well_above_chance():
+    assert chance("high", ["high", "low"]) == 0.5 and chance("B", ["A", "B", "C", "D"]) == 0.25
+    assert chance("Yes", None) == 0.5 and chance("440", None) == 0.0
+    tally = ProbeTally()
+    for kind, right in [("real", True), ("real", True), ("silence", True), ("silence", True), ("noise", True),
+                        ("noise", False), ("swap", True), ("swap", True)]:
+        tally.add(kind, right)
+    assert tally.accuracy("real") == 1.0 and tally.accuracy("noise") == 0.5 and tally.accuracy("swap") == 1.0
+    assert tally.counterfactual_accuracy() == 5 / 6
+    assert text_solvable(tally, chance_rate=0.5, margin=0.3)  # 0.83 >= 0.8
+    assert not text_solvable(tally, chance_rate=0.5, margin=0.35)
+    assert not text_solvable(ProbeTally(), 0.5, 0.3)  # no probe, no flag
+    listening = ProbeTally()
+    for kind, right in [("real", True), ("silence", True), ("silence", False), ("swap", False)]:
+        listening.add(kind, right)
+    assert not text_solvable(listening, 0.5, 0.3)  # a third right without audio: below chance
+    free = ProbeTally()
+    free.add("silence", True)
+    free.add("silence", False)
+    assert text_solvable(free, chance("440", None), 0.3)  # a free answer right half the time unheard
+
+
+@pytest.mark.parametrize(("reasoning", "min_terms", "expected"), [
+    ("The tone sits near 830 Hz, above the midpoint.", 1, None),
+    ("The PITCH is steady and it is LOUD.", 2, None),
+    ("Near 830 Hz.", 2, "lexical:no_acoustic_terms"),
+    ("The speaker says the word high, so the answer is high.", 1, "lexical:transcript_only"),
+    ("It is probably high.", 1, "lexical:no_acoustic_terms"),
+    ("The feedback loop suggests it.", 1, "lexical:no_acoustic_terms"),  # " db" needs a word start
+    ("音高大约在830赫兹。", 1, None),
+    (None, 1, None),  # no think block: the format check's business
+])
+def test_acoustic_terms_check(reasoning, min_terms, expected):
+    acoustic = (*EN, "音高", "赫兹")
+    assert check_acoustic_terms(reasoning, acoustic, TRANSCRIPT, min_terms) == expected
+
+
+def test_acoustic_terms_stop_once_enough_are_found():
+    assert acoustic_terms("pitch at 440 hz, loud", EN) == ["hz", "pitch", "loud"]
+    assert acoustic_terms("pitch at 440 hz, loud", EN, enough=1) == ["hz"]
+
+
+def test_audio_dependence_check_and_dependence_math():
+    assert check_audio_dependence(None, 0.0, None) is None
+    record = {"dependence": 0.02, "answer_dependence": -0.5}
+    assert check_audio_dependence(record, 0.0, None) is None
+    assert check_audio_dependence(record, 0.05, None) == "grounding:audio_independent"
+    assert check_audio_dependence(record, None, 0.0) == "grounding:answer_independent"
+    assert check_audio_dependence({"logprob": -3.0}, 0.5, 0.5) is None  # nothing to compare against
+    real = TraceLogprobs([-1.0, -2.0, -3.0], [-0.5])
+    counter = TraceLogprobs([-1.5, -2.5, -3.5], [-2.5])
+    d = dependence(real, counter)
+    assert d.reasoning == pytest.approx(0.5) and d.answer == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="different tokens"):
+        dependence(real, TraceLogprobs([-1.0], [-0.5]))
+
+
+def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model):
+    from distill.prompting import chat_prompt, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    prompt = chat_prompt(tok, "High or low?", "sys")
+    completion = "<think>\nnear 830 Hz, so high\n</think>\nhigh"
+    ids, reasoning = completion_tokens(tok, prompt, completion)
+    whole = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+    assert whole[-len(ids):] == ids and tok.decode(ids) == completion
+    assert tok.decode(ids[:reasoning]).endswith("</think>") and tok.decode(ids[reasoning:]).strip() == "high"
+    ids2, reasoning2 = completion_tokens(tok, prompt, "<think>\nno end")
+    assert reasoning2 == len(ids2)
+
+
+def test_grounding_config_is_checked():
+    with pytest.raises(ConfigError, match="grounding.counterfactuals: unknown counterfactual"):
+        load_config("configs/demo_cpu.yaml", ["grounding.counterfactuals=[silence,reverse]"])
+    with pytest.raises(ConfigError, match="grounding.text_solvable="):
+        load_config("configs/demo_cpu.yaml", ["grounding.text_solvable=ignore"])
+    with pytest.raises(ConfigError, match="grounding.text_solvable_weight"):
+        load_config("configs/demo_cpu.yaml", ["grounding.text_solvable_weight=2"])
+    with pytest.raises(ConfigError, match="grounding.probe_samples: probing needs"):
+        load_config("configs/demo_cpu.yaml", ["grounding.counterfactuals=[]"])
+    cfg = load_config("configs/demo_cpu.yaml", ["grounding.min_dependence=null"])
+    assert cfg.grounding.min_dependence is None
+
+
+GOOD = "<think>\nnear 900 Hz, above 500 Hz\n</think>\nhigh"
+
+
+def write_round(tmp_path, tiny_model, *overrides):
+    """A sampled round of three items with hand-written grounding rows: "t" is answerable from text,
+    "d" has one trace that does not depend on the audio, one that was never scored."""
+    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", "sample.num_shards=1",
+                                                "filter.keep_per_prompt=4", *overrides])
+    rd = RunDir(cfg.run_dir).round(1)
+    traces = [{"trace_id": f"{i}#{j}", "item_id": i, "sample_index": j, "audio": "a.wav", "prompt": "p",
+               "completion": GOOD, "finish_reason": "stop", "reference": "high", "choices": ["high", "low"],
+               "category": "sound"} for i in ("t", "d", "g") for j in range(2)]
+    atomic_write_jsonl(rd.shard_path(0, 1), traces)
+
+    def row(item_id, solvable, deps):
+        return {"item_id": item_id, "category": "sound", "model_sha256": "x", "text_solvable": solvable,
+                "probe": {"real": [2, 2], "silence": [2 if solvable else 0, 2]},
+                "traces": {f"{item_id}#{j}": {"dependence": d, "answer_dependence": 1.0}
+                           for j, d in enumerate(deps) if d is not None}}
+
+    atomic_write_jsonl(rd.grounding_path(0, 1), [row("t", True, [0.2, 0.3]), row("d", False, [-0.1, 0.4]),
+                                                 row("g", False, [0.5, None])])
+    return cfg, rd
+
+
+@pytest.mark.parametrize("policy", ["drop", "downweight", "keep"])
+def test_filter_applies_text_solvable_policy_and_dependence_threshold(tmp_path, tiny_model, policy):
+    cfg, rd = write_round(tmp_path, tiny_model, f"grounding.text_solvable={policy}",
+                          "grounding.text_solvable_weight=0.25")
+    stats = filter_stage(cfg, rd, tiny_model)
+    kept = {t["trace_id"]: t for t in read_jsonl(rd.filtered)}
+    rejected = {t["trace_id"]: t["rejected_because"] for t in read_jsonl(rd.rejected)}
+    assert rejected["d#0"] == ["grounding:audio_independent"]
+    assert rejected["g#1"] == ["grounding:unscored"]  # a passing trace must have been measured
+    assert {"d#1", "g#0"} <= kept.keys() and "weight" not in kept["d#1"]
+    assert kept["d#1"]["grounding"]["dependence"] == 0.4 and kept["d#1"]["checks"]["audio_dependence"] == "pass"
+    if policy == "drop":
+        assert rejected["t#0"] == rejected["t#1"] == ["grounding:text_solvable"]
+    else:
+        assert kept["t#0"]["text_solvable"] is True
+        assert kept["t#0"].get("weight") == (0.25 if policy == "downweight" else None)
+    assert stats["text_solvable_traces"] == 2 and stats["text_solvable_kept"] == (0 if policy == "drop" else 2)
+    assert stats["dependence_rejected"]["n"] == (3 if policy == "drop" else 1)
+    assert stats["dependence_kept"]["p50"] >= 0.3 and stats["acoustic_terms_rate"] == 1.0
+
+
+def test_filter_needs_every_grounding_shard(tmp_path, tiny_model):
+    cfg, rd = write_round(tmp_path, tiny_model)
+    rd.grounding_path(0, 1).unlink()
+    with pytest.raises(FileNotFoundError, match=r"grounding shard\(s\) \[0\] of 1 missing; run the ground stage"):
+        filter_stage(cfg, rd, tiny_model)

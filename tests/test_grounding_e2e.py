@@ -1,0 +1,151 @@
+"""The grounding stage on the real engines: vLLM prompt_logprobs scores against a transformers
+forward pass, counterfactual scorings recomputed by hand, and an audio-blind model filtered."""
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.config import load_config
+from distill.grounding.counterfactual import noise, stable_seed
+from distill.grounding.scoring import ScoreJob, completion_tokens, score
+from distill.grounding.stage import ground_stage, read_grounding
+from distill.io import read_jsonl
+from distill.loop import init_run_dir
+from distill.prompting import item_prompt, load_tokenizer
+from distill.rewards.filter import filter_stage
+from distill.rollout.engine import EngineCache
+from distill.rollout.sample import read_samples, sample_stage
+from distill.rundir import RunDir
+
+pytestmark = pytest.mark.e2e
+
+SMALL = ["data.synthetic.train_items=6", "data.synthetic.eval_items=2", "sample.n=2", "sample.max_tokens=24",
+         "sample.num_shards=2", "grounding.score_traces=all",
+         "grounding.score_against=[silence,noise,swap]", "grounding.probe_samples=3", "model.build_tiny=false"]
+
+
+def sampled_round(tmp_path, model, *overrides):
+    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}", *SMALL, *overrides])
+    run = RunDir(cfg.run_dir)
+    return cfg, init_run_dir(cfg, run), run.round(1)
+
+
+def hf_completion_logprobs(model_dir, prompt, completion, audio):
+    """Per-token log-probabilities of the completion from a plain transformers forward pass."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    enc = processor(text=[prompt + completion], audio=audio, sampling_rate=16000, return_tensors="pt")
+    ids, _ = completion_tokens(processor.tokenizer, prompt, completion)
+    with torch.no_grad():
+        logits = model(**enc).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], -1)
+    targets = enc["input_ids"][0, 1:]
+    assert targets[-len(ids):].tolist() == ids
+    return logprobs[-len(ids):].gather(1, targets[-len(ids):, None])[:, 0].numpy()
+
+
+def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
+    cfg, data, rd = sampled_round(tmp_path, tiny_model)
+    items = {it.id: it for it in data.train}
+    with EngineCache(cfg.engine, cfg.seed) as engines:
+        sample_stage(cfg, data.train, tiny_model, rd, engines.get)
+        stats = ground_stage(cfg, data.train, tiny_model, rd, engines.get)
+        llm = engines.get(tiny_model)
+        tokenizer = load_tokenizer(str(tiny_model))
+        rows = read_grounding(rd, 2)
+        traces = read_samples(rd, 2)
+        trace = traces[0]
+        item = items[trace["item_id"]]
+        from distill.data import audio_cache
+
+        real = audio_cache(cfg).chunks(item.audio, item.audio_sha256)
+        prompt = item_prompt(tokenizer, item, cfg.data.system_prompt, len(real))
+        assert prompt == trace["prompt"]
+        silent = [np.zeros_like(c) for c in real]
+        hissed = noise(real, stable_seed(cfg.seed, "noise", item.id))
+        by_vllm = score(llm, tokenizer, [ScoreJob(prompt, trace["completion"], a) for a in (real, silent, hissed)],
+                        cfg.data.sample_rate)
+
+    # 1. vLLM's teacher-forced log-probabilities are a real forward pass: transformers agrees, to
+    # the precision of vLLM's bf16 (its "auto" dtype for a float32 model) ...
+    hf = {}
+    for name, audio, lp in (("real", real, by_vllm[0]), ("silence", silent, by_vllm[1])):
+        hf[name] = hf_completion_logprobs(tiny_model, prompt, trace["completion"], audio)
+        assert len(hf[name]) == len(lp.reasoning) + len(lp.answer) > 5
+        np.testing.assert_allclose(np.array(lp.reasoning + lp.answer), hf[name], atol=1e-2)
+    # ... far closer than the difference the audio makes to the trace's likelihood.
+    audio_effect = abs(hf["real"].sum() - hf["silence"].sum())
+    assert audio_effect > 0.05
+    assert abs(by_vllm[0].total - hf["real"].sum()) < 0.25 * audio_effect
+    assert abs(by_vllm[1].total - hf["silence"].sum()) < 0.25 * audio_effect
+
+    # 2. The stored dependence is the real-minus-counterfactual gap of those scorings.
+    record = rows[item.id]["traces"][trace["trace_id"]]
+    n = len(by_vllm[0].reasoning)
+    for kind, lp in (("silence", by_vllm[1]), ("noise", by_vllm[2])):
+        expected = (sum(by_vllm[0].reasoning) - sum(lp.reasoning)) / n
+        assert record["against"][kind]["reasoning"] == pytest.approx(expected, abs=1e-3)
+        assert record["against"][kind]["answer"] == pytest.approx(sum(by_vllm[0].answer) - sum(lp.answer), abs=1e-3)
+    assert record["dependence"] == min(a["reasoning"] for a in record["against"].values())
+    assert record["logprob"] == pytest.approx(by_vllm[0].total, abs=1e-3)
+
+    # 3. Every item has its probes (3 answers per input), its swap partner, a flag; every trace a score.
+    assert set(rows) == set(items)
+    for row in rows.values():
+        assert row["probe"].keys() == {"real", "silence", "noise", "swap"}
+        assert all(total == 3 for _, total in row["probe"].values())
+        assert all(len(set(answers)) > 1 for answers in row["probe_answers"].values())  # n=3 distinct samples
+        assert row["swap_partner"] in items and row["swap_partner"] != row["item_id"]
+        assert isinstance(row["text_solvable"], bool)
+    # The random model never generated an audio token (sampling bans them: the engine would read one
+    # as a slot for audio), so every trace was scored.
+    assert not any(tok in t["completion"] for t in traces for tok in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"))
+    scored = {tid for row in rows.values() for tid in row["traces"]}
+    assert scored == {t["trace_id"] for t in traces} and stats["traces_scored"] == len(traces)
+    real_acc, cf_acc = stats["probe_accuracy"]["real"], stats["counterfactual_accuracy"]
+    assert stats["grounding_gap"] == pytest.approx(real_acc - cf_acc, abs=1e-4)
+    assert sum(c["items"] for c in stats["text_solvable_by_category"].values()) == len(items)
+
+    # 4. The filter carries the measurements into its outputs and metrics.
+    fstats = filter_stage(cfg, rd, tiny_model)
+    out = list(read_jsonl(rd.rejected)) + list(read_jsonl(rd.filtered))
+    assert all("audio_dependence" in t["checks"] and "grounding" in t for t in out)
+    assert fstats["dependence_rejected"]["n"] + (fstats["dependence_kept"] or {"n": 0})["n"] == len(traces)
+
+
+def audio_blind_copy(model_dir, out):
+    """The same model with its audio projector zeroed: every audio input looks alike to it."""
+    shutil.copytree(model_dir, out)
+    weights = out / "model.safetensors"
+    state = load_file(weights)
+    zeroed = [k for k in state if "multi_modal_projector" in k]
+    assert zeroed
+    save_file({k: torch.zeros_like(v) if k in zeroed else v for k, v in state.items()}, weights,
+              metadata={"format": "pt"})
+    return out
+
+
+def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_model):
+    blind = audio_blind_copy(tiny_model, tmp_path / "blind")
+    cfg, data, rd = sampled_round(tmp_path, blind, "grounding.min_dependence=0.001")
+    with EngineCache(cfg.engine, cfg.seed) as engines:
+        sample_stage(cfg, data.train, blind, rd, engines.get)
+        stats = ground_stage(cfg, data.train, blind, rd, engines.get)
+    # Heard through a zeroed projector, real audio, silence and noise of the same length give the
+    # same trace likelihood; another item's audio differs only by its length (token positions).
+    assert stats["dependence"]["n"] >= len(data.train)
+    records = [r for row in read_grounding(rd, 2).values() for r in row["traces"].values()]
+    assert all(abs(r["against"][k]["reasoning"]) < 1e-4 for r in records for k in ("silence", "noise"))
+    assert abs(stats["dependence"]["p10"]) < 1e-3 and abs(stats["dependence"]["p90"]) < 1e-3
+    fstats = filter_stage(replace(cfg), rd, blind)
+    traces = list(read_jsonl(rd.rejected))
+    scored = [t for t in traces if "grounding" in t]
+    assert fstats["failures_by_check"]["grounding:audio_independent"] == len(scored) == stats["dependence"]["n"]
+    assert all("grounding:audio_independent" in t["rejected_because"] for t in scored)
+    assert not list(read_jsonl(rd.filtered)) and fstats["dependence_kept"] is None
