@@ -258,6 +258,9 @@ class GroundingConfig:
     # Counterfactual inputs: "silence", "noise" (white noise at the clip's RMS level) and "swap"
     # (another item's audio, one with a different answer where the split has one).
     counterfactuals: list[str] = field(default_factory=lambda: ["silence", "noise", "swap"])
+    # Silence and noise come from a bank shared by all clips: lengths rounded down to this step
+    # (0: exact lengths, one new input per clip for the engine to prepare) and whole-dB levels.
+    bank_seconds: float = 0.25
     # Text-solvable probe: answers sampled per item with the real audio and with each counterfactual.
     probe_samples: int = 2
     # The probe answers directly after an empty think block (cheap); "<think>\n" with
@@ -272,17 +275,18 @@ class GroundingConfig:
     text_solvable_weight: float = 0.25
     # Audio dependence: teacher-forced log-probability of each trace with the real audio minus with
     # each of these counterfactuals (vLLM prompt_logprobs); the smallest gain counts. Each kind
-    # costs one more forward pass per trace; noise keeps the length and loudness, so only the
-    # content differs.
-    score_against: list[str] = field(default_factory=lambda: ["noise"])
+    # costs one more forward pass per trace. "swap" asks the sharpest question (is the trace
+    # less likely under a clip with another answer?) and reuses audio the engine already prepared.
+    score_against: list[str] = field(default_factory=lambda: ["swap"])
     # Which traces are scored: "passing" (those that passed every rule check, which pre-filter the
     # expensive scoring) or "all".
     score_traces: str = "passing"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256
     # The "audio_dependence" filter: reasoning must gain at least this many nats per token from
-    # the real audio (null: no threshold) ...
-    min_dependence: float | None = 0.0
+    # the real audio (null: no threshold; the default sits above bf16 jitter, so a trace that does
+    # not depend on the audio at all is rejected) ...
+    min_dependence: float | None = 0.001
     # ... and the answer at least this many nats in all (null: no threshold).
     min_answer_dependence: float | None = None
 
@@ -402,6 +406,7 @@ _NON_NEGATIVE = (
     "filter.min_reasoning_tokens", "filter.max_reasoning_tokens", "filter.number_rel_tol", "filter.number_abs_tol",
     "filter.judge.retries", "filter.judge.backoff_s", "grounding.probe_samples", "grounding.probe_temperature",
     "grounding.text_solvable_margin", "grounding.text_solvable_weight", "filter.lexical.min_acoustic_terms",
+    "grounding.bank_seconds",
 )
 
 
@@ -470,6 +475,14 @@ def _validate(cfg: Config) -> None:
 def _validate_filter(f: FilterConfig) -> None:
     from distill.rewards.checks import SCRIPTS
 
+    for key in ("acoustic_terms", "transcript_terms"):
+        for lang, terms in getattr(f.lexical, key).items():
+            if any(not t.strip() for t in terms):
+                raise ConfigError(f"filter.lexical.{key}.{lang}: an empty term would match every trace")
+    distinct = len({t.lower() for terms in f.lexical.acoustic_terms.values() for t in terms})
+    if "acoustic_terms" in f.checks and f.lexical.min_acoustic_terms > distinct:
+        raise ConfigError(f"filter.lexical.min_acoustic_terms={f.lexical.min_acoustic_terms}: more than the "
+                          f"{distinct} distinct terms of filter.lexical.acoustic_terms")
     unknown = [c for c in f.checks if c not in RULE_CHECKS]
     if unknown:
         raise ConfigError(f"filter.checks: unknown check(s) {', '.join(unknown)} (known: {', '.join(RULE_CHECKS)})")
@@ -514,6 +527,9 @@ def _validate_grounding(cfg: Config) -> None:
     if g.probe_samples and not g.counterfactuals:
         raise ConfigError("grounding.probe_samples: probing needs at least one kind in grounding.counterfactuals "
                           "(or set grounding.probe_samples=0)")
+    if g.probe_samples > 1 and g.probe_temperature == 0:
+        raise ConfigError(f"grounding.probe_temperature=0 with grounding.probe_samples={g.probe_samples}: greedy "
+                          "decoding gives one answer; raise the temperature or set probe_samples=1")
     if g.text_solvable_weight > 1:
         raise ConfigError(f"grounding.text_solvable_weight={g.text_solvable_weight}: must be in [0, 1]")
     if g.probe_max_tokens >= cfg.engine.max_model_len:

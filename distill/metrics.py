@@ -6,6 +6,7 @@ twice in metrics.jsonl, and the table printed at the end covers the whole run.
 
 from __future__ import annotations
 
+import math
 import secrets
 
 from distill.io import atomic_write_jsonl, atomic_write_text
@@ -59,7 +60,7 @@ def distribution(values: list[float]) -> dict | None:
     ordered = sorted(values)
 
     def pct(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 4)
 
     return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 4), "p10": pct(0.1), "p50": pct(0.5),
             "p90": pct(0.9)}

@@ -27,17 +27,27 @@ def item(i, answer, audio="a.wav"):
     return Item(id=f"i{i}", audio=audio, question="High or low?", answer=answer, choices=["high", "low"])
 
 
-def test_silence_and_noise_keep_length_chunking_and_loudness():
-    real = [tone(1.0), tone(0.5, amp=0.1)]
-    quiet = silence(real)
-    assert [q.shape for q in quiet] == [r.shape for r in real] and not any(q.any() for q in quiet)
-    hiss = noise(real, seed=7)
-    assert [h.shape for h in hiss] == [r.shape for r in real] and hiss[0].dtype == np.float32
-    assert rms(hiss) == pytest.approx(rms(real), rel=1e-3)  # the same loudness ...
+def test_silence_and_noise_keep_chunking_and_loudness_from_a_shared_bank():
+    real = [tone(2.6), tone(0.55, amp=0.1), tone(0.1)]
+    quiet = silence(real, 4000)
+    # Quarter seconds, rounded down (never longer than the chunk); shorter chunks kept.
+    assert [q.size for q in quiet] == [40000, 8000, 1600] and not any(q.any() for q in quiet)
+    assert [q.size for q in silence(real, 0)] == [r.size for r in real]  # step 0: exact lengths
+    hiss = noise(real, seed=7, step=4000)
+    assert [h.size for h in hiss] == [40000, 8000, 1600] and hiss[0].dtype == np.float32
+    level = 20 * np.log10(rms(real))
+    assert abs(20 * np.log10(rms(hiss)) - level) <= 0.5 + 1e-3  # the same loudness within 0.5 dB ...
     # ... but none of the tone: no spectral peak at 440 Hz above the noise floor.
-    spectrum = np.abs(np.fft.rfft(hiss[0]))
+    spectrum = np.abs(np.fft.rfft(hiss[0][:16000]))
     assert spectrum[440] < 5 * np.median(spectrum)
-    assert np.array_equal(noise(real, seed=7)[0], hiss[0]) and not np.array_equal(noise(real, seed=8)[0], hiss[0])
+    assert np.array_equal(noise(real, seed=7, step=4000)[0], hiss[0])
+    assert not np.array_equal(noise(real, seed=8, step=4000)[0], hiss[0])
+    # Clips of one length bucket and level share the very same noise (one input for the engine to
+    # prepare); another level gets another array.
+    other = [tone(2.7, freq=900.0), tone(0.6, amp=0.1), tone(0.1)]
+    assert np.array_equal(noise(other, seed=7, step=4000)[0], hiss[0])
+    louder = noise([tone(2.6, amp=0.6), tone(0.55, amp=0.2), tone(0.1, amp=0.6)], seed=7, step=4000)
+    assert 20 * np.log10(rms(louder)) == pytest.approx(level + 6, abs=1.01)
 
 
 def test_swap_takes_another_items_audio_with_another_answer():
@@ -53,11 +63,11 @@ def test_swap_takes_another_items_audio_with_another_answer():
     assert all(p.id != i for i, p in same.items())
     assert swap_partners([item(0, "high")], seed=0) == {}
     partner_audio = [tone(2.0, 900.0)]
-    assert counterfactual("swap", [tone()], 0, partner_audio) is partner_audio
+    assert counterfactual("swap", [tone()], 0, 16000, partner_audio) is partner_audio
     with pytest.raises(ValueError, match="another item"):
-        counterfactual("swap", [tone()], 0, None)
+        counterfactual("swap", [tone()], 0, 16000, None)
     with pytest.raises(ValueError, match="unknown counterfactual 'reverse'"):
-        counterfactual("reverse", [tone()], 0)
+        counterfactual("reverse", [tone()], 0, 16000)
 
 
 def test_text_solvable_means_right_without_audio_well_above_chance():
@@ -140,6 +150,14 @@ def test_grounding_config_is_checked():
         load_config("configs/demo_cpu.yaml", ["grounding.text_solvable_weight=2"])
     with pytest.raises(ConfigError, match="grounding.probe_samples: probing needs"):
         load_config("configs/demo_cpu.yaml", ["grounding.counterfactuals=[]"])
+    with pytest.raises(ConfigError, match="grounding.score_against: unknown counterfactual"):
+        load_config("configs/demo_cpu.yaml", ["grounding.score_against=[echo]"])
+    with pytest.raises(ConfigError, match="grounding.probe_temperature=0 with grounding.probe_samples=2"):
+        load_config("configs/demo_cpu.yaml", ["grounding.probe_temperature=0"])
+    with pytest.raises(ConfigError, match="filter.lexical.acoustic_terms.en: an empty term"):
+        load_config("configs/demo_cpu.yaml", ["filter.lexical.acoustic_terms.en=[pitch, ' ']"])
+    with pytest.raises(ConfigError, match="filter.lexical.min_acoustic_terms=99: more than the"):
+        load_config("configs/demo_cpu.yaml", ["filter.lexical.min_acoustic_terms=99"])
     cfg = load_config("configs/demo_cpu.yaml", ["grounding.min_dependence=null"])
     assert cfg.grounding.min_dependence is None
 
@@ -188,6 +206,28 @@ def test_filter_applies_text_solvable_policy_and_dependence_threshold(tmp_path, 
     assert stats["text_solvable_traces"] == 2 and stats["text_solvable_kept"] == (0 if policy == "drop" else 2)
     assert stats["dependence_rejected"]["n"] == (3 if policy == "drop" else 1)
     assert stats["dependence_kept"]["p50"] >= 0.3 and stats["acoustic_terms_rate"] == 1.0
+
+
+def test_an_item_without_a_counterfactual_to_score_against_is_not_rejected(tmp_path, tiny_model):
+    cfg, rd = write_round(tmp_path, tiny_model)
+    rows = list(read_jsonl(rd.grounding_path(0, 1)))
+    rows[2]["scorable"] = False  # e.g. a one-item split scored against "swap" only
+    atomic_write_jsonl(rd.grounding_path(0, 1), rows)
+    filter_stage(cfg, rd, tiny_model)
+    assert "g#1" in {t["trace_id"] for t in read_jsonl(rd.filtered)}
+
+
+def test_swap_partners_with_the_same_answer_are_not_probed_and_lone_items_not_scored(tmp_path, tiny_model):
+    from distill.grounding.stage import GroundingContext
+
+    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}"])
+    same = [item(i, "high") for i in range(3)]
+    ctx = GroundingContext(cfg, same, tiny_model)
+    assert not ctx.informative_swap(same[0])  # a right answer under it says nothing
+    mixed = GroundingContext(cfg, [item(0, "high"), item(1, "low")], tiny_model)
+    assert mixed.informative_swap(mixed.items["i0"])
+    lone = GroundingContext(cfg, [item(0, "high")], tiny_model)  # swap is the default score_against
+    assert not lone.scorable(lone.items["i0"])
 
 
 def test_filter_needs_every_grounding_shard(tmp_path, tiny_model):

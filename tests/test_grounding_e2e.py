@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.config import load_config
-from distill.grounding.counterfactual import noise, stable_seed
+from distill.grounding.counterfactual import noise, silence
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.grounding.stage import ground_stage, read_grounding
 from distill.io import read_jsonl
@@ -65,18 +65,20 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         from distill.data import audio_cache
 
         real = audio_cache(cfg).chunks(item.audio, item.audio_sha256)
-        prompt = item_prompt(tokenizer, item, cfg.data.system_prompt, len(real))
-        assert prompt == trace["prompt"]
-        silent = [np.zeros_like(c) for c in real]
-        hissed = noise(real, stable_seed(cfg.seed, "noise", item.id))
-        by_vllm = score(llm, tokenizer, [ScoreJob(prompt, trace["completion"], a) for a in (real, silent, hissed)],
+        assert item_prompt(tokenizer, item, cfg.data.system_prompt, len(real)) == trace["prompt"]
+        # The generation prefix was not generated: it goes with the prompt, and only the sampled
+        # tokens are scored.
+        prompt, completion = trace["prompt"] + "<think>\n", trace["completion"].removeprefix("<think>\n")
+        step = round(cfg.grounding.bank_seconds * cfg.data.sample_rate)
+        silent, hissed = silence(real, step), noise(real, cfg.seed, step)
+        by_vllm = score(llm, tokenizer, [ScoreJob(prompt, completion, a) for a in (real, silent, hissed)],
                         cfg.data.sample_rate)
 
     # 1. vLLM's teacher-forced log-probabilities are a real forward pass: transformers agrees, to
     # the precision of vLLM's bf16 (its "auto" dtype for a float32 model) ...
     hf = {}
     for name, audio, lp in (("real", real, by_vllm[0]), ("silence", silent, by_vllm[1])):
-        hf[name] = hf_completion_logprobs(tiny_model, prompt, trace["completion"], audio)
+        hf[name] = hf_completion_logprobs(tiny_model, prompt, completion, audio)
         assert len(hf[name]) == len(lp.reasoning) + len(lp.answer) > 5
         np.testing.assert_allclose(np.array(lp.reasoning + lp.answer), hf[name], atol=1e-2)
     # ... far closer than the difference the audio makes to the trace's likelihood.
@@ -133,7 +135,8 @@ def audio_blind_copy(model_dir, out):
 
 def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_model):
     blind = audio_blind_copy(tiny_model, tmp_path / "blind")
-    cfg, data, rd = sampled_round(tmp_path, blind, "grounding.min_dependence=0.001")
+    # Default thresholds; exact-length silence and noise, so their token positions match the clip's.
+    cfg, data, rd = sampled_round(tmp_path, blind, "grounding.bank_seconds=0")
     with EngineCache(cfg.engine, cfg.seed) as engines:
         sample_stage(cfg, data.train, blind, rd, engines.get)
         stats = ground_stage(cfg, data.train, blind, rd, engines.get)

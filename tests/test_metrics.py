@@ -52,4 +52,5 @@ def test_distribution_gives_count_mean_and_percentiles():
 
     assert distribution([]) is None
     d = distribution([float(x) for x in range(10, 0, -1)])
-    assert d == {"n": 10, "mean": 5.5, "p10": 2.0, "p50": 6.0, "p90": 10.0}
+    assert d == {"n": 10, "mean": 5.5, "p10": 1.0, "p50": 5.0, "p90": 9.0}
+    assert distribution([3.0])["p90"] == 3.0 and distribution([1.0, 2.0, 3.0])["p50"] == 2.0

@@ -1,11 +1,19 @@
 """Counterfactual audio: the same question heard with something other than its own recording.
 
 Three kinds, each a pure function of the real audio (and, for "swap", of the split):
-- "silence": zeros of the same length and chunking;
+- "silence": zeros, chunk by chunk;
 - "noise": white noise at the recording's RMS level (same loudness, no content);
 - "swap": another item's recording, preferably one whose reference answer differs, so the
   counterfactual really changes what the right answer is.
 A model whose answer (or trace) is as likely under these as under the real audio is not listening.
+
+Silence and noise come from a small shared bank: lengths are multiples of a step (the chunk's
+length rounded down, by less than grounding.bank_seconds; step 0 keeps exact lengths) and noise
+levels whole dB (loudness matched within 0.5 dB), and the noise of one (length, level) is the same
+array for every clip. The engine prepares each distinct audio input once (on this CPU about 0.1 s
+for Qwen2-Audio's 30 s feature window), so a bank of a few dozen inputs instead of one per item
+keeps grounding cheap; "swap" reuses recordings the engine already prepared while sampling. The
+price: a counterfactual up to one step shorter than the clip (a few audio tokens fewer).
 """
 
 from __future__ import annotations
@@ -34,18 +42,28 @@ def rms(chunks: list[np.ndarray]) -> float:
     return (total / count) ** 0.5 if count else 0.0
 
 
-def silence(chunks: list[np.ndarray]) -> list[np.ndarray]:
-    return [np.zeros_like(c) for c in chunks]
+def bank_length(samples: int, step: int) -> int:
+    """A chunk's length in the shared bank: rounded down to a multiple of `step` samples (never
+    longer than the chunk, so never over the model's limit); shorter chunks, and any chunk when
+    the step is 0, keep their length."""
+    if step <= 0:
+        return samples
+    return max(min(samples, step), samples // step * step)
 
 
-def noise(chunks: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """White noise with the recording's chunk lengths and RMS level (clipped to [-1, 1], which at
-    speech and music levels changes nothing)."""
-    rng = np.random.default_rng(seed)
-    level = rms(chunks)
+def silence(chunks: list[np.ndarray], step: int) -> list[np.ndarray]:
+    return [np.zeros(bank_length(c.size, step), dtype=c.dtype) for c in chunks]
+
+
+def noise(chunks: list[np.ndarray], seed: int, step: int) -> list[np.ndarray]:
+    """White noise at the recording's RMS level rounded to whole dB, one array per (length, level)
+    and seed (clipped to [-1, 1], which at speech and music levels changes nothing)."""
+    level_db = round(20 * np.log10(max(rms(chunks), 1e-10)))
+    level = 10 ** (level_db / 20)
     out = []
     for c in chunks:
-        white = rng.standard_normal(c.shape)
+        length = bank_length(c.size, step)
+        white = np.random.default_rng(stable_seed(seed, "noise", length, level_db)).standard_normal(length)
         scale = level / max(float(np.sqrt(np.mean(np.square(white)))), 1e-12)
         out.append(np.clip(white * scale, -1.0, 1.0).astype(c.dtype))
     return out
@@ -73,13 +91,14 @@ def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
     return partners
 
 
-def counterfactual(kind: str, chunks: list[np.ndarray], seed: int, partner_chunks: list[np.ndarray] | None = None
-                   ) -> list[np.ndarray]:
-    """The counterfactual audio of one kind for a recording given as chunks."""
+def counterfactual(kind: str, chunks: list[np.ndarray], seed: int, step: int,
+                   partner_chunks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The counterfactual audio of one kind for a recording given as chunks (`step`: the bank's
+    length step in samples)."""
     if kind == "silence":
-        return silence(chunks)
+        return silence(chunks, step)
     if kind == "noise":
-        return noise(chunks, seed)
+        return noise(chunks, seed, step)
     if kind == "swap":
         if partner_chunks is None:
             raise ValueError("swap needs another item's audio (a split of at least two items)")

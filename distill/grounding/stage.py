@@ -22,10 +22,10 @@ from pathlib import Path
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
-from distill.grounding.counterfactual import counterfactual, stable_seed, swap_partners
+from distill.grounding.counterfactual import counterfactual, swap_partners
 from distill.grounding.probe import ProbeTally, chance, text_solvable
 from distill.grounding.scoring import ScoreJob, dependence, score
-from distill.io import atomic_write_jsonl, read_jsonl
+from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
 from distill.metrics import distribution
 from distill.prompting import audio_tokens, control_tokens, item_prompt, load_tokenizer
 from distill.rewards.checks import check_control_tokens
@@ -51,12 +51,13 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     timing: Counter = Counter()
     for shard in indices:
         path = rd.grounding_path(shard, count)
+        samples_sha256 = sha256_file(rd.shard_path(shard, count)) if rd.shard_path(shard, count).exists() else None
         if path.exists():
-            check_grounding_model(path, model_hash)
+            check_grounding_shard(path, model_hash, samples_sha256)
             skipped += 1
             continue
         traces = read_samples(rd, count, shards=[shard])
-        rows = ctx.measure(traces, rd.index, get_engine(model_dir), model_hash, timing)
+        rows = ctx.measure(traces, rd.index, get_engine(model_dir), model_hash, samples_sha256, timing)
         atomic_write_jsonl(path, rows)
         done += 1
         print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, "
@@ -87,7 +88,8 @@ class GroundingContext:
 
     def audio(self, item: Item, kind: str) -> list | None:
         """The item's audio as heard under `kind` ("real" or a counterfactual); None when a swap
-        has no partner (a one-item split)."""
+        has no partner (a one-item split). Noise depends on the run's seed, not the item: clips of
+        one length and level share it (counterfactual.py)."""
         real = self.cache.chunks(item.audio, item.audio_sha256)
         if kind == "real":
             return real
@@ -95,12 +97,20 @@ class GroundingContext:
         if kind == "swap" and partner is None:
             return None
         other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
-        return counterfactual(kind, real, stable_seed(self.cfg.seed, kind, item.id), other)
+        step = round(self.cfg.grounding.bank_seconds * self.cfg.data.sample_rate)
+        return counterfactual(kind, real, self.cfg.seed, step, other)
+
+    def informative_swap(self, item: Item) -> bool:
+        """A swap partner with the same answer (a split with one answer) tells nothing when the
+        model answers right; such swaps are left out of the probe tally."""
+        partner = self.partners.get(item.id)
+        return partner is not None and partner.answer.strip().lower() != item.answer.strip().lower()
 
     def prompt(self, item: Item, audio: list) -> str:
         return item_prompt(self.tokenizer, item, self.cfg.data.system_prompt, len(audio))
 
-    def measure(self, traces: list[dict], round_index: int, llm, model_hash: str, timing: Counter) -> list[dict]:
+    def measure(self, traces: list[dict], round_index: int, llm, model_hash: str, samples_sha256: str,
+                timing: Counter) -> list[dict]:
         """The grounding rows of one shard's items (in the order their traces come)."""
         g = self.cfg.grounding
         by_item: dict[str, list[dict]] = defaultdict(list)
@@ -128,6 +138,10 @@ class GroundingContext:
                 "family": item.family,
                 "model_sha256": model_hash,
                 "swap_partner": partner.id if partner else None,
+                "samples_sha256": samples_sha256,
+                # Its traces have a counterfactual to be scored against (the filter expects a score
+                # on every trace that passed the rules only then).
+                "scorable": self.scorable(item),
                 "chance": round(rate, 4),
                 "probe": tallies[item.id].counts,
                 "probe_answers": answers[item.id],
@@ -142,9 +156,9 @@ class GroundingContext:
         requests, meta = [], []
         for item in items:
             for kind in ("real", *g.counterfactuals):
-                audio = self.audio(item, kind)
-                if audio is None or not g.probe_samples:
+                if not g.probe_samples or (kind == "swap" and not self.informative_swap(item)):
                     continue
+                audio = self.audio(item, kind)
                 seed = sample_seed(self.cfg.seed, round_index, f"{item.id}/probe/{kind}", 0)
                 requests.append(Request(self.prompt(item, audio) + g.probe_prefix, audio, sr, seed))
                 meta.extend([(item, kind)] * g.probe_samples)
@@ -161,20 +175,29 @@ class GroundingContext:
             answers[item.id].setdefault(kind, []).append(out.text)
         return tallies, answers
 
+    def scorable(self, item: Item) -> bool:
+        """Whether the item has a counterfactual to score its traces against (a swap needs a partner)."""
+        return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
+
     def score_traces(self, by_item: dict[str, list[dict]], llm) -> dict[str, dict]:
-        """trace id -> audio dependence, for the traces the pre-filter lets through."""
+        """trace id -> audio dependence, for the traces the pre-filter lets through. Only the
+        generated tokens count: the generation prefix (`<think>\n`) goes with the prompt."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
+        prefix = self.cfg.sample.generation_prefix
         jobs, meta = [], []
         for item_id, traces in by_item.items():
             item = self.items[item_id]
+            if not self.scorable(item):
+                continue  # nothing to compare the real audio with
             inputs = {kind: audio for kind in ("real", *g.score_against) if (audio := self.audio(item, kind)) is not None}
             for t in traces:
                 if g.score_traces == "passing" and any(self.prefilter.run(t).values()):
                     continue
                 if check_control_tokens(t["completion"], self.audio_tokens):
                     continue  # the engine would read an audio token in the trace as a slot to fill
+                head = prefix if prefix and t["completion"].startswith(prefix) else ""
                 for kind, audio in inputs.items():
-                    jobs.append(ScoreJob(self.prompt(item, audio), t["completion"], audio))
+                    jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio))
                     meta.append((t["trace_id"], kind))
         per_trace: dict[str, dict] = defaultdict(dict)
         for lo in range(0, len(jobs), g.score_batch):
@@ -199,12 +222,18 @@ def trace_dependence(lps: dict) -> dict:
     return record
 
 
-def check_grounding_model(path: Path, model_hash: str) -> None:
-    """A grounding shard on disk must come from the model the round samples from, or it is stale."""
+def check_grounding_shard(path: Path, model_hash: str, samples_sha256: str | None) -> None:
+    """A grounding shard on disk must come from the model the round samples from and from the
+    sample shard on disk now (one resampled since is measured again), or it is stale."""
     first = next(read_jsonl(path), None)
-    if first is not None and first["model_sha256"] != model_hash:
+    if first is None:
+        return
+    if first["model_sha256"] != model_hash:
         raise RuntimeError(f"{path}: measured with model {first['model_sha256'][:12]}, but this round samples from "
                            f"{model_hash[:12]}; delete the stale shard (or the round) to measure again")
+    if first.get("samples_sha256") != samples_sha256:
+        raise RuntimeError(f"{path}: measured on other samples than the sample shard on disk now; delete it to "
+                           "measure again")
 
 
 def read_grounding(rd: RoundDir, count: int) -> dict[str, dict]:

@@ -76,9 +76,10 @@ def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list
             trace["grounding"] = record
         result["text_solvable"] = ("grounding:text_solvable" if row["text_solvable"] and g.text_solvable == "drop"
                                    else None)
-        if record is None and not any(result.values()):
+        if record is None and row.get("scorable", True) and not any(result.values()):
             # The ground stage scores every trace that passes the rules; a passing trace without a
-            # score means the config changed between the stages.
+            # score was skipped there (it holds an audio token and the control_tokens check is
+            # off) and cannot be vouched for.
             result["audio_dependence"] = "grounding:unscored"
         else:
             result["audio_dependence"] = checks.check_audio_dependence(record, g.min_dependence,

@@ -25,9 +25,11 @@ class RulePipeline:
         self.extra_scripts = frozenset(s for s in cfg.allowed_scripts if s != "auto")
         self.auto_scripts = "auto" in cfg.allowed_scripts
         self._disallowed: dict[frozenset[str], re.Pattern] = {}
-        # Every language's terms apply; common terms come first, so a grounded trace stops early.
-        self.acoustic = tuple(dict.fromkeys(t for terms in cfg.lexical.acoustic_terms.values() for t in terms))
-        self.transcript = tuple(dict.fromkeys(t for terms in cfg.lexical.transcript_terms.values() for t in terms))
+        # Every language's terms apply, lower-cased like the reasoning they are looked for in;
+        # common terms come first, so a grounded trace stops early.
+        self.acoustic = tuple(dict.fromkeys(t.lower() for terms in cfg.lexical.acoustic_terms.values() for t in terms))
+        self.transcript = tuple(dict.fromkeys(t.lower() for terms in cfg.lexical.transcript_terms.values()
+                                              for t in terms))
 
     def disallowed(self, question: str) -> re.Pattern:
         """The characters a trace for `question` may not use (cached per set of scripts)."""
