@@ -1,16 +1,18 @@
 """Benchmark: traces/s of the filter's full rule pipeline on one core, against a plain regex baseline
 measured in the same run on the same traces.
 
-    .venv/bin/python bench/filter_checks.py [--traces 100000] [--distinct 2000] [--out bench/results/filter_checks.json]
+    .venv/bin/python bench/filter_checks.py [--traces 100000] [--distinct 2000] [--without CHECK ...]
+        [--out bench/results/filter_checks.json]
 
 The traces are synthetic but shaped like sampled ones: 1,000-3,000 tokens of acoustic reasoning
 (about 4 characters a token), mostly well-formed and right, some wrong, some with stray Chinese,
-loops, self-cognition claims, control tokens, non-ASCII punctuation, a '<' in the text, or cut off. `--distinct`
+loops, self-cognition claims, control tokens, non-ASCII punctuation, a '<' in the text, transcript talk
+with no acoustic term, or cut off. `--distinct`
 different traces are generated and cycled through (the checks cache nothing between traces).
 - baseline: what a plain filter does: one regex `<think>(.*?)</think>\\s*(.*)` (DOTALL) to split the
   trace, then a normalized comparison of the answer line with the reference.
 - distill: RulePipeline.run with every rule check on (finished, control tokens, format, length,
-  language, degeneration, self-cognition, correct, agreement).
+  language, degeneration, self-cognition, correct, agreement, acoustic terms).
 One process, one thread; the ratio is baseline time / distill time.
 """
 
@@ -23,6 +25,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,6 +42,12 @@ SENTENCES = [
     "So far the evidence points one way; I will check the pitch once more against the {f} Hz boundary.",
     "Listening again to the middle part, the frequency does not glide; it stays within a few hertz.",
     "The loudness contour rises by {d} dB over {b:.2f} s and then falls back to the noise floor.",
+]
+# Reasoning over an imagined transcript: no acoustic term, so the lexical check scans every term.
+TRANSCRIPT = [
+    "The speaker says the word {w}, and the sentence that follows repeats it.",
+    "According to the words, the answer should be {w}; the text gives it away.",
+    "I think the person mentions {w} twice, which settles the question.",
 ]
 CONTROL = ("<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|endoftext|>")
 
@@ -66,6 +75,8 @@ def make_trace(rng: random.Random, index: int) -> dict:
         reasoning = reasoning.replace(" s.", " s — roughly.", 3)  # non-ASCII punctuation, still English
     elif kind in (11, 12):
         reasoning = reasoning.replace(" Hz,", " Hz (< 500 Hz),", 1)  # a '<' that is no tag
+    elif kind in (13, 14):
+        reasoning = " ".join(rng.choice(TRANSCRIPT).format(w=answer) for _ in range(len(parts)))
     completion = f"<think>\n{reasoning}\n</think>\n{answer}"
     if kind == 9:
         completion += "<|im_start|>user"
@@ -86,8 +97,9 @@ def baseline(traces: list[dict], n: int) -> tuple[float, int]:
     return time.perf_counter() - start, kept
 
 
-def pipeline(traces: list[dict], n: int) -> tuple[float, int]:
-    rules = RulePipeline(FilterConfig(), CONTROL)
+def pipeline(traces: list[dict], n: int, without: tuple[str, ...] = ()) -> tuple[float, int]:
+    cfg = FilterConfig()
+    rules = RulePipeline(replace(cfg, checks=[c for c in cfg.checks if c not in without]), CONTROL)
     kept = 0
     start = time.perf_counter()
     for i in range(n):
@@ -100,6 +112,7 @@ def main() -> None:
     ap.add_argument("--traces", type=int, default=100_000)
     ap.add_argument("--distinct", type=int, default=2000)
     ap.add_argument("--out", default="bench/results/filter_checks.json")
+    ap.add_argument("--without", nargs="*", default=[], help="also time the pipeline without these checks")
     args = ap.parse_args()
     rng = random.Random(0)
     traces = [make_trace(rng, i) for i in range(args.distinct)]
@@ -107,12 +120,14 @@ def main() -> None:
     baseline(traces, 2000)
     t_base, kept_base = baseline(traces, args.traces)
     t_ours, kept_ours = pipeline(traces, args.traces)
+    t_less = pipeline(traces, args.traces, tuple(args.without))[0] if args.without else None
     chars = sum(len(t["completion"]) for t in traces) / len(traces)
     result = {
         "traces": args.traces, "distinct": args.distinct, "mean_chars": round(chars),
         "mean_tokens_approx": round(chars / 4), "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "traces_per_s": {"baseline_regex": round(args.traces / t_base), "distill_rule_pipeline": round(args.traces / t_ours)},
         "ratio_vs_baseline": round(t_base / t_ours, 2),
+        **({f"traces_per_s_without_{'_'.join(args.without)}": round(args.traces / t_less)} if t_less else {}),
         "kept_fraction": {"baseline_regex": round(kept_base / args.traces, 3),
                           "distill_rule_pipeline": round(kept_ours / args.traces, 3)},
     }
