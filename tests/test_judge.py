@@ -100,7 +100,7 @@ def test_client_errors_are_not_retried_and_a_gone_server_is(server):
 
 def test_filter_stage_with_the_judge(server, tmp_path, tiny_model):
     cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={tmp_path}", "sample.num_shards=1", "filter.judge.enabled=true",
+        f"output_dir={tmp_path}", "sample.num_shards=1", "filter.judge.enabled=true", "grounding.enabled=false",
         f"filter.judge.base_url={server}", "filter.judge.score_regex='Score: [0-9]'", "filter.judge.min_score=0",
         "filter.reward_weights={correct: 0.5, format: 0.0, judge: 0.5}"])  # merged: format set to 0
     write_wav(tmp_path / "a.wav", tone(), 16000)
