@@ -86,7 +86,7 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
     if stage == "sample":
         stats = sample_stage(cfg, data.train, model, rd, engines.get)
         count = cfg.sample.num_shards
-        if any(not rd.shard_path(i, count).exists() for i in range(count)):
+        if rd.missing_shards(rd.shard_path, count):
             return False  # other shards belong to other array tasks
     elif stage == "ground":
         stats = ground_stage(cfg, data.train, model, rd, engines.get)

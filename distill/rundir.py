@@ -24,6 +24,7 @@ stage always has its numbers. Re-running does only what is not finished.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from distill.io import atomic_write_json, atomic_write_text, read_json
@@ -57,6 +58,12 @@ class RoundDir:
 
     def grounding_path(self, shard: int, count: int) -> Path:
         return self.grounding_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
+
+    @staticmethod
+    def missing_shards(path_of: Callable[[int, int], Path], count: int, shards: list[int] | None = None) -> list[int]:
+        """The shards (all `count`, or just `shards`) whose file `path_of(shard, count)` is not on
+        disk: rd.shard_path for samples, rd.grounding_path for grounding."""
+        return [i for i in (range(count) if shards is None else shards) if not path_of(i, count).exists()]
 
     def last_stage(self) -> str | None:
         if not self.stage_file.exists():

@@ -64,9 +64,14 @@ def noise(chunks: list[np.ndarray], seed: int, step: int) -> list[np.ndarray]:
     for c in chunks:
         length = bank_length(c.size, step)
         white = np.random.default_rng(stable_seed(seed, "noise", length, level_db)).standard_normal(length)
-        scale = level / max(float(np.sqrt(np.mean(np.square(white)))), 1e-12)
+        scale = level / max(rms([white]), 1e-12)
         out.append(np.clip(white * scale, -1.0, 1.0).astype(c.dtype))
     return out
+
+
+def same_answer(a: Item, b: Item) -> bool:
+    """The two items' reference answers are the same (case and surrounding space aside)."""
+    return a.answer.strip().lower() == b.answer.strip().lower()
 
 
 def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
@@ -84,7 +89,7 @@ def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
         nxt = order[(i + 1) % len(order)]
         for step in range(1, min(len(order), SWAP_SEARCH + 1)):
             cand = order[(i + step) % len(order)]
-            if cand.answer.strip().lower() != item.answer.strip().lower():
+            if not same_answer(cand, item):
                 nxt = cand
                 break
         partners[item.id] = nxt

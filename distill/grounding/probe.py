@@ -25,10 +25,11 @@ class ProbeTally:
 
     counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, kind: str, correct: bool) -> None:
+    def add(self, kind: str, correct: int, total: int = 1) -> None:
+        """Count `total` answers of which `correct` were right (one answer by default)."""
         c = self.counts.setdefault(kind, [0, 0])
         c[0] += correct
-        c[1] += 1
+        c[1] += total
 
     def accuracy(self, kind: str) -> float | None:
         correct, total = self.counts.get(kind, (0, 0))

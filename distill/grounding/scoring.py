@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill.prompting import THINK_CLOSE
+from distill.rollout.engine import engine_prompt
 
 
 @dataclass
@@ -56,8 +57,7 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceL
     if not jobs:
         return []
     spans = [completion_tokens(tokenizer, j.prompt, j.completion) for j in jobs]
-    prompts = [{"prompt": j.prompt + j.completion,
-                "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}} for j in jobs]
+    prompts = [engine_prompt(j.prompt + j.completion, j.audio, sample_rate) for j in jobs]
     # max_tokens=1 is vLLM's minimum; the one generated token is ignored. prompt_logprobs=0 returns
     # the log-probability of each prompt token itself (raw model output, before any sampling).
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)

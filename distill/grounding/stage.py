@@ -22,7 +22,7 @@ from pathlib import Path
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
-from distill.grounding.counterfactual import counterfactual, swap_partners
+from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, chance, text_solvable
 from distill.grounding.scoring import ScoreJob, dependence, score
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
@@ -64,7 +64,7 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
               f"{sum(len(r['traces']) for r in rows)} traces scored -> {path}", flush=True)
     print(f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
           f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s)", flush=True)
-    if any(not rd.grounding_path(i, count).exists() for i in range(count)):
+    if rd.missing_shards(rd.grounding_path, count):
         return None
     stats = summarize(read_grounding(rd, count).values(), g.counterfactuals)
     # This process's own timing (a resumed stage or one array task times only its shards).
@@ -86,25 +86,28 @@ class GroundingContext:
         self.prefilter = RulePipeline(cfg.filter, self.control_tokens)
         self.answer_check = RulePipeline(replace(cfg.filter, checks=["correct"]), ())
 
-    def audio(self, item: Item, kind: str) -> list | None:
-        """The item's audio as heard under `kind` ("real" or a counterfactual); None when a swap
-        has no partner (a one-item split). Noise depends on the run's seed, not the item: clips of
-        one length and level share it (counterfactual.py)."""
+    def inputs(self, item: Item) -> dict[str, list]:
+        """The item's audio as heard under "real" and every counterfactual the probes or the
+        scoring use, each loaded or built once; "swap" is absent when the item has no partner (a
+        one-item split). Noise depends on the run's seed, not the item: clips of one length and
+        level share it (counterfactual.py)."""
+        g = self.cfg.grounding
         real = self.cache.chunks(item.audio, item.audio_sha256)
-        if kind == "real":
-            return real
+        step = round(g.bank_seconds * self.cfg.data.sample_rate)
         partner = self.partners.get(item.id)
-        if kind == "swap" and partner is None:
-            return None
-        other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
-        step = round(self.cfg.grounding.bank_seconds * self.cfg.data.sample_rate)
-        return counterfactual(kind, real, self.cfg.seed, step, other)
+        out = {"real": real}
+        for kind in dict.fromkeys([*g.counterfactuals, *g.score_against]):
+            if kind == "swap" and partner is None:
+                continue
+            other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
+            out[kind] = counterfactual(kind, real, self.cfg.seed, step, other)
+        return out
 
     def informative_swap(self, item: Item) -> bool:
         """A swap partner with the same answer (a split with one answer) tells nothing when the
         model answers right; such swaps are left out of the probe tally."""
         partner = self.partners.get(item.id)
-        return partner is not None and partner.answer.strip().lower() != item.answer.strip().lower()
+        return partner is not None and not same_answer(partner, item)
 
     def prompt(self, item: Item, audio: list) -> str:
         return item_prompt(self.tokenizer, item, self.cfg.data.system_prompt, len(audio))
@@ -121,11 +124,12 @@ class GroundingContext:
             raise RuntimeError(f"ground: traces of item(s) {missing[:5]} that are not in the train split; the "
                                "samples belong to another data set (delete the round to resample)")
         items = [self.items[i] for i in by_item]
+        inputs = {item.id: self.inputs(item) for item in items}
         t0 = time.time()
-        tallies, answers = self.probe(items, round_index, llm)
+        tallies, answers = self.probe(items, inputs, round_index, llm)
         timing["probe"] += time.time() - t0
         t0 = time.time()
-        scores = self.score_traces(by_item, llm)
+        scores = self.score_traces(by_item, inputs, llm)
         timing["score"] += time.time() - t0
         rows = []
         for item in items:
@@ -150,7 +154,8 @@ class GroundingContext:
             })
         return rows
 
-    def probe(self, items: list[Item], round_index: int, llm) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
+    def probe(self, items: list[Item], inputs: dict[str, dict[str, list]], round_index: int, llm
+              ) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
         """Sample probe_samples short answers per item and input; tally the right ones."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
         requests, meta = [], []
@@ -158,7 +163,7 @@ class GroundingContext:
             for kind in ("real", *g.counterfactuals):
                 if not g.probe_samples or (kind == "swap" and not self.informative_swap(item)):
                     continue
-                audio = self.audio(item, kind)
+                audio = inputs[item.id][kind]
                 seed = sample_seed(self.cfg.seed, round_index, f"{item.id}/probe/{kind}", 0)
                 requests.append(Request(self.prompt(item, audio) + g.probe_prefix, audio, sr, seed))
                 meta.extend([(item, kind)] * g.probe_samples)
@@ -179,7 +184,8 @@ class GroundingContext:
         """Whether the item has a counterfactual to score its traces against (a swap needs a partner)."""
         return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
 
-    def score_traces(self, by_item: dict[str, list[dict]], llm) -> dict[str, dict]:
+    def score_traces(self, by_item: dict[str, list[dict]], inputs: dict[str, dict[str, list]], llm
+                     ) -> dict[str, dict]:
         """trace id -> audio dependence, for the traces the pre-filter lets through. Only the
         generated tokens count: the generation prefix (`<think>\n`) goes with the prompt."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
@@ -189,14 +195,15 @@ class GroundingContext:
             item = self.items[item_id]
             if not self.scorable(item):
                 continue  # nothing to compare the real audio with
-            inputs = {kind: audio for kind in ("real", *g.score_against) if (audio := self.audio(item, kind)) is not None}
+            scored_inputs = {kind: audio for kind, audio in inputs[item_id].items()
+                             if kind == "real" or kind in g.score_against}
             for t in traces:
                 if g.score_traces == "passing" and any(self.prefilter.run(t).values()):
                     continue
                 if check_control_tokens(t["completion"], self.audio_tokens):
                     continue  # the engine would read an audio token in the trace as a slot to fill
                 head = prefix if prefix and t["completion"].startswith(prefix) else ""
-                for kind, audio in inputs.items():
+                for kind, audio in scored_inputs.items():
                     jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio))
                     meta.append((t["trace_id"], kind))
         per_trace: dict[str, dict] = defaultdict(dict)
@@ -238,7 +245,7 @@ def check_grounding_shard(path: Path, model_hash: str, samples_sha256: str | Non
 
 def read_grounding(rd: RoundDir, count: int) -> dict[str, dict]:
     """item id -> grounding row, over all shards of a round; raises if a shard is missing."""
-    missing = [i for i in range(count) if not rd.grounding_path(i, count).exists()]
+    missing = rd.missing_shards(rd.grounding_path, count)
     if missing:
         raise FileNotFoundError(f"{rd.path}: grounding shard(s) {missing} of {count} missing; run the ground stage")
     return {row["item_id"]: row for i in range(count) for row in read_jsonl(rd.grounding_path(i, count))}
@@ -247,7 +254,7 @@ def read_grounding(rd: RoundDir, count: int) -> dict[str, dict]:
 def summarize(rows, kinds: list[str]) -> dict:
     """Round grounding metrics: probe accuracy per input, the grounding gap (real minus
     counterfactual accuracy), text-solvable items per category, and the dependence distribution."""
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    totals = ProbeTally()
     by_category: dict[str, Counter] = defaultdict(Counter)
     deps, items, flagged = [], 0, 0
     for row in rows:
@@ -257,12 +264,11 @@ def summarize(rows, kinds: list[str]) -> dict:
         by_category[category]["items"] += 1
         by_category[category]["text_solvable"] += row["text_solvable"]
         for kind, (correct, total) in row["probe"].items():
-            totals[kind][0] += correct
-            totals[kind][1] += total
+            totals.add(kind, correct, total)
         deps.extend(t["dependence"] for t in row["traces"].values() if "dependence" in t)
-    acc = {k: round(c / n, 4) for k, (c, n) in totals.items() if n}
-    cf = [totals[k] for k in kinds if totals[k][1]]
-    cf_acc = round(sum(c for c, _ in cf) / sum(n for _, n in cf), 4) if cf else None
+    acc = {k: round(a, 4) for k in totals.counts if (a := totals.accuracy(k)) is not None}
+    cf_acc = totals.counterfactual_accuracy()
+    cf_acc = None if cf_acc is None else round(cf_acc, 4)
     real = acc.get("real")
     return {
         "items": items,

@@ -87,6 +87,11 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
     )
 
 
+def engine_prompt(text: str, audio: list[np.ndarray], sample_rate: int) -> dict:
+    """A vLLM prompt: the chat text with one waveform per audio placeholder, in order."""
+    return {"prompt": text, "multi_modal_data": {"audio": [(a, sample_rate) for a in audio]}}
+
+
 def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int,
              think_close_id: int | None = None, n: int = 1, banned: list[str] | None = None) -> list[Completion]:
     """`n` completions per request, request by request; each request carries its own seed (vLLM
@@ -95,8 +100,7 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     on CPU costs more than decoding a short answer. `banned` tokens are never generated."""
     from vllm import SamplingParams
 
-    prompts = [{"prompt": r.prompt, "multi_modal_data": {"audio": [(a, r.sample_rate) for a in r.audio]}}
-               for r in requests]
+    prompts = [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests]
     params = [
         SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
                        skip_special_tokens=False, bad_words=banned or None)

@@ -147,7 +147,7 @@ def read_samples(rd: RoundDir, count: int, shards: list[int] | None = None) -> l
     """The traces of a round (of some of its shards); raises if a shard is missing (sampling is not
     finished)."""
     shards = list(range(count)) if shards is None else shards
-    missing = [i for i in shards if not rd.shard_path(i, count).exists()]
+    missing = rd.missing_shards(rd.shard_path, count, shards)
     if missing:
         raise FileNotFoundError(f"{rd.path}: sample shard(s) {missing} of {count} missing; run the sample stage")
     rows = []
