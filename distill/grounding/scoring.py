@@ -61,7 +61,7 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceL
     # max_tokens=1 is vLLM's minimum; the one generated token is ignored. prompt_logprobs=0 returns
     # the log-probability of each prompt token itself (raw model output, before any sampling).
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=True)
     result = []
     for job, (ids, reasoning), out in zip(jobs, spans, outs, strict=True):
         tail = list(out.prompt_token_ids[len(out.prompt_token_ids) - len(ids):])
