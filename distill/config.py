@@ -292,6 +292,42 @@ class GroundingConfig:
 
 
 @dataclass
+class TrainableConfig:
+    """Which parts of the model train. The report keeps the audio encoder frozen throughout."""
+
+    audio_encoder: bool = False
+    projector: bool = True
+    language_model: bool = True
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (peft) on the language model only; merged into full weights when training ends."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Projection names inside the language model's layers (the audio encoder's are never wrapped).
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class MixSourceConfig:
+    """Extra SFT data mixed with the round's kept traces.
+
+    kind "text_cot": JSONL rows {"id"?, "question", "reasoning", "answer"} (text-only chain of
+    thought); kind "direct_audio": items in any data_pipelines reader format, trained as
+    `<think>\n\n</think>\n{answer}`. `weight` is rows of this source per kept-trace row.
+    """
+
+    kind: str = MISSING
+    path: str = MISSING
+    weight: float = 0.1
+
+
+@dataclass
 class TrainConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
@@ -299,18 +335,42 @@ class TrainConfig:
     epochs: float = 1.0
     # Hard cap on optimizer steps (0: no cap).
     max_steps: int = 0
+    # Rows per micro batch; with packing, packed rows of up to max_seq_len tokens each.
     micro_batch_size: int = 8
     grad_accum: int = 1
+    # Longest training sequence (and packed row) in tokens.
     max_seq_len: int = 1024
+    # Pack several samples into each row (attention and positions kept per sample), so no compute
+    # goes to padding. Off: rows are padded, batched by similar length (group_by_length).
+    packing: bool = True
+    group_by_length: bool = True
     # Loss weight of the tokens after </think> relative to the reasoning tokens.
     answer_loss_weight: float = 1.0
     max_grad_norm: float = 1.0
-    freeze_audio_encoder: bool = True
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    # A frozen audio encoder gives the same output for the same clip every time: compute it once
+    # per clip (traces of one item share their audio) and keep it up to this many MiB (0: off).
+    # Not with ZeRO-3, where every rank must run every module.
+    audio_encoder_cache_mb: int = 1024
     zero_stage: int = 2
+    # A DeepSpeed JSON config (configs/deepspeed/*.json) instead of the one built from zero_stage.
+    deepspeed_config: str = ""
+    offload_optimizer: bool = False
     num_processes: int = 2
     # "cpu" forces CPU training (gloo); "auto" uses CUDA when present.
     device: str = "auto"
-    mixed_precision: str = "no"
+    # "auto": bf16 on GPU, full precision on CPU.
+    mixed_precision: str = "auto"
+    # Save the training state every this many optimizer steps, so an interrupted stage resumes
+    # from its last checkpoint (0: never).
+    save_steps: int = 50
+    # Extra data mixed with the kept traces.
+    mix: list[MixSourceConfig] = field(default_factory=list)
+    # Where each round's student starts: "continue" from the previous round's model, or "base":
+    # the base model retrained on the kept traces of every round so far (ReST-EM).
+    init: str = "continue"
     seed: int = 0
 
 
@@ -375,8 +435,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "cold_start.train.zero_stage": (0, 1, 2, 3),
     "train.device": ("auto", "cpu", "cuda"),
     "cold_start.train.device": ("auto", "cpu", "cuda"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "cold_start.train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.init": ("continue", "base"),
+    "cold_start.train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "cold_start.train.init": ("continue", "base"),
     "wandb.mode": ("offline", "online", "disabled"),
     "data.synthetic.difficulty": (1, 2, 3),
     "data.synthetic.cold_start_difficulty": (0, 1, 2, 3),
@@ -397,7 +459,8 @@ _POSITIVE = (
     "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
     "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
     "filter.judge.concurrency", "filter.judge.max_tokens", "grounding.probe_max_tokens",
-    "grounding.score_batch",
+    "grounding.score_batch", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
+    "cold_start.train.lora.alpha",
 )
 _NON_NEGATIVE = (
     "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",
@@ -406,7 +469,8 @@ _NON_NEGATIVE = (
     "filter.min_reasoning_tokens", "filter.max_reasoning_tokens", "filter.number_rel_tol", "filter.number_abs_tol",
     "filter.judge.retries", "filter.judge.backoff_s", "grounding.probe_samples", "grounding.probe_temperature",
     "grounding.text_solvable_margin", "grounding.text_solvable_weight", "filter.lexical.min_acoustic_terms",
-    "grounding.bank_seconds",
+    "grounding.bank_seconds", "train.save_steps", "cold_start.train.save_steps", "train.audio_encoder_cache_mb",
+    "cold_start.train.audio_encoder_cache_mb",
 )
 
 
@@ -432,6 +496,29 @@ def _check_ranges(root: object, prefix: str = "") -> None:
             raise ConfigError(f"{key}={value(key)!r}: must be >= 0")
 
 
+MIX_KINDS = ("text_cot", "direct_audio")
+
+
+def _validate_train(section: str, tcfg: TrainConfig) -> None:
+    parts = tcfg.trainable
+    if not (parts.audio_encoder or parts.projector or parts.language_model or tcfg.lora.enabled):
+        raise ConfigError(f"{section}.trainable: nothing trains; make a part trainable or enable {section}.lora")
+    if tcfg.lora.enabled and parts.audio_encoder:
+        raise ConfigError(f"{section}.lora.enabled with {section}.trainable.audio_encoder=true: LoRA adapts the "
+                          "language model only; train the encoder fully without LoRA, or keep it frozen")
+    if not 0 <= tcfg.lora.dropout < 1:
+        raise ConfigError(f"{section}.lora.dropout={tcfg.lora.dropout}: must be in [0, 1)")
+    if tcfg.deepspeed_config and not Path(tcfg.deepspeed_config).is_file():
+        raise ConfigError(f"{section}.deepspeed_config={tcfg.deepspeed_config}: no such file")
+    for i, src in enumerate(tcfg.mix):
+        if src.kind not in MIX_KINDS:
+            raise ConfigError(f"{section}.mix[{i}].kind={src.kind!r}: must be one of {', '.join(MIX_KINDS)}")
+        if not src.weight > 0:
+            raise ConfigError(f"{section}.mix[{i}].weight={src.weight}: must be positive")
+        if not Path(src.path).exists():
+            raise ConfigError(f"{section}.mix[{i}].path={src.path}: no such file")
+
+
 def _validate(cfg: Config) -> None:
     _check_ranges(cfg)
     if not 0.0 < cfg.sample.top_p <= 1.0:
@@ -447,6 +534,7 @@ def _validate(cfg: Config) -> None:
         if tcfg.zero_stage == 0 and tcfg.num_processes > 1:
             raise ConfigError(f"{section}.zero_stage=0 with {section}.num_processes={tcfg.num_processes}: "
                               "multi-process training runs through DeepSpeed; use zero_stage 1, 2 or 3")
+        _validate_train(section, tcfg)
         if tcfg.max_seq_len < cfg.engine.max_model_len:
             # A sampled trace fills up to max_model_len; a shorter training window would cut it.
             raise ConfigError(f"{section}.max_seq_len={tcfg.max_seq_len}: must be >= engine.max_model_len="

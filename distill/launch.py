@@ -20,11 +20,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_cuda(tcfg: TrainConfig) -> bool:
+    import torch
+
+    return tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
+
+
+def mixed_precision(tcfg: TrainConfig) -> str:
+    """train.mixed_precision with "auto" resolved: bf16 on GPU, full precision on CPU."""
+    if tcfg.mixed_precision != "auto":
+        return tcfg.mixed_precision
+    return "bf16" if use_cuda(tcfg) else "no"
+
+
 def train_command(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
                   section: str) -> list[str]:
     """The accelerate command line for one training stage (what a user would type)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(tcfg.num_processes),
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", tcfg.mixed_precision]
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision(tcfg)]
     if tcfg.zero_stage > 0:
         cmd += ["--use_deepspeed", "--zero_stage", str(tcfg.zero_stage)]
     cmd += [str(TRAIN_SCRIPT), "--config", str(config_path), "--data", *map(str, data), "--model", str(model),

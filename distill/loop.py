@@ -73,6 +73,16 @@ def input_model(cfg: Config, run: RunDir, index: int) -> Path:
     return prev.model_dir
 
 
+def train_inputs(cfg: Config, run: RunDir, index: int, model: Path) -> tuple[Path, list[Path]]:
+    """The student a round trains and its data: the round's model on the round's kept traces
+    (train.init=continue), or the base model on the kept traces of every round so far (=base,
+    ReST-EM: each round's student starts afresh, so errors of one round do not compound)."""
+    if index == 0 or cfg.train.init == "continue":
+        return model, [run.round(index).filtered]
+    first = 0 if cfg.cold_start.enabled else 1
+    return Path(cfg.model.path), [run.round(i).filtered for i in range(first, index + 1)]
+
+
 def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, engines: EngineCache) -> bool:
     """Run one stage of one round unless it is done; True when the stage is (now) finished."""
     rd = run.round(index)
@@ -106,7 +116,8 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
         engines.close()  # training needs the accelerator memory and the cores the engine holds
         tcfg = cfg.cold_start.train if index == 0 else cfg.train
         section = "cold_start.train" if index == 0 else "train"
-        run_training(tcfg, run.config, [rd.filtered], model, rd.train_dir, section)
+        student, data_files = train_inputs(cfg, run, index, model)
+        run_training(tcfg, run.config, data_files, student, rd.train_dir, section)
         stats = read_json(rd.checkpoint / "train_summary.json")
     elif stage == "export":
         stats = export_stage(cfg, rd, Path(cfg.model.path), data.eval, engines.get)

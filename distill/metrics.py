@@ -45,6 +45,8 @@ def round_record(rd: RoundDir) -> dict:
                            if seconds.get("ground") is not None and seconds.get("sample") else None),
         "train_steps": train.get("steps"),
         "train_loss": train.get("final_loss"),
+        "train_tokens_per_s": train.get("tokens_per_s"),
+        "train_padding_share": train.get("padding_share"),
         "heldout_accuracy": ev.get("accuracy"),
         "heldout_per_family": ev.get("per_family"),
         "model_sha256": stats.get("export", {}).get("weights_sha256"),

@@ -1,8 +1,10 @@
 """SFT entry point: `accelerate launch distill/train.py --config CFG --data F.jsonl --model DIR --out DIR`.
 
-Reads top to bottom: set up (config, accelerator with DeepSpeed ZeRO, model, data), train
-(loss on the completion tokens only), save a full checkpoint in the layout vLLM loads. The
-finished checkpoint lands in OUT/final atomically; a stage that finds it there is done.
+Reads top to bottom: set up (config, accelerator with DeepSpeed ZeRO, data mix, model), plan the
+batches, train (loss on the completion tokens only, samples packed), save the training state
+every train.save_steps steps, and save a full checkpoint in the layout vLLM loads. The finished
+checkpoint lands in OUT/final atomically; a stage that finds it there is done, and a stage that
+finds OUT/checkpoints/ resumes from the last one with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ from pathlib import Path
 
 import torch
 
-from distill.config import TrainConfig, load_config
+from distill.config import ConfigError, TrainConfig, load_config
 from distill.data import audio_cache
-from distill.sft_data import SFTDataset, collate, load_rows, weighted_loss
+from distill.io import atomic_write_json, read_json
+from distill.launch import mixed_precision, use_cuda
+from distill.mixing import build_mix
+from distill.packing import collate, plan_epoch, rank_batches, weighted_loss
+from distill.sft_data import SFTDataset, load_rows
+from distill.train_model import build_model, merged_state_dict
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,26 +43,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_accelerator(tcfg: TrainConfig):
+def deepspeed_config(tcfg: TrainConfig, world: int, hidden_size: int) -> dict:
+    """The DeepSpeed config: train.deepspeed_config, or configs/deepspeed/zero{2,3}.json for
+    train.zero_stage, with every "auto" filled from the train config (so accelerate and DeepSpeed
+    agree on batch sizes and precision) and the optimizer offloaded when asked."""
+    path = Path(tcfg.deepspeed_config) if tcfg.deepspeed_config else \
+        DEEPSPEED_CONFIGS / f"zero{3 if tcfg.zero_stage == 3 else 2}.json"
+    config = json.loads(path.read_text())
+    zero = config.setdefault("zero_optimization", {})
+    if not tcfg.deepspeed_config:
+        zero["stage"] = tcfg.zero_stage
+    elif zero.get("stage") != tcfg.zero_stage:
+        raise ConfigError(f"{path}: zero_optimization.stage={zero.get('stage')} but train.zero_stage="
+                          f"{tcfg.zero_stage}; make them agree")
+    if tcfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda(tcfg)}
+    auto = {
+        "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum,
+        "train_batch_size": tcfg.micro_batch_size * tcfg.grad_accum * world,
+        "gradient_clipping": tcfg.max_grad_norm,
+    }
+    config.update({k: v for k, v in auto.items() if config.get(k, "auto") == "auto"})
+    precision = mixed_precision(tcfg)
+    for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
+        if config.get(key, {}).get("enabled") == "auto" or key not in config:
+            config[key] = {**config.get(key, {}), "enabled": precision == name}
+    # DeepSpeed's recommended sizes for these, from the model width (as the HF integration does).
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    zero.update({k: v for k, v in sizes.items() if zero.get(k) == "auto"})
+    return config
+
+
+def build_accelerator(tcfg: TrainConfig, hidden_size: int):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    use_cpu = tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
+    cpu = not use_cuda(tcfg)
     plugin = None
     if tcfg.zero_stage > 0:
-        plugin = DeepSpeedPlugin(
-            zero_stage=tcfg.zero_stage,
-            gradient_accumulation_steps=tcfg.grad_accum,
-            gradient_clipping=tcfg.max_grad_norm,
-            zero3_save_16bit_model=True,
-        )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(tcfg, world, hidden_size),
+                                 zero3_save_16bit_model=True)
     # On CPU the process group must be gloo, or accelerate and DeepSpeed disagree on the world size.
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if use_cpu else []
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
     return Accelerator(
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=tcfg.grad_accum,
-        mixed_precision=tcfg.mixed_precision,
-        cpu=use_cpu and plugin is None,
+        mixed_precision=mixed_precision(tcfg),
+        cpu=cpu and plugin is None,
         kwargs_handlers=kwargs,
     )
 
@@ -68,10 +108,30 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete training state under OUT/checkpoints (progress.json is written last)."""
+    done = sorted((out / "checkpoints").glob("step-*/progress.json"))
+    return done[-1].parent if done else None
+
+
+def save_checkpoint(accelerator, out: Path, progress: dict) -> None:
+    """Save the full training state (model, optimizer, scheduler, RNG of every rank), then keep
+    only this one: the state of one step is all a resume needs."""
+    path = out / "checkpoints" / f"step-{progress['step']:08d}"
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(path / "progress.json", progress)
+        for old in (out / "checkpoints").glob("step-*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def main(argv: list[str] | None = None) -> None:
     from accelerate.utils import set_seed
     from tqdm import tqdm
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
 
     from distill.tiny_model import save_for_serving
 
@@ -84,58 +144,80 @@ def main(argv: list[str] | None = None) -> None:
         print(f"train: {final} exists, nothing to do")
         return
 
-    accelerator = build_accelerator(tcfg)
+    hidden = AutoConfig.from_pretrained(args.model).text_config.hidden_size
+    accelerator = build_accelerator(tcfg, hidden)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     set_seed(tcfg.seed)
     main_proc = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     processor = AutoProcessor.from_pretrained(args.model)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-    if tcfg.freeze_audio_encoder:
-        model.model.audio_tower.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    rows = load_rows(args.data)
-    dataset = SFTDataset(rows, processor, audio_cache(cfg), tcfg.max_seq_len, tcfg.answer_loss_weight,
+    cache = audio_cache(cfg)
+    rows, mix_stats = build_mix(load_rows(args.data), list(tcfg.mix), cfg, processor.tokenizer, cache, tcfg.seed)
+    dataset = SFTDataset(rows, processor, cache, tcfg.max_seq_len, tcfg.answer_loss_weight,
                          cfg.sample.generation_prefix)
+    zero3 = tcfg.zero_stage == 3
+    model = build_model(args.model, processor, tcfg, zero3)
     pad_id = processor.tokenizer.pad_token_id
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=tcfg.micro_batch_size, shuffle=True, drop_last=len(dataset) >= tcfg.micro_batch_size
-        * accelerator.num_processes, collate_fn=lambda b: collate(b, pad_id),
-        generator=torch.Generator().manual_seed(tcfg.seed),
-    )
-    steps_per_epoch = max(1, len(loader) // (accelerator.num_processes * tcfg.grad_accum))
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        plan = plan_epoch(dataset.lengths, tcfg.micro_batch_size, tcfg.seed, epoch, tcfg.group_by_length)
+        return rank_batches(plan, rank, world, tcfg.grad_accum)
+
+    steps_per_epoch = len(epoch_batches(0)) // tcfg.grad_accum
     total_steps = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_count = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3 loads them partitioned
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.warmup_steps, total_steps))
     # The scheduler is not handed to accelerate: its wrapper steps once per process, which would
     # run the schedule num_processes times too fast. It is stepped once per optimizer step below.
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
 
+    step = 0
     log_path = out / "log.jsonl"
+    resume = last_checkpoint(out)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        step = read_json(resume / "progress.json")["step"]
+        if main_proc:
+            print(f"train: resuming from {resume} (step {step} of {total_steps})")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        log_path.unlink(missing_ok=True)
-    bar = tqdm(total=total_steps, desc="train", disable=not main_proc, dynamic_ncols=True)
+        # The log keeps the steps the resumed state includes; later lines are trained again.
+        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+                if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not main_proc, dynamic_ncols=True)
     model.train()
-    step, tokens, start, losses = 0, 0, time.time(), []
+    tokens = positions = 0
+    start, losses, mean_loss = time.time(), [], None
+    resumed_at = step
     while step < total_steps:
-        for batch in loader:
+        epoch = step // steps_per_epoch
+        batches = epoch_batches(epoch)
+        for batch_ids in batches[(step % steps_per_epoch) * tcfg.grad_accum:]:
+            batch = collate([dataset[i] for i in batch_ids], pad_id, tcfg.packing, tcfg.max_seq_len)
             with accelerator.accumulate(model):
-                weights, row_weights = batch.pop("weights"), batch.pop("row_weights")
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                loss = weighted_loss(logits, labels, weights, row_weights)
+                device = accelerator.device
+                logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                               attention_mask=None if batch["attention_mask"] is None
+                               else batch["attention_mask"].to(device),
+                               audio=batch["audio"], audio_keys=batch["audio_keys"])
+                loss = weighted_loss(logits, batch["labels"].to(device), batch["weights"].to(device),
+                                     batch["row_weights"].to(device))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg.zero_stage == 0 and tcfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)  # DeepSpeed clips itself
                 optimizer.step()
                 optimizer.zero_grad()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["tokens"]
+            positions += batch["positions"]
             losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
@@ -149,25 +231,43 @@ def main(argv: list[str] | None = None) -> None:
                     handle.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr}) + "\n")
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             bar.update(1)
+            if tcfg.save_steps and step % tcfg.save_steps == 0 and step < total_steps:
+                save_checkpoint(accelerator, out, {"step": step, "epoch": epoch})
             if step >= total_steps:
                 break
     bar.close()
     elapsed = time.time() - start
-    total_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
+    counts = accelerator.reduce(torch.tensor([tokens, positions], device=accelerator.device), reduction="sum")
+    total_tokens, total_positions = (int(x) for x in counts)
 
     state = accelerator.get_state_dict(model)
     if main_proc:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        inner = accelerator.unwrap_model(model).model
+        if tcfg.lora.enabled:
+            state = merged_state_dict(state, tcfg.lora.alpha, tcfg.lora.r)
+            inner = inner.unload()  # the plain model, for its config and class; the weights are `state`
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_for_serving(accelerator.unwrap_model(model), tmp, state_dict=state)
-        summary = {"steps": step, "rows": len(rows), "tokens": total_tokens, "seconds": round(elapsed, 2),
-                   "tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1),
-                   "final_loss": mean_loss if step else None, "processes": accelerator.num_processes,
-                   "zero_stage": tcfg.zero_stage}
+        save_for_serving(inner, tmp, state_dict=state)
+        encoder_cache = accelerator.unwrap_model(model).cache
+        summary = {
+            "model": args.model, "data": args.data, "steps": step, "resumed_from_step": resumed_at or None,
+            "rows": len(rows), "mix": mix_stats,
+            "tokens": total_tokens, "padded_tokens": total_positions,
+            "padding_share": round(1 - total_tokens / max(total_positions, 1), 4), "seconds": round(elapsed, 2),
+            "tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1), "final_loss": mean_loss,
+            "processes": world, "zero_stage": tcfg.zero_stage, "packing": tcfg.packing, "lora": tcfg.lora.enabled,
+            "mixed_precision": mixed_precision(tcfg),
+            "trainable_parameters": trainable_count,
+            "encoder_cache": None if encoder_cache is None else
+            {"hits": encoder_cache.hits, "misses": encoder_cache.misses},
+        }
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         tmp.rename(final)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"train: {step} steps, {len(rows)} rows, {total_tokens} tokens in {elapsed:.1f}s "
-              f"({summary['tokens_per_s']} tok/s), final loss {summary['final_loss']}")
+              f"({summary['tokens_per_s']} tok/s, {summary['padding_share']:.1%} padding), final loss {mean_loss}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -163,6 +163,13 @@ def mixed_sources_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     cfg = OmegaConf.load("configs/demo_cpu.yaml")
     cfg.data = {"train_mix": [{"path": str(src / "a.jsonl"), "weight": 2}, {"path": str(src / "b.json"), "weight": 1}],
                 "eval_manifest": str(src / "eval.jsonl")}
+    # The rounds' SFT data: kept traces plus text chain of thought and direct-answer audio items.
+    cot = [{"question": f"What is {i} plus {i}?", "reasoning": f"{i} and {i} make {2 * i}.", "answer": str(2 * i)}
+           for i in range(5)]
+    (src / "cot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cot))
+    write_manifest(src / "direct.jsonl", good[:4])
+    cfg.train.mix = [{"kind": "text_cot", "path": str(src / "cot.jsonl"), "weight": 0.5},
+                     {"kind": "direct_audio", "path": str(src / "direct.jsonl"), "weight": 0.25}]
     OmegaConf.save(cfg, tmp_path / "mixed.yaml")
     bad = {f"{src / 'a.jsonl'}:9": "malformed", f"{src / 'a.jsonl'}:10": "missing_file",
            f"{src / 'a.jsonl'}:11": "silent", f"{src / 'b.json'}:{last_object_line}": "answer_not_in_choices"}
@@ -175,8 +182,9 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     config, bad = mixed_sources_config(tmp_path)
     run = tmp_path / "demo_cpu"
     samples = run / "round_001" / "samples"
-    # ZeRO-3 here (ZeRO-2 above): its gathered 16-bit weights must export to a model vLLM loads.
-    overrides = ("train.zero_stage=3", "cold_start.train.zero_stage=3")
+    # ZeRO-3 here (ZeRO-2 above): its gathered 16-bit weights must export to a model vLLM loads;
+    # the rounds train LoRA adapters, merged at export.
+    overrides = ("train.zero_stage=3", "cold_start.train.zero_stage=3", "train.lora.enabled=true", "train.lora.r=8")
     proc = distill_run(tmp_path, *overrides, config=config, start_new_session=True)
     deadline = time.time() + 480
     while not list(samples.glob("shard-*.jsonl")):
@@ -201,7 +209,16 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     assert len(rows) == 12 * 4 and len({r["trace_id"] for r in rows}) == 48
     assert f"{len(on_disk)} shard(s) already on disk" in log
     assert (run / "round_002" / "STAGE").read_text().strip() == "eval"
-    assert read_json(run / "round_002" / "stats" / "train.json")["zero_stage"] == 3
+    summary = read_json(run / "round_002" / "stats" / "train.json")
+    assert summary["zero_stage"] == 3 and summary["lora"] and summary["encoder_cache"] is None
+    # Round 2 continues from round 1's model on its kept traces, mixed with the extra data at its weights.
+    assert Path(summary["model"]) == run / "round_001" / "model"
+    assert summary["data"] == [str(run / "round_002" / "filtered.jsonl")]
+    kept = len(list(read_jsonl(run / "round_002" / "filtered.jsonl")))
+    assert summary["mix"]["traces"]["rows"] == kept
+    assert summary["mix"]["text_cot:cot.jsonl"]["rows"] == round(kept * 0.5)
+    assert summary["mix"]["direct_audio:direct.jsonl"]["rows"] == round(kept * 0.25)
+    assert summary["rows"] == summary["mix"]["total"]
     # The resumed run continues the same wandb run.
     assert len({p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}) == 1
 

@@ -135,3 +135,21 @@ def test_skip_solved_reads_the_previous_rounds_set_aside(tmp_path):
     assert solved_before(run.round(2)) == {"a", "b"} and solved_before(run.round(1)) == set()
     atomic_write_json(run.round(2).set_aside, {"always_failed": [], "always_solved": ["c"]})
     assert solved_before(run.round(3)) == {"a", "b", "c"}  # skipped in round 2, still skipped in round 3
+
+
+@pytest.mark.parametrize("cold_start", [True, False])
+def test_student_init_continue_or_restart_from_base(tmp_path, cold_start):
+    """train.init=continue trains round i's model on round i's traces; =base restarts from the
+    base model on the kept traces of every round so far (ReST-EM)."""
+    from pathlib import Path
+
+    from distill.loop import train_inputs
+
+    model = Path("round_model")
+    cfg = cfg_for(tmp_path, f"cold_start.enabled={cold_start}")
+    run = RunDir(cfg.run_dir)
+    assert train_inputs(cfg, run, 3, model) == (model, [run.round(3).filtered])
+    base = cfg_for(tmp_path, "train.init=base", f"cold_start.enabled={cold_start}")
+    first = 0 if cold_start else 1
+    assert train_inputs(base, run, 3, model) == (Path(base.model.path), [run.round(i).filtered for i in range(first, 4)])
+    assert train_inputs(base, run, 0, model) == (model, [run.round(0).filtered])  # the cold start itself

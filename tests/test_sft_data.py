@@ -6,7 +6,8 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
 from distill.prompting import load_tokenizer
-from distill.sft_data import IGNORE, SFTDataset, cold_start_rows, collate, split_prefix, weighted_loss
+from distill.packing import IGNORE, collate, weighted_loss
+from distill.sft_data import SFTDataset, cold_start_rows, split_prefix
 
 
 def test_split_prefix_moves_prefill_into_prompt():
@@ -25,21 +26,24 @@ def test_dataset_masks_prompt_and_weights_answer(tiny_model, tmp_path):
     ds = SFTDataset(rows, processor, cache, max_seq_len=1024, answer_loss_weight=3.0, generation_prefix="<think>\n")
     ex = ds[0]
     tok = processor.tokenizer
-    targets = ex["labels"][ex["labels"] != IGNORE].tolist()
+    ids, labels, weights = (torch.tensor(x) for x in (ex.input_ids, ex.labels, ex.weights))
+    assert ds.lengths[0] == len(ids)
+    targets = labels[labels != IGNORE].tolist()
     # The loss covers exactly the generated part: reasoning, </think>, answer, end of turn.
     assert tok.decode(targets) == rows[0]["completion"].removeprefix("<think>\n") + tok.eos_token
-    n_audio = int((ex["input_ids"] == tok.convert_tokens_to_ids("<|AUDIO|>")).sum())
-    frames = int(ex["feature_attention_mask"].sum())
+    n_audio = int((ids == tok.convert_tokens_to_ids("<|AUDIO|>")).sum())
+    frames = len(ex.audio[0]) // 160  # 100 mel frames a second
     assert n_audio == (((frames - 1) // 2 + 1) - 2) // 2 + 1  # Qwen2-Audio's conv + pooling strides
+    assert ex.audio_keys == [f"{cache.load(rows[0]['audio'])[1]}#0"]  # keyed by content
     close = tok.convert_tokens_to_ids("</think>")
-    after = (ex["input_ids"] == close).nonzero()[0].item() + 1
-    assert set(ex["weights"][after:].tolist()) == {3.0}
-    assert set(ex["weights"][:after][ex["labels"][:after] != IGNORE].tolist()) == {1.0}
+    after = (ids == close).nonzero()[0].item() + 1
+    assert set(weights[after:].tolist()) == {3.0}
+    assert set(weights[:after][labels[:after] != IGNORE].tolist()) == {1.0}
     rows[1]["weight"] = 0.25  # a trace of an item answerable from text, down-weighted by the filter
-    batch = collate([ds[0], ds[1]], tok.pad_token_id)
+    batch = collate([ds[0], ds[1]], tok.pad_token_id, packing=False, capacity=1024)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["weights"].shape
-    assert batch["row_weights"].tolist() == [1.0, 0.25]
-    assert batch["input_features"].shape[:2] == (2, 128)
+    assert batch["row_weights"][:, 0].tolist() == [1.0, 0.25]
+    assert len(batch["audio"]) == 2
 
 
 def test_weighted_loss_ignores_masked_and_weighs_tokens():
@@ -89,9 +93,8 @@ def test_dataset_refuses_audio_placeholder_in_completion(tiny_model, tmp_path):
     cache = AudioCache(None, AudioPolicy())
     rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys", cache)
     rows[0]["completion"] = "<think>\nx<|AUDIO|>\n</think>\nhigh"
-    ds = SFTDataset(rows, processor, cache, 1024, 1.0, "<think>\n")
     with pytest.raises(ValueError, match="contains the audio placeholder"):
-        ds[0]
+        SFTDataset(rows, processor, cache, 1024, 1.0, "<think>\n")
 
 
 def test_long_audio_is_chunked_into_one_placeholder_per_chunk(tiny_model, tmp_path):
@@ -111,7 +114,8 @@ def test_long_audio_is_chunked_into_one_placeholder_per_chunk(tiny_model, tmp_pa
     rows = cold_start_rows([item], load_tokenizer(str(tiny_model)), "sys", cache)
     assert rows[0]["prompt"].count("<|AUDIO|>") == 3 and "Audio 3:" in rows[0]["prompt"]
     ex = SFTDataset(rows, processor, cache, 4096, 1.0, "<think>\n")[0]
-    assert ex["input_features"].shape[0] == 3
-    assert ex["feature_attention_mask"].sum(dim=1).tolist() == [1834] * 3  # 100 frames a second
-    batch = collate([ex, ex], processor.tokenizer.pad_token_id)
-    assert batch["input_features"].shape[0] == 6
+    assert len(ex.audio) == 3 and ex.audio_keys[2].endswith("#2")
+    # Each chunk is its own audio input: 1834 mel frames -> 458 placeholder tokens.
+    assert ex.input_ids.count(processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")) == 3 * 458
+    batch = collate([ex, ex], processor.tokenizer.pad_token_id, packing=True, capacity=4096)
+    assert len(batch["audio"]) == 6

@@ -1,0 +1,195 @@
+"""The model side of SFT: which parts train, LoRA, and the audio path of the forward pass.
+
+The forward pass builds the language model's input embeddings itself: token embeddings with the
+projected audio encoder output written over the audio placeholders (what Qwen2-Audio's own
+forward does), then the language model on packed rows. Doing it here lets a frozen encoder's
+output be cached per clip: the traces of one item share its audio, and every epoch sees it again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from distill.config import TrainConfig
+
+# Top-level parameter groups of Qwen2AudioForConditionalGeneration, by trainable part.
+PARTS = {"audio_encoder": ("model.audio_tower.",), "projector": ("model.multi_modal_projector.",),
+         "language_model": ("model.language_model.", "lm_head.")}
+LORA_SCOPE = r"model\.language_model\..*\.({})"
+
+
+class AudioEncoderCache:
+    """Encoder outputs by clip key, least recently used first out, bounded in bytes. Kept on the
+    CPU: a GPU's memory is worth more to activations than to a cache."""
+
+    def __init__(self, max_mb: int):
+        self.max_bytes = max_mb * 2**20
+        self.bytes = 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu")
+        self.entries[key] = value
+        self.bytes += value.numel() * value.element_size()
+        while self.bytes > self.max_bytes and self.entries:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def set_trainable(model, tcfg: TrainConfig) -> None:
+    """requires_grad per part: the audio encoder, the projector, the language model (with LoRA,
+    only its adapters train)."""
+    parts = tcfg.trainable
+    for name, param in model.named_parameters():
+        part = next(p for p, prefixes in PARTS.items() if name.startswith(prefixes))
+        param.requires_grad_(getattr(parts, part) and not (tcfg.lora.enabled and part == "language_model"))
+
+
+def add_lora(model, tcfg: TrainConfig):
+    """Wrap the language model's projections (never the audio encoder's) with LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = tcfg.lora
+    projector_trainable = tcfg.trainable.projector
+    config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                        target_modules=LORA_SCOPE.format("|".join(map(re.escape, lcfg.target_modules))))
+    peft_model = get_peft_model(model, config)
+    # get_peft_model freezes everything but the adapters; give the projector its setting back.
+    for name, param in peft_model.base_model.model.named_parameters():
+        if name.startswith(PARTS["projector"]):
+            param.requires_grad_(projector_trainable)
+    return peft_model
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], alpha: int, r: int) -> dict[str, torch.Tensor]:
+    """A LoRA model's full state dict with every adapter merged into its base weight
+    (W + B A alpha/r) and the plain model's key names, so the export is an ordinary checkpoint.
+    Works on a gathered state dict, which is what ZeRO-3 gives."""
+    prefix = "base_model.model."
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix(prefix)
+        if ".base_layer." in name:
+            module = key[: key.index(".base_layer.")]
+            if name.endswith(".weight"):
+                a, b = state[f"{module}.lora_A.default.weight"], state[f"{module}.lora_B.default.weight"]
+                value = (value.float() + (b.float() @ a.float()) * (alpha / r)).to(value.dtype)
+            name = name.replace(".base_layer.", ".")
+        merged[name] = value
+    return merged
+
+
+class AudioLM(torch.nn.Module):
+    """The HF model (or its LoRA wrapper) with the training forward pass: packed rows in, logits out."""
+
+    def __init__(self, model, feature_extractor, audio_token_id: int, cache: AudioEncoderCache | None,
+                 zero3: bool):
+        super().__init__()
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.audio_token_id = audio_token_id
+        self.cache = cache
+        self.zero3 = zero3
+
+    @property
+    def hf(self):
+        """The Qwen2AudioForConditionalGeneration inside (under the LoRA wrapper, if any)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        tower = self.hf.model.audio_tower
+        if not any(p.requires_grad for p in tower.parameters()):
+            tower.eval()  # a frozen encoder is a fixed function: no dropout, so its outputs can be cached
+        return self
+
+    def features(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_features, feature_attention_mask) as the model's processor makes them."""
+        enc = self.feature_extractor(chunks, sampling_rate=self.feature_extractor.sampling_rate,
+                                     return_attention_mask=True, padding="max_length", return_tensors="pt")
+        device = self.hf.lm_head.weight.device
+        return enc["input_features"].to(device), enc["attention_mask"].to(device)
+
+    def run_encoder(self, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The audio encoder on a batch of chunks: each chunk's output over its real frames
+        (as Qwen2AudioModel.forward computes it)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        tower = self.hf.model.audio_tower
+        feat_lengths, out_lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
+        width = (features.shape[-1] - 2) // 2 + 1
+        frames = (torch.arange(width, device=features.device)[None, :] < feat_lengths[:, None]).long()
+        attention = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(
+            len(features), width, 1, dtype=features.dtype, device=features.device), attention_mask=frames)
+        hidden = tower(features.to(tower.conv1.weight.dtype), attention_mask=attention).last_hidden_state
+        return [hidden[i, : out_lengths[i]] for i in range(len(features))]
+
+    def encode(self, chunks: list[np.ndarray], keys: list[str]) -> list[torch.Tensor]:
+        """Encoder outputs of the chunks. Cached ones come from the cache; a frozen encoder runs on
+        each missing chunk alone, so a cached value is the same bits whatever batch first computed it."""
+        if self.cache is None:
+            return self.run_encoder(*self.features(chunks))
+        device = self.hf.lm_head.weight.device
+        out = []
+        for chunk, key in zip(chunks, keys, strict=True):
+            value = self.cache.get(key)
+            if value is None:
+                with torch.no_grad():
+                    value = self.run_encoder(*self.features([chunk]))[0]
+                self.cache.put(key, value)
+            out.append(value.to(device))
+        return out
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                audio: list[np.ndarray], audio_keys: list[str]) -> torch.Tensor:
+        hf = self.hf
+        embeds = hf.get_input_embeddings()(input_ids)
+        if audio:
+            projected = hf.model.multi_modal_projector(torch.cat(self.encode(audio, audio_keys)))
+            slots = (input_ids == self.audio_token_id).unsqueeze(-1)
+            if int(slots.sum()) != projected.shape[0]:
+                raise ValueError(f"{int(slots.sum())} audio placeholders but {projected.shape[0]} audio frames")
+            embeds = embeds.masked_scatter(slots, projected.to(embeds.dtype))
+        elif self.zero3:
+            # ZeRO-3 gathers each module's weights collectively: a rank whose batch has no audio
+            # must still run the encoder and projector, or the other ranks wait for it forever.
+            silent = [np.zeros(self.feature_extractor.sampling_rate // 10, dtype=np.float32)]
+            dummy = hf.model.multi_modal_projector(self.run_encoder(*self.features(silent))[0])
+            embeds = embeds + 0.0 * dummy.sum()
+        return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=False).logits
+
+
+def build_model(model_dir: str, processor, tcfg: TrainConfig, zero3: bool) -> AudioLM:
+    """The model to train: loaded in float32 (mixed precision casts on the fly), parts frozen as
+    configured, LoRA and gradient checkpointing when asked, and the encoder cache when it applies."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    set_trainable(model, tcfg)
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tcfg.lora.enabled:
+        model = add_lora(model, tcfg)
+    cache = None
+    if tcfg.audio_encoder_cache_mb > 0 and not tcfg.trainable.audio_encoder and not zero3:
+        cache = AudioEncoderCache(tcfg.audio_encoder_cache_mb)
+    return AudioLM(model, processor.feature_extractor, processor.tokenizer.convert_tokens_to_ids(processor.audio_token),
+                   cache, zero3)
