@@ -154,6 +154,7 @@ RULE_CHECKS = ("finished", "control_tokens", "format", "length", "language", "de
 # Checks the filter adds from the grounding stage's measurements (distill/grounding).
 GROUNDING_CHECKS = ("text_solvable", "audio_dependence")
 KEEP_POLICIES = ("first", "shortest", "diverse")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -335,15 +336,19 @@ class TrainConfig:
     epochs: float = 1.0
     # Hard cap on optimizer steps (0: no cap).
     max_steps: int = 0
-    # Rows per micro batch; with packing, packed rows of up to max_seq_len tokens each.
+    # Samples per micro batch (per rank); packing lays them in rows of up to max_seq_len tokens.
     micro_batch_size: int = 8
     grad_accum: int = 1
     # Longest training sequence (and packed row) in tokens.
     max_seq_len: int = 1024
     # Pack several samples into each row (attention and positions kept per sample), so no compute
-    # goes to padding. Off: rows are padded, batched by similar length (group_by_length).
-    packing: bool = True
+    # goes to padding. Off: one sample per row, padded; group_by_length keeps the padding small.
+    # null (auto): on with flash-attention (varlen: no cost across samples), off otherwise, as a
+    # block-diagonal mask computes attention over the whole packed row (measured slower on CPU).
+    packing: bool | None = None
     group_by_length: bool = True
+    # "auto": flash_attention_2 on GPU when flash-attn is installed, else sdpa.
+    attn_implementation: str = "auto"
     # Loss weight of the tokens after </think> relative to the reasoning tokens.
     answer_loss_weight: float = 1.0
     max_grad_norm: float = 1.0
@@ -428,7 +433,8 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard_index",
                      # how the work is done, not what it produces:
                      "data.audio.workers", "filter.judge.concurrency", "filter.judge.timeout_s",
-                     "filter.judge.retries", "filter.judge.backoff_s")
+                     "filter.judge.retries", "filter.judge.backoff_s", "train.save_steps", "cold_start.train.save_steps",
+                     "train.audio_encoder_cache_mb", "cold_start.train.audio_encoder_cache_mb")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.zero_stage": (0, 1, 2, 3),
@@ -437,8 +443,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "cold_start.train.device": ("auto", "cpu", "cuda"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.init": ("continue", "base"),
+    "train.attn_implementation": ATTN_IMPLEMENTATIONS,
     "cold_start.train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "cold_start.train.init": ("continue", "base"),
+    "cold_start.train.attn_implementation": ATTN_IMPLEMENTATIONS,
     "wandb.mode": ("offline", "online", "disabled"),
     "data.synthetic.difficulty": (1, 2, 3),
     "data.synthetic.cold_start_difficulty": (0, 1, 2, 3),

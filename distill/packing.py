@@ -49,20 +49,22 @@ def rank_batches(batches: list[list[int]], rank: int, world: int, grad_accum: in
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: positions (into `lengths`) grouped into rows of at most `capacity` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+    """Positions (into `lengths`) grouped into as few rows of at most `capacity` tokens as the
+    total needs, balanced: longest first, each into the least filled row it fits. A micro batch's
+    rows are padded to the widest, so even rows waste less than rows filled one after another."""
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a row of {capacity}")
+    rows: list[list[int]] = [[] for _ in range(-(-sum(lengths) // capacity))]
+    load = [0] * len(rows)
     for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        if lengths[i] > capacity:
-            raise ValueError(f"a sample of {lengths[i]} tokens does not fit a row of {capacity}")
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
+        fits = [r for r in range(len(rows)) if load[r] + lengths[i] <= capacity]
+        if not fits:
+            rows.append([])
+            load.append(0)
+            fits = [len(rows) - 1]
+        r = min(fits, key=lambda k: load[k])
+        rows[r].append(i)
+        load[r] += lengths[i]
     return rows
 
 

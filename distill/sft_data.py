@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item

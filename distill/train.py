@@ -26,7 +26,7 @@ from distill.launch import mixed_precision, use_cuda
 from distill.mixing import build_mix
 from distill.packing import collate, plan_epoch, rank_batches, weighted_loss
 from distill.sft_data import SFTDataset, load_rows
-from distill.train_model import build_model, merged_state_dict
+from distill.train_model import attention_implementation, build_model, merged_state_dict, use_packing
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
@@ -82,13 +82,14 @@ def build_accelerator(tcfg: TrainConfig, hidden_size: int):
     from accelerate.utils import InitProcessGroupKwargs
 
     cpu = not use_cuda(tcfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun)
     plugin = None
     if tcfg.zero_stage > 0:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(tcfg, world, hidden_size),
                                  zero3_save_16bit_model=True)
-    # On CPU the process group must be gloo, or accelerate and DeepSpeed disagree on the world size.
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+    # On CPU the process group must be gloo, or accelerate and DeepSpeed disagree on the world size;
+    # a single process has no group to set.
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu and world > 1 else []
     return Accelerator(
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=tcfg.grad_accum,
@@ -106,6 +107,13 @@ def lr_lambda(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def basic_optimizer_name(optimizer) -> str:
+    """The optimizer under accelerate's and DeepSpeed's wrappers (DeepSpeedCPUAdam when offloaded)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return type(optimizer).__name__
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -158,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     dataset = SFTDataset(rows, processor, cache, tcfg.max_seq_len, tcfg.answer_loss_weight,
                          cfg.sample.generation_prefix)
     zero3 = tcfg.zero_stage == 3
-    model = build_model(args.model, processor, tcfg, zero3)
+    attention = attention_implementation(tcfg, accelerator.device.type == "cuda")
+    packing = use_packing(tcfg, attention)
+    model = build_model(args.model, processor, tcfg, zero3, attention)
     pad_id = processor.tokenizer.pad_token_id
 
     def epoch_batches(epoch: int) -> list[list[int]]:
@@ -173,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_count = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3 loads them partitioned
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.warmup_steps, total_steps))
-    # The scheduler is not handed to accelerate: its wrapper steps once per process, which would
-    # run the schedule num_processes times too fast. It is stepped once per optimizer step below.
+    # With the optimizer offloaded, accelerate swaps AdamW for DeepSpeed's CPU Adam: the schedule
+    # is built on the optimizer prepare returns. It is not handed to accelerate, whose wrapper
+    # steps once per process (num_processes times too fast); it steps once per optimizer step below.
     model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.warmup_steps, total_steps))
     accelerator.register_for_checkpointing(scheduler)
 
     step = 0
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch = step // steps_per_epoch
         batches = epoch_batches(epoch)
         for batch_ids in batches[(step % steps_per_epoch) * tcfg.grad_accum:]:
-            batch = collate([dataset[i] for i in batch_ids], pad_id, tcfg.packing, tcfg.max_seq_len)
+            batch = collate([dataset[i] for i in batch_ids], pad_id, packing, tcfg.max_seq_len)
             with accelerator.accumulate(model):
                 device = accelerator.device
                 logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
@@ -257,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             "tokens": total_tokens, "padded_tokens": total_positions,
             "padding_share": round(1 - total_tokens / max(total_positions, 1), 4), "seconds": round(elapsed, 2),
             "tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1), "final_loss": mean_loss,
-            "processes": world, "zero_stage": tcfg.zero_stage, "packing": tcfg.packing, "lora": tcfg.lora.enabled,
+            "processes": world, "zero_stage": tcfg.zero_stage, "offload_optimizer": tcfg.offload_optimizer,
+            "optimizer": basic_optimizer_name(optimizer), "packing": packing, "attention": attention, "lora": tcfg.lora.enabled,
             "mixed_precision": mixed_precision(tcfg),
             "trainable_parameters": trainable_count,
             "encoder_cache": None if encoder_cache is None else

@@ -8,6 +8,7 @@ output be cached per clip: the traces of one item share its audio, and every epo
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections import OrderedDict
 
@@ -177,12 +178,26 @@ class AudioLM(torch.nn.Module):
                           use_cache=False).logits
 
 
-def build_model(model_dir: str, processor, tcfg: TrainConfig, zero3: bool) -> AudioLM:
+def attention_implementation(tcfg: TrainConfig, cuda: bool) -> str:
+    """train.attn_implementation with "auto" resolved: flash-attention 2 on GPU when installed."""
+    if tcfg.attn_implementation != "auto":
+        return tcfg.attn_implementation
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def use_packing(tcfg: TrainConfig, attention: str) -> bool:
+    """train.packing, or by default: pack where attention is varlen (flash-attention), since a
+    packed row under a block-diagonal mask costs attention over the whole row."""
+    return tcfg.packing if tcfg.packing is not None else attention.startswith("flash_attention")
+
+
+def build_model(model_dir: str, processor, tcfg: TrainConfig, zero3: bool, attention: str = "sdpa") -> AudioLM:
     """The model to train: loaded in float32 (mixed precision casts on the fly), parts frozen as
     configured, LoRA and gradient checkpointing when asked, and the encoder cache when it applies."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                               attn_implementation=attention)
     set_trainable(model, tcfg)
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

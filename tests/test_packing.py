@@ -40,7 +40,8 @@ def test_pack_rows_respects_capacity_and_places_everything():
     lengths = [700, 300, 300, 250, 200, 100, 60]
     rows = pack_rows(lengths, 1024)
     assert sorted(i for r in rows for i in r) == list(range(7))
-    assert all(sum(lengths[i] for i in r) <= 1024 for r in rows) and len(rows) == 2
+    loads = sorted(sum(lengths[i] for i in r) for r in rows)
+    assert loads == [950, 960]  # two rows, as even as the lengths allow (first fit would give 1000 + 910)
     with pytest.raises(ValueError, match="1100 tokens does not fit"):
         pack_rows([1100], 1024)
 
@@ -150,8 +151,8 @@ def test_frozen_parts_stay_unchanged_and_the_rest_trains(tiny_model, sft):
         optimizer.step()
         optimizer.zero_grad()
     after = model.hf.state_dict()
-    for key in before:
-        changed = not torch.equal(before[key], after[key])
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
         frozen = key.startswith(PARTS["audio_encoder"])
         assert changed != frozen or "embed_positions" in key, key  # fixed sinusoids never change
     assert not model.hf.model.audio_tower.training  # a frozen encoder runs without dropout
@@ -199,3 +200,15 @@ def test_a_16k_token_trace_trains_with_gradient_checkpointing(tiny_model, sft):
     loss.backward()
     grad = model.hf.lm_head.weight.grad
     assert torch.isfinite(loss) and grad is not None and grad.abs().sum() > 0
+
+
+def test_packing_by_default_only_where_attention_is_varlen(monkeypatch):
+    from distill import train_model
+
+    auto = TrainConfig()
+    assert train_model.attention_implementation(auto, cuda=False) == "sdpa"
+    monkeypatch.setattr(train_model.importlib.util, "find_spec", lambda name: object())
+    assert train_model.attention_implementation(auto, cuda=True) == "flash_attention_2"
+    assert train_model.use_packing(auto, "flash_attention_2") and not train_model.use_packing(auto, "sdpa")
+    assert train_model.use_packing(TrainConfig(packing=True), "sdpa")
+    assert not train_model.use_packing(TrainConfig(packing=False), "flash_attention_2")

@@ -5,8 +5,8 @@ from data_pipelines.audio import AudioPolicy, write_wav
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
-from distill.prompting import load_tokenizer
 from distill.packing import IGNORE, collate, weighted_loss
+from distill.prompting import load_tokenizer
 from distill.sft_data import SFTDataset, cold_start_rows, split_prefix
 
 
