@@ -445,7 +445,6 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.init": ("continue", "base"),
     "train.attn_implementation": ATTN_IMPLEMENTATIONS,
     "cold_start.train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "cold_start.train.init": ("continue", "base"),
     "cold_start.train.attn_implementation": ATTN_IMPLEMENTATIONS,
     "wandb.mode": ("offline", "online", "disabled"),
     "data.synthetic.difficulty": (1, 2, 3),
@@ -514,6 +513,13 @@ def _validate_train(section: str, tcfg: TrainConfig) -> None:
     if tcfg.lora.enabled and parts.audio_encoder:
         raise ConfigError(f"{section}.lora.enabled with {section}.trainable.audio_encoder=true: LoRA adapts the "
                           "language model only; train the encoder fully without LoRA, or keep it frozen")
+    if tcfg.lora.enabled and not parts.language_model:
+        raise ConfigError(f"{section}.lora.enabled with {section}.trainable.language_model=false: the adapters are "
+                          "the language model's training; enable one without the other")
+    if tcfg.zero_stage == 0 and (tcfg.offload_optimizer or tcfg.deepspeed_config):
+        raise ConfigError(f"{section}.offload_optimizer / deepspeed_config need DeepSpeed: set {section}.zero_stage")
+    if tcfg.attn_implementation.startswith("flash_attention") and tcfg.device == "cpu":
+        raise ConfigError(f"{section}.attn_implementation={tcfg.attn_implementation}: flash-attention runs on GPU only")
     if not 0 <= tcfg.lora.dropout < 1:
         raise ConfigError(f"{section}.lora.dropout={tcfg.lora.dropout}: must be in [0, 1)")
     if tcfg.deepspeed_config and not Path(tcfg.deepspeed_config).is_file():
@@ -537,6 +543,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.shard_index={cfg.sample.shard_index}: must be -1 or in [0, {cfg.sample.num_shards})"
         )
+    if cfg.cold_start.train.init != "continue":
+        raise ConfigError("cold_start.train.init: the cold start trains the base model; train.init picks the rounds'")
     for section in ("train", "cold_start.train"):
         tcfg = _get(cfg, section)
         if tcfg.zero_stage == 0 and tcfg.num_processes > 1:

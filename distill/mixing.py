@@ -18,7 +18,7 @@ import numpy as np
 
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.sources import Source, validate_source
-from distill.config import MIX_KINDS, Config, MixSourceConfig
+from distill.config import Config, MixSourceConfig
 from distill.io import read_jsonl_numbered
 from distill.prompting import THINK_CLOSE, THINK_OPEN, chat_prompt, item_prompt
 
@@ -122,13 +122,9 @@ def build_mix(traces: list[dict], mix_cfgs: list[MixSourceConfig], cfg: Config, 
               seed: int) -> tuple[list[dict], dict]:
     """Read each configured mix source by kind and mix it with the kept traces (see mix_rows);
     sources are named `{kind}:{file name}`."""
-    sources = []
-    for src in mix_cfgs:
-        if src.kind == "text_cot":
-            rows = text_cot_rows(src.path, tokenizer, cfg.data.system_prompt)
-        elif src.kind == "direct_audio":
-            rows = direct_audio_rows(src.path, cfg, tokenizer, cache)
-        else:
-            raise ValueError(f"mix source {src.path}: unknown kind {src.kind!r} (known: {', '.join(MIX_KINDS)})")
-        sources.append((f"{src.kind}:{Path(src.path).name}", rows, src.weight))
+    readers = {  # by MixSourceConfig.kind (the config refuses other kinds)
+        "text_cot": lambda path: text_cot_rows(path, tokenizer, cfg.data.system_prompt),
+        "direct_audio": lambda path: direct_audio_rows(path, cfg, tokenizer, cache),
+    }
+    sources = [(f"{src.kind}:{Path(src.path).name}", readers[src.kind](src.path), src.weight) for src in mix_cfgs]
     return mix_rows(traces, sources, seed)

@@ -3,20 +3,22 @@
 A batch plan is fixed up front from the samples' token lengths and the seed, so every rank
 knows its batches and a resumed run skips exactly the batches it already trained on.
 
-Packing lays a batch's samples end to end in a few rows of at most `capacity` tokens. Position
-ids restart at 0 for every sample and no attention mask is passed: transformers then builds
-attention that stays within each sample (flash-attention varlen on GPU, a block-diagonal causal
-mask otherwise), so a packed batch computes the same loss as its samples one by one, without
-spending compute on padding.
+Packing lays a batch's samples end to end in rows. Position ids restart at 0 for every sample
+and no attention mask is passed: transformers then keeps attention within each sample, with
+flash-attention's varlen kernels (which it uses only for a batch of one row, so a flash micro
+batch is one row) or a block-diagonal causal mask built row by row (rows of at most `capacity`
+tokens). A packed batch computes the same loss as the same samples padded, one per row.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 IGNORE = -100
 # Length grouping sorts samples within windows of this many batches, so batches hold similar
@@ -39,13 +41,28 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group
     return batches
 
 
-def rank_batches(batches: list[list[int]], rank: int, world: int, grad_accum: int) -> list[list[int]]:
-    """This rank's share of an epoch's batches. Every rank needs the same whole number of
-    optimizer steps, so the plan is topped up with its first batches (as DistributedSampler pads)
-    rather than cut: a round that kept few traces still trains on all of them."""
+def pad_plan(batches: list[list[int]], world: int, grad_accum: int) -> list[list[int]]:
+    """An epoch's batches topped up with its first ones to a whole number of optimizer steps on
+    every rank (as DistributedSampler pads) rather than cut: a round that kept few traces still
+    trains on all of them. Step s of the epoch is batches [s*world*grad_accum, (s+1)*world*grad_accum)."""
     unit = world * grad_accum
-    padded = batches + [batches[i % len(batches)] for i in range(-len(batches) % unit)]
+    return batches + [batches[i % len(batches)] for i in range(-len(batches) % unit)]
+
+
+def rank_batches(padded: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a padded plan, in order."""
     return padded[rank::world]
+
+
+def step_normalizer(padded: list[list[int]], target_weights: list[float], step: int, world: int,
+                    grad_accum: int) -> float:
+    """The divisor that makes each micro batch's loss a share of the optimizer step's loss, the
+    weighted mean over every target token of every micro batch of every rank in the step.
+    Every rank computes it from the plan, without communication. accelerate/DeepSpeed divide by
+    the accumulation steps and average over ranks, so the divisor is scaled back by both."""
+    unit = world * grad_accum
+    total = sum(target_weights[i] for batch in padded[step * unit:(step + 1) * unit] for i in batch)
+    return max(total, 1e-8) / unit
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -81,12 +98,16 @@ class Sample:
     audio_keys: list[str]
 
 
-def collate(samples: list[Sample], pad_id: int, packing: bool, capacity: int) -> dict:
+def collate(samples: list[Sample], pad_id: int, packing: bool, capacity: int | None) -> dict:
     """Tensors for one micro batch. Packed: rows of several samples with per-sample positions and
-    no attention mask. Unpacked: one sample per row, right-padded, with an attention mask.
-    Audio chunks are listed in the order their placeholders appear, row by row."""
+    no attention mask, rows of at most `capacity` tokens (None: one row, as flash-attention needs).
+    Unpacked: one sample per row, right-padded, with an attention mask. Audio chunks are listed in
+    the order their placeholders appear, row by row."""
     lengths = [len(s.input_ids) for s in samples]
-    layout = pack_rows(lengths, capacity) if packing else [[i] for i in range(len(samples))]
+    if not packing:
+        layout = [[i] for i in range(len(samples))]
+    else:
+        layout = [list(range(len(samples)))] if capacity is None else pack_rows(lengths, capacity)
     width = max(sum(lengths[i] for i in row) for row in layout)
     ids, labels, weights, row_weights, positions, mask = [], [], [], [], [], []
     audio, keys = [], []
@@ -125,22 +146,34 @@ def collate(samples: list[Sample], pad_id: int, packing: bool, capacity: int) ->
     }
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                  row_weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                  weights: torch.Tensor, row_weights: torch.Tensor | None = None, normalizer: float | None = None,
+                  chunk: int = 4096) -> torch.Tensor:
     """Next-token cross-entropy over the target tokens, each with its weight (answer tokens may
-    weigh more), scaled by its row's weight. The normalizer leaves the row weights out, so a batch
-    of down-weighted rows moves the model less instead of being rescaled back to full strength.
-    `row_weights` is per row (batch,) or per token (batch, length), as packed rows mix samples."""
-    logits = logits[:, :-1].float()
+    weigh more), scaled by its row's weight, divided by `normalizer` (default: the batch's target
+    weight). The normalizer leaves the row weights out, so a batch of down-weighted rows moves the
+    model less instead of being rescaled back to full strength. `row_weights` is per row (batch,)
+    or per token (batch, length), as packed rows mix samples.
+
+    `head` turns hidden states into logits (the LM head; identity for logits). It runs only on
+    target positions, `chunk` tokens at a time, and each chunk's logits are recomputed in the
+    backward pass instead of kept: with a 150k-token vocabulary the logits of a 16k-token trace
+    would otherwise take gigabytes."""
+    hidden = hidden[:, :-1]
     labels = labels[:, 1:]
     weights = weights[:, 1:] * (labels != IGNORE)
-    ce = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.clamp(min=0).reshape(-1), reduction="none"
-    ).view_as(labels)
-    if row_weights is None:
-        scaled = weights
-    elif row_weights.dim() == 1:
-        scaled = weights * row_weights[:, None]
-    else:
-        scaled = weights * row_weights[:, 1:]
-    return (ce * scaled).sum() / weights.sum().clamp(min=1e-8)
+    if row_weights is not None:
+        row_weights = row_weights[:, None] if row_weights.dim() == 1 else row_weights[:, 1:]
+    scaled = weights if row_weights is None else weights * row_weights
+    targets = labels != IGNORE
+    h, y, w = hidden[targets], labels[targets], scaled[targets]
+
+    def piece_loss(h_part: torch.Tensor, y_part: torch.Tensor, w_part: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(head(h_part).float(), y_part, reduction="none")
+        return (ce * w_part).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(y), chunk):
+        part = slice(start, start + chunk)
+        total = total + torch.utils.checkpoint.checkpoint(piece_loss, h[part], y[part], w[part], use_reentrant=False)
+    return total / (weights.sum().clamp(min=1e-8) if normalizer is None else normalizer)

@@ -111,6 +111,8 @@ class SFTDataset:
                                  f"tokens exceed train.max_seq_len={max_seq_len}")
             self.tokens.append((prompts[key], completion_ids))
         self.lengths = [len(p) + len(c) for p, c in self.tokens]
+        # Each row's summed target-token weight: what the loss of a whole optimizer step divides by.
+        self.target_weights = [sum(self.completion_weights(c)) for _, c in self.tokens]
 
     def _prompt_ids(self, prompt: str, row: dict, name) -> list[int]:
         audio = self.chunks(row)
@@ -122,6 +124,14 @@ class SFTDataset:
         enc = self.processor(text=[prompt], audio=audio, sampling_rate=self.sample_rate, return_tensors="pt")
         return enc["input_ids"][0].tolist()
 
+    def completion_weights(self, completion_ids: list[int]) -> list[float]:
+        """Loss weight per completion token: 1 up to and with </think>, answer_loss_weight after."""
+        weights, after_think = [], False
+        for tok in completion_ids:
+            weights.append(self.answer_loss_weight if after_think else 1.0)
+            after_think = after_think or tok == self.think_close_id
+        return weights
+
     def chunks(self, row: dict) -> list[np.ndarray]:
         return [] if row["audio"] is None else self.cache.chunks(row["audio"], row.get("audio_sha256"))
 
@@ -131,11 +141,7 @@ class SFTDataset:
     def __getitem__(self, index: int) -> Sample:
         row = self.rows[index]
         prompt_ids, completion_ids = self.tokens[index]
-        weights = [0.0] * len(prompt_ids)
-        after_think = False
-        for tok in completion_ids:
-            weights.append(self.answer_loss_weight if after_think else 1.0)
-            after_think = after_think or tok == self.think_close_id
+        weights = [0.0] * len(prompt_ids) + self.completion_weights(completion_ids)
         audio = self.chunks(row)
         clip = self.clip_keys[index]
         return Sample(input_ids=prompt_ids + completion_ids, labels=[IGNORE] * len(prompt_ids) + completion_ids,

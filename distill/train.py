@@ -10,6 +10,7 @@ finds OUT/checkpoints/ resumes from the last one with the same result as an unin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from distill.data import audio_cache
 from distill.io import atomic_write_json, read_json
 from distill.launch import mixed_precision, use_cuda
 from distill.mixing import build_mix
-from distill.packing import collate, plan_epoch, rank_batches, weighted_loss
+from distill.packing import collate, pad_plan, plan_epoch, rank_batches, step_normalizer
 from distill.sft_data import SFTDataset, load_rows
 from distill.train_model import attention_implementation, build_model, merged_state_dict, use_packing
 
@@ -58,13 +59,22 @@ def deepspeed_config(tcfg: TrainConfig, world: int, hidden_size: int) -> dict:
                           f"{tcfg.zero_stage}; make them agree")
     if tcfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda(tcfg)}
+    if zero["stage"] == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)  # the checkpoint needs whole weights
+    # The batch plan, schedule and resume offsets follow the train config: a JSON may leave these
+    # "auto" (filled here) but not set them otherwise.
     auto = {
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
         "gradient_accumulation_steps": tcfg.grad_accum,
         "train_batch_size": tcfg.micro_batch_size * tcfg.grad_accum * world,
         "gradient_clipping": tcfg.max_grad_norm,
     }
-    config.update({k: v for k, v in auto.items() if config.get(k, "auto") == "auto"})
+    for key, value in auto.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise ConfigError(f"{path}: {key}={config[key]} disagrees with the train config ({value}); "
+                              f'set it to "auto"')
     precision = mixed_precision(tcfg)
     for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
         if config.get(key, {}).get("enabled") == "auto" or key not in config:
@@ -136,6 +146,19 @@ def save_checkpoint(accelerator, out: Path, progress: dict) -> None:
     accelerator.wait_for_everyone()
 
 
+def read_log(path: Path, upto: int) -> list[str]:
+    """The training log's lines up to step `upto` (what a resumed state includes); a line cut short
+    by a kill is dropped."""
+    lines = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= upto:
+                lines.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     from accelerate.utils import set_seed
     from tqdm import tqdm
@@ -149,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     final = out / "final"
     if final.exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # left if a kill came right after the save
         print(f"train: {final} exists, nothing to do")
         return
 
@@ -158,27 +182,33 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     set_seed(tcfg.seed)
     main_proc = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, accum = accelerator.process_index, accelerator.num_processes, tcfg.grad_accum
 
     processor = AutoProcessor.from_pretrained(args.model)
     cache = audio_cache(cfg)
     rows, mix_stats = build_mix(load_rows(args.data), list(tcfg.mix), cfg, processor.tokenizer, cache, tcfg.seed)
     dataset = SFTDataset(rows, processor, cache, tcfg.max_seq_len, tcfg.answer_loss_weight,
                          cfg.sample.generation_prefix)
-    zero3 = tcfg.zero_stage == 3
     attention = attention_implementation(tcfg, accelerator.device.type == "cuda")
     packing = use_packing(tcfg, attention)
-    model = build_model(args.model, processor, tcfg, zero3, attention)
+    # flash-attention keeps samples apart only in a batch of one row (varlen over its sequences):
+    # a micro batch packs into a single row there; under a mask, into rows of max_seq_len.
+    capacity = None if attention.startswith("flash_attention") else tcfg.max_seq_len
+    model = build_model(args.model, processor, tcfg, world, attention)
     pad_id = processor.tokenizer.pad_token_id
 
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        plan = plan_epoch(dataset.lengths, tcfg.micro_batch_size, tcfg.seed, epoch, tcfg.group_by_length)
-        return rank_batches(plan, rank, world, tcfg.grad_accum)
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        batches = plan_epoch(dataset.lengths, tcfg.micro_batch_size, tcfg.seed, epoch, tcfg.group_by_length)
+        return pad_plan(batches, world, accum)
 
-    steps_per_epoch = len(epoch_batches(0)) // tcfg.grad_accum
+    steps_per_epoch = len(epoch_plan(0)) // (world * accum)
     total_steps = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
+    # What a saved state belongs to: resuming it under another plan would train other batches.
+    plan = {"world": world, "micro_batch_size": tcfg.micro_batch_size, "grad_accum": accum, "seed": tcfg.seed,
+            "total_steps": total_steps, "group_by_length": tcfg.group_by_length,
+            "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_count = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3 loads them partitioned
@@ -194,34 +224,38 @@ def main(argv: list[str] | None = None) -> None:
     log_path = out / "log.jsonl"
     resume = last_checkpoint(out)
     if resume is not None:
+        saved = read_json(resume / "progress.json")
+        changed = [k for k in plan if saved.get(k) != plan[k]]
+        if changed:
+            raise RuntimeError(f"{resume}: saved under another training plan ({', '.join(changed)} changed); "
+                               f"restore those settings, or delete {out / 'checkpoints'} to start over")
         accelerator.load_state(str(resume))
-        step = read_json(resume / "progress.json")["step"]
+        step = saved["step"]
         if main_proc:
             print(f"train: resuming from {resume} (step {step} of {total_steps})")
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         # The log keeps the steps the resumed state includes; later lines are trained again.
-        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
-                if json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        log_path.write_text("".join(line + "\n" for line in read_log(log_path, step)))
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not main_proc, dynamic_ncols=True)
     model.train()
     tokens = positions = 0
     start, losses, mean_loss = time.time(), [], None
     resumed_at = step
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        batches = epoch_batches(epoch)
-        for batch_ids in batches[(step % steps_per_epoch) * tcfg.grad_accum:]:
-            batch = collate([dataset[i] for i in batch_ids], pad_id, packing, tcfg.max_seq_len)
+        padded = epoch_plan(step // steps_per_epoch)
+        mine = rank_batches(padded, rank, world)
+        for index in range((step % steps_per_epoch) * accum, len(mine)):
+            batch = collate([dataset[i] for i in mine[index]], pad_id, packing, capacity)
+            normalizer = step_normalizer(padded, dataset.target_weights, index // accum, world, accum)
+            device = accelerator.device
             with accelerator.accumulate(model):
-                device = accelerator.device
-                logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                               attention_mask=None if batch["attention_mask"] is None
-                               else batch["attention_mask"].to(device),
-                               audio=batch["audio"], audio_keys=batch["audio_keys"])
-                loss = weighted_loss(logits, batch["labels"].to(device), batch["weights"].to(device),
-                                     batch["row_weights"].to(device))
+                loss = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                             attention_mask=None if batch["attention_mask"] is None
+                             else batch["attention_mask"].to(device),
+                             audio=batch["audio"], audio_keys=batch["audio_keys"], labels=batch["labels"].to(device),
+                             weights=batch["weights"].to(device), row_weights=batch["row_weights"].to(device),
+                             normalizer=normalizer)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg.zero_stage == 0 and tcfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)  # DeepSpeed clips itself
@@ -235,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            # Each micro batch's loss is its share of the step's loss, scaled by world x accum.
+            mean_loss = accelerator.reduce(torch.stack(losses).sum(), reduction="sum").item() / (world * accum)
             losses.clear()
             if main_proc:
                 with log_path.open("a") as handle:
@@ -243,13 +278,16 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             bar.update(1)
             if tcfg.save_steps and step % tcfg.save_steps == 0 and step < total_steps:
-                save_checkpoint(accelerator, out, {"step": step, "epoch": epoch})
+                save_checkpoint(accelerator, out, {"step": step, **plan})
             if step >= total_steps:
                 break
     bar.close()
     elapsed = time.time() - start
-    counts = accelerator.reduce(torch.tensor([tokens, positions], device=accelerator.device), reduction="sum")
-    total_tokens, total_positions = (int(x) for x in counts)
+    encoder_cache = accelerator.unwrap_model(model).cache
+    hits, misses = (encoder_cache.hits, encoder_cache.misses) if encoder_cache else (0, 0)
+    counts = accelerator.reduce(torch.tensor([tokens, positions, hits, misses], device=accelerator.device),
+                                reduction="sum")
+    total_tokens, total_positions, hits, misses = (int(x) for x in counts)
 
     state = accelerator.get_state_dict(model)
     if main_proc:
@@ -261,19 +299,17 @@ def main(argv: list[str] | None = None) -> None:
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_for_serving(inner, tmp, state_dict=state)
-        encoder_cache = accelerator.unwrap_model(model).cache
         summary = {
             "model": args.model, "data": args.data, "steps": step, "resumed_from_step": resumed_at or None,
             "rows": len(rows), "mix": mix_stats,
+            # tokens, seconds and the cache counts cover this process's run (after a resume: its part).
             "tokens": total_tokens, "padded_tokens": total_positions,
             "padding_share": round(1 - total_tokens / max(total_positions, 1), 4), "seconds": round(elapsed, 2),
             "tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1), "final_loss": mean_loss,
             "processes": world, "zero_stage": tcfg.zero_stage, "offload_optimizer": tcfg.offload_optimizer,
-            "optimizer": basic_optimizer_name(optimizer), "packing": packing, "attention": attention, "lora": tcfg.lora.enabled,
-            "mixed_precision": mixed_precision(tcfg),
-            "trainable_parameters": trainable_count,
-            "encoder_cache": None if encoder_cache is None else
-            {"hits": encoder_cache.hits, "misses": encoder_cache.misses},
+            "optimizer": basic_optimizer_name(optimizer), "packing": packing, "attention": attention,
+            "lora": tcfg.lora.enabled, "mixed_precision": mixed_precision(tcfg), "trainable_parameters": trainable_count,
+            "encoder_cache": {"hits": hits, "misses": misses} if encoder_cache else None,
         }
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         tmp.rename(final)

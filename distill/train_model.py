@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distill.config import TrainConfig
+from distill.packing import weighted_loss
 
 # Top-level parameter groups of Qwen2AudioForConditionalGeneration, by trainable part.
 PARTS = {"audio_encoder": ("model.audio_tower.",), "projector": ("model.multi_modal_projector.",),
@@ -44,7 +45,7 @@ class AudioEncoderCache:
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().to("cpu")
+        value = value.detach().to("cpu").clone()  # a slice would keep its whole padded batch alive
         self.entries[key] = value
         self.bytes += value.numel() * value.element_size()
         while self.bytes > self.max_bytes and self.entries:
@@ -101,13 +102,13 @@ class AudioLM(torch.nn.Module):
     """The HF model (or its LoRA wrapper) with the training forward pass: packed rows in, logits out."""
 
     def __init__(self, model, feature_extractor, audio_token_id: int, cache: AudioEncoderCache | None,
-                 zero3: bool):
+                 distributed: bool):
         super().__init__()
         self.model = model
         self.feature_extractor = feature_extractor
         self.audio_token_id = audio_token_id
         self.cache = cache
-        self.zero3 = zero3
+        self.distributed = distributed
 
     @property
     def hf(self):
@@ -158,8 +159,10 @@ class AudioLM(torch.nn.Module):
             out.append(value.to(device))
         return out
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                audio: list[np.ndarray], audio_keys: list[str]) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None, audio: list[np.ndarray],
+                      audio_keys: list[str]) -> torch.Tensor:
+        """The language model's last hidden states for packed (or padded) rows."""
         hf = self.hf
         embeds = hf.get_input_embeddings()(input_ids)
         if audio:
@@ -168,14 +171,26 @@ class AudioLM(torch.nn.Module):
             if int(slots.sum()) != projected.shape[0]:
                 raise ValueError(f"{int(slots.sum())} audio placeholders but {projected.shape[0]} audio frames")
             embeds = embeds.masked_scatter(slots, projected.to(embeds.dtype))
-        elif self.zero3:
-            # ZeRO-3 gathers each module's weights collectively: a rank whose batch has no audio
-            # must still run the encoder and projector, or the other ranks wait for it forever.
+        elif self.distributed:
+            # A rank whose batch has no audio must still use the audio modules: ZeRO-3 gathers
+            # their weights collectively, and ZeRO-1/2 reduce gradients in buckets that every
+            # rank fills with the same parameters. A silent clip, weighted 0, does both.
             silent = [np.zeros(self.feature_extractor.sampling_rate // 10, dtype=np.float32)]
             dummy = hf.model.multi_modal_projector(self.run_encoder(*self.features(silent))[0])
             embeds = embeds + 0.0 * dummy.sum()
-        return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False).logits
+        return hf.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                        use_cache=False).last_hidden_state
+
+    def logits(self, *inputs) -> torch.Tensor:
+        """Logits at every position (for checks; training computes them only where there is a target)."""
+        return self.hf.lm_head(self.hidden_states(*inputs))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                audio: list[np.ndarray], audio_keys: list[str], labels: torch.Tensor, weights: torch.Tensor,
+                row_weights: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+        """The batch's training loss (packing.weighted_loss)."""
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, audio, audio_keys)
+        return weighted_loss(hidden, self.hf.lm_head, labels, weights, row_weights, normalizer)
 
 
 def attention_implementation(tcfg: TrainConfig, cuda: bool) -> str:
@@ -191,7 +206,7 @@ def use_packing(tcfg: TrainConfig, attention: str) -> bool:
     return tcfg.packing if tcfg.packing is not None else attention.startswith("flash_attention")
 
 
-def build_model(model_dir: str, processor, tcfg: TrainConfig, zero3: bool, attention: str = "sdpa") -> AudioLM:
+def build_model(model_dir: str, processor, tcfg: TrainConfig, world: int = 1, attention: str = "sdpa") -> AudioLM:
     """The model to train: loaded in float32 (mixed precision casts on the fly), parts frozen as
     configured, LoRA and gradient checkpointing when asked, and the encoder cache when it applies."""
     from transformers import Qwen2AudioForConditionalGeneration
@@ -204,7 +219,9 @@ def build_model(model_dir: str, processor, tcfg: TrainConfig, zero3: bool, atten
     if tcfg.lora.enabled:
         model = add_lora(model, tcfg)
     cache = None
-    if tcfg.audio_encoder_cache_mb > 0 and not tcfg.trainable.audio_encoder and not zero3:
+    # Not under ZeRO-3: a rank whose clips all hit the cache would skip the encoder that the
+    # other ranks gather collectively.
+    if tcfg.audio_encoder_cache_mb > 0 and not tcfg.trainable.audio_encoder and tcfg.zero_stage != 3:
         cache = AudioEncoderCache(tcfg.audio_encoder_cache_mb)
     return AudioLM(model, processor.feature_extractor, processor.tokenizer.convert_tokens_to_ids(processor.audio_token),
-                   cache, zero3)
+                   cache, distributed=world > 1)

@@ -6,6 +6,8 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
 from distill.packing import IGNORE, collate, weighted_loss
+
+IDENTITY = lambda x: x  # noqa: E731  (the inputs are already logits)
 from distill.prompting import load_tokenizer
 from distill.sft_data import SFTDataset, cold_start_rows, split_prefix
 
@@ -50,11 +52,11 @@ def test_weighted_loss_ignores_masked_and_weighs_tokens():
     logits = torch.zeros(1, 4, 5)
     logits[0, 0, 1] = 5.0  # predicts label[1]=1 well
     labels = torch.tensor([[IGNORE, 1, 2, IGNORE]])
-    uniform = weighted_loss(logits, labels, torch.ones(1, 4))
+    uniform = weighted_loss(logits, IDENTITY, labels, torch.ones(1, 4))
     ce_good = torch.nn.functional.cross_entropy(logits[0, 0:1], torch.tensor([1]))
     ce_flat = torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([2]))
     assert torch.isclose(uniform, (ce_good + ce_flat) / 2)
-    heavy = weighted_loss(logits, labels, torch.tensor([[1.0, 1.0, 3.0, 1.0]]))
+    heavy = weighted_loss(logits, IDENTITY, labels, torch.tensor([[1.0, 1.0, 3.0, 1.0]]))
     assert torch.isclose(heavy, (ce_good + 3 * ce_flat) / 4)
 
 
@@ -75,12 +77,12 @@ def test_row_weight_scales_the_loss_of_its_row_only():
     logits = torch.randn(2, 4, 5)
     labels = torch.tensor([[IGNORE, 1, 2, 3], [IGNORE, 4, 0, IGNORE]])
     weights = torch.ones(2, 4)
-    full = weighted_loss(logits, labels, weights)
+    full = weighted_loss(logits, IDENTITY, labels, weights)
     # A batch of down-weighted rows is not renormalized back to full strength ...
-    assert torch.isclose(weighted_loss(logits, labels, weights, torch.tensor([0.25, 0.25])), 0.25 * full)
+    assert torch.isclose(weighted_loss(logits, IDENTITY, labels, weights, torch.tensor([0.25, 0.25])), 0.25 * full)
     # ... and a zero-weight row contributes nothing to the gradient.
     logits.requires_grad_(True)
-    weighted_loss(logits, labels, weights, torch.tensor([1.0, 0.0])).backward()
+    weighted_loss(logits, IDENTITY, labels, weights, torch.tensor([1.0, 0.0])).backward()
     assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
 
 

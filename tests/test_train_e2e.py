@@ -54,13 +54,16 @@ def train(setup, tiny_model, out: Path, *overrides: str) -> dict:
 
 def test_resume_after_a_kill_equals_the_uninterrupted_run(setup, tiny_model, tmp_path):
     """Killed after its first saved state, the stage resumes from it and ends with the very
-    weights and losses of a run that was never interrupted."""
-    whole = train(setup, tiny_model, tmp_path / "whole", "train.save_steps=2")
-    assert whole["steps"] == 6 and whole["processes"] == 2 and whole["zero_stage"] == 2
+    weights and losses of a run that was never interrupted: the batch position, the optimizer and
+    schedule, and every rank's RNG (LoRA dropout draws from it) come back."""
+    knobs = ("train.save_steps=2", "train.grad_accum=2", "train.epochs=3", "train.lora.enabled=true",
+             "train.lora.dropout=0.1")
+    whole = train(setup, tiny_model, tmp_path / "whole", *knobs)
+    assert whole["steps"] == 6 and whole["processes"] == 2 and whole["zero_stage"] == 2 and whole["lora"]
     assert not (tmp_path / "whole" / "checkpoints").exists()  # the final checkpoint replaces them
 
     cut = tmp_path / "cut"
-    proc = start(setup, tiny_model, cut, "train.save_steps=2")
+    proc = start(setup, tiny_model, cut, *knobs)
     deadline = time.time() + 240
     while not list(cut.glob("checkpoints/step-*/progress.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -70,13 +73,19 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(setup, tiny_model, tmp
         p.kill()
     proc.wait()
     assert not (cut / "final").exists(), "the run finished before it could be interrupted"
-    resumed = train(setup, tiny_model, cut, "train.save_steps=2")
+    resumed = train(setup, tiny_model, cut, *knobs)
     assert resumed["resumed_from_step"] in (2, 4)
 
     a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert list(read_jsonl(tmp_path / "whole" / "log.jsonl")) == list(read_jsonl(cut / "log.jsonl"))
+    # A saved state belongs to its plan: resuming it with another batch size is refused.
+    (cut / "final").rename(cut / "done")
+    (cut / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (cut / "checkpoints" / "step-00000002" / "progress.json").write_text('{"step": 2, "micro_batch_size": 4}')
+    proc = start(setup, tiny_model, cut, *knobs)
+    assert proc.wait(timeout=300) != 0 and "saved under another training plan" in (tmp_path / "cut.log").read_text()
 
 
 def test_frozen_encoder_is_saved_unchanged_with_the_optimizer_offloaded(setup, tiny_model, tmp_path):
