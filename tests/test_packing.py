@@ -7,8 +7,16 @@ from data_pipelines.audio import AudioPolicy
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.synthetic import generate_split
 from distill.config import LoraConfig, TrainConfig
-from distill.packing import (IGNORE, Sample, collate, pack_rows, pad_plan, plan_epoch, rank_batches,
-                             step_normalizer)
+from distill.packing import (
+    IGNORE,
+    Sample,
+    collate,
+    pack_rows,
+    pad_plan,
+    plan_epoch,
+    rank_batches,
+    step_normalizer,
+)
 from distill.prompting import load_tokenizer
 from distill.sft_data import SFTDataset, cold_start_rows
 from distill.train_model import PARTS, AudioLM, build_model, merged_state_dict

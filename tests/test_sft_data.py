@@ -6,10 +6,12 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
 from distill.packing import IGNORE, collate, weighted_loss
-
-IDENTITY = lambda x: x  # noqa: E731  (the inputs are already logits)
 from distill.prompting import load_tokenizer
 from distill.sft_data import SFTDataset, cold_start_rows, split_prefix
+
+
+def IDENTITY(x):  # the tests' inputs are already logits
+    return x
 
 
 def test_split_prefix_moves_prefill_into_prompt():
