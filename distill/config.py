@@ -389,6 +389,18 @@ class ColdStartConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export gate: the exported model must load in vLLM, generate, and agree with transformers."""
+
+    # Held-out items the exported model answers greedily in vLLM.
+    probes: int = 4
+    # vLLM (which serves a float32 checkpoint in bf16) and transformers in float32 must give the
+    # probe answers' tokens the same log-probabilities, to this mean absolute difference in nats
+    # per token; a mis-mapped weight or config shows as differences of whole nats.
+    max_logprob_diff: float = 0.05
+
+
+@dataclass
 class EvalConfig:
     max_tokens: int = 128
 
@@ -417,6 +429,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -466,7 +479,7 @@ _POSITIVE = (
     "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
     "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
     "filter.judge.concurrency", "filter.judge.max_tokens", "grounding.probe_max_tokens",
-    "grounding.score_batch", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
+    "grounding.score_batch", "export.probes", "export.max_logprob_diff", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
     "cold_start.train.lora.alpha",
 )
 _NON_NEGATIVE = (

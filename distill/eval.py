@@ -10,11 +10,12 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
-from distill.data import audio_cache
-from distill.io import atomic_write_json, atomic_write_jsonl
+from distill.data import audio_cache, max_audio_items
+from distill.io import atomic_write_json, atomic_write_jsonl, read_json
+from distill.model_card import write_model_card
 from distill.prompting import load_tokenizer
 from distill.rewards.rules import RulePipeline
-from distill.rollout.engine import generate
+from distill.rollout.engine import EXPORT_MANIFEST, generate
 from distill.rollout.sample import item_request
 from distill.rundir import RoundDir
 
@@ -50,6 +51,9 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     }
     atomic_write_jsonl(rd.path / "eval_samples.jsonl", rows)
     atomic_write_json(rd.eval_json, stats)
+    manifest = model_dir / EXPORT_MANIFEST
+    if manifest.exists():  # the exported model's card gains the held-out numbers
+        write_model_card(cfg, rd, read_json(manifest), max_audio_items(cfg.data), model_dir)
     print(f"eval: round {rd.index} accuracy {stats['accuracy']:.1%} on {len(items)} held-out items "
           f"(format {stats['format_rate']:.0%}) in {time.time() - start:.1f}s")
     return stats

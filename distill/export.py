@@ -1,8 +1,13 @@
 """The export stage: the trainer's checkpoint becomes a self-contained model directory that vLLM
-serves, and vLLM must load it and generate before the round may go on (the gate).
+serves, and vLLM must load it, generate, and agree with transformers before the round may go on
+(the gate).
 
 The trainer already saves weights in the checkpoint layout vLLM loads (tiny_model.save_for_serving);
-export adds the processor, tokenizer and chat template, records the weights hash, and proves it.
+export adds the processor, tokenizer and chat template, a model card, records the weights hash,
+and proves it: the probe answers vLLM generates are scored by vLLM (teacher-forced) and by a
+float32 transformers forward pass, and the two must give their tokens the same log-probabilities.
+A weight vLLM maps differently from transformers, or a config one of them reads differently,
+shows as a gap of whole nats.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from data_pipelines.items import Item
 from distill.config import Config
-from distill.data import audio_cache
+from distill.data import audio_cache, max_audio_items
+from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.io import atomic_write_json
+from distill.model_card import serve_command, write_model_card
 from distill.prompting import load_tokenizer
 from distill.rollout.engine import EXPORT_MANIFEST, generate, weights_hash
 from distill.rollout.sample import item_request
 from distill.rundir import RoundDir
-
-GATE_PROBES = 4
 
 
 class ExportGateError(RuntimeError):
@@ -50,23 +57,66 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
     tmp.rename(rd.model_dir)
     # The gate runs on the final path so its engine serves eval and the next round's sampling;
     # until it passes, the manifest says so and no sampler accepts the model.
-    probes = gate(cfg, rd.model_dir, probe_items, get_engine)
-    atomic_write_json(rd.model_dir / EXPORT_MANIFEST, {**manifest, "gate": "passed"})
+    probes, agreement = gate(cfg, rd.model_dir, probe_items, get_engine)
+    audio_items = max_audio_items(cfg.data)
+    manifest = {**manifest, "gate": "passed", "agreement": agreement,
+                "serve": serve_command(cfg, rd.model_dir, audio_items)}
+    write_model_card(cfg, rd, manifest, audio_items)
+    atomic_write_json(rd.model_dir / EXPORT_MANIFEST, manifest)
     seconds = time.time() - start
-    print(f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM and generated "
-          f"{len(probes)} probe answers in {seconds:.1f}s")
-    return {"model_dir": str(rd.model_dir), "weights_sha256": digest, "gate_probes": probes}
+    print(f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM, generated {len(probes)} probe answers "
+          f"and agreed with transformers ({agreement['mean_abs_diff']} nats/token on {agreement['tokens']} tokens) "
+          f"in {seconds:.1f}s\nserve it with: {manifest['serve']}")
+    return {"model_dir": str(rd.model_dir), "weights_sha256": digest, "gate_probes": probes, "agreement": agreement,
+            "serve": manifest["serve"]}
 
 
-def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Callable) -> list[str]:
-    """Load `model_dir` in vLLM and generate greedily for a few items; raise ExportGateError if not."""
+def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Callable) -> tuple[list[str], dict]:
+    """Load `model_dir` in vLLM, generate greedily for a few items, and check that transformers
+    gives the generated tokens the log-probabilities vLLM does; raise ExportGateError if not."""
     tokenizer = load_tokenizer(str(model_dir))
     cache = audio_cache(cfg)
-    requests = [item_request(cfg, tokenizer, it, cache) for it in probe_items[:GATE_PROBES]]
+    requests = [item_request(cfg, tokenizer, it, cache) for it in probe_items[: cfg.export.probes]]
     try:
-        outs = generate(get_engine(model_dir), requests, 0.0, 1.0, cfg.eval.max_tokens)
+        llm = get_engine(model_dir)
+        outs = generate(llm, requests, 0.0, 1.0, cfg.eval.max_tokens)
     except Exception as exc:
         raise ExportGateError(f"{model_dir}: vLLM could not load or run the exported model: {exc}") from exc
     if not outs or all(o.num_tokens == 0 for o in outs):
         raise ExportGateError(f"{model_dir}: vLLM loaded the exported model but it generated nothing")
-    return [o.text for o in outs]
+    jobs = [ScoreJob(r.prompt, o.text, r.audio) for r, o in zip(requests, outs, strict=True) if o.text]
+    by_vllm = score(llm, tokenizer, jobs, cfg.data.sample_rate)
+    by_hf = hf_completion_logprobs(model_dir, jobs, cfg.data.sample_rate)
+    diffs = np.concatenate([np.abs(np.array(lp.reasoning + lp.answer) - hf)
+                            for lp, hf in zip(by_vllm, by_hf, strict=True)])
+    agreement = {"tokens": int(diffs.size), "mean_abs_diff": round(float(diffs.mean()), 5),
+                 "max_abs_diff": round(float(diffs.max()), 5)}
+    if agreement["mean_abs_diff"] > cfg.export.max_logprob_diff:
+        raise ExportGateError(
+            f"{model_dir}: vLLM and transformers disagree on the exported model: the probe answers' tokens differ "
+            f"by {agreement['mean_abs_diff']} nats on average (max {agreement['max_abs_diff']}, allowed "
+            f"{cfg.export.max_logprob_diff}); a weight or config is read differently by the two")
+    return [o.text for o in outs], agreement
+
+
+def hf_completion_logprobs(model_dir: Path, jobs: list[ScoreJob], sample_rate: int) -> list[np.ndarray]:
+    """Per-token log-probabilities of each job's completion after its prompt from a float32
+    transformers forward pass of `model_dir` (the reference the gate holds vLLM to)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    result = []
+    for job in jobs:
+        enc = processor(text=[job.prompt + job.completion], audio=job.audio or None, sampling_rate=sample_rate,
+                        return_tensors="pt")
+        ids, _ = completion_tokens(processor.tokenizer, job.prompt, job.completion)
+        with torch.no_grad():
+            logits = model(**enc).logits[0].float()
+        targets = enc["input_ids"][0, 1:]
+        if targets[-len(ids):].tolist() != ids:
+            raise ExportGateError(f"{model_dir}: transformers tokenized a probe answer differently from vLLM")
+        logprobs = torch.log_softmax(logits[:-1], -1)
+        result.append(logprobs[-len(ids):].gather(1, targets[-len(ids):, None])[:, 0].numpy())
+    return result

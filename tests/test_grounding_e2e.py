@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.config import load_config
+from distill.export import hf_completion_logprobs
 from distill.grounding.counterfactual import noise, silence
-from distill.grounding.scoring import ScoreJob, completion_tokens, score
+from distill.grounding.scoring import ScoreJob, score
 from distill.grounding.stage import ground_stage, read_grounding
 from distill.io import read_jsonl
 from distill.loop import init_run_dir
@@ -32,22 +33,6 @@ def sampled_round(tmp_path, model, *overrides):
     cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}", *SMALL, *overrides])
     run = RunDir(cfg.run_dir)
     return cfg, init_run_dir(cfg, run), run.round(1)
-
-
-def hf_completion_logprobs(model_dir, prompt, completion, audio):
-    """Per-token log-probabilities of the completion from a plain transformers forward pass."""
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = processor(text=[prompt + completion], audio=audio, sampling_rate=16000, return_tensors="pt")
-    ids, _ = completion_tokens(processor.tokenizer, prompt, completion)
-    with torch.no_grad():
-        logits = model(**enc).logits[0].float()
-    logprobs = torch.log_softmax(logits[:-1], -1)
-    targets = enc["input_ids"][0, 1:]
-    assert targets[-len(ids):].tolist() == ids
-    return logprobs[-len(ids):].gather(1, targets[-len(ids):, None])[:, 0].numpy()
 
 
 def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
@@ -78,7 +63,7 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
     # the precision of vLLM's bf16 (its "auto" dtype for a float32 model) ...
     hf = {}
     for name, audio, lp in (("real", real, by_vllm[0]), ("silence", silent, by_vllm[1])):
-        hf[name] = hf_completion_logprobs(tiny_model, prompt, completion, audio)
+        hf[name] = hf_completion_logprobs(tiny_model, [ScoreJob(prompt, completion, audio)], 16000)[0]
         assert len(hf[name]) == len(lp.reasoning) + len(lp.answer) > 5
         np.testing.assert_allclose(np.array(lp.reasoning + lp.answer), hf[name], atol=1e-2)
     # ... far closer than the difference the audio makes to the trace's likelihood.
