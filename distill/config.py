@@ -130,7 +130,31 @@ class EngineConfig:
 
 
 @dataclass
+class ServerConfig:
+    """An OpenAI-compatible server to sample from (sample.backend=server): a model that needs its
+    own vLLM build (the Step-Audio family is served this way) or a shared inference cluster."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    # Served model name ("": the first model the server lists).
+    model: str = ""
+    # Environment variable holding the server's API key (never stored in configs or logs).
+    api_key_env: str = "DISTILL_SERVER_API_KEY"
+    timeout_s: float = 600.0
+    retries: int = 3
+    backoff_s: float = 2.0
+    # Requests in flight (one per item, each asking for sample.n traces).
+    concurrency: int = 16
+    # Audio goes as base64 WAV parts of at most this many seconds.
+    chunk_seconds: float = 25.0
+    # Extra stop tokens (ids of the served model's vocabulary), e.g. a turn-end token.
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
 class SampleConfig:
+    # "offline": vLLM in this process on the round's model; "server": sample.server.
+    backend: str = "offline"
+    server: ServerConfig = field(default_factory=ServerConfig)
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -447,7 +471,10 @@ RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard
                      # how the work is done, not what it produces:
                      "data.audio.workers", "filter.judge.concurrency", "filter.judge.timeout_s",
                      "filter.judge.retries", "filter.judge.backoff_s", "train.save_steps", "cold_start.train.save_steps",
-                     "train.audio_encoder_cache_mb", "cold_start.train.audio_encoder_cache_mb")
+                     "train.audio_encoder_cache_mb", "cold_start.train.audio_encoder_cache_mb",
+                     # a server that moved, or a new key, still serves the same model:
+                     "sample.server.base_url", "sample.server.api_key_env", "sample.server.timeout_s",
+                     "sample.server.retries", "sample.server.backoff_s", "sample.server.concurrency")
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.zero_stage": (0, 1, 2, 3),
@@ -465,6 +492,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.synthetic.answer_format": ("choice", "free", "mixed"),
     "data.audio.long_audio": ("reject", "truncate", "chunk"),
     "filter.keep_policy": KEEP_POLICIES,
+    "sample.backend": ("offline", "server"),
     "filter.judge.on_error": ("reject", "keep"),
     "grounding.text_solvable": ("drop", "downweight", "keep"),
     "grounding.score_traces": ("passing", "all"),
@@ -479,7 +507,8 @@ _POSITIVE = (
     "data.audio.max_seconds", "data.audio.chunk_seconds", "data.audio.max_chunks", "data.audio.min_sample_rate",
     "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
     "filter.judge.concurrency", "filter.judge.max_tokens", "grounding.probe_max_tokens",
-    "grounding.score_batch", "export.probes", "export.max_logprob_diff", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
+    "grounding.score_batch", "sample.server.timeout_s", "sample.server.concurrency", "sample.server.chunk_seconds",
+    "export.probes", "export.max_logprob_diff", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
     "cold_start.train.lora.alpha",
 )
 _NON_NEGATIVE = (
@@ -489,7 +518,7 @@ _NON_NEGATIVE = (
     "filter.min_reasoning_tokens", "filter.max_reasoning_tokens", "filter.number_rel_tol", "filter.number_abs_tol",
     "filter.judge.retries", "filter.judge.backoff_s", "grounding.probe_samples", "grounding.probe_temperature",
     "grounding.text_solvable_margin", "grounding.text_solvable_weight", "filter.lexical.min_acoustic_terms",
-    "grounding.bank_seconds", "train.save_steps", "cold_start.train.save_steps", "train.audio_encoder_cache_mb",
+    "grounding.bank_seconds", "sample.server.retries", "sample.server.backoff_s", "train.save_steps", "cold_start.train.save_steps", "train.audio_encoder_cache_mb",
     "cold_start.train.audio_encoder_cache_mb",
 )
 
@@ -556,6 +585,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"sample.shard_index={cfg.sample.shard_index}: must be -1 or in [0, {cfg.sample.num_shards})"
         )
+    if cfg.sample.backend == "server" and cfg.grounding.enabled:
+        raise ConfigError("sample.backend=server with grounding.enabled: grounding scores traces with the round's "
+                          "model in an offline vLLM engine, which a served-only model does not have; set "
+                          "grounding.enabled=false")
     if cfg.cold_start.train.init != "continue":
         raise ConfigError("cold_start.train.init: the cold start trains the base model; train.init picks the rounds'")
     for section in ("train", "cold_start.train"):

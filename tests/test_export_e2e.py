@@ -17,7 +17,7 @@ from distill.export import ExportGateError, export_stage
 from distill.io import read_json
 from distill.launch import free_port
 from distill.model_card import serve_args
-from distill.rewards.judge import wav_base64
+from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
 from distill.rundir import RunDir
 from distill.tiny_model import build_tiny_model

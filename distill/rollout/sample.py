@@ -22,6 +22,7 @@ from distill.data import audio_cache
 from distill.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
 from distill.prompting import audio_tokens, item_prompt, load_tokenizer, think_close_token_id
 from distill.rollout.engine import Request, generate, verified_weights_hash
+from distill.rollout.server import partial_path, sample_shard, server_client
 from distill.rundir import RoundDir
 
 TRACE_SCHEMA_VERSION = 1
@@ -59,12 +60,14 @@ def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: in
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     """Sample the missing shards of round `rd` from `model_dir`; return counts for the metrics."""
     count, indices = shard_plan(cfg)
-    solved = solved_before(rd) if cfg.sample.skip_solved else set()
+    sc = cfg.sample
+    solved = solved_before(rd) if sc.skip_solved else set()
     pool = [it for it in items if it.id not in solved]
-    model_hash = verified_weights_hash(model_dir)
+    client = server_client(cfg) if sc.backend == "server" else None
+    # The identity of what samples: the round's model weights, or the served model.
+    model_hash = f"server:{client.base_url}#{client.model}" if client else verified_weights_hash(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     cache = audio_cache(cfg)
-    sc = cfg.sample
     banned = audio_tokens(str(model_dir)) if sc.ban_audio_tokens else None
     start, new_traces, skipped = time.time(), 0, 0
     for shard in indices:
@@ -83,8 +86,13 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 seed = sample_seed(cfg.seed, rd.index, item.id, j)
                 requests.append(replace(request, seed=seed))
                 meta.append((item, prompt, audio_hash, j, seed))
-        outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens,
-                        think_close_token_id(tokenizer), banned=banned)
+        if client is not None:
+            jobs = [(item, r.audio, r.seed) for (item, _, _, j, _), r in zip(meta, requests, strict=True) if j == 0]
+            per_item = sample_shard(cfg, client, jobs, partial_path(path), tokenizer)
+            outs = [c for completions in per_item for c in completions]
+        else:
+            outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens,
+                            think_close_token_id(tokenizer), banned=banned)
         rows = []
         for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
             rows.append({
@@ -106,13 +114,18 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 "category": item.category,
                 "lineage": {
                     "round": rd.index, "model_dir": str(model_dir), "model_sha256": model_hash,
-                    "seed": seed, "shard": f"{shard}/{count}",
+                    # A server request asks for all n traces under the item's first seed: choice j of it.
+                    "seed": seed if client is None else sample_seed(cfg.seed, rd.index, item.id, 0),
+                    **({} if client is None else {"choice": j}), "shard": f"{shard}/{count}",
                     "temperature": sc.temperature, "top_p": sc.top_p, "max_tokens": sc.max_tokens,
                 },
             })
         atomic_write_jsonl(path, rows)
+        partial_path(path).unlink(missing_ok=True)
         new_traces += len(rows)
         print(f"sample: shard {shard + 1}/{count}: {len(rows)} traces from {len(shard_items)} items -> {path}")
+    if client is not None:
+        client.close()
     seconds = time.time() - start
     print(f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
           f"({new_traces / max(seconds, 1e-9):.1f} traces/s)")
