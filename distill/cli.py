@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_stage.add_argument("--round", type=int, required=True)
     p_stage.add_argument("overrides", nargs="*")
 
+    p_push = sub.add_parser("push", help="upload a round's exported model (and kept traces) to the HF Hub")
+    p_push.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
+    p_push.add_argument("--repo-id", required=True, help="model repository; the round goes to branch round-NNN")
+    p_push.add_argument("--dataset-repo-id", default="", help="also push the kept traces and their audio here")
+    p_push.add_argument("--public", action="store_true", help="create new repositories public (default: private)")
+    p_push.add_argument("--dry-run", action="store_true", help="print the files and the branch, upload nothing")
+
     p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen2-Audio that vLLM loads")
     p_tiny.add_argument("out")
 
@@ -85,6 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return data_command(args)
+        if args.command == "push":
+            from pathlib import Path
+
+            from distill.push import push_round
+            from distill.rundir import RoundDir
+
+            path = Path(args.round_dir)
+            if not (path.name.startswith("round_") and path.name[6:].isdigit()):
+                raise ValueError(f"{path}: not a round directory (round_NNN inside a run directory)")
+            rd = RoundDir(path.parent, int(path.name[6:]))
+            for line in push_round(rd, args.repo_id, args.dataset_repo_id, not args.public, args.dry_run):
+                print(line)
+            return 0
         cfg = load_config(args.config, args.overrides)
         from distill import loop
 

@@ -425,6 +425,17 @@ class ExportConfig:
 
 
 @dataclass
+class HubConfig:
+    """Push every finished round to the HF Hub (distill push does one by hand): the exported
+    model to `repo_id`, branch round-NNN; the kept traces to `dataset_repo_id` when set. The
+    token is the hub client's (HF_TOKEN or its login cache), never distill's."""
+
+    repo_id: str = ""
+    dataset_repo_id: str = ""
+    private: bool = True
+
+
+@dataclass
 class EvalConfig:
     max_tokens: int = 128
 
@@ -454,6 +465,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -21,6 +21,7 @@ from distill.io import atomic_write_jsonl, atomic_write_text, read_json
 from distill.launch import run_training
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.prompting import load_tokenizer
+from distill.push import push_round
 from distill.rewards.filter import filter_stage
 from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage
@@ -147,6 +148,10 @@ def run_loop(cfg: Config) -> list[dict]:
                 rd = run_round(cfg, run, index, data, engines)
                 write_run_metrics(run)
                 logger.log_round(rd, round_record(rd))
+                if cfg.hub.repo_id and not rd.pushed.exists():
+                    pushed = push_round(rd, cfg.hub.repo_id, cfg.hub.dataset_repo_id, cfg.hub.private)
+                    atomic_write_text(rd.pushed, "\n".join(pushed) + "\n")
+                    print("\n".join(f"pushed {line}" for line in pushed), flush=True)
     finally:
         logger.finish()
     records = write_run_metrics(run)

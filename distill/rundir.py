@@ -17,6 +17,7 @@
         eval.json               held-out accuracy
         stats/<stage>.json      what each finished stage measured (counts, seconds)
         STAGE                   the last finished stage
+        pushed.txt              where the round went on the HF Hub (hub.repo_id set)
 
 A stage is finished when STAGE says so; its stats file is written before STAGE, so a finished
 stage always has its numbers. Re-running does only what is not finished.
@@ -52,6 +53,7 @@ class RoundDir:
     eval_json = property(lambda self: self.path / "eval.json")
     stats_dir = property(lambda self: self.path / "stats")
     stage_file = property(lambda self: self.path / "STAGE")
+    pushed = property(lambda self: self.path / "pushed.txt")
 
     def shard_path(self, shard: int, count: int) -> Path:
         return self.samples_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
