@@ -73,6 +73,9 @@ def test_two_rounds_end_to_end(tmp_path):
         assert ev["accuracy"] == round(sum(a["correct"] for a in answers) / 8, 4)
         for f in ("chat_template.jinja", "tokenizer.json", "processor_config.json", "config.json"):
             assert (rd / "model" / f).exists(), f
+        # The gate held vLLM to transformers; the card gained the held-out numbers after eval.
+        assert export["agreement"]["mean_abs_diff"] < 0.05 and export["serve"].startswith("vllm serve")
+        assert f"Held-out accuracy {ev['accuracy']:.1%}" in (rd / "model" / "README.md").read_text()
     assert len(set(hashes.values())) == 3, "every round must train new weights"
     for i in (1, 2):
         rows = traces(run / f"round_{i:03d}")
