@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipelines.audio import split_chunks
+from distill.config import JudgeConfig, ServerConfig
 
 MAX_CHUNK_SECONDS = 25.0
 
@@ -46,21 +47,21 @@ class ChatReply:
 
 
 class ChatClient:
-    """httpx client of one endpoint; `model` "" takes the first model the server lists."""
+    """httpx client of one endpoint, configured by a JudgeConfig or ServerConfig (base_url, model,
+    api_key_env, timeout_s, retries, backoff_s); `model` "" takes the first model the server lists."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str, timeout_s: float, retries: int,
-                 backoff_s: float, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, endpoint: JudgeConfig | ServerConfig, sleep: Callable[[float], None] = time.sleep):
         import httpx
 
-        self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.base_url = endpoint.base_url.rstrip("/")
+        self.retries = endpoint.retries
+        self.backoff_s = endpoint.backoff_s
         self.sleep = sleep
-        key = os.environ.get(api_key_env, "")
+        key = os.environ.get(endpoint.api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=endpoint.timeout_s)
         try:
-            self.model = model or self._first_model()
+            self.model = endpoint.model or self._first_model()
         except BaseException:
             self.client.close()
             raise

@@ -51,8 +51,7 @@ class Judge:
     def __init__(self, cfg: JudgeConfig, sleep: Callable[[float], None] = time.sleep):
         self.cfg = cfg
         try:
-            self.client = ChatClient(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.retries,
-                                     cfg.backoff_s, sleep)
+            self.client = ChatClient(cfg, sleep)
         except RuntimeError as exc:
             raise RuntimeError(f"judge: {exc} (filter.judge.model)") from None
         self.model = self.client.model

@@ -20,9 +20,10 @@ from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
 from distill.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
+from distill.openai_client import ChatClient
 from distill.prompting import audio_tokens, item_prompt, load_tokenizer, think_close_token_id
 from distill.rollout.engine import Request, generate, verified_weights_hash
-from distill.rollout.server import partial_path, sample_shard, server_client
+from distill.rollout.server import partial_path, sample_shard
 from distill.rundir import RoundDir
 
 TRACE_SCHEMA_VERSION = 1
@@ -63,7 +64,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     sc = cfg.sample
     solved = solved_before(rd) if sc.skip_solved else set()
     pool = [it for it in items if it.id not in solved]
-    client = server_client(cfg) if sc.backend == "server" else None
+    client = ChatClient(sc.server) if sc.backend == "server" else None
     # The identity of what samples: the round's model weights, or the served model.
     model_hash = f"server:{client.base_url}#{client.model}" if client else verified_weights_hash(model_dir)
     tokenizer = load_tokenizer(str(model_dir))

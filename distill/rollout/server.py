@@ -32,11 +32,6 @@ class ServerSamplingError(RuntimeError):
     """The server failed an item after its retries; what was sampled before is kept."""
 
 
-def server_client(cfg: Config) -> ChatClient:
-    sc = cfg.sample.server
-    return ChatClient(sc.base_url, sc.model, sc.api_key_env, sc.timeout_s, sc.retries, sc.backoff_s)
-
-
 def item_body(cfg: Config, item: Item, audio: list[np.ndarray], seed: int) -> dict:
     """The chat request for `item`'s sample.n traces."""
     sc, rate = cfg.sample, cfg.data.sample_rate
