@@ -152,8 +152,8 @@ def weighted_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Ten
     """Next-token cross-entropy over the target tokens, each with its weight (answer tokens may
     weigh more), scaled by its row's weight, divided by `normalizer` (default: the batch's target
     weight). The normalizer leaves the row weights out, so a batch of down-weighted rows moves the
-    model less instead of being rescaled back to full strength. `row_weights` is per row (batch,)
-    or per token (batch, length), as packed rows mix samples.
+    model less instead of being rescaled back to full strength. `row_weights` is per token, as
+    packed rows mix samples.
 
     `head` turns hidden states into logits (the LM head; identity for logits). It runs only on
     target positions, `chunk` tokens at a time, and each chunk's logits are recomputed in the
@@ -162,9 +162,7 @@ def weighted_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Ten
     hidden = hidden[:, :-1]
     labels = labels[:, 1:]
     weights = weights[:, 1:] * (labels != IGNORE)
-    if row_weights is not None:
-        row_weights = row_weights[:, None] if row_weights.dim() == 1 else row_weights[:, 1:]
-    scaled = weights if row_weights is None else weights * row_weights
+    scaled = weights if row_weights is None else weights * row_weights[:, 1:]
     targets = labels != IGNORE
     h, y, w = hidden[targets], labels[targets], scaled[targets]
 

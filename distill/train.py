@@ -76,9 +76,9 @@ def deepspeed_config(tcfg: TrainConfig, world: int, hidden_size: int) -> dict:
             raise ConfigError(f"{path}: {key}={config[key]} disagrees with the train config ({value}); "
                               f'set it to "auto"')
     precision = mixed_precision(tcfg)
-    for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
-        if config.get(key, {}).get("enabled") == "auto" or key not in config:
-            config[key] = {**config.get(key, {}), "enabled": precision == name}
+    for key in ("bf16", "fp16"):
+        if config.get(key, {}).get("enabled", "auto") == "auto":
+            config[key] = {**config.get(key, {}), "enabled": precision == key}
     # DeepSpeed's recommended sizes for these, from the model width (as the HF integration does).
     sizes = {"reduce_bucket_size": hidden_size * hidden_size,
              "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),

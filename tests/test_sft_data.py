@@ -14,6 +14,11 @@ def IDENTITY(x):  # the tests' inputs are already logits
     return x
 
 
+def per_token(row_weights: list[float], length: int) -> torch.Tensor:
+    """Row weights as collate lays them out: each row's weight on every one of its tokens."""
+    return torch.tensor(row_weights)[:, None].expand(-1, length)
+
+
 def test_split_prefix_moves_prefill_into_prompt():
     assert split_prefix("P", "<think>\nx</think>a", "<think>\n") == ("P<think>\n", "x</think>a")
     assert split_prefix("P", "x</think>a", "<think>\n") == ("P", "x</think>a")
@@ -81,10 +86,10 @@ def test_row_weight_scales_the_loss_of_its_row_only():
     weights = torch.ones(2, 4)
     full = weighted_loss(logits, IDENTITY, labels, weights)
     # A batch of down-weighted rows is not renormalized back to full strength ...
-    assert torch.isclose(weighted_loss(logits, IDENTITY, labels, weights, torch.tensor([0.25, 0.25])), 0.25 * full)
+    assert torch.isclose(weighted_loss(logits, IDENTITY, labels, weights, per_token([0.25, 0.25], 4)), 0.25 * full)
     # ... and a zero-weight row contributes nothing to the gradient.
     logits.requires_grad_(True)
-    weighted_loss(logits, IDENTITY, labels, weights, torch.tensor([1.0, 0.0])).backward()
+    weighted_loss(logits, IDENTITY, labels, weights, per_token([1.0, 0.0], 4)).backward()
     assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
 
 
