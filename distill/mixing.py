@@ -49,6 +49,7 @@ def text_cot_rows(path: str | Path, tokenizer, system_prompt: str) -> list[dict]
         seen[row_id] = lineno
         rows.append({
             "id": row_id,
+            "where": where,
             "audio": None,
             "prompt": chat_prompt(tokenizer, obj["question"], system_prompt, audio_items=0),
             "completion": f"{THINK_OPEN}\n{obj['reasoning'].strip()}\n{THINK_CLOSE}\n{obj['answer'].strip()}",
@@ -75,6 +76,7 @@ def direct_audio_rows(path: str | Path, cfg: Config, tokenizer, cache: AudioCach
         chunks = len(cache.chunks(item.audio, item.audio_sha256))
         rows.append({
             "id": item.id,
+            "where": item.source or str(path),
             "audio": item.audio,
             "audio_sha256": item.audio_sha256,
             "prompt": item_prompt(tokenizer, item, cfg.data.system_prompt, chunks),

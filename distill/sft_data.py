@@ -50,7 +50,7 @@ def load_rows(paths: list[str | Path]) -> list[dict]:
             weight = row.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
                 raise ValueError(f"{path}:{lineno}: SFT row weight {weight!r}: must be a number in [0, 1]")
-            rows.append(row)
+            rows.append({**row, "where": f"{path}:{lineno}"})
     if not rows:
         raise ValueError(f"{', '.join(map(str, paths))}: no SFT rows")
     return rows
@@ -92,9 +92,11 @@ class SFTDataset:
         self.clip_keys: list[str | None] = []
         for index, row in enumerate(rows):
             prompt, completion = split_prefix(row["prompt"], row["completion"], generation_prefix)
-            name = row.get("id", index)
+            # Errors name the row's file and line (rows from load_rows and the mix sources carry them).
+            name = f"{row['where']}: SFT row {row.get('id')!r}" if row.get("where") else \
+                f"SFT row {row.get('id', index)!r}"
             if self.audio_token in completion:
-                raise ValueError(f"SFT row {name!r}: the completion contains the audio placeholder "
+                raise ValueError(f"{name}: the completion contains the audio placeholder "
                                  f"{self.audio_token}; the filter's control-token check should have rejected it")
             where = (row["audio"], row.get("audio_sha256"))
             if where not in clips:
@@ -107,7 +109,7 @@ class SFTDataset:
             completion_ids = self.tokenizer(completion + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
             if len(prompts[key]) + len(completion_ids) > max_seq_len:
                 # Truncation would cut the end-of-turn token (or the audio placeholders): refuse instead.
-                raise ValueError(f"SFT row {name!r}: {len(prompts[key])} prompt + {len(completion_ids)} completion "
+                raise ValueError(f"{name}: {len(prompts[key])} prompt + {len(completion_ids)} completion "
                                  f"tokens exceed train.max_seq_len={max_seq_len}")
             self.tokens.append((prompts[key], completion_ids))
         self.lengths = [len(p) + len(c) for p, c in self.tokens]
@@ -117,7 +119,7 @@ class SFTDataset:
     def _prompt_ids(self, prompt: str, row: dict, name) -> list[int]:
         audio = self.chunks(row)
         if prompt.count(self.audio_token) != len(audio):
-            raise ValueError(f"SFT row {name!r}: the prompt has {prompt.count(self.audio_token)} audio "
+            raise ValueError(f"{name}: the prompt has {prompt.count(self.audio_token)} audio "
                              f"placeholder(s) but the audio gives {len(audio)} chunk(s)")
         if not audio:
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]

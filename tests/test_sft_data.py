@@ -128,3 +128,20 @@ def test_long_audio_is_chunked_into_one_placeholder_per_chunk(tiny_model, tmp_pa
     assert ex.input_ids.count(processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")) == 3 * 458
     batch = collate([ex, ex], processor.tokenizer.pad_token_id, packing=True, capacity=4096)
     assert len(batch["audio"]) == 6
+
+
+def test_a_row_training_cannot_take_is_named_by_file_and_line(tiny_model, tmp_path):
+    import pytest
+    from transformers import AutoProcessor
+
+    from distill.io import atomic_write_jsonl
+    from distill.sft_data import load_rows
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    items = generate_split(tmp_path, "train", ["pitch_level"], 2, 0, 1, 16000)
+    cache = AudioCache(None, AudioPolicy())
+    rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys", cache)
+    rows[1]["completion"] = "<think>\n" + "steady tone " * 200 + "\n</think>\nhigh"
+    atomic_write_jsonl(tmp_path / "kept.jsonl", rows)
+    with pytest.raises(ValueError, match=r"kept\.jsonl:2: SFT row '.*': \d+ prompt \+ \d+ completion tokens exceed"):
+        SFTDataset(load_rows([tmp_path / "kept.jsonl"]), processor, cache, 256, 1.0, "<think>\n")
