@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from distill.rundir import STAGES
 
@@ -22,6 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_stage.add_argument("config")
     p_stage.add_argument("--round", type=int, required=True)
     p_stage.add_argument("overrides", nargs="*")
+
+    p_eval = sub.add_parser("eval", help="(re-)evaluate a round's exported model (eval.* overrides allowed)")
+    p_eval.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
+    p_eval.add_argument("overrides", nargs="*", help="eval.key=value overrides (e.g. eval.k=8)")
+
+    p_report = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    p_report.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
+    p_report.add_argument("--out", default="", help="output file (default: RUN_DIR/report.html)")
+    p_report.add_argument("--samples", type=int, default=3, help="sample traces shown per round, with their audio")
+
+    p_status = sub.add_parser("status", help="where a run stands: stages, shards, the running stage's ETA")
+    p_status.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
 
     p_push = sub.add_parser("push", help="upload a round's exported model (and kept traces) to the HF Hub")
     p_push.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
@@ -55,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def data_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from data_pipelines.sources import Source
     from distill.config import ConfigError, load_data_config
     from distill.data import import_command, validate_command
@@ -71,6 +82,18 @@ def data_command(args: argparse.Namespace) -> int:
     if args.data_command == "validate":
         return validate_command(data, source, Path(args.rejects) if args.rejects else None)
     return import_command(data, source, Path(args.out))
+
+
+def round_dir_arg(value: str):
+    """A round directory given on the command line (round_NNN inside a run directory)."""
+    from distill.rundir import RoundDir
+
+    path = Path(value)
+    if not (path.name.startswith("round_") and path.name[6:].isdigit()):
+        raise ValueError(f"{path}: not a round directory (round_NNN inside a run directory)")
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such round directory")
+    return RoundDir(path.parent, int(path.name[6:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,16 +115,31 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return data_command(args)
+        if args.command == "report":
+            from distill.report import write_report
+
+            out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+            print(write_report(Path(args.run_dir), out, args.samples))
+            return 0
+        if args.command == "status":
+            from distill.status import run_status
+
+            print(run_status(Path(args.run_dir)))
+            return 0
+        if args.command == "eval":
+            from distill import loop
+
+            rd = round_dir_arg(args.round_dir)
+            bad = [o for o in args.overrides if not o.startswith("eval.")]
+            if bad:
+                raise ConfigError(f"{bad[0]}: distill eval takes eval.* overrides only (the rest is the run's)")
+            cfg = load_config(rd.path.parent / "config.yaml", args.overrides)
+            loop.evaluate_round(cfg, loop.RunDir(rd.path.parent), rd.index)
+            return 0
         if args.command == "push":
-            from pathlib import Path
-
             from distill.push import push_round
-            from distill.rundir import RoundDir
 
-            path = Path(args.round_dir)
-            if not (path.name.startswith("round_") and path.name[6:].isdigit()):
-                raise ValueError(f"{path}: not a round directory (round_NNN inside a run directory)")
-            rd = RoundDir(path.parent, int(path.name[6:]))
+            rd = round_dir_arg(args.round_dir)
             for line in push_round(rd, args.repo_id, args.dataset_repo_id, not args.public, args.dry_run):
                 print(line)
             return 0

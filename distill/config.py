@@ -436,8 +436,41 @@ class HubConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """An external benchmark file evaluated every round (e.g. MMAU's test-mini JSON with its audio
+    on local disk), read by the data pipelines' readers and validated like any split."""
+
+    name: str = MISSING
+    path: str = MISSING
+    format: str = "auto"
+    # Folder that relative audio paths start from (default: the file's folder).
+    audio_root: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+    # Items evaluated (0 = all): a quick look at a large benchmark every round.
+    max_items: int = 0
+
+
+@dataclass
 class EvalConfig:
+    """Per-round evaluation on the held-out split (and any benchmarks), on one vLLM engine."""
+
+    # Greedy generation budget: reasoning and answer together.
     max_tokens: int = 128
+    # Samples per item at `temperature` for pass@k and majority-vote accuracy (0: off).
+    k: int = 4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    # Thinking budgets of the test-time scaling curve (tokens of reasoning; each at most
+    # max_tokens): the greedy reasoning is cut at the budget, `</think>` forced, the answer generated.
+    budgets: list[int] = field(default_factory=lambda: [0, 32, 64, 128])
+    answer_max_tokens: int = 16
+    # Text put after reasoning cut at a budget, so the model must answer now.
+    force_answer: str = "\n</think>\n"
+    # Accuracy at the largest budget this far below the best smaller budget counts as inverted scaling.
+    inverted_margin: float = 0.05
+    # Grounding gap: greedy accuracy with the real audio minus with each of these.
+    counterfactuals: list[str] = field(default_factory=lambda: ["silence", "swap"])
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -520,7 +553,7 @@ _POSITIVE = (
     "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
     "filter.judge.concurrency", "filter.judge.max_tokens", "grounding.probe_max_tokens",
     "grounding.score_batch", "sample.server.timeout_s", "sample.server.concurrency", "sample.server.chunk_seconds",
-    "export.probes", "export.max_logprob_diff", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
+    "export.probes", "export.max_logprob_diff", "eval.answer_max_tokens", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
     "cold_start.train.lora.alpha",
 )
 _NON_NEGATIVE = (
@@ -531,7 +564,7 @@ _NON_NEGATIVE = (
     "filter.judge.retries", "filter.judge.backoff_s", "grounding.probe_samples", "grounding.probe_temperature",
     "grounding.text_solvable_margin", "grounding.text_solvable_weight", "filter.lexical.min_acoustic_terms",
     "grounding.bank_seconds", "sample.server.retries", "sample.server.backoff_s", "train.save_steps", "cold_start.train.save_steps", "train.audio_encoder_cache_mb",
-    "cold_start.train.audio_encoder_cache_mb",
+    "cold_start.train.audio_encoder_cache_mb", "eval.k", "eval.temperature", "eval.inverted_margin",
 )
 
 
@@ -632,6 +665,46 @@ def _validate(cfg: Config) -> None:
     if cfg.sample.skip_solved and "correct" not in cfg.filter.checks:
         raise ConfigError("sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)")
     _validate_grounding(cfg)
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    from data_pipelines.readers import FORMATS
+    from distill.grounding.counterfactual import KINDS
+
+    e = cfg.eval
+    if not 0.0 < e.top_p <= 1.0:
+        raise ConfigError(f"eval.top_p={e.top_p!r}: must be in (0, 1]")
+    if e.k > 1 and e.temperature == 0:
+        raise ConfigError(f"eval.temperature=0 with eval.k={e.k}: greedy decoding gives one answer; raise the "
+                          "temperature or set eval.k=1")
+    if any(b < 0 for b in e.budgets) or sorted(set(e.budgets)) != list(e.budgets):
+        raise ConfigError(f"eval.budgets={list(e.budgets)}: must be distinct non-negative token counts in "
+                          "increasing order")
+    if e.budgets and e.budgets[-1] > e.max_tokens:
+        raise ConfigError(f"eval.budgets: {e.budgets[-1]} is above eval.max_tokens={e.max_tokens}, the longest "
+                          "reasoning eval generates; raise eval.max_tokens or lower the budget")
+    if "</think>" not in e.force_answer:
+        raise ConfigError(f"eval.force_answer={e.force_answer!r}: must close the reasoning (contain </think>)")
+    unknown = [k for k in e.counterfactuals if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"eval.counterfactuals: unknown counterfactual(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(KINDS)})")
+    if e.max_tokens + e.answer_max_tokens >= cfg.engine.max_model_len:
+        raise ConfigError(f"eval.max_tokens + eval.answer_max_tokens = {e.max_tokens + e.answer_max_tokens}: must "
+                          f"be below engine.max_model_len={cfg.engine.max_model_len} (a budget-cut trace is "
+                          "answered after its reasoning)")
+    names = [b.name for b in e.benchmarks]
+    for i, bench in enumerate(e.benchmarks):
+        where = f"eval.benchmarks[{i}]"
+        if not bench.name or not all(c.isalnum() or c in "-_." for c in bench.name) or names.count(bench.name) > 1:
+            raise ConfigError(f"{where}.name={bench.name!r}: must be a unique name of letters, digits, '-', '_', '.'")
+        if bench.format not in FORMATS:
+            raise ConfigError(f"{where}.format={bench.format!r}: must be one of {', '.join(FORMATS)}")
+        if not Path(bench.path).exists():
+            raise ConfigError(f"{where}.path={bench.path}: no such file")
+        if bench.max_items < 0:
+            raise ConfigError(f"{where}.max_items={bench.max_items}: must be >= 0")
 
 
 def _validate_filter(f: FilterConfig) -> None:

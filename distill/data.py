@@ -12,7 +12,7 @@ Each split is built once per run; a resumed run, and every later stage, reads th
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipelines.audio import AudioPolicy
@@ -69,7 +69,7 @@ def check_model_audio(cfg: Config, model_dir: Path) -> None:
         # Qwen2-Audio pads every item to nb_max_frames mel frames; a conv (stride 2) and a pool
         # (stride 2) leave a quarter of them as audio tokens.
         audio_tokens = max_audio_items(cfg.data) * frames // 4
-        budget = max(cfg.sample.max_tokens, cfg.eval.max_tokens)
+        budget = max(cfg.sample.max_tokens, cfg.eval.max_tokens + cfg.eval.answer_max_tokens)
         if audio_tokens + budget >= cfg.engine.max_model_len:
             raise ConfigError(f"engine.max_model_len={cfg.engine.max_model_len}: {max_audio_items(cfg.data)} audio "
                               f"item(s) of up to {frames // 4} tokens each plus {budget} new tokens do not fit; raise "
@@ -81,6 +81,7 @@ class Datasets:
     train: list[Item]  # the rounds' question pool
     eval: list[Item]  # held out
     cold_start: list[Item]  # items with reference traces for round 0
+    benchmarks: dict[str, list[Item]] = field(default_factory=dict)  # eval.benchmarks by name
 
 
 def _source(path: str) -> list[Source]:
@@ -88,7 +89,27 @@ def _source(path: str) -> list[Source]:
 
 
 def prepare_data(cfg: Config, data_dir: Path) -> Datasets:
-    """Build (first run) or read (resume) the validated splits of the run."""
+    """Build (first run) or read (resume) the validated splits of the run, and its benchmarks."""
+    data = prepare_splits(cfg, data_dir)
+    data.benchmarks = prepare_benchmarks(cfg, data_dir, data.train)
+    return data
+
+
+def prepare_benchmarks(cfg: Config, data_dir: Path, train: list[Item]) -> dict[str, list[Item]]:
+    """Each eval.benchmarks file as a validated split `benchmark-<name>` (bad items set aside with
+    file, line and reason, like any split; items also in the train split refused as not held out)."""
+    out = {}
+    cache = audio_cache(cfg)
+    for bench in cfg.eval.benchmarks:
+        source = Source(bench.path, bench.format, fields=dict(bench.fields), audio_root=bench.audio_root)
+        items = build_split(f"benchmark-{bench.name}", [source], cache=cache, data_dir=data_dir,
+                            strict=cfg.data.strict, workers=cfg.data.audio.workers, seed=cfg.seed, held_out_from=train)
+        out[bench.name] = items[: bench.max_items or None]
+    return out
+
+
+def prepare_splits(cfg: Config, data_dir: Path) -> Datasets:
+    """The train, eval and cold-start splits."""
     d = cfg.data
     cache = audio_cache(cfg)
     common = {"cache": cache, "data_dir": data_dir, "strict": d.strict, "workers": d.audio.workers, "seed": cfg.seed}

@@ -17,7 +17,7 @@ from distill.data import Datasets, audio_cache, check_model_audio, max_audio_ite
 from distill.eval import eval_stage
 from distill.export import export_stage
 from distill.grounding.stage import ground_stage
-from distill.io import atomic_write_jsonl, atomic_write_text, read_json
+from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
 from distill.launch import run_training
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.prompting import load_tokenizer
@@ -25,7 +25,7 @@ from distill.push import push_round
 from distill.rewards.filter import filter_stage
 from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage
-from distill.rundir import RoundDir, RunDir
+from distill.rundir import RoundDir, RunDir, StageOrderError
 from distill.sft_data import cold_start_rows
 from distill.tiny_model import build_tiny_model
 
@@ -123,9 +123,28 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
     elif stage == "export":
         stats = export_stage(cfg, rd, Path(cfg.model.path), data.eval, engines.get)
     else:  # eval; require_before has refused any stage the round does not have
-        stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get)
+        stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get, data.benchmarks)
     rd.mark_done(stage, {**stats, "seconds": round(time.time() - start, 2)})
     return True
+
+
+def evaluate_round(cfg: Config, run: RunDir, index: int) -> dict:
+    """`distill eval ROUND_DIR`: (re-)evaluate a round's exported model with `cfg`'s eval settings;
+    its eval.json, stats and the run's metrics are rewritten. The round must have passed export."""
+    rd = run.round(index)
+    if not rd.is_done("export"):
+        raise StageOrderError(f"{rd.path}: eval needs the exported model (last finished stage: {rd.last_stage()!r})")
+    data = prepare_data(cfg, run.data_dir)
+    start = time.time()
+    with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
+        stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get, data.benchmarks)
+    stats = {**stats, "seconds": round(time.time() - start, 2)}
+    if rd.is_done("eval"):
+        atomic_write_json(rd.stats_dir / "eval.json", stats)
+    else:
+        rd.mark_done("eval", stats)
+    write_run_metrics(run)
+    return stats
 
 
 def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: EngineCache) -> RoundDir:
@@ -147,7 +166,7 @@ def run_loop(cfg: Config) -> list[dict]:
             for index in range(first, cfg.loop.rounds + 1):
                 rd = run_round(cfg, run, index, data, engines)
                 write_run_metrics(run)
-                logger.log_round(rd, round_record(rd))
+                logger.log_round(rd, round_record(rd), run)
                 if cfg.hub.repo_id and not rd.pushed.exists():
                     pushed = push_round(rd, cfg.hub.repo_id, cfg.hub.dataset_repo_id, cfg.hub.private)
                     atomic_write_text(rd.pushed, "\n".join(pushed) + "\n")

@@ -49,6 +49,20 @@ def round_record(rd: RoundDir) -> dict:
         "train_padding_share": train.get("padding_share"),
         "heldout_accuracy": ev.get("accuracy"),
         "heldout_per_family": ev.get("per_family"),
+        "heldout_per_category": ev.get("per_category"),
+        # Eval: k samples, the test-time scaling curve, the grounding gap, trace statistics.
+        "eval_k": ev.get("k"),
+        "pass_at_k": (ev.get("pass_at") or {}).get(str(ev.get("k"))),
+        "pass_at": ev.get("pass_at"),
+        "majority_accuracy": ev.get("majority_accuracy"),
+        "budget_accuracy": ev.get("budgets"),
+        "inverted_scaling": ev.get("inverted_scaling"),
+        "eval_grounding_gap": (ev.get("grounding") or {}).get("gap"),
+        "eval_gap_by_kind": (ev.get("grounding") or {}).get("gap_by_kind"),
+        "eval_traces": ev.get("traces"),
+        "benchmarks": {name: b["mmau_accuracy"] for name, b in (ev.get("benchmarks") or {}).items()} or None,
+        "eval_share": (round(seconds["eval"] / sum(v for v in seconds.values() if v), 4)
+                       if seconds.get("eval") else None),
         "model_sha256": stats.get("export", {}).get("weights_sha256"),
         "sampled_from_sha256": sample.get("model_sha256"),
         "seconds": seconds,
@@ -89,10 +103,17 @@ def _top_reject(record: dict) -> str:
     return f"{reason} {n / samples:.0%}"
 
 
+def _curve(budgets: dict | None, inverted: dict | None) -> str:
+    """The test-time scaling curve as accuracies (%) at increasing budgets, '!' when inverted."""
+    if not budgets:
+        return "-"
+    return "/".join(f"{100 * a:.0f}" for a in budgets.values()) + ("!" if inverted else "")
+
+
 def format_table(records: list[dict]) -> str:
     """The per-round table printed at the end of `distill run`."""
     header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "in_band", "top_reject", "gap",
-              "text_solv", "dep_kept", "train_loss", "heldout_acc", "time_s"]
+              "text_solv", "dep_kept", "train_loss", "heldout_acc", "maj@k", "budget_acc", "eval_gap", "time_s"]
     lines = [header]
     for r in records:
         total = sum(v for v in r["seconds"].values() if v)
@@ -110,6 +131,9 @@ def format_table(records: list[dict]) -> str:
             _fmt((r.get("dependence_kept") or {}).get("p50"), "+.3f"),
             _fmt(r["train_loss"], ".4f"),
             _fmt(r["heldout_accuracy"], ".1%"),
+            _fmt(r.get("majority_accuracy"), ".1%"),
+            _curve(r.get("budget_accuracy"), r.get("inverted_scaling")),
+            _fmt(r.get("eval_grounding_gap"), "+.1%"),
             f"{total:.0f}",
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
@@ -134,8 +158,9 @@ class WandbLogger:
         self.wb = wandb.init(project=project, name=run.path.name, dir=str(run.path), mode=mode, config=config,
                              id=id_file.read_text().strip(), resume="allow", reinit="finish_previous")
 
-    def log_round(self, rd: RoundDir, record: dict) -> None:
-        """Log a finished round once: a marker in the round directory remembers it across resumes."""
+    def log_round(self, rd: RoundDir, record: dict, run: RunDir, samples: int = 4) -> None:
+        """Log a finished round once: its numbers, the report's charts of the run so far, and a table of
+        `samples` eval traces with their audio. A marker in the round directory remembers it across resumes."""
         marker = rd.path / "wandb_logged"
         if self.wb is None or marker.exists():
             return
@@ -147,6 +172,21 @@ class WandbLogger:
                 flat[f"by_category/{category}/{reason}"] = n
         for family, acc in (record.get("heldout_per_family") or {}).items():
             flat[f"heldout_accuracy/{family}"] = acc
+        for category, acc in (record.get("heldout_per_category") or {}).items():
+            flat[f"heldout_by_category/{category}"] = acc
+        for k, acc in (record.get("pass_at") or {}).items():
+            flat[f"pass_at/{k}"] = acc
+        for budget, acc in (record.get("budget_accuracy") or {}).items():
+            flat[f"budget_accuracy/{budget}"] = acc
+        for kind, gap in (record.get("eval_gap_by_kind") or {}).items():
+            flat[f"eval_grounding_gap/{kind}"] = gap
+        for name, acc in (record.get("benchmarks") or {}).items():
+            flat[f"benchmark/{name}"] = acc
+        for split, stats in (record.get("eval_traces") or {}).items():
+            for stat, value in (stats or {}).items():
+                if isinstance(value, int | float):
+                    flat[f"eval_traces/{split}/{stat}"] = value
+        flat["inverted_scaling"] = int(record.get("inverted_scaling") is not None)
         for kind, gap in (record.get("grounding_gap_by_kind") or {}).items():
             flat[f"grounding_gap/{kind}"] = gap
         for side in ("kept", "rejected"):
@@ -155,8 +195,30 @@ class WandbLogger:
         for stage, seconds in record["seconds"].items():
             if seconds is not None:
                 flat[f"seconds/{stage}"] = seconds
-        self.wb.log(flat, step=record["round"])
+        self.wb.log({**flat, **self.media(rd, run, samples)}, step=record["round"])
         atomic_write_text(marker, self.wb.id + "\n")
+
+    def media(self, rd: RoundDir, run: RunDir, samples: int) -> dict:
+        """The report's charts as wandb images and the round's sample traces as a wandb table."""
+        import io
+        from pathlib import Path
+
+        import wandb
+        from PIL import Image
+
+        from distill.report.html import charts
+        from distill.report.traces import sample_traces
+
+        records = [round_record(r) for r in run.rounds() if r.index <= rd.index]
+        out: dict = {f"charts/{title}": wandb.Image(Image.open(io.BytesIO(png)), caption=title)
+                     for title, png in charts(run, records).items()}
+        table = wandb.Table(columns=["round", "item", "question", "reference", "correct", "completion", "audio"])
+        for row in sample_traces(rd, samples):
+            audio = wandb.Audio(row["audio"]) if Path(row["audio"]).exists() else None
+            table.add_data(rd.index, row["item_id"], row["question"], row["reference"], row["correct"],
+                           row["completion"], audio)
+        out["sample_traces"] = table
+        return out
 
     def finish(self) -> None:
         if self.wb is not None:

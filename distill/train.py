@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         # The log keeps the steps the resumed state includes; later lines are trained again.
         log_path.write_text("".join(line + "\n" for line in read_log(log_path, step)))
+        atomic_write_json(out / "plan.json", plan)  # `distill status` reads total_steps from it
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not main_proc, dynamic_ncols=True)
     model.train()
     tokens = positions = 0
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             losses.clear()
             if main_proc:
                 with log_path.open("a") as handle:
-                    handle.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr}) + "\n")
+                    handle.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr,
+                                             "elapsed_s": round(time.time() - start, 3)}) + "\n")
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             bar.update(1)
             if tcfg.save_steps and step % tcfg.save_steps == 0 and step < total_steps:

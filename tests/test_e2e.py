@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 # traces (a round that keeps none stops the loop with an error, as it should).
 TINY_RUN = [
     "data.synthetic.train_items=12", "data.synthetic.eval_items=8", "sample.n=4", "sample.max_tokens=48",
-    "sample.temperature=0.7", "sample.num_shards=3", "eval.max_tokens=48",
+    "sample.temperature=0.7", "sample.num_shards=3", "eval.max_tokens=48", "eval.budgets=[0,16,48]", "eval.k=2",
     "cold_start.train.epochs=100", "cold_start.train.max_steps=60", "cold_start.train.micro_batch_size=4",
     "cold_start.train.learning_rate=2e-3", "train.epochs=10", "train.max_steps=2", "train.micro_batch_size=2",
     "loop.rounds=2",

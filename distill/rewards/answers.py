@@ -196,3 +196,24 @@ def load_verifier(path: str) -> Verifier:
     if not callable(fn):
         raise ValueError(f"verifier {path!r}: not callable")
     return fn
+
+
+def answer_key(answer: str | None, reference: str, choices: list[str] | None = None) -> str | None:
+    """A canonical form of an answer, for majority voting: the option it names, yes or no, the
+    number in its base unit, or the normalized text; None for an answer that gives none of these."""
+    if answer is None:
+        return None
+    answer = _LEAD_IN.sub("", answer.strip())
+    kind = answer_kind(reference, choices)
+    if kind == "choice":
+        index = named_option(answer, choices or [])
+        return None if index is None else f"option {index}"
+    if kind == "yes_no":
+        words = normalize(answer).split()
+        if not words or words[0] not in YES | NO:
+            return None
+        return "yes" if words[0] in YES else "no"
+    if kind == "number":
+        got = parse_number(answer)
+        return None if got is None else f"{got.base:.6g} {got.dimension or ''}".strip()
+    return normalize(answer) or None

@@ -36,6 +36,7 @@ class Completion:
     finish_reason: str
     # Tokens generated before the reasoning's closing tag (None: no such tag was generated).
     reasoning_tokens: int | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 def weights_hash(model_dir: str | Path) -> str:
@@ -113,7 +114,7 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
             ids = list(o.token_ids)
             reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
             result.append(Completion(text=o.text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
-                                     reasoning_tokens=reasoning))
+                                     reasoning_tokens=reasoning, token_ids=tuple(ids)))
     return result
 
 
