@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("config")
     p_run.add_argument("overrides", nargs="*", help="key=value config overrides")
 
-    p_stage = sub.add_parser("stage", help="run one stage of one round (e.g. a Slurm array task sampling a shard)")
-    p_stage.add_argument("stage", choices=STAGES)
+    p_stage = sub.add_parser("stage", help="run stages of one round (e.g. a Slurm array task sampling a shard)")
+    p_stage.add_argument("stage", type=stage_list, help=f"one of {', '.join(STAGES)}, or several in order "
+                                                        "joined by commas (export,eval: one engine for both)")
     p_stage.add_argument("config")
     p_stage.add_argument("--round", type=int, required=True)
     p_stage.add_argument("overrides", nargs="*")
@@ -35,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_status = sub.add_parser("status", help="where a run stands: stages, shards, the running stage's ETA")
     p_status.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
+
+    p_slurm = sub.add_parser("slurm", help="run the loop as Slurm jobs")
+    slurm_sub = p_slurm.add_subparsers(dest="slurm_command", required=True)
+    p_submit = slurm_sub.add_parser("submit", help="submit the missing jobs of rounds up to --rounds, chained "
+                                                   "with afterok (re-run it after a failure: only what is missing goes)")
+    p_submit.add_argument("config")
+    p_submit.add_argument("--rounds", type=int, required=True)
+    p_submit.add_argument("--dry-run", action="store_true", help="print the plan and the scripts, submit nothing")
+    p_submit.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. slurm.partition=gpu)")
 
     p_push = sub.add_parser("push", help="upload a round's exported model (and kept traces) to the HF Hub")
     p_push.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
@@ -82,6 +92,15 @@ def data_command(args: argparse.Namespace) -> int:
     if args.data_command == "validate":
         return validate_command(data, source, Path(args.rejects) if args.rejects else None)
     return import_command(data, source, Path(args.out))
+
+
+def stage_list(value: str) -> list[str]:
+    """`sample`, or stages in order joined by commas (`export,eval`)."""
+    stages = value.split(",")
+    bad = [x for x in stages if x not in STAGES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad)} (known: {', '.join(STAGES)})")
+    return stages
 
 
 def round_dir_arg(value: str):
@@ -143,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             for line in push_round(rd, args.repo_id, args.dataset_repo_id, not args.public, args.dry_run):
                 print(line)
             return 0
+        if args.command == "slurm":
+            if args.rounds < 0:
+                raise ConfigError(f"--rounds {args.rounds}: must be >= 0")
+            args.overrides = [*args.overrides, f"loop.rounds={max(1, args.rounds)}"]
         cfg = load_config(args.config, args.overrides)
         from distill import loop
 
@@ -151,9 +174,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run = loop.RunDir(cfg.run_dir)
         data = loop.init_run_dir(cfg, run)
+        if args.command == "slurm":
+            from distill.slurm import submit
+
+            for line in submit(cfg, run, args.rounds, args.dry_run):
+                print(line)
+            return 0
         with loop.EngineCache(cfg.engine, cfg.seed, loop.max_audio_items(cfg.data)) as engines:
-            done = loop.run_stage(cfg, run, args.round, args.stage, data, engines)
-        print(f"round {args.round} {args.stage}: {'done' if done else 'waiting for other shards'}")
+            for stage in args.stage:
+                done = loop.run_stage(cfg, run, args.round, stage, data, engines)
+                print(f"round {args.round} {stage}: {'done' if done else 'waiting for other shards'}")
+                if not done:
+                    break
+        if done and "eval" in args.stage:
+            loop.finish_round(cfg, run, run.round(args.round))
         return 0
     except ConfigError as exc:
         print(f"distill: config error: {exc}", file=sys.stderr)

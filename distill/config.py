@@ -127,6 +127,9 @@ class EngineConfig:
     # Off by default: with it, vLLM's CPU sampler crashes on per-request seeds (ENVIRONMENT.md
     # addendum in README); on GPU it may be turned on for long prompts.
     enable_chunked_prefill: bool = False
+    # Eval asks many questions of one prompt and audio (budgets, samples); grounding scores traces
+    # of one prompt: the shared prefix is computed once. Off only to measure what it saves.
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -474,6 +477,39 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """`distill slurm submit`: per round a sampling job array (one shard per task), a grounding
+    array, a filter job, a multi-node training job and an export+eval job, chained with afterok."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    # GPUs per node for the sampling, grounding, training and eval jobs (0: CPU only).
+    gpus_per_node: int = 0
+    cpus_per_task: int = 4
+    # Memory per node, e.g. "64G" ("": the partition's default).
+    mem: str = ""
+    # Nodes of the training job; train.num_processes counts the processes of all of them.
+    train_nodes: int = 1
+    time_sample: str = "04:00:00"
+    time_filter: str = "01:00:00"
+    time_train: str = "12:00:00"
+    time_eval: str = "02:00:00"
+    # Shell lines every job runs first (module load ..., source .venv/bin/activate).
+    setup: list[str] = field(default_factory=list)
+    # Extra sbatch options for every job, e.g. ["--constraint=h100", "--exclusive"].
+    extra_args: list[str] = field(default_factory=list)
+    # At most this many array tasks at once (0: no limit).
+    array_parallel: int = 0
+    # Folder with your own stage.sbatch / train.sbatch (default: the ones in launch/templates/).
+    template_dir: str = ""
+    # The Python the jobs run distill with (default: the one that submits).
+    python: str = ""
+    # Port of the training job's main process (plus the job id modulo 1000, so jobs do not collide).
+    main_process_port: int = 29500
+
+
+@dataclass
 class LoopConfig:
     rounds: int = 2
 
@@ -502,6 +538,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -520,6 +557,13 @@ RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard
                      # a server that moved, or a new key, still serves the same model:
                      "sample.server.base_url", "sample.server.api_key_env", "sample.server.timeout_s",
                      "sample.server.retries", "sample.server.backoff_s", "sample.server.concurrency")
+# Whole sections a resume may change: where and how jobs are scheduled.
+RESUMABLE_SECTIONS = ("slurm.",)
+
+
+def resumable(key: str) -> bool:
+    """Whether a resumed run may change config key `key` without invalidating finished work."""
+    return key in RESUMABLE_CHANGES or key.startswith(RESUMABLE_SECTIONS)
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.zero_stage": (0, 1, 2, 3),
@@ -553,7 +597,8 @@ _POSITIVE = (
     "data.audio.workers", "filter.repeat_window", "filter.max_repeats", "filter.repeat_max_period", "filter.judge.timeout_s",
     "filter.judge.concurrency", "filter.judge.max_tokens", "grounding.probe_max_tokens",
     "grounding.score_batch", "sample.server.timeout_s", "sample.server.concurrency", "sample.server.chunk_seconds",
-    "export.probes", "export.max_logprob_diff", "eval.answer_max_tokens", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
+    "export.probes", "export.max_logprob_diff", "eval.answer_max_tokens", "slurm.cpus_per_task",
+    "slurm.train_nodes", "slurm.main_process_port", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
     "cold_start.train.lora.alpha",
 )
 _NON_NEGATIVE = (
@@ -565,6 +610,7 @@ _NON_NEGATIVE = (
     "grounding.text_solvable_margin", "grounding.text_solvable_weight", "filter.lexical.min_acoustic_terms",
     "grounding.bank_seconds", "sample.server.retries", "sample.server.backoff_s", "train.save_steps", "cold_start.train.save_steps", "train.audio_encoder_cache_mb",
     "cold_start.train.audio_encoder_cache_mb", "eval.k", "eval.temperature", "eval.inverted_margin",
+    "slurm.gpus_per_node", "slurm.array_parallel",
 )
 
 
@@ -666,6 +712,25 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)")
     _validate_grounding(cfg)
     _validate_eval(cfg)
+    _validate_slurm(cfg)
+
+
+def _validate_slurm(cfg: Config) -> None:
+    import re
+
+    sl = cfg.slurm
+    for key in ("time_sample", "time_filter", "time_train", "time_eval"):
+        value = getattr(sl, key)
+        if not re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", value):
+            raise ConfigError(f"slurm.{key}={value!r}: not a Slurm time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+    if cfg.train.num_processes % sl.train_nodes:
+        raise ConfigError(f"train.num_processes={cfg.train.num_processes}: must be a multiple of "
+                          f"slurm.train_nodes={sl.train_nodes} (the same number of processes on every node)")
+    bad = [a for a in sl.extra_args if not a.startswith("-")]
+    if bad:
+        raise ConfigError(f"slurm.extra_args: {bad[0]!r} is not an sbatch option (e.g. --constraint=h100)")
+    if sl.template_dir and not Path(sl.template_dir).is_dir():
+        raise ConfigError(f"slurm.template_dir={sl.template_dir}: no such folder")
 
 
 def _validate_eval(cfg: Config) -> None:

@@ -84,7 +84,10 @@ def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Call
         raise ExportGateError(f"{model_dir}: vLLM could not load or run the exported model: {exc}") from exc
     if not outs or all(o.num_tokens == 0 for o in outs):
         raise ExportGateError(f"{model_dir}: vLLM loaded the exported model but it generated nothing")
-    jobs = [ScoreJob(r.prompt, o.text, r.audio) for r, o in zip(requests, outs, strict=True) if o.text]
+    # The two engines are compared on the generated tokens; a probe that generated only its end
+    # token has none, so its reference answer is scored instead (agreement needs some tokens).
+    items = probe_items[: cfg.export.probes]
+    jobs = [ScoreJob(r.prompt, o.text or it.answer, r.audio) for r, o, it in zip(requests, outs, items, strict=True)]
     by_vllm = score(llm, tokenizer, jobs, cfg.data.sample_rate)
     by_hf = hf_completion_logprobs(model_dir, jobs, cfg.data.sample_rate)
     diffs = np.concatenate([np.abs(np.array(lp.reasoning + lp.answer) - hf)

@@ -7,6 +7,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import TrainConfig
@@ -33,13 +34,44 @@ def mixed_precision(tcfg: TrainConfig) -> str:
     return "bf16" if use_cuda(tcfg) else "no"
 
 
+@dataclass(frozen=True)
+class Machines:
+    """The nodes a training stage runs on: how many, this node's rank, the main process's address."""
+
+    count: int = 1
+    rank: int = 0
+    main_ip: str = ""
+    main_port: int = 0
+
+
+def machines_from_env(env: dict[str, str] | None = None) -> Machines:
+    """One machine, or the nodes of a Slurm training job: SLURM_NNODES and this node's SLURM_NODEID,
+    with the main process's address the job script exported (launch/templates/train.sbatch)."""
+    env = os.environ if env is None else env
+    if "DISTILL_MAIN_PROCESS_IP" not in env or int(env.get("SLURM_NNODES", "1")) <= 1:
+        return Machines()
+    return Machines(int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"]), env["DISTILL_MAIN_PROCESS_IP"],
+                    int(env["DISTILL_MAIN_PROCESS_PORT"]))
+
+
 def train_command(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
-                  section: str) -> list[str]:
-    """The accelerate command line for one training stage (what a user would type)."""
+                  section: str, machines: Machines = Machines()) -> list[str]:
+    """The accelerate command line for one training stage (what a user would type); on several
+    machines, this node's part of it (train.num_processes counts the processes of all nodes)."""
+    if tcfg.num_processes % machines.count:
+        raise ValueError(f"{section}.num_processes={tcfg.num_processes} does not split evenly over "
+                         f"{machines.count} nodes")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(tcfg.num_processes),
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision(tcfg)]
+           "--num_machines", str(machines.count), "--mixed_precision", mixed_precision(tcfg)]
+    if machines.count > 1:
+        cmd += ["--machine_rank", str(machines.rank), "--main_process_ip", machines.main_ip,
+                "--main_process_port", str(machines.main_port)]
+    else:
+        cmd += ["--main_process_port", str(free_port())]
     if tcfg.zero_stage > 0:
         cmd += ["--use_deepspeed", "--zero_stage", str(tcfg.zero_stage)]
+        if machines.count > 1:  # each node's accelerate starts its own ranks (no pdsh/ssh)
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
     cmd += [str(TRAIN_SCRIPT), "--config", str(config_path), "--data", *map(str, data), "--model", str(model),
             "--out", str(out), "--section", section]
     return cmd
@@ -57,8 +89,8 @@ def train_env(tcfg: TrainConfig) -> dict[str, str]:
 
 
 def run_training(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
-                 section: str) -> None:
-    cmd = train_command(tcfg, config_path, data, model, out, section)
+                 section: str, machines: Machines = Machines()) -> None:
+    cmd = train_command(tcfg, config_path, data, model, out, section, machines)
     print("train: " + shlex.join(["accelerate", "launch", *cmd[3:]]), flush=True)
     result = subprocess.run(cmd, env=train_env(tcfg))
     if result.returncode != 0:

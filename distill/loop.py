@@ -8,17 +8,18 @@ an interruption finishes the run without redoing finished stages or shards.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from distill.config import RESUMABLE_CHANGES, Config, ConfigError, config_diff, load_config, to_yaml
+from distill.config import Config, ConfigError, config_diff, load_config, resumable, to_yaml
 from distill.data import Datasets, audio_cache, check_model_audio, max_audio_items, prepare_data
 from distill.eval import eval_stage
 from distill.export import export_stage
 from distill.grounding.stage import ground_stage
 from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
-from distill.launch import run_training
+from distill.launch import machines_from_env, run_training
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.prompting import load_tokenizer
 from distill.push import push_round
@@ -37,7 +38,8 @@ def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
     check_resume(cfg, run)
     check_model_audio(cfg, ensure_base_model(cfg))
     data = prepare_data(cfg, run.data_dir)
-    atomic_write_text(run.config, to_yaml(cfg))
+    # The run's config, not one process's part in it: an array task's shard index stays out.
+    atomic_write_text(run.config, to_yaml(replace(cfg, sample=replace(cfg.sample, shard_index=-1))))
     return data
 
 
@@ -45,7 +47,7 @@ def check_resume(cfg: Config, run: RunDir) -> None:
     """On resume, refuse config changes that would invalidate finished work."""
     if run.config.exists():
         saved = load_config(run.config)
-        changed = [k for k in config_diff(saved, cfg) if k not in RESUMABLE_CHANGES]
+        changed = [k for k in config_diff(saved, cfg) if not resumable(k)]
         if changed:
             raise ConfigError(
                 f"{run.config}: this run was started with a different config; changed key(s): {', '.join(changed)}. "
@@ -118,7 +120,10 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
         tcfg = cfg.cold_start.train if index == 0 else cfg.train
         section = "cold_start.train" if index == 0 else "train"
         student, data_files = train_inputs(cfg, run, index, model)
-        run_training(tcfg, run.config, data_files, student, rd.train_dir, section)
+        machines = machines_from_env()
+        run_training(tcfg, run.config, data_files, student, rd.train_dir, section, machines)
+        if machines.rank != 0:
+            return True  # the main node saved the checkpoint and marks the stage
         stats = read_json(rd.checkpoint / "train_summary.json")
     elif stage == "export":
         stats = export_stage(cfg, rd, Path(cfg.model.path), data.eval, engines.get)
@@ -154,23 +159,38 @@ def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: Eng
     return run.round(index)
 
 
+def wandb_logger(cfg: Config, run: RunDir) -> WandbLogger:
+    return WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def finish_round(cfg: Config, run: RunDir, rd: RoundDir, logger: WandbLogger | None = None) -> None:
+    """After a round's eval: the run's metrics, the round in wandb (once), the push to the hub
+    (once). The loop calls it, and so does the job that runs a round's eval on Slurm."""
+    write_run_metrics(run)
+    own = logger is None
+    logger = logger or wandb_logger(cfg, run)
+    try:
+        logger.log_round(rd, round_record(rd), run)
+    finally:
+        if own:
+            logger.finish()
+    if cfg.hub.repo_id and not rd.pushed.exists():
+        pushed = push_round(rd, cfg.hub.repo_id, cfg.hub.dataset_repo_id, cfg.hub.private)
+        atomic_write_text(rd.pushed, "\n".join(pushed) + "\n")
+        print("\n".join(f"pushed {line}" for line in pushed), flush=True)
+
+
 def run_loop(cfg: Config) -> list[dict]:
     """Run (or resume) the whole loop; return the per-round metric records."""
     run = RunDir(cfg.run_dir)
     data = init_run_dir(cfg, run)
-    logger = WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(
-        OmegaConf.structured(cfg)))
+    logger = wandb_logger(cfg, run)
     first = 0 if cfg.cold_start.enabled else 1
     try:
         with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
             for index in range(first, cfg.loop.rounds + 1):
                 rd = run_round(cfg, run, index, data, engines)
-                write_run_metrics(run)
-                logger.log_round(rd, round_record(rd), run)
-                if cfg.hub.repo_id and not rd.pushed.exists():
-                    pushed = push_round(rd, cfg.hub.repo_id, cfg.hub.dataset_repo_id, cfg.hub.private)
-                    atomic_write_text(rd.pushed, "\n".join(pushed) + "\n")
-                    print("\n".join(f"pushed {line}" for line in pushed), flush=True)
+                finish_round(cfg, run, rd, logger)
     finally:
         logger.finish()
     records = write_run_metrics(run)

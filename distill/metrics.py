@@ -7,6 +7,7 @@ twice in metrics.jsonl, and the table printed at the end covers the whole run.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 
 from distill.io import atomic_write_jsonl, atomic_write_text
@@ -151,6 +152,9 @@ class WandbLogger:
             return
         import wandb
 
+        # wandb stages logged tables' media (the sample traces' audio) as artifact files in its data
+        # folder until a sync; keep them under the run directory too, unless the user chose a place.
+        os.environ.setdefault("WANDB_DATA_DIR", str(run.path / "wandb"))
         # One wandb run per run directory: a resumed `distill run` continues it.
         id_file = run.path / "wandb_id"
         if not id_file.exists():

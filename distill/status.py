@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distill.io import read_json, read_jsonl
 from distill.rundir import RoundDir, RunDir
+from distill.slurm import jobs_status
 
 
 def _duration(seconds: float) -> str:
@@ -119,5 +120,8 @@ def run_status(run_dir: Path) -> str:
     if not rounds or (rounds[-1].is_done("eval") and rounds[-1].index < cfg.loop.rounds):
         nxt = rounds[-1].index + 1 if rounds else first
         lines.append(f"round {nxt}: not started")
+    jobs = jobs_status(run)
+    if jobs:
+        lines += ["Slurm jobs (RUN/slurm/jobs.jsonl):", *jobs]
     return "\n".join(lines)
 

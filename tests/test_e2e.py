@@ -71,6 +71,11 @@ def test_two_rounds_end_to_end(tmp_path):
         answers = list(read_jsonl(rd / "eval_samples.jsonl"))
         assert ev["items"] == len(answers) == 8
         assert ev["accuracy"] == round(sum(a["correct"] for a in answers) / 8, 4)
+        # Every round is measured the same way: pass@k, majority vote, the thinking-budget curve
+        # (its last point never below greedy: a trace cut there only gains a forced answer), the gap.
+        assert set(ev["pass_at"]) == {"1", "2"} and ev["majority_accuracy"] is not None
+        assert list(ev["budgets"]) == ["0", "16", "48"] and ev["budgets"]["48"] >= ev["accuracy"]
+        assert set(ev["grounding"]["gap_by_kind"]) == {"silence", "swap"}
         for f in ("chat_template.jinja", "tokenizer.json", "processor_config.json", "config.json"):
             assert (rd / "model" / f).exists(), f
         # The gate held vLLM to transformers; the card gained the held-out numbers after eval.
@@ -109,8 +114,37 @@ def test_two_rounds_end_to_end(tmp_path):
     assert [m["round"] for m in metrics] == [0, 1, 2]
     assert metrics[2]["sampled_from_sha256"] == hashes[1] and metrics[2]["train_steps"] == 2
     assert all(m["grounding_gap"] is not None and 0 < m["grounding_cost"] for m in metrics[1:])
-    assert "gap" in log and "text_solv" in log
-    assert list((run / "wandb").glob("offline-run-*"))
+    assert "gap" in log and "text_solv" in log and "budget_acc" in log and "maj@k" in log
+    assert all(m["budget_accuracy"] and 0 < m["eval_share"] < 1 for m in metrics)
+    # wandb got the report's charts and a table of sample traces with their audio.
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and list(offline[0].glob("files/media/images/charts/*.png"))
+    assert list(offline[0].glob("files/media/table/sample_traces_*.table.json"))
+    table = json.loads(next(offline[0].glob("files/media/table/sample_traces_*.table.json")).read_text())
+    assert table["columns"][-1] == "audio" and len(table["data"]) == 4
+    # The table's audio is staged as artifact files (uploaded by `wandb sync`), inside the run dir.
+    staged = list((run / "wandb" / "artifacts" / "staging").iterdir())
+    assert sum(p.read_bytes()[:4] == b"RIFF" for p in staged) >= 4
+    # The report of the real run, and its status.
+    cli = [sys.executable, "-m", "distill.cli"]
+    done = subprocess.run([*cli, "report", str(run)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and page.count("<audio controls") == 3 * 3
+    done = subprocess.run([*cli, "status", str(run)], capture_output=True, text=True)
+    assert done.returncode == 0 and "round 2: finished eval" in done.stdout, done.stderr[-3000:]
+    # Re-evaluating a round with other eval settings rewrites its numbers, not the run's config.
+    config_before = (run / "config.yaml").read_text()
+    done = subprocess.run([*cli, "eval", str(run / "round_002"), "eval.budgets=[0,8]", "eval.k=0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ev = read_json(run / "round_002" / "eval.json")
+    assert list(ev["budgets"]) == ["0", "8"] and "pass_at" not in ev
+    assert read_json(run / "round_002" / "stats" / "eval.json")["budgets"] == ev["budgets"]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[2])["budget_accuracy"] == ev["budgets"]
+    assert (run / "config.yaml").read_text() == config_before
+    bad = subprocess.run([*cli, "eval", str(run / "round_002"), "sample.n=2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "eval.* overrides only" in bad.stderr
 
     # Round 3 as a Slurm array would run it: one `distill stage sample` per shard, then one
     # `distill stage ground` per shard, then the filter.

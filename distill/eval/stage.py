@@ -145,6 +145,8 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     answers = ev.generate(llm, [replace(base[i], prompt=base[i].prompt + c) for i, _, c in cut], e.answer_max_tokens)
     for (i, b, c), out in zip(cut, answers, strict=True):
         rows[i]["budgets"][str(b)] = ev.judge(items[i], ev.prefix + c + out.text)["correct"] is None
+    for row in rows:
+        row["budgets"] = {str(b): row["budgets"][str(b)] for b in e.budgets}  # in budget order
     seconds["budgets"] = time.time() - t0
 
     # pass@k and majority vote over k samples.

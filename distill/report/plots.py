@@ -14,6 +14,9 @@ import matplotlib.pyplot as plt
 
 # Rejection reasons drawn one by one; the rest are summed as "other".
 TOP_REASONS = 6
+# Green is for kept traces only; rejection reasons take the other colours.
+KEPT_COLOR = "tab:green"
+REASON_COLORS = ("tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
 
 def _png(fig) -> bytes:
@@ -104,8 +107,9 @@ def kept_and_rejected(records: list[dict]) -> bytes:
     if len(totals) > len(top):
         layers["other"] = [sum(n for k, n in (r.get("rejected_by_reason") or {}).items() if k not in top) / r["samples"]
                            for r in rows]
-    for label, values in layers.items():
-        ax.bar(x, values, 0.6, bottom=bottom, label=label, color="tab:green" if label == "kept" else None)
+    colors = [KEPT_COLOR, *REASON_COLORS]
+    for j, (label, values) in enumerate(layers.items()):
+        ax.bar(x, values, 0.6, bottom=bottom, label=label, color=colors[j])
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set(xlabel="round", ylabel="share of sampled traces", ylim=(0, 1.0), title="Kept traces and rejection reasons")
     ax.set_xticks(x or [0])

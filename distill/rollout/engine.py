@@ -82,7 +82,7 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
         # Per-request seeds crash vLLM's CPU sampler when a prefill is chunked ("CPU Generator
         # does not use offset"), and a seed per sample is what makes shards reproducible.
         enable_chunked_prefill=cfg.enable_chunked_prefill,
-        enable_prefix_caching=True,
+        enable_prefix_caching=cfg.enable_prefix_caching,
         limit_mm_per_prompt={"audio": audio_items},
         seed=seed,
     )
