@@ -45,7 +45,7 @@ def baseline_eval(cfg, items, model_dir: Path, llm) -> None:
     cf = ev.counterfactual_requests(items, base)
     for kind in e.counterfactuals:
         ev.generate(llm, [r for _, k, r in cf if k == kind], e.max_tokens)
-    for b in e.budgets:
+    for b in e.thinking_budgets:
         outs = ev.generate(llm, base, b) if b else [None] * len(base)
         conts = [e.force_answer if out is None else budget_continuation(out, b, ev.tokenizer, e.force_answer)
                  for out in outs]
@@ -88,7 +88,7 @@ def time_both(cfg, data, model_dir: Path, repeats: int) -> dict:
                 timings["baseline"].append(time.time() - t)
     best = {k: min(v) for k, v in timings.items()}
     return {
-        "items": len(data.eval), "max_tokens": cfg.eval.max_tokens, "k": cfg.eval.k, "budgets": list(cfg.eval.budgets),
+        "items": len(data.eval), "max_tokens": cfg.eval.max_tokens, "k": cfg.eval.k, "budgets": cfg.eval.thinking_budgets,
         "counterfactuals": list(cfg.eval.counterfactuals), "requests": stats["requests"],
         "mean_greedy_tokens": stats["mean_tokens"],
         "distill_seconds": round(best["distill"], 2), "baseline_seconds": round(best["baseline"], 2),

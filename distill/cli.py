@@ -173,13 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             loop.run_loop(cfg)
             return 0
         run = loop.RunDir(cfg.run_dir)
-        data = loop.init_run_dir(cfg, run)
         if args.command == "slurm":
             from distill.slurm import submit
 
+            # The jobs run on the run's saved config, so the run is set up first (data validated,
+            # base model built), unless this is a dry run, which changes nothing.
+            loop.check_resume(cfg, run) if args.dry_run else loop.init_run_dir(cfg, run)
             for line in submit(cfg, run, args.rounds, args.dry_run):
                 print(line)
             return 0
+        data = loop.init_run_dir(cfg, run)
         with loop.EngineCache(cfg.engine, cfg.seed, loop.max_audio_items(cfg.data)) as engines:
             for stage in args.stage:
                 done = loop.run_stage(cfg, run, args.round, stage, data, engines)

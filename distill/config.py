@@ -465,7 +465,8 @@ class EvalConfig:
     top_p: float = 1.0
     # Thinking budgets of the test-time scaling curve (tokens of reasoning; each at most
     # max_tokens): the greedy reasoning is cut at the budget, `</think>` forced, the answer generated.
-    budgets: list[int] = field(default_factory=lambda: [0, 32, 64, 128])
+    # Empty: 0, a quarter, half and all of max_tokens.
+    budgets: list[int] = field(default_factory=list)
     answer_max_tokens: int = 16
     # Text put after reasoning cut at a budget, so the model must answer now.
     force_answer: str = "\n</think>\n"
@@ -474,6 +475,13 @@ class EvalConfig:
     # Grounding gap: greedy accuracy with the real audio minus with each of these.
     counterfactuals: list[str] = field(default_factory=lambda: ["silence", "swap"])
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+
+    @property
+    def thinking_budgets(self) -> list[int]:
+        """`budgets`, or by default 0, a quarter, half and all of `max_tokens`."""
+        if self.budgets:
+            return list(self.budgets)
+        return sorted({0, self.max_tokens // 4, self.max_tokens // 2, self.max_tokens})
 
 
 @dataclass
@@ -723,9 +731,11 @@ def _validate_slurm(cfg: Config) -> None:
         value = getattr(sl, key)
         if not re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", value):
             raise ConfigError(f"slurm.{key}={value!r}: not a Slurm time limit (minutes, H:MM:SS or D-HH:MM:SS)")
-    if cfg.train.num_processes % sl.train_nodes:
-        raise ConfigError(f"train.num_processes={cfg.train.num_processes}: must be a multiple of "
-                          f"slurm.train_nodes={sl.train_nodes} (the same number of processes on every node)")
+    for section in ("train", "cold_start.train"):
+        processes = _get(cfg, section).num_processes
+        if processes % sl.train_nodes:
+            raise ConfigError(f"{section}.num_processes={processes}: must be a multiple of "
+                              f"slurm.train_nodes={sl.train_nodes} (the same number of processes on every node)")
     bad = [a for a in sl.extra_args if not a.startswith("-")]
     if bad:
         raise ConfigError(f"slurm.extra_args: {bad[0]!r} is not an sbatch option (e.g. --constraint=h100)")

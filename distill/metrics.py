@@ -217,9 +217,9 @@ class WandbLogger:
         out: dict = {f"charts/{title}": wandb.Image(Image.open(io.BytesIO(png)), caption=title)
                      for title, png in charts(run, records).items()}
         table = wandb.Table(columns=["round", "item", "question", "reference", "correct", "completion", "audio"])
-        for row in sample_traces(rd, samples):
-            audio = wandb.Audio(row["audio"]) if Path(row["audio"]).exists() else None
-            table.add_data(rd.index, row["item_id"], row["question"], row["reference"], row["correct"],
+        for row in sample_traces(rd, samples):  # rows of older runs lack audio and question
+            audio = wandb.Audio(row["audio"]) if row.get("audio") and Path(row["audio"]).exists() else None
+            table.add_data(rd.index, row["item_id"], row.get("question"), row["reference"], row["correct"],
                            row["completion"], audio)
         out["sample_traces"] = table
         return out

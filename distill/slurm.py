@@ -12,7 +12,9 @@ Per round, each job after the one before it (afterok), and round r+1 after round
 What to submit is decided by the run directory, as for `distill run`: finished stages and shards
 are skipped, so a resubmission after a failure, a cancellation or a preemption asks only for
 what is missing and never samples anything twice. Jobs still queued or running from an earlier
-submission (RUN/slurm/jobs.jsonl, checked against squeue) are waited for, not submitted again.
+submission (RUN/slurm/jobs.jsonl, checked against squeue) are waited for, not submitted again,
+unless a job before them in the chain is submitted anew: then they are cancelled and replaced,
+as are jobs left pending on a dependency that failed (Slurm's default keeps them forever).
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def queue_states(job_ids: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     if not job_ids:
         return {}
     try:
-        done = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"],
+                              capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError:
         raise RuntimeError("squeue not found: distill slurm needs the Slurm client commands on PATH") from None
     if done.returncode != 0:
@@ -103,44 +105,58 @@ def jobs_file(run: RunDir) -> Path:
     return run.path / "slurm" / "jobs.jsonl"
 
 
-def queued_jobs(run: RunDir) -> dict[str, list[Queued]]:
-    """Job key -> its jobs from earlier submissions that are still queued or running. A job left
-    pending on a dependency that failed is cancelled here: it would never run."""
+def queued_jobs(run: RunDir) -> tuple[dict[str, list[Queued]], list[str]]:
+    """(job key -> its jobs from earlier submissions still queued or running, ids of jobs left
+    pending on a dependency that failed: they would never run)."""
     records = read_jobs(run)
     states = queue_states([r["job_id"] for r in records])
-    out: dict[str, list[Queued]] = {}
+    live_jobs: dict[str, list[Queued]] = {}
+    doomed = []
     for r in records:
-        live = [(task, state) for task, state, reason in states.get(r["job_id"], [])
-                if state in ACTIVE_STATES and reason != NEVER]
-        dead = [task for task, state, reason in states.get(r["job_id"], []) if reason == NEVER]
-        if dead:
-            subprocess.run(["scancel", r["job_id"]], capture_output=True)
+        tasks = states.get(r["job_id"], [])
+        if any(reason == NEVER for _, _, reason in tasks):
+            doomed.append(r["job_id"])
             continue
+        live = [task for task, state, _ in tasks if state in ACTIVE_STATES]
         if not live:
             continue
         shards = None
         if r.get("shards") is not None:
             # A pending array's tasks may show as one line "[1-3]": those not started are all still live.
             shards = set()
-            for task, _ in live:
+            for task in live:
                 shards |= set(r["shards"]) if task.startswith("[") or task == "" else {int(task)}
-        out.setdefault(r["key"], []).append(Queued(r["job_id"], shards))
-    return out
+        live_jobs.setdefault(r["key"], []).append(Queued(r["job_id"], shards))
+    return live_jobs, doomed
 
 
-def plan(cfg: Config, run: RunDir, rounds: int, queued: dict[str, list[Queued]]) -> list[Job]:
-    """The jobs to submit for rounds up to `rounds`, given what is on disk and what is still queued."""
+@dataclass
+class Plan:
+    jobs: list[Job]
+    # Queued jobs to cancel: they wait for a job that is being replaced, so they would run too
+    # early (an array whose new shard they do not wait for) or never.
+    cancel: list[str] = field(default_factory=list)
+
+
+def plan(cfg: Config, run: RunDir, rounds: int, queued: dict[str, list[Queued]]) -> Plan:
+    """The jobs to submit for rounds up to `rounds`, given what is on disk and what is still queued.
+    A queued job is kept only while nothing before it in the chain is submitted anew."""
     first = 0 if cfg.cold_start.enabled else 1
     count = cfg.sample.num_shards
     jobs: list[Job] = []
+    cancel: list[str] = []
     ok: list[str] = []  # what the next job waits for: planned keys or queued ids (afterok)
     anyway: list[str] = []  # queued arrays to wait for whatever their end (afterany)
+    fresh = False  # a job has been planned anew: every queued job after it is replaced
     for index in range(first, rounds + 1):
         rd = run.round(index)
         for kind, stages in job_kinds(cfg, rd):
             if all(rd.is_done(s) for s in stages):
                 continue
             live = queued.get(f"r{index:03d}-{kind}", [])
+            if fresh and live:
+                cancel += [q.job_id for q in live]
+                live = []
             if kind in ("sample", "ground"):
                 path_of = rd.shard_path if kind == "sample" else rd.grounding_path
                 missing = set(rd.missing_shards(path_of, count))
@@ -152,15 +168,15 @@ def plan(cfg: Config, run: RunDir, rounds: int, queued: dict[str, list[Queued]])
                 if todo:
                     job = Job(index, kind, stages, todo, after_ok=list(ok), after_any=list(anyway))
                     jobs.append(job)
-                    next_ok = [job.key]
+                    next_ok, fresh = [job.key], True
                 ok, anyway = next_ok, next_any
             elif live:
                 ok, anyway = [live[0].job_id], []
             else:
                 job = Job(index, kind, stages, after_ok=list(ok), after_any=list(anyway))
                 jobs.append(job)
-                ok, anyway = [job.key], []
-    return jobs
+                ok, anyway, fresh = [job.key], [], True
+    return Plan(jobs, cancel)
 
 
 def render(template: str, fields: dict[str, str], source: Path) -> str:
@@ -172,11 +188,11 @@ def render(template: str, fields: dict[str, str], source: Path) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: fields[m.group(1)], template)
 
 
-def sbatch_options(cfg: Config, gpus: bool) -> str:
+def sbatch_options(cfg: Config, gpus: int) -> str:
     sl = cfg.slurm
     opts = [f"--partition={sl.partition}" if sl.partition else "", f"--account={sl.account}" if sl.account else "",
             f"--qos={sl.qos}" if sl.qos else "", f"--mem={sl.mem}" if sl.mem else "",
-            f"--gpus-per-node={sl.gpus_per_node}" if gpus and sl.gpus_per_node else "", *sl.extra_args]
+            f"--gpus-per-node={gpus}" if gpus else "", *sl.extra_args]
     return "\n".join(f"#SBATCH {o}" for o in opts if o)
 
 
@@ -198,7 +214,9 @@ def script(cfg: Config, run: RunDir, job: Job) -> str:
         "cpus_per_task": str(sl.cpus_per_task),
         "nodes": str(sl.train_nodes),
         "workdir": str(Path.cwd()),
-        "sbatch_options": sbatch_options(cfg, gpus=job.kind != "filter"),
+        # Training takes every GPU of its nodes; a vLLM engine (sampling, grounding, eval) runs on one.
+        "sbatch_options": sbatch_options(cfg, {"train": sl.gpus_per_node, "filter": 0}.get(
+            job.kind, min(1, sl.gpus_per_node))),
         "setup": "\n".join(sl.setup),
         "main_process_port": str(sl.main_process_port),
         "command": shlex.join(command) + shard,
@@ -226,17 +244,25 @@ def describe(job: Job) -> str:
 
 
 def submit(cfg: Config, run: RunDir, rounds: int, dry_run: bool = False) -> list[str]:
-    """Submit the missing jobs of rounds up to `rounds`; return the lines that say what was done."""
-    queued = {} if dry_run and not jobs_file(run).exists() else queued_jobs(run)
-    jobs = plan(cfg, run, rounds, queued)
+    """Submit the missing jobs of rounds up to `rounds` (cancelling queued ones that can no longer
+    run as planned); return the lines that say what was done. A dry run changes nothing."""
+    queued, doomed = queued_jobs(run) if jobs_file(run).exists() else ({}, [])
+    planned = plan(cfg, run, rounds, queued)
+    cancel = [*doomed, *planned.cancel]
+    kept = {key: [q for q in qs if q.job_id not in cancel] for key, qs in queued.items()}
     lines = [f"queued from an earlier submission: {key} job {', '.join(q.job_id for q in qs)}"
-             for key, qs in sorted(queued.items())]
-    if not jobs:
+             for key, qs in sorted(kept.items()) if qs]
+    if cancel:
+        lines.append(f"{'would cancel' if dry_run else 'cancelled'} job(s) {', '.join(cancel)}: they wait for jobs "
+                     "that failed or are being replaced")
+        if not dry_run:
+            subprocess.run(["scancel", *cancel], capture_output=True, check=False)
+    if not planned.jobs:
         return [*lines, f"slurm: nothing to submit; rounds up to {rounds} are finished or queued"]
     folder = run.path / "slurm"
     ids: dict[str, str] = {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for job in jobs:
+    for job in planned.jobs:
         text = script(cfg, run, job)
         args = sbatch_args(cfg, job, ids)
         if dry_run:
@@ -245,7 +271,7 @@ def submit(cfg: Config, run: RunDir, rounds: int, dry_run: bool = False) -> list
         (folder / "logs").mkdir(parents=True, exist_ok=True)
         path = folder / "scripts" / f"{job.key}-{stamp}.sbatch"
         atomic_write_text(path, text)
-        done = subprocess.run(["sbatch", *args, str(path)], capture_output=True, text=True)
+        done = subprocess.run(["sbatch", *args, str(path)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"sbatch {path} failed: {done.stderr.strip()} (jobs submitted before it: "
                                f"{', '.join(ids.values()) or 'none'}; run the same command again to continue)")

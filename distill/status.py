@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from distill.io import read_json, read_jsonl
 from distill.rundir import RoundDir, RunDir
 from distill.slurm import jobs_status
@@ -49,8 +51,12 @@ def shard_progress(run: RunDir, rd: RoundDir, stage: str, shards: int, now: floa
     folder, path_of = (rd.samples_dir, rd.shard_path) if stage == "sample" else (rd.grounding_dir, rd.grounding_path)
     done = [path_of(i, shards) for i in range(shards) if path_of(i, shards).exists()]
     text = f"{len(done)}/{shards} shards on disk"
-    partial = sorted(folder.glob(".*.partial*")) if folder.exists() else []
-    items = sum(1 for p in partial for _ in p.open())
+    items = 0
+    for partial in folder.glob(".*.partial*") if folder.exists() else []:
+        try:
+            items += partial.read_text().count("\n")
+        except FileNotFoundError:
+            pass  # the shard was finished (and its partial file removed) meanwhile
     if items:
         text += f" (+{items} item(s) of a shard in progress)"
     last = max((p.stat().st_mtime for p in done), default=None)
@@ -107,17 +113,18 @@ def run_status(run_dir: Path) -> str:
     run = RunDir(run_dir)
     if not run.config.exists():
         raise ValueError(f"{run_dir}: no config.yaml (not a distill run directory, or it never started)")
-    from distill.config import load_config
-
-    cfg = load_config(run.config)
+    # Only three numbers of the config: read as saved, not validated (its data files, benchmarks
+    # or templates need not exist on the machine that asks).
+    saved = OmegaConf.load(run.config)
+    rounds_wanted, shards = int(saved.loop.rounds), int(saved.sample.num_shards)
+    first = 0 if saved.cold_start.enabled else 1
     now = time.time()
     rounds = run.rounds()
-    first = 0 if cfg.cold_start.enabled else 1
-    lines = [(f"run {run.path}: {len(rounds)} of {cfg.loop.rounds + 1 - first} round(s) started "
-             f"(loop.rounds={cfg.loop.rounds})")]
+    lines = [(f"run {run.path}: {len(rounds)} of {rounds_wanted + 1 - first} round(s) started "
+              f"(loop.rounds={rounds_wanted})")]
     for rd in rounds:
-        lines.extend(round_status(run, rd, cfg.sample.num_shards, now))
-    if not rounds or (rounds[-1].is_done("eval") and rounds[-1].index < cfg.loop.rounds):
+        lines.extend(round_status(run, rd, shards, now))
+    if not rounds or (rounds[-1].is_done("eval") and rounds[-1].index < rounds_wanted):
         nxt = rounds[-1].index + 1 if rounds else first
         lines.append(f"round {nxt}: not started")
     jobs = jobs_status(run)

@@ -10,6 +10,9 @@
 #   SLURM_MIN_JOB_AGE  seconds a finished job stays visible to squeue/scontrol (default 3600).
 #   SLURMCTLD_PORT / SLURMD_PORT   (default 6817 / 6818)
 #   START_TIMEOUT    seconds to wait for the node to become idle (default 60).
+#   SLURM_KILL_INVALID_DEPEND=1  cancel a job at once when its afterok dependency fails
+#                    (default 0, Slurm's own default, as on most clusters: the job stays
+#                    pending for ever with reason DependencyNeverSatisfied).
 #   SLURM_FRESH=1    wipe saved controller/slurmd state (job records) before starting.
 #                    Otherwise jobs that were running when the daemons died get
 #                    requeued and rerun on the next start.
@@ -29,6 +32,10 @@ MINAGE=${SLURM_MIN_JOB_AGE:-3600}
 CPORT=${SLURMCTLD_PORT:-6817}
 DPORT=${SLURMD_PORT:-6818}
 TIMEOUT=${START_TIMEOUT:-60}
+DEPENDENCY_LINE="# afterok on a failed job: the dependent job stays pending (Slurm's default)"
+if [ "${SLURM_KILL_INVALID_DEPEND:-0}" = 1 ]; then
+  DEPENDENCY_LINE="DependencyParameters=kill_invalid_depend"
+fi
 export SLURM_CONF=$CONF
 
 log() { echo "[start_cluster] $*" >&2; }
@@ -103,8 +110,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 # schedule on submit instead of batching for 3 s (default batch_sched_delay=3)
 SchedulerParameters=batch_sched_delay=0
-# afterok on a failed job -> dependent job CANCELLED instead of pending forever
-DependencyParameters=kill_invalid_depend
+$DEPENDENCY_LINE
 # keep finished jobs visible to squeue -t all / scontrol show job (default 300 s)
 MinJobAge=$MINAGE
 NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$CPUS RealMemory=$MEM State=UNKNOWN

@@ -84,6 +84,10 @@ def test_budget_cut_keeps_the_first_tokens_and_forces_the_answer(tiny_model):
     open_ids = tok(reasoning, add_special_tokens=False)["input_ids"]
     unclosed = Completion(reasoning, len(open_ids), "stop", None, tuple(open_ids))
     assert budget_continuation(unclosed, 1000, tok, force) == reasoning + force  # stopped early: forced whole
+    # A closed trace the engine could not count (no single </think> token): counted from the text.
+    uncounted = Completion(done.text, len(ids), "stop", None, tuple(ids))
+    assert budget_continuation(uncounted, close, tok, force) is None
+    assert budget_continuation(uncounted, close - 1, tok, force) == tok.decode(ids[: close - 1]) + force
 
 
 @pytest.mark.parametrize("override, message", [
@@ -125,6 +129,6 @@ def test_summary_gives_the_curve_the_gap_and_pass_at_k():
     g = stats["grounding"]
     assert g["by_kind"]["silence"] == {"accuracy": 0.3333, "real_accuracy": 0.6667, "items": 3}
     assert g["by_kind"]["swap"] == {"accuracy": 0.5, "real_accuracy": 0.5, "items": 2}  # only items with a partner
-    assert g["gap_by_kind"] == {"silence": 0.3334, "swap": 0.0} and g["gap"] == 0.1667
+    assert g["gap_by_kind"] == {"silence": 0.3333, "swap": 0.0} and g["gap"] == 0.1667  # from counts, not rounded shares
     assert set(stats["pass_at"]) == {"1", "2", "4"} and stats["pass_at"]["4"] == 0.6667
     assert stats["pass_at"]["1"] == round((0.75 + 0 + 0.25) / 3, 4) and stats["majority_accuracy"] == 0.3333

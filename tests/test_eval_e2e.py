@@ -16,8 +16,10 @@ from distill.config import load_config
 from distill.eval import eval_stage
 from distill.eval.scores import mmau_match
 from distill.eval.stage import Evaluator
+from distill.grounding.counterfactual import bank_length
 from distill.io import read_json, read_jsonl
 from distill.loop import init_run_dir
+from distill.prompting import item_prompt
 from distill.rollout.engine import EngineCache, generate
 from distill.rundir import RunDir
 
@@ -55,15 +57,20 @@ def test_eval_stage_on_the_engine(tmp_path, tiny_model):
     ev = Evaluator(cfg, tiny_model)
     base = [ev.request(it) for it in data.eval]
     cf = ev.counterfactual_requests(data.eval, base)
+    answers = [it.answer for it in data.eval]
+    assert len(set(answers)) == 2  # both answers occur, so every item has a partner that answers otherwise
     assert sorted(k for _, k, _ in cf) == ["silence"] * 4 + ["swap"] * 4
     for i, kind, request in cf:
         if kind == "silence":
             assert not any(chunk.any() for chunk in request.audio)
-        else:  # another item's recording, whose answer differs where one does
-            partner = [j for j, r in enumerate(base) if j != i and all(
+            assert [c.size for c in request.audio] == [bank_length(c.size, 4000) for c in base[i].audio]
+        else:  # another item's recording, one whose answer differs
+            partner = [j for j, r in enumerate(base) if len(r.audio) == len(request.audio) and all(
                 a.shape == b.shape and np.array_equal(a, b) for a, b in zip(r.audio, request.audio, strict=True))]
-            assert partner and data.eval[partner[0]].id != data.eval[i].id
-        assert request.prompt == base[i].prompt  # same question, other audio
+            assert partner and partner[0] != i and answers[partner[0]] != answers[i]
+        # The same question, with one audio placeholder per chunk of the audio it now carries.
+        assert request.prompt == item_prompt(ev.tokenizer, data.eval[i], cfg.data.system_prompt,
+                                             len(request.audio)) + cfg.sample.generation_prefix
 
     rd = run.round(1)
     rd.path.mkdir(parents=True)

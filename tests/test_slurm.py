@@ -32,7 +32,7 @@ ALL = ("sample", "ground", "filter", "train", "export", "eval")
 
 def test_a_fresh_run_chains_every_job_of_every_round(tmp_path):
     cfg = config(tmp_path)
-    jobs = plan(cfg, RunDir(cfg.run_dir), 2, {})
+    jobs = plan(cfg, RunDir(cfg.run_dir), 2, {}).jobs
     assert [j.key for j in jobs] == [
         "r000-filter", "r000-train", "r000-eval",
         "r001-sample", "r001-ground", "r001-filter", "r001-train", "r001-eval",
@@ -44,7 +44,7 @@ def test_a_fresh_run_chains_every_job_of_every_round(tmp_path):
 
 def test_without_grounding_the_filter_job_runs_the_ground_stage(tmp_path):
     cfg = config(tmp_path, "grounding.enabled=false", "cold_start.enabled=false")
-    jobs = plan(cfg, RunDir(cfg.run_dir), 1, {})
+    jobs = plan(cfg, RunDir(cfg.run_dir), 1, {}).jobs
     assert [(j.kind, j.stages) for j in jobs] == [("sample", ["sample"]), ("filter", ["ground", "filter"]),
                                                    ("train", ["train"]), ("eval", ["export", "eval"])]
 
@@ -56,32 +56,38 @@ def test_resubmission_asks_only_for_what_is_missing(tmp_path):
     rd = run.round(1)
     for shard in (0, 2):  # shard 1's array task failed
         atomic_write_text(rd.shard_path(shard, SHARDS), "{}\n")
-    jobs = plan(cfg, run, 1, {})
+    jobs = plan(cfg, run, 1, {}).jobs
     assert jobs[0].key == "r001-sample" and jobs[0].shards == [1] and jobs[0].after_ok == []
     assert [j.key for j in jobs] == ["r001-sample", "r001-ground", "r001-filter", "r001-train", "r001-eval"]
     # Every shard on disk but the stage unmarked: one task marks it, sampling nothing.
     atomic_write_text(rd.shard_path(1, SHARDS), "{}\n")
-    assert plan(cfg, run, 1, {})[0].shards == [0]
+    assert plan(cfg, run, 1, {}).jobs[0].shards == [0]
     # A finished run submits nothing.
     finish(rd, *ALL)
-    assert plan(cfg, run, 1, {}) == []
+    assert plan(cfg, run, 1, {}).jobs == []
 
 
-def test_queued_jobs_are_waited_for_not_submitted_again(tmp_path):
+def test_queued_jobs_are_waited_for_unless_a_job_before_them_is_replaced(tmp_path):
     cfg = config(tmp_path)
     run = RunDir(cfg.run_dir)
     finish(run.round(0), *ROUND0)
     # Tasks 0 and 2 of an earlier array are still queued or running; task 1 failed.
     queued = {"r001-sample": [Queued("41", {0, 2})], "r001-train": [Queued("44", None)]}
-    jobs = plan(cfg, run, 1, queued)
-    sample, ground = jobs[0], jobs[1]
+    planned = plan(cfg, run, 1, queued)
+    sample, ground = planned.jobs[0], planned.jobs[1]
     assert sample.shards == [1] and ground.after_ok == ["r001-sample"] and ground.after_any == ["41"]
-    # A queued single job stands for its kind: the next job waits for its id.
-    assert [j.key for j in jobs] == ["r001-sample", "r001-ground", "r001-filter", "r001-eval"]
-    assert jobs[-1].after_ok == ["44"]
+    # The queued training job waits for a chain that is being replaced: it is cancelled and replanned.
+    assert [j.key for j in planned.jobs] == ["r001-sample", "r001-ground", "r001-filter", "r001-train", "r001-eval"]
+    assert planned.cancel == ["44"]
     # Every missing shard covered by live tasks: no new array, the grounding waits for the old one.
-    jobs = plan(cfg, run, 1, {"r001-sample": [Queued("41", {0, 1, 2})]})
-    assert jobs[0].key == "r001-ground" and jobs[0].after_ok == [] and jobs[0].after_any == ["41"]
+    planned = plan(cfg, run, 1, {"r001-sample": [Queued("41", {0, 1, 2})]})
+    assert planned.jobs[0].key == "r001-ground" and planned.jobs[0].after_ok == []
+    assert planned.jobs[0].after_any == ["41"] and planned.cancel == []
+    # Nothing before it is new: a queued job stands for its kind, and the next job waits for its id.
+    finish(run.round(1), "sample", "ground", "filter")
+    planned = plan(cfg, run, 1, {"r001-train": [Queued("44", None)]})
+    assert [j.key for j in planned.jobs] == ["r001-eval"] and planned.jobs[0].after_ok == ["44"]
+    assert planned.cancel == []
 
 
 def test_sbatch_options_and_dependencies(tmp_path):
@@ -98,13 +104,15 @@ def test_scripts_carry_the_config_and_the_job_shape(tmp_path):
                  "slurm.extra_args=[--exclusive]", "slurm.time_train=2-00:00:00")
     run = RunDir(cfg.run_dir)
     sample = script(cfg, run, Job(1, "sample", ["sample"], [0, 2]))
-    assert "#SBATCH --partition=gpu" in sample and "#SBATCH --gpus-per-node=8" in sample
+    # A vLLM engine runs on one GPU; training takes every GPU of its nodes.
+    assert "#SBATCH --partition=gpu" in sample and "#SBATCH --gpus-per-node=1" in sample
     assert "#SBATCH --exclusive" in sample and "source .venv/bin/activate" in sample
     assert "stage sample " in sample and "--round 1 sample.shard_index=$SLURM_ARRAY_TASK_ID" in sample
     assert "%x-%A_%a.out" in sample and str(run.config.resolve()) in sample
     train = script(cfg, run, Job(1, "train", ["train"]))
     assert "#SBATCH --nodes=2" in train and "#SBATCH --time=2-00:00:00" in train
-    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1" in train and "DISTILL_MAIN_PROCESS_IP" in train
+    assert "#SBATCH --gpus-per-node=8" in train
+    assert "srun --ntasks-per-node=1 --cpus-per-task=\"$SLURM_CPUS_PER_TASK\" --kill-on-bad-exit=1" in train and "DISTILL_MAIN_PROCESS_IP" in train
     # The filter needs no GPU; export + eval run in one job (one engine).
     filt = script(cfg, run, Job(1, "filter", ["filter"]))
     assert "--gpus-per-node" not in filt
@@ -151,7 +159,7 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
     assert "# r001-sample: sample shards 0,1,2,3" in done.stdout and "#SBATCH --job-name=distill-demo_cpu-r001-train" \
         in done.stdout
     assert "# sbatch --parsable --dependency=afterok:r001-train r001-eval.sbatch" in done.stdout
-    assert not (tmp_path / "demo_cpu" / "slurm").exists()
+    assert not (tmp_path / "demo_cpu").exists()  # a dry run writes nothing: no data, no config, no jobs
 
 
 def test_stage_takes_several_stages_in_order():

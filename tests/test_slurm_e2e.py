@@ -40,7 +40,9 @@ def slurm_conf(tmp_path_factory):
         pytest.skip("the test cluster's daemons run as root")
     state = tmp_path_factory.mktemp("slurm-cluster")
     # Four CPUs declared on this two-core machine: both array tasks (2 CPUs each) run at once.
-    env = {**os.environ, "SLURM_CPUS": "4", "SLURM_FRESH": "1"}
+    # Slurm's default dependency handling (as on most clusters): a job whose afterok dependency
+    # failed stays pending for ever; resubmission must cancel and replace it.
+    env = {**os.environ, "SLURM_CPUS": "4", "SLURM_FRESH": "1", "SLURM_KILL_INVALID_DEPEND": "0"}
     started = subprocess.run([str(LAUNCH / "local-cluster-start.sh"), str(state)], env=env, capture_output=True,
                              text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-3000:]
@@ -55,11 +57,12 @@ def slurm_conf(tmp_path_factory):
         os.environ["SLURM_CONF"] = old
 
 
-def squeue() -> dict[str, str]:
-    """Task id ('12_1', '13') -> state, for every job the cluster knows."""
-    out = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"],
+def squeue(reasons: bool = False) -> dict[str, str]:
+    """Task id ('12_1', '13') -> state (with the reason a pending job waits), for every job the cluster knows."""
+    out = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"],
                          capture_output=True, text=True, check=True).stdout
-    return dict(line.split("|") for line in out.splitlines())
+    rows = [line.split("|") for line in out.splitlines()]
+    return {task: f"{state} {reason}" if reasons and state == "PENDING" else state for task, state, reason in rows}
 
 
 def wait_until(predicate, timeout: float, what: str):
@@ -98,24 +101,30 @@ def test_a_round_runs_as_chained_jobs_and_resumes_after_a_cancelled_task(tmp_pat
     out, jobs = submit(cfg, run)
     assert [j["key"] for j in jobs] == ["r001-sample", "r001-filter", "r001-train", "r001-eval"], out
     sample = jobs[0]["job_id"]
-    # Cancel array task 1 while it runs: its shard never lands, and the jobs chained after the
-    # array are cancelled by the cluster (afterok can no longer be met).
+    # Cancel array task 1 while it runs: its shard never lands, and the filter job chained after
+    # the array can never start (afterok); the jobs after it wait on it.
     wait_until(lambda: squeue().get(f"{sample}_1") == "RUNNING", 120, "array task 1 to run")
     subprocess.run(["scancel", f"{sample}_1"], check=True)
-    wait_until(lambda: settled([j["job_id"] for j in jobs]), 300, "the first submission to end")
-    states = squeue()
+    filter_id, train_id, eval_id = (j["job_id"] for j in jobs[1:])
+    wait_until(lambda: settled([sample]) and squeue(True).get(filter_id) == "PENDING DependencyNeverSatisfied",
+               300, "the array to end and the filter job to be stuck")
+    states = squeue(True)
     assert states[f"{sample}_0"] == "COMPLETED" and states[f"{sample}_1"] == "CANCELLED", (states, logs(run))
+    assert states[train_id] == states[eval_id] == "PENDING Dependency", states
     samples = run / "round_001" / "samples"
     assert [p.name for p in samples.glob("shard-*")] == ["shard-00000-of-00002.jsonl"], logs(run)
     first_shard = (samples / "shard-00000-of-00002.jsonl").stat()
     status = subprocess.run([sys.executable, "-m", "distill.cli", "status", str(run)], capture_output=True, text=True)
     assert f"slurm r001-sample [0,1]: job {sample} 1 CANCELLED, 1 COMPLETED" in status.stdout, status.stdout
 
-    # Resubmitted: one array task for the missing shard, then the rest of the chain.
+    # Resubmitted: the stuck jobs are cancelled, one array task samples the missing shard, and the
+    # rest of the chain is submitted again behind it.
     out, jobs = submit(cfg, run)
+    assert f"cancelled job(s) {filter_id}, {train_id}, {eval_id}" in out, out
     new = jobs[4:]
     assert [(j["key"], j["shards"]) for j in new] == [("r001-sample", [1]), ("r001-filter", None),
                                                       ("r001-train", None), ("r001-eval", None)], out
+    wait_until(lambda: settled([filter_id, train_id, eval_id]), 60, "the stuck jobs to be cancelled")
     wait_until(lambda: settled([j["job_id"] for j in new]), 600, "the resubmitted chain to end")
     states = squeue()
     assert all(states.get(f"{j['job_id']}_1" if j["shards"] else j["job_id"]) == "COMPLETED" for j in new), (

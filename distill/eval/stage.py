@@ -28,10 +28,10 @@ from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache, max_audio_items
 from distill.eval.scores import inverted_scaling, majority_vote, mmau_match, pass_at_k, trace_stats
-from distill.grounding.counterfactual import counterfactual, swap_partners
+from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.io import atomic_write_json, atomic_write_jsonl, read_json
 from distill.model_card import write_model_card
-from distill.prompting import audio_tokens, load_tokenizer, split_trace, think_close_token_id
+from distill.prompting import THINK_CLOSE, audio_tokens, item_prompt, load_tokenizer, split_trace, think_close_token_id
 from distill.rewards.answers import answer_key, extract_answer
 from distill.rewards.rules import RulePipeline
 from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generate
@@ -45,11 +45,22 @@ EVAL_CHECKS = ["finished", "format", "language", "degeneration", "correct"]
 EVAL_ROUND = -1
 
 
+def reasoning_length(out: Completion, tokenizer) -> int | None:
+    """Tokens before `</think>` in a completion: as the engine counted them, else (a tokenizer
+    without `</think>` as one token, or a model that spelled it in pieces) counted from the text;
+    None when the reasoning was never closed."""
+    if out.reasoning_tokens is not None:
+        return out.reasoning_tokens
+    end = out.text.find(THINK_CLOSE)
+    return None if end < 0 else len(tokenizer(out.text[:end], add_special_tokens=False)["input_ids"])
+
+
 def budget_continuation(out: Completion, budget: int, tokenizer, force: str) -> str | None:
     """The greedy trace's reasoning cut at `budget` tokens followed by `force` (`</think>`), for the
     model to answer after; None when the trace closed its reasoning within the budget, so its own
     answer stands. A trace that stopped before the budget without closing is forced whole."""
-    if out.reasoning_tokens is not None and out.reasoning_tokens <= budget:
+    reasoning = reasoning_length(out, tokenizer)
+    if reasoning is not None and reasoning <= budget:
         return None
     if len(out.token_ids) <= budget:
         return out.text + force
@@ -92,10 +103,13 @@ class Evaluator:
         for i, (item, request) in enumerate(zip(items, base, strict=True)):
             for kind in cfg.eval.counterfactuals:
                 partner = partners.get(item.id)
-                if kind == "swap" and partner is None:
-                    continue
+                if kind == "swap" and (partner is None or same_answer(partner, item)):
+                    continue  # no partner, or one whose answer is this item's: it tells nothing
                 other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
-                out.append((i, kind, replace(request, audio=counterfactual(kind, request.audio, cfg.seed, step, other))))
+                audio = counterfactual(kind, request.audio, cfg.seed, step, other)
+                # The prompt has one placeholder per chunk: another item's audio may have other chunks.
+                prompt = item_prompt(self.tokenizer, item, cfg.data.system_prompt, len(audio)) + self.prefix
+                out.append((i, kind, replace(request, prompt=prompt, audio=audio)))
         return out
 
 
@@ -136,7 +150,7 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     t0 = time.time()
     cut: list[tuple[int, int, str]] = []
     for i, out in enumerate(greedy):
-        for b in e.budgets:
+        for b in e.thinking_budgets:
             continuation = budget_continuation(out, b, ev.tokenizer, e.force_answer)
             if continuation is None:
                 rows[i]["budgets"][str(b)] = rows[i]["correct"]
@@ -146,7 +160,7 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     for (i, b, c), out in zip(cut, answers, strict=True):
         rows[i]["budgets"][str(b)] = ev.judge(items[i], ev.prefix + c + out.text)["correct"] is None
     for row in rows:
-        row["budgets"] = {str(b): row["budgets"][str(b)] for b in e.budgets}  # in budget order
+        row["budgets"] = {str(b): row["budgets"][str(b)] for b in e.thinking_budgets}  # in budget order
     seconds["budgets"] = time.time() - t0
 
     # pass@k and majority vote over k samples.
@@ -194,14 +208,14 @@ def summarize(cfg: Config, items: list[Item], rows: list[dict], sampled: list[di
     """eval.json's numbers from the judged rows."""
     e = cfg.eval
     real = accuracy([r["correct"] for r in rows])
-    curve = {b: accuracy([r["budgets"][str(b)] for r in rows]) for b in e.budgets}
-    by_kind = {}
+    curve = {b: accuracy([r["budgets"][str(b)] for r in rows]) for b in e.thinking_budgets}
+    by_kind, gaps = {}, {}
     for kind in e.counterfactuals:
         heard = [r for r in rows if kind in r["counterfactual"]]
         if heard:  # the gap compares the same items with and without their audio
             by_kind[kind] = {"accuracy": accuracy([r["counterfactual"][kind] for r in heard]),
                              "real_accuracy": accuracy([r["correct"] for r in heard]), "items": len(heard)}
-    gaps = {k: round(v["real_accuracy"] - v["accuracy"], 4) for k, v in by_kind.items()}
+            gaps[kind] = (sum(r["correct"] for r in heard) - sum(r["counterfactual"][kind] for r in heard)) / len(heard)
     stats = {
         "items": len(items),
         "accuracy": real,
@@ -211,7 +225,7 @@ def summarize(cfg: Config, items: list[Item], rows: list[dict], sampled: list[di
         "per_category": grouped(rows, "category"),
         "budgets": {str(b): acc for b, acc in curve.items()},
         "inverted_scaling": inverted_scaling(curve, e.inverted_margin),
-        "grounding": {"by_kind": by_kind, "gap_by_kind": gaps,
+        "grounding": {"by_kind": by_kind, "gap_by_kind": {k: round(v, 4) for k, v in gaps.items()},
                       "gap": round(sum(gaps.values()) / len(gaps), 4) if gaps else None},
         "traces": {"greedy": trace_stats(rows), "sampled": trace_stats(sampled) if sampled else None},
         "k": e.k,

@@ -13,8 +13,8 @@ from distill.rundir import RoundDir
 
 
 def sample_traces(rd: RoundDir, n: int) -> list[dict]:
-    """Up to `n` of the round's held-out eval rows, right and wrong answers alternating (so a page
-    shows both), in item order."""
+    """Up to `n` of the round's held-out eval rows, a right and a wrong answer in turn (so a page
+    shows both), each side in item order."""
     path = rd.path / "eval_samples.jsonl"
     if n <= 0 or not path.exists():
         return []
