@@ -4,7 +4,6 @@ MMAU-style benchmark with a bad item is read, matched and reported; then the rep
 renders in headless Chromium and `distill status` reads the run."""
 
 import json
-import shutil
 import subprocess
 import sys
 

@@ -31,7 +31,14 @@ from distill.eval.scores import inverted_scaling, majority_vote, mmau_match, pas
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.io import atomic_write_json, atomic_write_jsonl, read_json
 from distill.model_card import write_model_card
-from distill.prompting import THINK_CLOSE, audio_tokens, item_prompt, load_tokenizer, split_trace, think_close_token_id
+from distill.prompting import (
+    THINK_CLOSE,
+    audio_tokens,
+    item_prompt,
+    load_tokenizer,
+    split_trace,
+    think_close_token_id,
+)
 from distill.rewards.answers import answer_key, extract_answer
 from distill.rewards.rules import RulePipeline
 from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generate
