@@ -76,6 +76,10 @@ def test_two_rounds_end_to_end(tmp_path):
         assert set(ev["pass_at"]) == {"1", "2"} and ev["majority_accuracy"] is not None
         assert list(ev["budgets"]) == ["0", "16", "48"] and ev["budgets"]["48"] >= ev["accuracy"]
         assert set(ev["grounding"]["gap_by_kind"]) == {"silence", "swap"}
+        # A budget costs an answer only where it cut the trace; the others keep their own answer.
+        cut = sum(1 for a in answers for b in (0, 16, 48) if a["reasoning_tokens"] is None or a["reasoning_tokens"] > b)
+        assert ev["requests"]["budget_answers"] == cut and ev["requests"]["samples"] == 8 * 2
+        assert all(list(a["budgets"]) == ["0", "16", "48"] and len(a["samples"]) == 2 for a in answers)
         for f in ("chat_template.jinja", "tokenizer.json", "processor_config.json", "config.json"):
             assert (rd / "model" / f).exists(), f
         # The gate held vLLM to transformers; the card gained the held-out numbers after eval.
@@ -133,13 +137,25 @@ def test_two_rounds_end_to_end(tmp_path):
     assert page.count("data:image/png;base64,") == 5 and page.count("<audio controls") == 3 * 3
     done = subprocess.run([*cli, "status", str(run)], capture_output=True, text=True)
     assert done.returncode == 0 and "round 2: finished eval" in done.stdout, done.stderr[-3000:]
-    # Re-evaluating a round with other eval settings rewrites its numbers, not the run's config.
+    # Re-evaluating a round with other eval settings (and an MMAU-style benchmark with a missing
+    # clip) rewrites its numbers, not the run's config.
     config_before = (run / "config.yaml").read_text()
-    done = subprocess.run([*cli, "eval", str(run / "round_002"), "eval.budgets=[0,8]", "eval.k=0"],
+    bench = benchmark_file(tmp_path)
+    done = subprocess.run([*cli, "eval", str(run / "round_002"), "eval.budgets=[0,8]", "eval.k=0",
+                           f"eval.benchmarks=[{{name: mmau-mini, path: {bench}, format: mmau}}]"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ev = read_json(run / "round_002" / "eval.json")
     assert list(ev["budgets"]) == ["0", "8"] and "pass_at" not in ev
+    rejects = list(read_jsonl(run / "data" / "rejects" / "benchmark-mmau-mini.jsonl"))
+    assert [r["reason"] for r in rejects] == ["missing_file"] and rejects[0]["where"].startswith(f"{bench}:")
+    b = ev["benchmarks"]["mmau-mini"]
+    bench_rows = list(read_jsonl(run / "round_002" / "eval_benchmarks" / "mmau-mini.jsonl"))
+    assert b["items"] == len(bench_rows) == 3 and set(b["per_category"]) == {"sound"}
+    for r in bench_rows:  # an answer naming one option exactly is right by MMAU's matching iff it is the reference
+        line = r["completion"].rsplit("</think>", 1)[-1].strip().lower()
+        if line in r["choices"]:
+            assert r["mmau_correct"] == (line == r["reference"]), r
     assert read_json(run / "round_002" / "stats" / "eval.json")["budgets"] == ev["budgets"]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[2])["budget_accuracy"] == ev["budgets"]
     assert (run / "config.yaml").read_text() == config_before
@@ -172,6 +188,20 @@ def test_two_rounds_end_to_end(tmp_path):
     assert done.returncode == 0 and (run / "round_003" / "STAGE").read_text().strip() == "filter", done.stderr
     early = subprocess.run([*stage, "export", *args], capture_output=True, text=True)
     assert early.returncode == 1 and "stage 'export' needs 'train' finished first" in early.stderr
+
+
+def benchmark_file(tmp_path: Path) -> Path:
+    """An MMAU-style JSON list (audio paths relative to the file) with one item whose audio is missing."""
+    from data_pipelines.synthetic import generate_split
+
+    items = generate_split(tmp_path / "mmau", "eval", ["pitch_level"], 3, 5, 1, 16000)
+    rows = [{"id": f"mmau-{i}", "audio_id": str(it.audio).split("mmau/", 1)[1], "question": it.question,
+             "choices": it.choices, "answer": it.answer, "task": "sound", "sub-category": "pitch"}
+            for i, it in enumerate(items)]
+    rows.append({**rows[0], "id": "mmau-gone", "audio_id": "audio/nowhere.wav"})
+    path = tmp_path / "mmau" / "test-mini.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path
 
 
 def mixed_sources_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:

@@ -132,3 +132,36 @@ def test_summary_gives_the_curve_the_gap_and_pass_at_k():
     assert g["gap_by_kind"] == {"silence": 0.3333, "swap": 0.0} and g["gap"] == 0.1667  # from counts, not rounded shares
     assert set(stats["pass_at"]) == {"1", "2", "4"} and stats["pass_at"]["4"] == 0.6667
     assert stats["pass_at"]["1"] == round((0.75 + 0 + 0.25) / 3, 4) and stats["majority_accuracy"] == 0.3333
+
+
+def test_counterfactual_requests_are_what_they_claim(tmp_path, tiny_model):
+    import numpy as np
+
+    from distill.eval.stage import Evaluator
+    from distill.grounding.counterfactual import bank_length
+    from distill.loop import init_run_dir
+    from distill.prompting import item_prompt
+    from distill.rundir import RunDir
+
+    cfg = load_config("configs/demo_cpu.yaml", [
+        f"output_dir={tmp_path}", f"model.path={tiny_model}", "model.build_tiny=false",
+        "data.synthetic.train_items=2", "data.synthetic.eval_items=4", "eval.counterfactuals=[silence,swap]"])
+    data = init_run_dir(cfg, RunDir(cfg.run_dir))
+    ev = Evaluator(cfg, tiny_model)
+    base = [ev.request(it) for it in data.eval]
+    cf = ev.counterfactual_requests(data.eval, base)
+    answers = [it.answer for it in data.eval]
+    assert len(set(answers)) == 2  # both answers occur: every item has a partner that answers otherwise
+    assert sorted(k for _, k, _ in cf) == ["silence"] * 4 + ["swap"] * 4
+    step = round(cfg.grounding.bank_seconds * cfg.data.sample_rate)
+    for i, kind, request in cf:
+        if kind == "silence":
+            assert not any(chunk.any() for chunk in request.audio)
+            assert [c.size for c in request.audio] == [bank_length(c.size, step) for c in base[i].audio]
+        else:  # another item's recording, one whose answer differs
+            partner = [j for j, r in enumerate(base) if len(r.audio) == len(request.audio) and all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(r.audio, request.audio, strict=True))]
+            assert partner and partner[0] != i and answers[partner[0]] != answers[i]
+        # The same question, with one audio placeholder per chunk of the audio it now carries.
+        assert request.prompt == item_prompt(ev.tokenizer, data.eval[i], cfg.data.system_prompt,
+                                             len(request.audio)) + cfg.sample.generation_prefix

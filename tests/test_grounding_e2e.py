@@ -18,7 +18,7 @@ from distill.io import read_jsonl
 from distill.loop import init_run_dir
 from distill.prompting import item_prompt, load_tokenizer
 from distill.rewards.filter import filter_stage
-from distill.rollout.engine import EngineCache
+from distill.rollout.engine import EngineCache, Request, generate
 from distill.rollout.sample import read_samples, sample_stage
 from distill.rundir import RunDir
 
@@ -58,6 +58,11 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         silent, hissed = silence(real, step), noise(real, cfg.seed, step)
         by_vllm = score(llm, tokenizer, [ScoreJob(prompt, completion, a) for a in (real, silent, hissed)],
                         cfg.data.sample_rate)
+        # The eval's thinking-budget curve cuts the full greedy trace at each budget: that is the
+        # greedy trace of that budget only if greedy decoding is prefix-consistent. It is here.
+        requests = [Request(prompt, real, cfg.data.sample_rate, 0), Request(prompt, silent, cfg.data.sample_rate, 0)]
+        full, short = generate(llm, requests, 0.0, 1.0, 24), generate(llm, requests, 0.0, 1.0, 6)
+        assert [f.token_ids[:6] for f in full] == [s.token_ids for s in short]
 
     # 1. vLLM's teacher-forced log-probabilities are a real forward pass: transformers agrees, to
     # the precision of vLLM's bf16 (its "auto" dtype for a float32 model) ...
