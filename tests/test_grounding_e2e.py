@@ -129,6 +129,10 @@ def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_mode
     cfg, data, rd = sampled_round(tmp_path, blind, "grounding.bank_seconds=0")
     with EngineCache(cfg.engine, cfg.seed) as engines:
         sample_stage(cfg, data.train, blind, rd, engines.get)
+        # An array task grounds its own shard and leaves the stage open; a plain run does the rest.
+        task = replace(cfg, sample=replace(cfg.sample, shard_index=1))
+        assert ground_stage(task, data.train, blind, rd, engines.get) is None
+        assert [p.name for p in rd.grounding_dir.glob("shard-*")] == ["shard-00001-of-00002.jsonl"]
         stats = ground_stage(cfg, data.train, blind, rd, engines.get)
     # Heard through a zeroed projector, real audio, silence and noise of the same length give the
     # same trace likelihood; another item's audio differs only by its length (token positions).
