@@ -54,7 +54,12 @@ class Job:
 
     @property
     def key(self) -> str:
-        return f"r{self.round:03d}-{self.kind}"
+        return job_key(self.round, self.kind)
+
+
+def job_key(round_index: int, kind: str) -> str:
+    """A job's name within its run, e.g. r001-sample: what resubmissions match queued jobs by."""
+    return f"r{round_index:03d}-{kind}"
 
 
 def job_kinds(cfg: Config, rd: RoundDir) -> list[tuple[str, list[str]]]:
@@ -153,7 +158,7 @@ def plan(cfg: Config, run: RunDir, rounds: int, queued: dict[str, list[Queued]])
         for kind, stages in job_kinds(cfg, rd):
             if all(rd.is_done(s) for s in stages):
                 continue
-            live = queued.get(f"r{index:03d}-{kind}", [])
+            live = queued.get(job_key(index, kind), [])
             if fresh and live:
                 cancel += [q.job_id for q in live]
                 live = []
@@ -246,7 +251,7 @@ def describe(job: Job) -> str:
 def submit(cfg: Config, run: RunDir, rounds: int, dry_run: bool = False) -> list[str]:
     """Submit the missing jobs of rounds up to `rounds` (cancelling queued ones that can no longer
     run as planned); return the lines that say what was done. A dry run changes nothing."""
-    queued, doomed = queued_jobs(run) if jobs_file(run).exists() else ({}, [])
+    queued, doomed = queued_jobs(run)  # no jobs file: nothing queued, squeue not asked
     planned = plan(cfg, run, rounds, queued)
     cancel = [*doomed, *planned.cancel]
     kept = {key: [q for q in qs if q.job_id not in cancel] for key, qs in queued.items()}

@@ -112,7 +112,7 @@ def charts(run: RunDir, records: list[dict]) -> dict[str, bytes]:
     }
 
 
-def trace_block(row: dict, run_dir: Path) -> str:
+def trace_block(row: dict) -> str:
     audio = wav_bytes(row["audio"]) if row.get("audio") else None
     player = (f'<audio controls preload="none" src="data:audio/wav;base64,{base64.b64encode(audio).decode()}">'
               "</audio>" if audio else f'<p class="warn">audio not found: {_e(row.get("audio"))}</p>')
@@ -127,7 +127,7 @@ def trace_block(row: dict, run_dir: Path) -> str:
             f"<div>budgets: {_e(budgets or '-')}; counterfactual audio: {_e(cf or '-')}</div></div>")
 
 
-def round_section(rd: RoundDir, record: dict, samples: int, run_dir: Path) -> str:
+def round_section(rd: RoundDir, record: dict, samples: int) -> str:
     parts = [f"<h3>Round {rd.index}</h3>"]
     cats = record.get("heldout_per_category") or {}
     fams = record.get("heldout_per_family") or {}
@@ -147,7 +147,7 @@ def round_section(rd: RoundDir, record: dict, samples: int, run_dir: Path) -> st
     if inv:
         parts.append(f'<p class="warn">Inverted scaling: accuracy falls from {_pct(inv["from_accuracy"])} at '
                      f'{inv["from_budget"]} thinking tokens to {_pct(inv["to_accuracy"])} at {inv["to_budget"]}.</p>')
-    parts.extend(trace_block(row, run_dir) for row in sample_traces(rd, samples))
+    parts.extend(trace_block(row) for row in sample_traces(rd, samples))
     return "\n".join(parts)
 
 
@@ -167,7 +167,7 @@ def write_report(run_dir: Path, out: Path, samples: int = 3) -> Path:
         "<details><summary>as printed by distill run</summary><pre>" + _e(format_table(records)) + "</pre></details>",
         "<h2>Charts</h2>", '<div class="charts">' + "".join(_img(png, t) for t, png in figures.items()) + "</div>",
         "<h2>Sample traces</h2>",
-        *(round_section(rd, rec, samples, run.path) for rd, rec in zip(rounds, records, strict=True)),
+        *(round_section(rd, rec, samples) for rd, rec in zip(rounds, records, strict=True)),
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>distill: {_e(run.path.name)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}<script>{CHECK_IMAGES}</script></body></html>")
