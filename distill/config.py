@@ -121,6 +121,8 @@ class EngineConfig:
     max_model_len: int = 1024
     # On CPU vLLM must be given a KV-cache budget, or it reserves a share of RAM (ENVIRONMENT.md).
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    # "auto": the model's dtype as vLLM picks it (bf16 for a float32 model), but float32 on a CPU
+    # without native bf16, where emulated bf16 is several times slower (rollout/engine.py).
     dtype: str = "auto"
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85
@@ -306,9 +308,16 @@ class GroundingConfig:
     # costs one more forward pass per trace. "swap" asks the sharpest question (is the trace
     # less likely under a clip with another answer?) and reuses audio the engine already prepared.
     score_against: list[str] = field(default_factory=lambda: ["swap"])
-    # Which traces are scored: "passing" (those that passed every rule check, which pre-filter the
-    # expensive scoring) or "all".
-    score_traces: str = "passing"
+    # Which traces are scored: "keepable" (only as many traces that passed every rule check as the
+    # filter's per-prompt selection can keep: passing traces of prompts outside the pass-rate band
+    # or over keep_per_prompt are not scored, unless a dependence rejection opens a place; with the
+    # LLM judge, which may reject scored traces after grounding, every passing trace is scored),
+    # "passing" (every trace that passed the rule checks) or "all".
+    score_traces: str = "keepable"
+    # The real audio's log-probability of a trace: "sampled" (returned by the engine while it sampled
+    # the trace, so only the counterfactuals cost a pass; traces from a server are scored) or
+    # "scored" (a teacher-forced pass like the counterfactuals', the same kernels on both sides).
+    real_logprobs: str = "sampled"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256
     # The "audio_dependence" filter: reasoning must gain at least this many nats per token from
@@ -592,7 +601,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "sample.backend": ("offline", "server"),
     "filter.judge.on_error": ("reject", "keep"),
     "grounding.text_solvable": ("drop", "downweight", "keep"),
-    "grounding.score_traces": ("passing", "all"),
+    "grounding.score_traces": ("keepable", "passing", "all"),
+    "grounding.real_logprobs": ("sampled", "scored"),
 }
 _POSITIVE = (
     "sample.n", "sample.max_tokens", "sample.num_shards", "filter.keep_per_prompt", "train.micro_batch_size",

@@ -37,6 +37,13 @@ def think_close_token_id(tokenizer) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+def reasoning_length(token_ids, think_close_id: int | None) -> int:
+    """How many of a completion's tokens are reasoning: through the last `</think>` token, or all
+    of them without one (the split audio dependence compares, grounding/scoring.py)."""
+    ids = list(token_ids)
+    return len(ids) - ids[::-1].index(think_close_id) if think_close_id in ids else len(ids)
+
+
 def chat_prompt(tokenizer, question: str, system_prompt: str, audio_items: int = 1) -> str:
     """The rendered chat up to the assistant turn (the model's own chat template): the audio
     items (chunks of one recording, in order), then the question."""

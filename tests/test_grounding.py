@@ -1,6 +1,8 @@
 """Grounding pieces that need no engine: counterfactual audio, swap partners, the text-solvable
 rule, the lexical and audio-dependence checks, token alignment, and the filter applying them."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -121,10 +123,10 @@ def test_audio_dependence_check_and_dependence_math():
     assert check_audio_dependence({"logprob": -3.0}, 0.5, 0.5) is None  # nothing to compare against
     real = TraceLogprobs([-1.0, -2.0, -3.0], [-0.5])
     counter = TraceLogprobs([-1.5, -2.5, -3.5], [-2.5])
-    d = dependence(real, counter)
+    d = dependence(real.sums(), counter.sums())
     assert d.reasoning == pytest.approx(0.5) and d.answer == pytest.approx(2.0)
     with pytest.raises(ValueError, match="different tokens"):
-        dependence(real, TraceLogprobs([-1.0], [-0.5]))
+        dependence(real.sums(), TraceLogprobs([-1.0], [-0.5]).sums())
 
 
 def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model):
@@ -235,3 +237,80 @@ def test_filter_needs_every_grounding_shard(tmp_path, tiny_model):
     rd.grounding_path(0, 1).unlink()
     with pytest.raises(FileNotFoundError, match=r"grounding shard\(s\) \[0\] of 1 missing; run the ground stage"):
         filter_stage(cfg, rd, tiny_model)
+
+
+def answer_trace(item_id, j, answer, hz):
+    return {"trace_id": f"{item_id}#{j}", "item_id": item_id, "sample_index": j, "audio": "a.wav", "prompt": "p",
+            "completion": f"<think>\nnear {hz} Hz, {'above' if answer == 'high' else 'below'} 500 Hz\n</think>\n{answer}",
+            "finish_reason": "stop", "reference": "high", "choices": ["high", "low"], "category": "sound"}
+
+
+@pytest.mark.parametrize("policy", ["first", "shortest", "diverse"])
+def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(tmp_path, tiny_model, policy):
+    """score_traces=keepable leaves out passing traces the selection would not keep, and the filter
+    then keeps exactly what it keeps when every passing trace is scored."""
+    from distill.grounding.stage import GroundingContext
+
+    cfg = load_config("configs/demo_cpu.yaml", [
+        f"output_dir={tmp_path}", "sample.num_shards=1", "filter.keep_per_prompt=2", f"filter.keep_policy={policy}",
+        "filter.pass_rate_max=0.9", "grounding.score_traces=keepable"])
+    # a: 6 of 8 right, only two of those (a#6, a#7) depend on the audio (more scoring passes);
+    # b: 7 of 8 right; c: always right, outside the pass-rate band (nothing to score).
+    answers = {"a": ["low", "high", "high", "high", "low", "high", "high", "high"],
+               "b": ["high"] * 7 + ["low"], "c": ["high"] * 8}
+    traces = [answer_trace(i, j, a, 600 + 37 * j + (j % 3) * 1000) for i, row in answers.items()
+              for j, a in enumerate(row)]
+    deps = {t["trace_id"]: 0.5 for t in traces} | {"a#1": -0.2, "a#2": -0.1, "a#3": -0.4, "a#5": -0.3}
+    by_item = {i: [t for t in traces if t["item_id"] == i] for i in answers}
+    ctx = GroundingContext(cfg, [item(i, "high") for i in range(3)], tiny_model)
+    ctx.items = {i: replace(ctx.items[f"i{n}"], id=i) for n, i in enumerate(answers)}
+    ctx.partners = {i: ctx.items["a"] for i in answers}  # scorable against "swap"
+    batches = []
+
+    def fake_score(batch, inputs, llm, records):  # the engine's scores, fixed per trace
+        batches.append([t["trace_id"] for t in batch])
+        records.update({t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in batch})
+
+    ctx.score_batch = fake_score
+
+    def kept_by_filter(records, passed_over, run):
+        rd = RunDir(str(tmp_path / run)).round(1)
+        atomic_write_jsonl(rd.shard_path(0, 1), traces)
+        atomic_write_jsonl(rd.grounding_path(0, 1), [
+            {"item_id": i, "model_sha256": "x", "text_solvable": False, "probe": {}, "passed_over": passed_over.get(i, []),
+             "traces": {t["trace_id"]: records[t["trace_id"]] for t in by_item[i] if t["trace_id"] in records}}
+            for i in answers])
+        filter_stage(cfg, rd, tiny_model)
+        return {t["trace_id"] for t in read_jsonl(rd.filtered)}
+
+    records, passed_over = ctx.score_traces(by_item, {}, None, set())
+    every = {t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in traces}
+    assert kept_by_filter(records, passed_over, "keepable") == kept_by_filter(every, {}, "all")
+    assert not any(tid.startswith("c#") for tid in records)  # out of band: nothing scored
+    assert len(records) < 13 and len(batches) >= 2  # 13 pass the rules; a's rejections asked for more
+    assert set(records) | {t for ids in passed_over.values() for t in ids} | {
+        t["trace_id"] for t in traces if t["completion"].endswith("low") or t["item_id"] == "c"} == set(deps)
+
+    # Settings changed between the two stages: the filter would keep an unscored trace, and says so.
+    cfg.filter.keep_per_prompt = 3
+    with pytest.raises(RuntimeError, match="left unscored as one the selection would not keep"):
+        kept_by_filter(records, passed_over, "changed")
+
+
+def test_the_real_audio_logprob_from_sampling_splits_where_scoring_splits(tiny_model):
+    from distill.grounding.stage import sampled_logprob
+    from distill.prompting import load_tokenizer, think_close_token_id
+    from distill.rollout.engine import Completion
+    from distill.rollout.sample import logprob_record
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    prompt, completion = "<|im_start|>assistant\n<think>\n", "near 900 Hz\n</think>\nhigh"
+    ids, reasoning = completion_tokens(tokenizer, prompt, completion)
+    lps = tuple(-0.1 * (k + 1) for k in range(len(ids)))
+    record = logprob_record(Completion(completion, len(ids), "stop", token_ids=tuple(ids), logprobs=lps),
+                            think_close_token_id(tokenizer))
+    assert record["reasoning_tokens"] == reasoning < len(ids)  # through </think>, as scoring splits the text
+    sums = sampled_logprob({"sampled_logprob": record, "token_ids": ids})
+    assert sums.reasoning == pytest.approx(sum(lps[:reasoning])) and sums.answer == pytest.approx(sum(lps[reasoning:]))
+    assert (sums.reasoning_tokens, sums.answer_tokens) == (reasoning, len(ids) - reasoning)
+    assert sampled_logprob({"token_ids": ids}) is None  # e.g. sampled from a server: scored instead

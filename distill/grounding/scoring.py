@@ -3,8 +3,9 @@ when the model hears the real audio than when it hears a counterfactual.
 
 The prompt and the trace go in as one prompt; vLLM returns the log-probability of every prompt
 token given the ones before it (one forward pass, no sampling). The trace's tokens are the tail
-of that prompt: they are found with the tokenizer's character offsets, so a prompt whose audio
-placeholder vLLM expands into hundreds of audio tokens still lines up.
+of that prompt: the tokens sampled, where the trace carries them, else its text tokenized after
+the prompt (found with the tokenizer's character offsets), so a prompt whose audio placeholder
+vLLM expands into hundreds of audio tokens still lines up.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.prompting import THINK_CLOSE
-from distill.rollout.engine import engine_prompt
+from distill.prompting import THINK_CLOSE, reasoning_length, think_close_token_id
+from distill.rollout.engine import engine_prompt, first_logprobs
 
 
 @dataclass
@@ -22,6 +23,8 @@ class ScoreJob:
     prompt: str  # the chat prompt with one audio placeholder per chunk of `audio`
     completion: str  # the trace, from the generation prefix on
     audio: list[np.ndarray]
+    # The completion's tokens as sampled: scored as they are (else the text is tokenized after the prompt).
+    completion_ids: list[int] | None = None
 
 
 @dataclass
@@ -32,6 +35,24 @@ class TraceLogprobs:
     @property
     def total(self) -> float:
         return sum(self.reasoning) + sum(self.answer)
+
+    def sums(self) -> LogprobSums:
+        return LogprobSums(sum(self.reasoning), sum(self.answer), len(self.reasoning), len(self.answer))
+
+
+@dataclass(frozen=True)
+class LogprobSums:
+    """A trace's log-probability summed over its reasoning and over its answer: what audio
+    dependence compares, from a teacher-forced pass or from sampling (rollout/sample.py)."""
+
+    reasoning: float
+    answer: float
+    reasoning_tokens: int
+    answer_tokens: int
+
+    @property
+    def total(self) -> float:
+        return self.reasoning + self.answer
 
 
 def completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
@@ -56,11 +77,21 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceL
 
     if not jobs:
         return []
-    spans = [completion_tokens(tokenizer, j.prompt, j.completion) for j in jobs]
-    prompts = [engine_prompt(j.prompt + j.completion, j.audio, sample_rate) for j in jobs]
+    think_close = think_close_token_id(tokenizer)
+    spans, prompts = [], []
+    for j in jobs:
+        if j.completion_ids is None:
+            spans.append(completion_tokens(tokenizer, j.prompt, j.completion))
+            prompts.append(engine_prompt(j.prompt + j.completion, j.audio, sample_rate))
+        else:
+            spans.append((j.completion_ids, reasoning_length(j.completion_ids, think_close)))
+            # The prompt tokenized as vLLM tokenizes a text prompt; vLLM expands its audio placeholders.
+            prompts.append({"prompt_token_ids": tokenizer.encode(j.prompt) + list(j.completion_ids),
+                            "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}})
     # max_tokens=1 is vLLM's minimum; the one generated token is ignored. prompt_logprobs=0 returns
     # the log-probability of each prompt token itself (raw model output, before any sampling).
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    # flat_logprobs: a few flat lists per request instead of one dict per prompt token.
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
     outs = llm.generate(prompts, params, use_tqdm=True)
     result = []
     for job, (ids, reasoning), out in zip(jobs, spans, outs, strict=True):
@@ -68,8 +99,7 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceL
         if tail != ids:
             raise RuntimeError(f"scoring: vLLM tokenized the trace differently from the tokenizer ({tail[:8]} vs "
                                f"{ids[:8]}); trace starts {job.completion[:60]!r}")
-        entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(ids):]
-        values = [entry[tok].logprob for entry, tok in zip(entries, ids, strict=True)]
+        values = list(first_logprobs(out.prompt_logprobs[len(out.prompt_logprobs) - len(ids):]))
         result.append(TraceLogprobs(values[:reasoning], values[reasoning:]))
     return result
 
@@ -83,9 +113,9 @@ class Dependence:
     answer: float
 
 
-def dependence(real: TraceLogprobs, counter: TraceLogprobs) -> Dependence:
+def dependence(real: LogprobSums, counter: LogprobSums) -> Dependence:
     """Real-audio minus counterfactual log-probabilities of the same tokens."""
-    if len(real.reasoning) != len(counter.reasoning) or len(real.answer) != len(counter.answer):
+    if (real.reasoning_tokens, real.answer_tokens) != (counter.reasoning_tokens, counter.answer_tokens):
         raise ValueError("dependence: the two scorings cover different tokens")
-    gain = sum(real.reasoning) - sum(counter.reasoning)
-    return Dependence(reasoning=gain / max(1, len(real.reasoning)), answer=sum(real.answer) - sum(counter.answer))
+    gain = real.reasoning - counter.reasoning
+    return Dependence(reasoning=gain / max(1, real.reasoning_tokens), answer=real.answer - counter.answer)

@@ -24,12 +24,13 @@ from distill.config import Config
 from distill.data import audio_cache
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, chance, text_solvable
-from distill.grounding.scoring import ScoreJob, dependence, score
+from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
 from distill.metrics import distribution
 from distill.prompting import audio_tokens, control_tokens, item_prompt, load_tokenizer
-from distill.rewards.checks import check_control_tokens
+from distill.rewards.checks import check_audio_dependence, check_control_tokens
 from distill.rewards.rules import RulePipeline
+from distill.rewards.select import prompt_decision
 from distill.rollout.engine import Request, generate, verified_weights_hash
 from distill.rollout.sample import read_samples, sample_seed, shard_plan
 from distill.rundir import RoundDir
@@ -85,6 +86,7 @@ class GroundingContext:
         self.banned = list(self.audio_tokens) if cfg.sample.ban_audio_tokens else None
         self.prefilter = RulePipeline(cfg.filter, self.control_tokens)
         self.answer_check = RulePipeline(replace(cfg.filter, checks=["correct"]), ())
+        self.answer_graded = "correct" in self.prefilter.enabled
 
     def inputs(self, item: Item) -> dict[str, list]:
         """The item's audio as heard under "real" and every counterfactual the probes or the
@@ -128,8 +130,10 @@ class GroundingContext:
         t0 = time.time()
         tallies, answers = self.probe(items, inputs, round_index, llm)
         timing["probe"] += time.time() - t0
+        solvable = {i for i, tally in tallies.items()
+                    if text_solvable(tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin)}
         t0 = time.time()
-        scores = self.score_traces(by_item, inputs, llm)
+        scores, passed_over = self.score_traces(by_item, inputs, llm, solvable)
         timing["score"] += time.time() - t0
         rows = []
         for item in items:
@@ -149,8 +153,10 @@ class GroundingContext:
                 "chance": round(rate, 4),
                 "probe": tallies[item.id].counts,
                 "probe_answers": answers[item.id],
-                "text_solvable": text_solvable(tallies[item.id], rate, g.text_solvable_margin),
+                "text_solvable": item.id in solvable,
                 "traces": {t["trace_id"]: scores[t["trace_id"]] for t in by_item[item.id] if t["trace_id"] in scores},
+                # Passing traces left unscored: the filter's selection would not keep them.
+                "passed_over": passed_over.get(item.id, []),
             })
         return rows
 
@@ -184,43 +190,104 @@ class GroundingContext:
         """Whether the item has a counterfactual to score its traces against (a swap needs a partner)."""
         return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
 
-    def score_traces(self, by_item: dict[str, list[dict]], inputs: dict[str, dict[str, list]], llm
-                     ) -> dict[str, dict]:
-        """trace id -> audio dependence, for the traces the pre-filter lets through. Only the
-        generated tokens count: the generation prefix (`<think>\n`) goes with the prompt."""
+    def score_traces(self, by_item: dict[str, list[dict]], inputs: dict[str, dict[str, list]], llm,
+                     flagged: set[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+        """(trace id -> audio dependence, item id -> passing traces left unscored). Which traces are
+        scored follows grounding.score_traces; "keepable" asks the filter's own selection which
+        traces it would keep, scores those, and asks again with the dependence rejections known
+        until every trace it would keep is scored (`flagged`: the items answerable from text)."""
+        g = self.cfg.grounding
+        mode = "passing" if g.score_traces == "keepable" and self.cfg.filter.judge.enabled else g.score_traces
+        records: dict[str, dict] = {}
+        passed_over: dict[str, list[str]] = {}
+        todo = {item_id: traces for item_id, traces in by_item.items() if self.scorable(self.items[item_id])}
+        if mode == "all":
+            self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records)
+            return records, passed_over
+        results = {t["trace_id"]: self.filter_results(t, flagged) for traces in todo.values() for t in traces}
+        passing = [t for traces in todo.values() for t in traces if not any(results[t["trace_id"]].values())]
+        if mode == "passing":
+            self.score_batch(passing, inputs, llm, records)
+            return records, passed_over
+        while True:
+            wanted = []
+            for traces in todo.values():
+                ordered = sorted(traces, key=lambda t: t["sample_index"])
+                decision, _ = prompt_decision(self.cfg.filter, [t["completion"] for t in ordered],
+                                              [results[t["trace_id"]] for t in ordered], self.answer_graded)
+                wanted += [ordered[i] for i in decision.kept if ordered[i]["trace_id"] not in records]
+            if not wanted:
+                break
+            self.score_batch(wanted, inputs, llm, records)
+            for t in wanted:  # a trace it could not score fails like the filter fails it
+                results[t["trace_id"]]["audio_dependence"] = check_audio_dependence(
+                    records.get(t["trace_id"]), g.min_dependence, g.min_answer_dependence
+                ) if t["trace_id"] in records else "grounding:unscored"
+        for t in passing:
+            if t["trace_id"] not in records and results[t["trace_id"]]["audio_dependence"] is None:
+                passed_over.setdefault(t["item_id"], []).append(t["trace_id"])
+        return records, passed_over
+
+    def filter_results(self, trace: dict, flagged: set[str]) -> dict[str, str | None]:
+        """The filter's check results for a trace before grounding's own (rules, text-solvability),
+        with an "audio_dependence" slot that passes until the trace is scored."""
+        text_solvable = "grounding:text_solvable" if trace["item_id"] in flagged and \
+            self.cfg.grounding.text_solvable == "drop" else None
+        return {**self.prefilter.run(trace), "text_solvable": text_solvable, "audio_dependence": None}
+
+    def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict]
+                    ) -> None:
+        """Score `traces` against every counterfactual of grounding.score_against into `records`.
+        Only the generated tokens count: the generation prefix (`<think>\n`) goes with the prompt.
+        The real audio's log-probability comes from sampling where the trace carries it, else from
+        one more teacher-forced pass."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
         prefix = self.cfg.sample.generation_prefix
         jobs, meta = [], []
-        for item_id, traces in by_item.items():
-            item = self.items[item_id]
-            if not self.scorable(item):
-                continue  # nothing to compare the real audio with
-            scored_inputs = {kind: audio for kind, audio in inputs[item_id].items()
-                             if kind == "real" or kind in g.score_against}
-            for t in traces:
-                if g.score_traces == "passing" and any(self.prefilter.run(t).values()):
-                    continue
-                if check_control_tokens(t["completion"], self.audio_tokens):
-                    continue  # the engine would read an audio token in the trace as a slot to fill
-                head = prefix if prefix and t["completion"].startswith(prefix) else ""
-                for kind, audio in scored_inputs.items():
-                    jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio))
-                    meta.append((t["trace_id"], kind))
         per_trace: dict[str, dict] = defaultdict(dict)
+        sources: dict[str, str] = {}  # where the real audio's log-probability came from
+        for t in traces:
+            if check_control_tokens(t["completion"], self.audio_tokens):
+                continue  # the engine would read an audio token in the trace as a slot to fill
+            item_inputs = inputs[t["item_id"]]
+            item = self.items[t["item_id"]]
+            head = prefix if prefix and t["completion"].startswith(prefix) else ""
+            ids = t.get("token_ids")
+            sampled = sampled_logprob(t) if g.real_logprobs == "sampled" else None
+            sources[t["trace_id"]] = "scored" if sampled is None else "sampled"
+            if sampled is not None:
+                per_trace[t["trace_id"]]["real"] = sampled
+            for kind, audio in item_inputs.items():
+                if kind == "real" and sampled is not None or kind != "real" and kind not in g.score_against:
+                    continue
+                jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio, ids))
+                meta.append((t["trace_id"], kind))
         for lo in range(0, len(jobs), g.score_batch):
             for (trace_id, kind), lp in zip(meta[lo:lo + g.score_batch],
                                             score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr), strict=True):
-                per_trace[trace_id][kind] = lp
-        return {trace_id: trace_dependence(lps) for trace_id, lps in per_trace.items()}
+                per_trace[trace_id][kind] = lp.sums()
+        for trace_id, lps in per_trace.items():
+            if len(lps) > 1:
+                records[trace_id] = {**trace_dependence(lps), "real_logprob": sources[trace_id]}
 
 
-def trace_dependence(lps: dict) -> dict:
+def sampled_logprob(trace: dict) -> LogprobSums | None:
+    """The real audio's log-probability of the trace as sampling returned it, for the tokens it
+    sampled (None: the trace carries no such record, e.g. one sampled from a server)."""
+    record, ids = trace.get("sampled_logprob"), trace.get("token_ids")
+    if record is None or ids is None:
+        return None
+    return LogprobSums(record["reasoning"], record["answer"], record["reasoning_tokens"],
+                       len(ids) - record["reasoning_tokens"])
+
+
+def trace_dependence(lps: dict[str, LogprobSums]) -> dict:
     """A trace's grounding record from its scorings: against each counterfactual, and the smallest
     gain over them (the counterfactual the trace depends on least decides)."""
     real = lps["real"]
     against = {kind: dependence(real, lp) for kind, lp in lps.items() if kind != "real"}
-    record = {"logprob": round(real.total, 4), "reasoning_tokens": len(real.reasoning),
-              "answer_tokens": len(real.answer),
+    record = {"logprob": round(real.total, 4), "reasoning_tokens": real.reasoning_tokens,
+              "answer_tokens": real.answer_tokens,
               "against": {k: {"reasoning": round(d.reasoning, 4), "answer": round(d.answer, 4)}
                           for k, d in against.items()}}
     if against:
@@ -256,7 +323,7 @@ def summarize(rows, kinds: list[str]) -> dict:
     counterfactual accuracy), text-solvable items per category, and the dependence distribution."""
     totals = ProbeTally()
     by_category: dict[str, Counter] = defaultdict(Counter)
-    deps, items, flagged = [], 0, 0
+    deps, items, flagged, from_sampling, passed_over = [], 0, 0, 0, 0
     for row in rows:
         items += 1
         flagged += row["text_solvable"]
@@ -266,6 +333,8 @@ def summarize(rows, kinds: list[str]) -> dict:
         for kind, (correct, total) in row["probe"].items():
             totals.add(kind, correct, total)
         deps.extend(t["dependence"] for t in row["traces"].values() if "dependence" in t)
+        from_sampling += sum(t.get("real_logprob") == "sampled" for t in row["traces"].values())
+        passed_over += len(row.get("passed_over", ()))
     acc = {k: round(a, 4) for k in totals.counts if (a := totals.accuracy(k)) is not None}
     cf_acc = totals.counterfactual_accuracy()
     cf_acc = None if cf_acc is None else round(cf_acc, 4)
@@ -280,5 +349,9 @@ def summarize(rows, kinds: list[str]) -> dict:
         "text_solvable_share": round(flagged / max(1, items), 4),
         "text_solvable_by_category": {c: dict(n) for c, n in sorted(by_category.items())},
         "traces_scored": len(deps),
+        # Traces whose real-audio log-probability came from sampling (no teacher-forced pass) ...
+        "traces_real_from_sampling": from_sampling,
+        # ... and passing traces left unscored, as ones the filter's selection would not keep.
+        "traces_passed_over": passed_over,
         "dependence": distribution(deps),
     }

@@ -23,7 +23,7 @@ from distill.metrics import distribution
 from distill.prompting import control_tokens
 from distill.rewards import checks
 from distill.rewards.rules import RulePipeline, reward
-from distill.rewards.select import select
+from distill.rewards.select import prompt_decision
 from distill.rollout.sample import read_samples
 from distill.rundir import RoundDir
 
@@ -57,14 +57,17 @@ def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | Non
     return {"judged": len(todo), "judge_outcomes": dict(outcomes), "judge_seconds": round(seconds, 2)}
 
 
-def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list[dict[str, str | None]]) -> set[str]:
+def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list[dict[str, str | None]]
+                    ) -> tuple[set[str], set[str]]:
     """Attach the ground stage's measurements to the traces and add the "text_solvable" and
-    "audio_dependence" results; return the ids of the items answerable from text."""
+    "audio_dependence" results; return the ids of the items answerable from text and of the
+    passing traces the ground stage left unscored as ones the selection would not keep."""
     from distill.grounding.stage import read_grounding
 
     g = cfg.grounding
     rows = read_grounding(rd, cfg.sample.num_shards)
     flagged = {item_id for item_id, row in rows.items() if row["text_solvable"]}
+    passed_over = {tid for row in rows.values() for tid in row.get("passed_over", ())}
     for trace, result in zip(traces, results, strict=True):
         row = rows.get(trace["item_id"])
         if row is None:
@@ -77,14 +80,14 @@ def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list
         result["text_solvable"] = ("grounding:text_solvable" if row["text_solvable"] and g.text_solvable == "drop"
                                    else None)
         if record is None and row.get("scorable", True) and not any(result.values()):
-            # The ground stage scores every trace that passes the rules; a passing trace without a
-            # score was skipped there (it holds an audio token and the control_tokens check is
-            # off) and cannot be vouched for.
-            result["audio_dependence"] = "grounding:unscored"
+            # The ground stage scores every trace that passes the rules and that the selection may
+            # keep; a passing trace without a score that the selection may keep was skipped there
+            # (it holds an audio token and the control_tokens check is off): it cannot be vouched for.
+            result["audio_dependence"] = (None if trace["trace_id"] in passed_over else "grounding:unscored")
         else:
             result["audio_dependence"] = checks.check_audio_dependence(record, g.min_dependence,
                                                                        g.min_answer_dependence)
-    return flagged
+    return flagged, passed_over
 
 
 def grounding_stats(cfg: Config, traces: list[dict], kept: list[dict], rejected: list[dict],
@@ -116,7 +119,7 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     rules = RulePipeline(fc, control_tokens(str(model_dir)))
     results = [rules.run(t) for t in traces]
     rules_seconds = time.time() - start
-    flagged = apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else set()
+    flagged, passed_over = apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else (set(), set())
     judge_stats = run_judge(cfg, traces, results) if fc.judge.enabled else {}
 
     by_item: dict[str, list[int]] = defaultdict(list)
@@ -132,30 +135,35 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     scored = "correct" in rules.enabled
     for item_id, idx in by_item.items():
         idx.sort(key=lambda i: traces[i]["sample_index"])
-        correct = sum(results[i]["correct"] is None for i in idx) if scored else len(idx)
+        decision, correct = prompt_decision(fc, [texts[i] for i in idx], [results[i] for i in idx], scored)
         correct_total += correct
-        passing = [i for i in idx if not any(results[i].values())]
         if scored and correct == 0:
             always_failed.append(item_id)
         elif scored and correct == len(idx):
             always_solved.append(item_id)
-        decision = select(texts, passing, correct, len(idx),
-                          fc.keep_per_prompt, fc.keep_policy, (fc.pass_rate_min, fc.pass_rate_max), fc.near_duplicate)
         out_of_band += not decision.in_band
+        kept_here = {idx[j] for j in decision.kept}
+        dropped = {idx[j]: why for j, why in decision.dropped.items()}
         for i in idx:
             trace, result = traces[i], results[i]
+            if i in kept_here and trace["trace_id"] in passed_over:
+                raise RuntimeError(
+                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground stage left "
+                    "unscored as one the selection would not keep; the filter or grounding settings changed since "
+                    "(or the LLM judge rejected others): delete grounding/ to measure again, or set "
+                    "grounding.score_traces=passing")
             failures = [r for r in result.values() if r is not None]
             failures_by_check.update(failures)
             row = {**trace, "checks": {k: v or "pass" for k, v in result.items()},
                    "reward": reward(result, fc.reward_weights)}
             category = trace.get("category") or "other"
-            if i in decision.kept:
+            if i in kept_here:
                 if trace["item_id"] in flagged and cfg.grounding.text_solvable == "downweight":
                     row["weight"] = cfg.grounding.text_solvable_weight
                 kept.append(row)
                 by_category[category]["kept"] += 1
                 continue
-            failures = failures or [decision.dropped[i]]
+            failures = failures or [dropped[i]]
             reasons[failures[0]] += 1
             by_category[category][failures[0]] += 1
             rejected.append({**row, "rejected_because": failures})

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from distill.config import FilterConfig
+
 _WORD = re.compile(r"\w+")
 
 
@@ -54,6 +56,17 @@ def select(texts: list[str], passing: list[int], correct: int, total: int, keep:
     kept = order[:keep]
     dropped.update({i: "over_keep_per_prompt" for i in order[keep:]})
     return Decision(kept, dropped, in_band=True)
+
+
+def prompt_decision(fc: FilterConfig, texts: list[str], results: list[dict[str, str | None]], graded: bool
+                    ) -> tuple[Decision, int]:
+    """The filter's decision for one prompt from its traces' texts and check results (in sample
+    order; indices of the decision are into these lists), and its count of correct answers.
+    Without the correctness check (`graded` false) every trace counts as correct."""
+    correct = sum(r["correct"] is None for r in results) if graded else len(results)
+    passing = [i for i, r in enumerate(results) if not any(r.values())]
+    return select(texts, passing, correct, len(results), fc.keep_per_prompt, fc.keep_policy,
+                  (fc.pass_rate_min, fc.pass_rate_max), fc.near_duplicate), correct
 
 
 def _farthest_first(candidates: list[int], sets: dict[int, frozenset[int]], keep: int) -> list[int]:

@@ -37,6 +37,9 @@ class Completion:
     # Tokens generated before the reasoning's closing tag (None: no such tag was generated).
     reasoning_tokens: int | None = None
     token_ids: tuple[int, ...] = ()
+    # Each generated token's log-probability under the raw model (before temperature, top-p or
+    # banned tokens: vLLM's default logprobs_mode), when asked for.
+    logprobs: tuple[float, ...] = ()
 
 
 def weights_hash(model_dir: str | Path) -> str:
@@ -69,14 +72,40 @@ def verified_weights_hash(model_dir: str | Path) -> str:
     return actual
 
 
+# CPU flags of native bf16 matrix instructions (x86 AVX512-BF16 / AMX, Arm BF16).
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (Linux /proc/cpuinfo flags; elsewhere assume so)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = {flag for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for flag in line.split(":", 1)[1].split()}
+    return bool(flags & BF16_CPU_FLAGS)
+
+
+def engine_dtype(dtype: str, cuda: bool, cpuinfo: str | None = None) -> str:
+    """The dtype vLLM runs in. "auto" on a CPU without native bf16 means float32: vLLM's "auto"
+    downcasts a float32 model to bf16 there too, and emulated bf16 matmuls made sampling 1.8x and
+    teacher-forced scoring 3.7x slower than float32 on an AVX2-only CPU (README, "Acoustic grounding")."""
+    if dtype != "auto" or cuda or cpu_has_bf16(cpuinfo):
+        return dtype
+    return "float32"
+
+
 def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items: int = 1):
+    import torch
     from vllm import LLM
 
     return LLM(
         model=str(model_dir),
         max_model_len=cfg.max_model_len,
         kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-        dtype=cfg.dtype,
+        dtype=engine_dtype(cfg.dtype, torch.cuda.is_available()),
         enforce_eager=cfg.enforce_eager,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         # Per-request seeds crash vLLM's CPU sampler when a prefill is chunked ("CPU Generator
@@ -94,17 +123,21 @@ def engine_prompt(text: str, audio: list[np.ndarray], sample_rate: int) -> dict:
 
 
 def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int,
-             think_close_id: int | None = None, n: int = 1, banned: list[str] | None = None) -> list[Completion]:
+             think_close_id: int | None = None, n: int = 1, banned: list[str] | None = None,
+             logprobs: bool = False) -> list[Completion]:
     """`n` completions per request, request by request; each request carries its own seed (vLLM
     gives its n samples seeds seed, seed+1, ...). With `think_close_id`, each completion counts
     the tokens generated before that token. n > 1 prepares each prompt and its audio once, which
-    on CPU costs more than decoding a short answer. `banned` tokens are never generated."""
+    on CPU costs more than decoding a short answer. `banned` tokens are never generated. With
+    `logprobs`, each completion carries its tokens' log-probabilities."""
     from vllm import SamplingParams
 
     prompts = [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests]
+    # flat_logprobs: a few flat lists per request instead of one dict per token.
     params = [
         SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
-                       skip_special_tokens=False, bad_words=banned or None)
+                       skip_special_tokens=False, bad_words=banned or None, logprobs=0 if logprobs else None,
+                       flat_logprobs=logprobs)
         for r in requests
     ]
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -114,8 +147,15 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
             ids = list(o.token_ids)
             reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
             result.append(Completion(text=o.text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
-                                     reasoning_tokens=reasoning, token_ids=tuple(ids)))
+                                     reasoning_tokens=reasoning, token_ids=tuple(ids),
+                                     logprobs=first_logprobs(o.logprobs) if logprobs else ()))
     return result
+
+
+def first_logprobs(flat) -> tuple[float, ...]:
+    """The sampled token's log-probability at each position of vLLM's FlatLogprobs (the first
+    entry of a position; top-k alternatives, if any, follow it)."""
+    return tuple(flat.logprobs[i] for i in flat.start_indices)
 
 
 class EngineCache:

@@ -21,8 +21,14 @@ from distill.config import Config
 from distill.data import audio_cache
 from distill.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
 from distill.openai_client import ChatClient
-from distill.prompting import audio_tokens, item_prompt, load_tokenizer, think_close_token_id
-from distill.rollout.engine import Request, generate, verified_weights_hash
+from distill.prompting import (
+    audio_tokens,
+    item_prompt,
+    load_tokenizer,
+    reasoning_length,
+    think_close_token_id,
+)
+from distill.rollout.engine import Completion, Request, generate, verified_weights_hash
 from distill.rollout.server import partial_path, sample_shard
 from distill.rundir import RoundDir
 
@@ -58,6 +64,13 @@ def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: in
     return Request(prompt, audio, cfg.data.sample_rate, seed)
 
 
+def logprob_record(out: Completion, think_close_id: int | None) -> dict:
+    """The sampled trace's log-probability, split where teacher-forced scoring splits it: the
+    reasoning through the last `</think>`, then the answer."""
+    cut = reasoning_length(out.token_ids, think_close_id)
+    return {"reasoning": sum(out.logprobs[:cut]), "answer": sum(out.logprobs[cut:]), "reasoning_tokens": cut}
+
+
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     """Sample the missing shards of round `rd` from `model_dir`; return counts for the metrics."""
     count, indices = shard_plan(cfg)
@@ -70,6 +83,9 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     tokenizer = load_tokenizer(str(model_dir))
     cache = audio_cache(cfg)
     banned = audio_tokens(str(model_dir)) if sc.ban_audio_tokens else None
+    think_close = think_close_token_id(tokenizer)
+    # The ground stage scores each kept trace with the real audio unless sampling already did.
+    logprobs = client is None and cfg.grounding.enabled and cfg.grounding.real_logprobs == "sampled"
     start, new_traces, skipped = time.time(), 0, 0
     for shard in indices:
         path = rd.shard_path(shard, count)
@@ -93,7 +109,7 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
             outs = [c for completions in per_item for c in completions]
         else:
             outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens,
-                            think_close_token_id(tokenizer), banned=banned)
+                            think_close, banned=banned, logprobs=logprobs)
         rows = []
         for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
             rows.append({
@@ -108,6 +124,10 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 "finish_reason": out.finish_reason,
                 "num_tokens": out.num_tokens,
                 "reasoning_tokens": out.reasoning_tokens,
+                # The very tokens sampled (after the generation prefix): grounding scores these, not
+                # a re-tokenization of the text, which can differ.
+                **({} if client else {"token_ids": list(out.token_ids)}),
+                **({"sampled_logprob": logprob_record(out, think_close)} if out.logprobs else {}),
                 "question": item.question,
                 "reference": item.answer,
                 "choices": item.choices,
