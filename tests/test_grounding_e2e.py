@@ -36,7 +36,7 @@ def sampled_round(tmp_path, model, *overrides):
 
 
 def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
-    cfg, data, rd = sampled_round(tmp_path, tiny_model)
+    cfg, data, rd = sampled_round(tmp_path, tiny_model, "grounding.real_logprobs=sampled")
     items = {it.id: it for it in data.train}
     with EngineCache(cfg.engine, cfg.seed) as engines:
         sample_stage(cfg, data.train, tiny_model, rd, engines.get)
@@ -160,6 +160,7 @@ def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_mode
     # same trace likelihood; another item's audio differs only by its length (token positions).
     assert stats["dependence"]["n"] >= len(data.train)
     records = [r for row in read_grounding(rd, 2).values() for r in row["traces"].values()]
+    assert all(r["real_logprob"] == "scored" for r in records)  # the default: a teacher-forced pass
     assert all(abs(r["against"][k]["reasoning"]) < 1e-4 for r in records for k in ("silence", "noise"))
     assert abs(stats["dependence"]["p10"]) < 2e-3 and abs(stats["dependence"]["p90"]) < cfg.grounding.min_dependence
     fstats = filter_stage(replace(cfg), rd, blind)
