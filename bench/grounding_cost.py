@@ -3,21 +3,29 @@ same vLLM engine (opened once, reused from sampling to grounding, as the loop do
 
     .venv/bin/python bench/grounding_cost.py [--out bench/results/grounding_cost.json]
 
-Two settings, both measured in this run; the baseline of each is its own sampling stage:
+Two settings:
 - long: a tiny random Qwen2-Audio samples 8 traces of up to 512 tokens for each of 64 items, and
   the ground stage scores every trace (grounding.score_traces=all, no pre-filter: the worst case
   for scoring; a random model's traces would fail every rule check and leave nothing to score).
 - demo: round 1 of the CPU demo (configs/demo_cpu.yaml, 256 items, 8 traces of up to 64 tokens)
-  after the real cold start; the ground stage scores the traces that pass the rule checks.
-Both use the default grounding settings: direct-answer probes (2 per input) with the real audio,
-silence, noise and another item's audio, and scoring against another item's audio (a second
-teacher-forced pass beside the real audio's). The engine-start count proves grounding opened no
-engine of its own.
+  after the real cold start; the ground stage scores the traces the filter can keep.
+Each setting samples the same items with the same seeds three times on one warm engine, each
+time into its own run directory, then grounds them:
+- distill: the defaults (the real audio scored by a teacher-forced pass, only the traces the
+  filter can keep scored: grounding.score_traces=keepable; "all" in the long setting);
+- sampled: grounding.real_logprobs=sampled, where sampling returns each token's log-probability
+  and the ground stage scores only the counterfactual; its share is charged with its extra
+  sampling time: (ground + sampling with log-probabilities - plain sampling) / plain sampling;
+- baseline (demo only; the long setting scores every trace anyway), measured in the same run:
+  every passing trace scored (score_traces=passing).
+Later runs find the audio features already prepared, a bias against the first (distill). All use
+direct-answer probes (2 per input) with the real audio, silence, noise and another item's audio,
+and score against another item's audio. The engine-start count proves grounding opened no engine.
 
-On a CPU the share is far above the 25% target (README, "Acoustic grounding"): a teacher-forced
-pass over a trace costs about 40% of sampling it, since prefill is only about 2.5 times faster
-per token than batched decode for a tiny model, and short traces make the fixed cost of each
-probe request dominate.
+On a CPU the share stays above the 25% target (README, "Acoustic grounding"): a teacher-forced
+pass costs a large part of sampling the trace, since prefill is only a few times faster per token
+than batched decode for a tiny model, and for short traces the fixed cost of each probe request
+(audio features, the audio encoder, the prompt) dominates.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,62 +54,105 @@ def counting_open_engine(*args, **kwargs):
     return _open_engine(*args, **kwargs)
 
 
-def measure(cfg, data, model: Path, rd, engines) -> dict:
-    """Time the sample and ground stages of round `rd` on one warm engine."""
+def timed(stage, *args):
+    t0 = time.time()
+    out = stage(*args)
+    return out, round(time.time() - t0, 2)
+
+
+VARIANTS = {"distill": {}, "sampled": {"real_logprobs": "sampled"}, "baseline": {"score_traces": "passing"}}
+
+
+def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict:
+    """Time the sample and ground stages of each variant (module docstring) on one warm engine,
+    each on round 1 of its own run directory."""
     from distill.grounding.stage import ground_stage
     from distill.rollout.sample import read_samples, sample_stage
 
     engines.get(model)  # started (and warmed up by the export gate, in the loop) before sampling
     starts = STARTS["count"]
-    t0 = time.time()
-    sample_stats = sample_stage(cfg, data.train, model, rd, engines.get)
-    sample_s = time.time() - t0
-    t0 = time.time()
-    ground = ground_stage(cfg, data.train, model, rd, engines.get)
-    ground_s = time.time() - t0
-    traces = sample_stats["new_traces"]
+    out, completions = {}, {}
+    for name, overrides in variants.items():
+        vcfg = replace(cfg, grounding=replace(cfg.grounding, **overrides))
+        rd = runs[name].round(1)
+        _, sample_s = timed(sample_stage, vcfg, data.train, model, rd, engines.get)
+        ground, ground_s = timed(ground_stage, vcfg, data.train, model, rd, engines.get)
+        traces = read_samples(rd, cfg.sample.num_shards)
+        completions[name] = [t["completion"] for t in traces]
+        out[name] = {"sample_seconds": sample_s, "ground_seconds": ground_s, "probe_seconds": ground["probe_seconds"],
+                     "score_seconds": ground["score_seconds"], "traces_scored": ground["traces_scored"],
+                     "traces_real_from_sampling": ground["traces_real_from_sampling"],
+                     "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"]}
+    plain = out["distill"]["sample_seconds"]
+    for name, v in out.items():
+        extra = v["sample_seconds"] - plain if name == "sampled" else 0.0
+        v["ground_share_of_sampling"] = round((v["ground_seconds"] + extra) / plain, 4)
+    traces = read_samples(runs["distill"].round(1), cfg.sample.num_shards)
     return {
-        "items": len(data.train), "traces": traces,
-        "sampled_tokens": sum(t["num_tokens"] for t in read_samples(rd, cfg.sample.num_shards)),
-        "traces_scored": ground["traces_scored"],
-        "sample_seconds": round(sample_s, 2), "ground_seconds": round(ground_s, 2),
-        "probe_seconds": ground["probe_seconds"], "score_seconds": ground["score_seconds"],
-        "ground_share_of_sampling": round(ground_s / sample_s, 4),
+        "items": len(data.train), "traces": len(traces), "sampled_tokens": sum(t["num_tokens"] for t in traces),
+        "same_traces_every_variant": len({tuple(c) for c in completions.values()}) == 1,
+        **out,
+        **({"speedup_vs_baseline": round(out["baseline"]["ground_seconds"] / out["distill"]["ground_seconds"], 2)}
+           if "baseline" in out else {}),
         "engine_starts_during_sample_and_ground": STARTS["count"] - starts,
-        "grounding_gap": ground["grounding_gap"],
     }
+
+
+def warm_up(cfg, data, llm) -> None:
+    """What the loop's export gate does to the engine before sampling: one teacher-forced scoring,
+    which compiles vLLM's log-probability kernels (seconds, once per engine process)."""
+    from distill.data import audio_cache
+    from distill.grounding.scoring import ScoreJob, score
+    from distill.prompting import item_prompt, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    item = data.train[0]
+    audio = audio_cache(cfg).chunks(item.audio, item.audio_sha256)
+    score(llm, tokenizer, [ScoreJob(item_prompt(tokenizer, item, cfg.data.system_prompt, len(audio)), item.answer, audio)],
+          cfg.data.sample_rate)
+
+
+def run_dirs(cfg) -> tuple:
+    """The data and one run directory per variant (the same data in each)."""
+    from distill.loop import init_run_dir
+    from distill.rundir import RunDir
+
+    dirs = {}
+    for name in VARIANTS:
+        vcfg = replace(cfg, run_name=f"{cfg.run_name}_{name}")
+        dirs[name] = RunDir(vcfg.run_dir)
+        data = init_run_dir(vcfg, dirs[name])
+    return data, dirs
 
 
 def long_traces(out: Path) -> dict:
     from distill.config import load_config
-    from distill.loop import init_run_dir
     from distill.rollout.engine import EngineCache
-    from distill.rundir import RunDir
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"output_dir={out}", "run_name=long", "data.synthetic.train_items=64", "sample.max_tokens=512",
         "sample.num_shards=1", "grounding.score_traces=all", "engine.max_model_len=2048", "train.max_seq_len=2048",
         "cold_start.train.max_seq_len=2048"])
-    run = RunDir(cfg.run_dir)
-    data = init_run_dir(cfg, run)
+    data, dirs = run_dirs(cfg)
     with EngineCache(cfg.engine, cfg.seed) as engines:
-        engines.get(cfg.model.path)
-        return measure(cfg, data, Path(cfg.model.path), run.round(1), engines)
+        warm_up(cfg, data, engines.get(cfg.model.path))
+        # Every trace is scored in this setting: the baseline would be distill again.
+        return measure(cfg, data, Path(cfg.model.path), dirs, engines,
+                       {k: v for k, v in VARIANTS.items() if k != "baseline"})
 
 
 def demo_round(out: Path) -> dict:
     from distill.config import load_config
-    from distill.loop import init_run_dir, run_stage
+    from distill.loop import run_stage
     from distill.rollout.engine import EngineCache
-    from distill.rundir import RunDir
 
     cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={out}"])
-    run = RunDir(cfg.run_dir)
-    data = init_run_dir(cfg, run)
+    data, dirs = run_dirs(cfg)
+    run = dirs["distill"]
     with EngineCache(cfg.engine, cfg.seed) as engines:
         for stage in run.round(0).stages:  # the cold start; its export gate and eval open the engine
-            run_stage(cfg, run, 0, stage, data, engines)
-        return measure(cfg, data, run.round(0).model_dir, run.round(1), engines)
+            run_stage(replace(cfg, run_name=f"{cfg.run_name}_distill"), run, 0, stage, data, engines)
+        return measure(cfg, data, run.round(0).model_dir, dirs, engines, VARIANTS)
 
 
 def main() -> None:
