@@ -6,6 +6,7 @@ trap: the answer comes from the voice's fundamental frequency only.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -51,12 +52,20 @@ def espeak_available() -> bool:
 
 
 def speak(text: str, pitch: int, speed: int, sample_rate: int) -> np.ndarray:
-    """`text` spoken by espeak-ng at `pitch` (0-99) and `speed` (words per minute), mono float32."""
+    """`text` spoken by espeak-ng at `pitch` (0-99) and `speed` (words per minute), mono float32.
+    Synthesized once per process and voice: the CI saw two espeak-ng calls with the same
+    arguments return audio that differed (rarely, cause unknown), which broke the rule that one
+    seed gives one data set; the cache also spares repeated words their espeak-ng start."""
     program = shutil.which(ESPEAK)
     if program is None:
         raise SynthesizerMissingError(
             f"family 'spoken_pitch_conflict' needs {ESPEAK} (apt-get install espeak-ng); it is not on PATH"
         )
+    return _speak(program, text, pitch, speed, sample_rate).copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _speak(program: str, text: str, pitch: int, speed: int, sample_rate: int) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "speech.wav"
         cmd = [program, "-v", ESPEAK_VOICE, "-p", str(pitch), "-s", str(speed), "-w", str(wav), text]
