@@ -37,9 +37,10 @@ def think_close_token_id(tokenizer) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def reasoning_length(token_ids, think_close_id: int | None) -> int:
-    """How many of a completion's tokens are reasoning: through the last `</think>` token, or all
-    of them without one (the split audio dependence compares, grounding/scoring.py)."""
+def reasoning_split(token_ids, think_close_id: int | None) -> int:
+    """Where audio dependence splits a completion's tokens into reasoning and answer: after the
+    last `</think>` token, or at the end without one (grounding/scoring.py). Not eval's
+    `reasoning_length`, which counts the tokens before the first `</think>`."""
     ids = list(token_ids)
     return len(ids) - ids[::-1].index(think_close_id) if think_close_id in ids else len(ids)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.prompting import THINK_CLOSE, reasoning_length, think_close_token_id
+from distill.prompting import THINK_CLOSE, reasoning_split, think_close_token_id
 from distill.rollout.engine import engine_prompt, first_logprobs
 
 
@@ -84,7 +84,7 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceL
             spans.append(completion_tokens(tokenizer, j.prompt, j.completion))
             prompts.append(engine_prompt(j.prompt + j.completion, j.audio, sample_rate))
         else:
-            spans.append((j.completion_ids, reasoning_length(j.completion_ids, think_close)))
+            spans.append((j.completion_ids, reasoning_split(j.completion_ids, think_close)))
             # The prompt tokenized as vLLM tokenizes a text prompt; vLLM expands its audio placeholders.
             prompts.append({"prompt_token_ids": tokenizer.encode(j.prompt) + list(j.completion_ids),
                             "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}})

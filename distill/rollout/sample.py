@@ -25,7 +25,7 @@ from distill.prompting import (
     audio_tokens,
     item_prompt,
     load_tokenizer,
-    reasoning_length,
+    reasoning_split,
     think_close_token_id,
 )
 from distill.rollout.engine import Completion, Request, generate, verified_weights_hash
@@ -67,7 +67,7 @@ def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: in
 def logprob_record(out: Completion, think_close_id: int | None) -> dict:
     """The sampled trace's log-probability, split where teacher-forced scoring splits it: the
     reasoning through the last `</think>`, then the answer."""
-    cut = reasoning_length(out.token_ids, think_close_id)
+    cut = reasoning_split(out.token_ids, think_close_id)
     return {"reasoning": sum(out.logprobs[:cut]), "answer": sum(out.logprobs[cut:]), "reasoning_tokens": cut}
 
 
