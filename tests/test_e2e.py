@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from distill.io import read_json, read_jsonl
@@ -303,6 +304,11 @@ def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model):
     item = Item(id="long", audio=str(tmp_path / "long.wav"), question="Is it high or low?", answer="high")
     request = item_request(cfg, load_tokenizer(str(tiny_model)), item, audio_cache(cfg))
     assert [len(a) for a in request.audio] == [20 * rate] * 2 and request.prompt.count("<|AUDIO|>") == 2
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
         (out,) = generate(engines.get(tiny_model), [request], 0.0, 1.0, 8)
+        # On CPU the engine runs in this process (engine.process=auto): no engine process started,
+        # and the switch that told vLLM so is not left for the processes this one starts.
+        assert not [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name() or "Engine" in p.name()]
+        assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == before
     assert out.num_tokens > 0

@@ -2,14 +2,15 @@
 
 One live engine at a time: the export gate, eval and the next round's sampling all read the same
 model, so they share one engine; training needs the accelerator (and, here, the cores), so the
-engine is closed before it. vLLM starts its engine in a spawned process, so every entry point
-that reaches this module must sit under `if __name__ == "__main__":`.
+engine is closed before it. vLLM may start its engine in a spawned process (engine.process), so
+every entry point that reaches this module must sit under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,24 +98,39 @@ def engine_dtype(dtype: str, cuda: bool, cpuinfo: str | None = None) -> str:
     return "float32"
 
 
+def engine_inline(process: str, cuda: bool) -> bool:
+    """Whether vLLM's engine runs in this process (engine.process; "auto": on CPU only)."""
+    return process == "inline" or process == "auto" and not cuda
+
+
 def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items: int = 1):
     import torch
     from vllm import LLM
 
-    return LLM(
-        model=str(model_dir),
-        max_model_len=cfg.max_model_len,
-        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-        dtype=engine_dtype(cfg.dtype, torch.cuda.is_available()),
-        enforce_eager=cfg.enforce_eager,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        # Per-request seeds crash vLLM's CPU sampler when a prefill is chunked ("CPU Generator
-        # does not use offset"), and a seed per sample is what makes shards reproducible.
-        enable_chunked_prefill=cfg.enable_chunked_prefill,
-        enable_prefix_caching=cfg.enable_prefix_caching,
-        limit_mm_per_prompt={"audio": audio_items},
-        seed=seed,
-    )
+    # vLLM reads the switch when the engine starts; it is set only for that, so that the processes
+    # this one starts (training, `vllm serve`) see the environment they were given.
+    key, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ[key] = "0" if engine_inline(cfg.process, torch.cuda.is_available()) else "1"
+    try:
+        return LLM(
+            model=str(model_dir),
+            max_model_len=cfg.max_model_len,
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            dtype=engine_dtype(cfg.dtype, torch.cuda.is_available()),
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            # Per-request seeds crash vLLM's CPU sampler when a prefill is chunked ("CPU Generator
+            # does not use offset"), and a seed per sample is what makes shards reproducible.
+            enable_chunked_prefill=cfg.enable_chunked_prefill,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            limit_mm_per_prompt={"audio": audio_items},
+            seed=seed,
+        )
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def engine_prompt(text: str, audio: list[np.ndarray], sample_rate: int) -> dict:
