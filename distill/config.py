@@ -298,6 +298,10 @@ class GroundingConfig:
     bank_seconds: float = 0.25
     # Text-solvable probe: answers sampled per item with the real audio and with each counterfactual.
     probe_samples: int = 2
+    # Which items are probed: "keepable" (those with a trace the filter's selection can keep; a flag
+    # on any other item changes nothing that is kept, so the round's probe metrics are over the items
+    # it trains on) or "all" (every item, for a census of the split).
+    probe_items: str = "keepable"
     # The probe answers directly after an empty think block (cheap); "<think>\n" with
     # probe_max_tokens = sample.max_tokens probes with full reasoning instead.
     probe_prefix: str = "<think>\n\n</think>\n"
@@ -609,6 +613,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "filter.judge.on_error": ("reject", "keep"),
     "grounding.text_solvable": ("drop", "downweight", "keep"),
     "grounding.score_traces": ("keepable", "passing", "all"),
+    "grounding.probe_items": ("keepable", "all"),
     "grounding.real_logprobs": ("sampled", "scored"),
     "engine.process": ("auto", "inline", "separate"),
 }

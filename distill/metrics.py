@@ -37,6 +37,8 @@ def round_record(rd: RoundDir) -> dict:
         "grounding_gap": ground.get("grounding_gap"),
         "grounding_gap_by_kind": ground.get("grounding_gap_by_kind"),
         "probe_accuracy": ground.get("probe_accuracy"),
+        # ... as a share of the items probed (grounding.probe_items: those with a keepable trace).
+        "items_probed": ground.get("items_probed"),
         "text_solvable_share": ground.get("text_solvable_share"),
         "text_solvable_by_category": ground.get("text_solvable_by_category"),
         "dependence_kept": filt.get("dependence_kept"),

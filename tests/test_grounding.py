@@ -1,6 +1,7 @@
 """Grounding pieces that need no engine: counterfactual audio, swap partners, the text-solvable
 rule, the lexical and audio-dependence checks, token alignment, and the filter applying them."""
 
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +12,7 @@ from distill.config import ConfigError, load_config
 from distill.grounding.counterfactual import counterfactual, noise, rms, silence, swap_partners
 from distill.grounding.probe import ProbeTally, chance, text_solvable
 from distill.grounding.scoring import TraceLogprobs, completion_tokens, dependence
+from distill.grounding.stage import summarize
 from distill.io import atomic_write_jsonl, read_jsonl
 from distill.rewards.checks import acoustic_terms, check_acoustic_terms, check_audio_dependence
 from distill.rewards.filter import filter_stage
@@ -283,7 +285,8 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
         filter_stage(cfg, rd, tiny_model)
         return {t["trace_id"] for t in read_jsonl(rd.filtered)}
 
-    records, passed_over = ctx.score_traces(by_item, {}, None, set())
+    rules = {t["trace_id"]: ctx.prefilter.run(t) for t in traces}
+    records, passed_over = ctx.score_traces(by_item, rules, {}, None, set())
     every = {t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in traces}
     assert kept_by_filter(records, passed_over, "keepable") == kept_by_filter(every, {}, "all")
     assert not any(tid.startswith("c#") for tid in records)  # out of band: nothing scored
@@ -295,6 +298,25 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
     cfg.filter.keep_per_prompt = 3
     with pytest.raises(RuntimeError, match="left unscored as one the selection would not keep"):
         kept_by_filter(records, passed_over, "changed")
+
+    # Probes go to the items with a trace the selection can keep (c has none: a flag on it would
+    # change nothing), or to every item; the metrics are shares of the probed items.
+    probed = []
+
+    def fake_probe(items, inputs, round_index, llm):
+        probed.append([it.id for it in items])
+        return {it.id: ProbeTally({"real": [2, 2], "silence": [2, 2]}) for it in items}, {}
+
+    ctx.probe, ctx.inputs = fake_probe, lambda item: {}
+    for mode, expected in (("keepable", ["a", "b"]), ("all", ["a", "b", "c"])):
+        cfg.grounding.probe_items = mode
+        rows = ctx.measure(traces, 1, None, "x", "y", Counter())
+        assert probed[-1] == expected and [r["probed"] for r in rows] == [i in expected for i in answers]
+        assert [r["text_solvable"] for r in rows] == [i in expected for i in answers]  # right under silence
+        stats = summarize(rows, ["silence"])
+        assert stats["items_probed"] == len(expected) and stats["text_solvable_share"] == 1.0
+        assert stats["text_solvable_by_category"]["other"] == {"items": 3, "probed": len(expected),
+                                                               "text_solvable": len(expected)}
 
 
 def test_the_real_audio_logprob_from_sampling_splits_where_scoring_splits(tiny_model):

@@ -25,7 +25,7 @@ from distill.rundir import RunDir
 pytestmark = pytest.mark.e2e
 
 SMALL = ["data.synthetic.train_items=6", "data.synthetic.eval_items=2", "sample.n=2", "sample.max_tokens=24",
-         "sample.num_shards=2", "grounding.score_traces=all",
+         "sample.num_shards=2", "grounding.score_traces=all", "grounding.probe_items=all",
          "grounding.score_against=[silence,noise,swap]", "grounding.probe_samples=3", "model.build_tiny=false"]
 
 

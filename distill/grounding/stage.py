@@ -127,13 +127,15 @@ class GroundingContext:
                                "samples belong to another data set (delete the round to resample)")
         items = [self.items[i] for i in by_item]
         inputs = {item.id: self.inputs(item) for item in items}
+        rules = {t["trace_id"]: self.prefilter.run(t) for t in traces}
+        probed = {item.id for item in items if g.probe_items == "all" or self.keepable(by_item[item.id], rules)}
         t0 = time.time()
-        tallies, answers = self.probe(items, inputs, round_index, llm)
+        tallies, answers = self.probe([item for item in items if item.id in probed], inputs, round_index, llm)
         timing["probe"] += time.time() - t0
         solvable = {i for i, tally in tallies.items()
                     if text_solvable(tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin)}
         t0 = time.time()
-        scores, passed_over = self.score_traces(by_item, inputs, llm, solvable)
+        scores, passed_over = self.score_traces(by_item, rules, inputs, llm, solvable)
         timing["score"] += time.time() - t0
         rows = []
         for item in items:
@@ -151,8 +153,10 @@ class GroundingContext:
                 # on every trace that passed the rules only then).
                 "scorable": self.scorable(item),
                 "chance": round(rate, 4),
-                "probe": tallies[item.id].counts,
-                "probe_answers": answers[item.id],
+                # Probed: it has a trace the filter can keep (grounding.probe_items=keepable), or all are.
+                "probed": item.id in probed,
+                "probe": tallies[item.id].counts if item.id in tallies else {},
+                "probe_answers": answers.get(item.id, {}),
                 "text_solvable": item.id in solvable,
                 "traces": {t["trace_id"]: scores[t["trace_id"]] for t in by_item[item.id] if t["trace_id"] in scores},
                 # Passing traces left unscored: the filter's selection would not keep them.
@@ -186,16 +190,27 @@ class GroundingContext:
             answers[item.id].setdefault(kind, []).append(out.text)
         return tallies, answers
 
+    def keepable(self, traces: list[dict], rules: dict[str, dict]) -> bool:
+        """Whether the filter's selection keeps one of an item's traces (`rules`: trace id -> rule
+        check results) before grounding has a say: text-solvability and audio dependence can only
+        drop or down-weight traces, so an item without one is not worth probing."""
+        ordered = sorted(traces, key=lambda t: t["sample_index"])
+        decision, _ = prompt_decision(self.cfg.filter, [t["completion"] for t in ordered],
+                                      [self.filter_results(rules[t["trace_id"]], t["item_id"], set()) for t in ordered],
+                                      self.answer_graded)
+        return bool(decision.kept)
+
     def scorable(self, item: Item) -> bool:
         """Whether the item has a counterfactual to score its traces against (a swap needs a partner)."""
         return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
 
-    def score_traces(self, by_item: dict[str, list[dict]], inputs: dict[str, dict[str, list]], llm,
-                     flagged: set[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    def score_traces(self, by_item: dict[str, list[dict]], rules: dict[str, dict], inputs: dict[str, dict[str, list]],
+                     llm, flagged: set[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
         """(trace id -> audio dependence, item id -> passing traces left unscored). Which traces are
         scored follows grounding.score_traces; "keepable" asks the filter's own selection which
         traces it would keep, scores those, and asks again with the dependence rejections known
-        until every trace it would keep is scored (`flagged`: the items answerable from text)."""
+        until every trace it would keep is scored (`rules`: trace id -> rule check results,
+        `flagged`: the items answerable from text)."""
         g = self.cfg.grounding
         mode = "passing" if g.score_traces == "keepable" and self.cfg.filter.judge.enabled else g.score_traces
         records: dict[str, dict] = {}
@@ -204,7 +219,8 @@ class GroundingContext:
         if mode == "all":
             self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records)
             return records, passed_over
-        results = {t["trace_id"]: self.filter_results(t, flagged) for traces in todo.values() for t in traces}
+        results = {t["trace_id"]: self.filter_results(rules[t["trace_id"]], t["item_id"], flagged)
+                   for traces in todo.values() for t in traces}
         passing = [t for traces in todo.values() for t in traces if not any(results[t["trace_id"]].values())]
         if mode == "passing":
             self.score_batch(passing, inputs, llm, records)
@@ -228,12 +244,12 @@ class GroundingContext:
                 passed_over.setdefault(t["item_id"], []).append(t["trace_id"])
         return records, passed_over
 
-    def filter_results(self, trace: dict, flagged: set[str]) -> dict[str, str | None]:
-        """The filter's check results for a trace before grounding's own (rules, text-solvability),
-        with an "audio_dependence" slot that passes until the trace is scored."""
-        text_solvable = "grounding:text_solvable" if trace["item_id"] in flagged and \
+    def filter_results(self, rules: dict[str, str | None], item_id: str, flagged: set[str]) -> dict[str, str | None]:
+        """The filter's check results for a trace of `item_id` before grounding's own (its rule
+        results, text-solvability), with an "audio_dependence" slot that passes until it is scored."""
+        text_solvable = "grounding:text_solvable" if item_id in flagged and \
             self.cfg.grounding.text_solvable == "drop" else None
-        return {**self.prefilter.run(trace), "text_solvable": text_solvable, "audio_dependence": None}
+        return {**rules, "text_solvable": text_solvable, "audio_dependence": None}
 
     def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict]
                     ) -> None:
@@ -320,15 +336,18 @@ def read_grounding(rd: RoundDir, count: int) -> dict[str, dict]:
 
 def summarize(rows, kinds: list[str]) -> dict:
     """Round grounding metrics: probe accuracy per input, the grounding gap (real minus
-    counterfactual accuracy), text-solvable items per category, and the dependence distribution."""
+    counterfactual accuracy), text-solvable items per category (shares of the probed items), and
+    the dependence distribution."""
     totals = ProbeTally()
     by_category: dict[str, Counter] = defaultdict(Counter)
-    deps, items, flagged, from_sampling, passed_over = [], 0, 0, 0, 0
+    deps, items, probed, flagged, from_sampling, passed_over = [], 0, 0, 0, 0, 0
     for row in rows:
         items += 1
+        probed += row.get("probed", True)
         flagged += row["text_solvable"]
         category = row.get("category") or "other"
         by_category[category]["items"] += 1
+        by_category[category]["probed"] += row.get("probed", True)
         by_category[category]["text_solvable"] += row["text_solvable"]
         for kind, (correct, total) in row["probe"].items():
             totals.add(kind, correct, total)
@@ -341,12 +360,13 @@ def summarize(rows, kinds: list[str]) -> dict:
     real = acc.get("real")
     return {
         "items": items,
+        "items_probed": probed,
         "probe_accuracy": acc,
         "counterfactual_accuracy": cf_acc,
         "grounding_gap": None if real is None or cf_acc is None else round(real - cf_acc, 4),
         "grounding_gap_by_kind": {k: round(real - acc[k], 4) for k in kinds if real is not None and k in acc},
         "text_solvable": flagged,
-        "text_solvable_share": round(flagged / max(1, items), 4),
+        "text_solvable_share": round(flagged / probed, 4) if probed else None,
         "text_solvable_by_category": {c: dict(n) for c, n in sorted(by_category.items())},
         "traces_scored": len(deps),
         # Traces whose real-audio log-probability came from sampling (no teacher-forced pass) ...
