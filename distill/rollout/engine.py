@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,18 @@ def engine_inline(process: str, cuda: bool) -> bool:
     return process == "inline" or process == "auto" and not cuda
 
 
+def _not_thread_noise(record: logging.LogRecord) -> bool:
+    return "torch.set_num_threads" not in record.getMessage()
+
+
 def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items: int = 1):
     import torch
     from vllm import LLM
+
+    if engine_inline(cfg.process, torch.cuda.is_available()):
+        # vLLM's CPU worker replaces torch.set_num_threads in its process with a warning, and its
+        # renderer calls it around every request: inline, that is one warning per request here.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_noise)
 
     # vLLM reads the switch when the engine starts; it is set only for that, so that the processes
     # this one starts (training, `vllm serve`) see the environment they were given.
