@@ -336,24 +336,3 @@ def test_the_real_audio_logprob_from_sampling_splits_where_scoring_splits(tiny_m
     assert sums.reasoning == pytest.approx(sum(lps[:reasoning])) and sums.answer == pytest.approx(sum(lps[reasoning:]))
     assert (sums.reasoning_tokens, sums.answer_tokens) == (reasoning, len(ids) - reasoning)
     assert sampled_logprob({"token_ids": ids}) is None  # e.g. sampled from a server: scored instead
-
-
-def test_swap_partners_come_from_the_shard_where_it_has_two(tmp_path, tiny_model):
-    """A shard's swaps use its own items' audio (clips its sampling read and the engine encoded);
-    an item alone in its shard keeps its partner from the split."""
-    from distill.grounding.stage import GroundingContext
-
-    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}"])
-    split = [item(i, "high" if i % 2 else "low") for i in range(8)]
-    ctx = GroundingContext(cfg, split, tiny_model)
-    ctx.probe, ctx.inputs = (lambda items, inputs, round_index, llm: ({}, {})), (lambda it: {})
-    ctx.score_batch = lambda batch, inputs, llm, records: None
-
-    def measure(shard):
-        traces = [answer_trace(it.id, 0, "high", 900) for it in shard]
-        return {r["item_id"]: r["swap_partner"] for r in ctx.measure(traces, 1, None, "x", "y", Counter())}
-
-    shard = split[1::4]  # i1 and i5
-    assert measure(shard) == {"i1": "i5", "i5": "i1"}
-    assert {ctx.split_partners["i1"].id, ctx.split_partners["i5"].id} != {"i1", "i5"}  # the split pairs them otherwise
-    assert measure([split[3]]) == {"i3": ctx.split_partners["i3"].id}

@@ -3,8 +3,8 @@
 Three kinds, each a pure function of the real audio (and, for "swap", of the split):
 - "silence": zeros, chunk by chunk;
 - "noise": white noise at the recording's RMS level (same loudness, no content);
-- "swap": another item's recording (of the same sample shard), preferably one whose reference
-  answer differs, so the counterfactual really changes what the right answer is.
+- "swap": another item's recording, preferably one whose reference answer differs, so the
+  counterfactual really changes what the right answer is.
 A model whose answer (or trace) is as likely under these as under the real audio is not listening.
 
 Silence and noise come from a small shared bank: lengths are multiples of a step (the chunk's
@@ -78,9 +78,8 @@ def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
     """Item id -> the item whose audio stands in for it under "swap".
 
     Items are put in a seeded order; each takes the next item after it (cyclically) whose reference
-    answer differs, or the next item when none of the following SWAP_SEARCH items' does. The result
-    depends on the items and the seed only (the ground stage pairs a shard's items), so every run and
-    every array task agrees on it.
+    answer differs, or the next item when none of the following SWAP_SEARCH items' does. The result depends on the
+    split and the seed only, so every shard and every array task agrees on it.
     """
     if len(items) < 2:
         return {}

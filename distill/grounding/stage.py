@@ -78,9 +78,7 @@ class GroundingContext:
     def __init__(self, cfg: Config, items: list[Item], model_dir: Path):
         self.cfg = cfg
         self.items = {it.id: it for it in items}
-        # The split's swap partners; measure() prefers partners from the shard itself.
-        self.split_partners = swap_partners(items, cfg.seed)
-        self.partners = self.split_partners
+        self.partners = swap_partners(items, cfg.seed)
         self.tokenizer = load_tokenizer(str(model_dir))
         self.cache = audio_cache(cfg)
         self.control_tokens = control_tokens(str(model_dir))
@@ -128,10 +126,6 @@ class GroundingContext:
             raise RuntimeError(f"ground: traces of item(s) {missing[:5]} that are not in the train split; the "
                                "samples belong to another data set (delete the round to resample)")
         items = [self.items[i] for i in by_item]
-        # Swap partners from the shard's own items where it has two: its grounding then reads only
-        # audio its sampling read, and each clip's encoding in the engine's cache serves both its
-        # own inputs and its partner's swap (each clip costs the audio encoder once, not twice).
-        self.partners = {**self.split_partners, **swap_partners(items, self.cfg.seed)}
         inputs = {item.id: self.inputs(item) for item in items}
         rules = {t["trace_id"]: self.prefilter.run(t) for t in traces}
         probed = {item.id for item in items if g.probe_items == "all" or self.keepable(by_item[item.id], rules)}
