@@ -326,8 +326,8 @@ class GroundingConfig:
     # The real audio's log-probability of a trace: "scored" (a teacher-forced pass like the
     # counterfactuals', the same kernels on both sides) or "sampled" (returned by the engine while it
     # sampled the trace, so only the counterfactuals cost a pass; traces from a server are scored).
-    # On this project's CPU, sampling with log-probabilities cost about what the pass it saves did
-    # (README, "Acoustic grounding"), so the pass is the default.
+    # On this project's CPU, sampling with vLLM's per-token log-probabilities cost more than the
+    # pass it saves (README, "Acoustic grounding"), so the pass is the default.
     real_logprobs: str = "scored"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256
