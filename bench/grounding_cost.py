@@ -20,7 +20,8 @@ each time into its own run directory, then grounds them:
   sampling time: (ground + sampling with log-probabilities - plain sampling) / plain sampling;
 - baseline: every passing trace scored and every item probed (score_traces=passing,
   probe_items=all), what the ground stage did before it asked the filter's selection.
-Later runs find the audio features already prepared, a bias against the first (distill). All use
+The first variant (distill) samples as the loop does, before the engine has seen the train items'
+audio; later ones find it prepared, sample faster, and so read higher shares. All use
 direct-answer probes (2 per input) with the real audio, silence, noise and another item's audio,
 and score against another item's audio. The engine-start count proves grounding opened no engine.
 The engine runs as the loop runs it (engine.process=auto: inside this process on a CPU).

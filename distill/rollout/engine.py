@@ -112,7 +112,9 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
     import torch
     from vllm import LLM
 
-    if engine_inline(cfg.process, torch.cuda.is_available()):
+    cuda = torch.cuda.is_available()
+    inline = engine_inline(cfg.process, cuda)
+    if inline:
         # vLLM's CPU worker replaces torch.set_num_threads in its process with a warning, and its
         # renderer calls it around every request: inline, that is one warning per request here.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_noise)
@@ -120,13 +122,13 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
     # vLLM reads the switch when the engine starts; it is set only for that, so that the processes
     # this one starts (training, `vllm serve`) see the environment they were given.
     key, before = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ[key] = "0" if engine_inline(cfg.process, torch.cuda.is_available()) else "1"
+    os.environ[key] = "0" if inline else "1"
     try:
         return LLM(
             model=str(model_dir),
             max_model_len=cfg.max_model_len,
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-            dtype=engine_dtype(cfg.dtype, torch.cuda.is_available()),
+            dtype=engine_dtype(cfg.dtype, cuda),
             enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             # Per-request seeds crash vLLM's CPU sampler when a prefill is chunked ("CPU Generator
