@@ -61,7 +61,7 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         rows = ctx.measure(traces, rd.index, get_engine(model_dir), model_hash, samples_sha256, timing)
         atomic_write_jsonl(path, rows)
         done += 1
-        print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, "
+        print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, {sum(r['probed'] for r in rows)} probed, "
               f"{sum(len(r['traces']) for r in rows)} traces scored -> {path}", flush=True)
     print(f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
           f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s)", flush=True)
