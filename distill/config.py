@@ -132,6 +132,13 @@ class EngineConfig:
     # Eval asks many questions of one prompt and audio (budgets, samples); grounding scores traces
     # of one prompt: the shared prefix is computed once. Off only to measure what it saves.
     enable_prefix_caching: bool = True
+    # Prompt tokens the engine prefills per step; vLLM also sizes its encoder cache (the audio
+    # embeddings it keeps for requests that reuse a clip) to this many embeddings. None: vLLM's
+    # default (4096 on CPU, 8192-16384 on GPU). The ground stage hears each clip again right after
+    # sampling (probes, the real-audio pass, another item's swap), so a cache that holds the
+    # round's clips saves encoding them twice (README, "Acoustic grounding"). Without chunked
+    # prefill it must hold the longest prompt: at least max_model_len.
+    max_num_batched_tokens: int | None = None
     # Where vLLM's engine runs: "inline" (in this process), "separate" (vLLM's default: an engine
     # process and a worker process, which overlap scheduling with the forward pass), or "auto":
     # inline on CPU, where the two processes took 25 s of a 29 s engine start and sampled no faster,
@@ -723,6 +730,10 @@ def _validate(cfg: Config) -> None:
             # A sampled trace fills up to max_model_len; a shorter training window would cut it.
             raise ConfigError(f"{section}.max_seq_len={tcfg.max_seq_len}: must be >= engine.max_model_len="
                               f"{cfg.engine.max_model_len}")
+    budget = cfg.engine.max_num_batched_tokens
+    if budget is not None and budget < (1 if cfg.engine.enable_chunked_prefill else cfg.engine.max_model_len):
+        raise ConfigError(f"engine.max_num_batched_tokens={budget}: must be positive, and without chunked prefill at "
+                          f"least engine.max_model_len={cfg.engine.max_model_len} (a prompt is prefilled in one step)")
     if not 0.0 < cfg.engine.gpu_memory_utilization <= 1.0:
         raise ConfigError(f"engine.gpu_memory_utilization={cfg.engine.gpu_memory_utilization}: must be in (0, 1]")
     for key in ("sample.max_tokens", "eval.max_tokens"):

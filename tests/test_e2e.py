@@ -306,7 +306,11 @@ def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model, capfd):
     assert [len(a) for a in request.audio] == [20 * rate] * 2 and request.prompt.count("<|AUDIO|>") == 2
     before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
-        (out,) = generate(engines.get(tiny_model), [request], 0.0, 1.0, 8)
+        llm = engines.get(tiny_model)
+        (out,) = generate(llm, [request], 0.0, 1.0, 8)
+        # The step budget reaches vLLM, which sizes its encoder cache by it (configs/demo_cpu.yaml).
+        scheduler = llm.llm_engine.vllm_config.scheduler_config
+        assert scheduler.max_num_batched_tokens == scheduler.encoder_cache_size == cfg.engine.max_num_batched_tokens
         # On CPU the engine runs in this process (engine.process=auto): no engine process started,
         # and the switch that told vLLM so is not left for the processes this one starts.
         assert not [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name() or "Engine" in p.name()]
