@@ -17,7 +17,8 @@ from distill.rewards.judge import Judge, judge_result
 from distill.rundir import RunDir
 from tests.serving import start_server
 
-pytestmark = pytest.mark.e2e
+# One `vllm serve` for the module: its tests run in one test process (scripts/dev.sh: --dist loadgroup).
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("judge_server")]
 TRACE = "<think>\nThe tone holds near 900 Hz, above the 500 Hz boundary, so it is high.\n</think>\nhigh"
 
 

@@ -17,7 +17,8 @@ from distill.launch import train_command, train_env
 from distill.prompting import load_tokenizer
 from distill.sft_data import cold_start_rows
 
-pytestmark = pytest.mark.e2e
+# The module shares its data fixture: its tests run in one test process (scripts/dev.sh: --dist loadgroup).
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("train_e2e")]
 
 
 @pytest.fixture(scope="module")
