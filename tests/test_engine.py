@@ -1,6 +1,8 @@
-"""The engine's dtype choice (float32 where the CPU would only emulate bf16) and where it runs."""
+"""The engine's dtype choice (float32 where the CPU would only emulate bf16), where it runs, and
+the text of traces sampled with log-probabilities (decoded here, not by vLLM)."""
 
-from distill.rollout.engine import cpu_has_bf16, engine_dtype, engine_inline
+from distill.prompting import load_tokenizer
+from distill.rollout.engine import cpu_has_bf16, engine_dtype, engine_inline, stream_text
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -23,3 +25,22 @@ def test_auto_means_float32_only_on_a_cpu_without_bf16():
 def test_the_engine_runs_inline_on_cpu_unless_told_otherwise():
     assert engine_inline("auto", cuda=False) and not engine_inline("auto", cuda=True)
     assert engine_inline("inline", cuda=True) and not engine_inline("separate", cuda=False)
+
+
+def test_stream_text_decodes_as_vllm_streams(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    backend = tokenizer.backend_tokenizer
+    prompt = tokenizer.encode("<|im_start|>assistant\n")
+    text = "<think>\nThe tone sits near 440 Hz, 音高 high.</think>\nhigh"
+    ids = tokenizer.encode(text)
+    assert stream_text(backend, prompt, ids, stop_terminated=False) == text
+    # The stop token that ended the generation is not text (vLLM leaves it out too).
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stream_text(backend, prompt, [*ids, eos], stop_terminated=True) == text
+    assert stream_text(backend, prompt, [*ids, eos], stop_terminated=False) == text + "<|im_end|>"
+    # A trace cut inside a character: its first bytes are held back, as a stream holds them until
+    # the character completes (a byte-level vocabulary spells 音 in several tokens).
+    head = tokenizer.encode("pitch 音")
+    assert len(tokenizer.encode("音")) > 1
+    assert stream_text(backend, prompt, head[:-1], stop_terminated=False) == "pitch "
+    assert tokenizer.decode(head[:-1]).endswith("\ufffd")

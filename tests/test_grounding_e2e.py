@@ -69,8 +69,11 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         # Sampling returns its tokens' log-probabilities, and they are the teacher-forced ones of
         # the same tokens: the real audio's side of audio dependence needs no pass of its own. (A
         # random model's text often re-tokenizes into other tokens: scoring takes the sampled ids.)
-        many = generate(llm, [Request(prompt, real, cfg.data.sample_rate, s) for s in range(16)], 1.0, 1.0, 24,
-                        think_close_token_id(tokenizer), logprobs=True)
+        many_requests = [Request(prompt, real, cfg.data.sample_rate, s) for s in range(16)]
+        many = generate(llm, many_requests, 1.0, 1.0, 24, think_close_token_id(tokenizer), logprobs=True)
+        # With log-probabilities the text is decoded by distill, not vLLM: the same as vLLM's, even
+        # for a random model's byte soup (characters split across tokens, cut at the end).
+        plain = generate(llm, many_requests, 1.0, 1.0, 24, think_close_token_id(tokenizer))
         forced = score(llm, tokenizer, [ScoreJob(prompt, o.text, real, list(o.token_ids)) for o in many],
                        cfg.data.sample_rate)
         retokenized = sum(completion_tokens(tokenizer, prompt, o.text)[0] != list(o.token_ids) for o in many)
@@ -88,6 +91,9 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
     assert abs(by_vllm[0].total - hf["real"].sum()) < 0.25 * audio_effect
     assert abs(by_vllm[1].total - hf["silence"].sum()) < 0.25 * audio_effect
 
+    assert [(o.text, o.token_ids, o.finish_reason) for o in many] == \
+        [(o.text, o.token_ids, o.finish_reason) for o in plain]
+    assert any(tokenizer.decode(o.token_ids) != o.text for o in plain)  # the cases stream_text is for
     assert all(len(o.logprobs) == o.num_tokens == len(lp.reasoning) + len(lp.answer) for o, lp in zip(many, forced))
     for o, lp in zip(many, forced, strict=True):
         assert abs(sum(o.logprobs) - lp.total) < 0.25 * audio_effect

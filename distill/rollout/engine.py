@@ -162,11 +162,16 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     from vllm import SamplingParams
 
     prompts = [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests]
+    # vLLM detokenizes every log-probability's token on its own, and repairs the ones that end
+    # inside a UTF-8 character by decoding them again with their neighbours: sampling with
+    # log-probabilities took a third longer for that alone (README, "Acoustic grounding"). So with
+    # log-probabilities vLLM does not detokenize, and the text is decoded here as vLLM would.
+    backend = getattr(llm.get_tokenizer(), "backend_tokenizer", None) if logprobs else None
     # flat_logprobs: a few flat lists per request instead of one dict per token.
     params = [
         SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
                        skip_special_tokens=False, bad_words=banned or None, logprobs=0 if logprobs else None,
-                       flat_logprobs=logprobs)
+                       flat_logprobs=logprobs, detokenize=backend is None)
         for r in requests
     ]
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -175,10 +180,33 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
         for o in sorted(out.outputs, key=lambda o: o.index):
             ids = list(o.token_ids)
             reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
-            result.append(Completion(text=o.text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
+            text = o.text if backend is None else \
+                stream_text(backend, list(out.prompt_token_ids), ids, o.finish_reason == "stop")
+            result.append(Completion(text=text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
                                      reasoning_tokens=reasoning, token_ids=tuple(ids),
                                      logprobs=first_logprobs(o.logprobs) if logprobs else ()))
     return result
+
+
+def stream_text(tokenizer, prompt_ids: list[int], ids: list[int], stop_terminated: bool) -> str:
+    """The text of generated `ids` as vLLM's incremental detokenizer gives it (its fast path, with
+    special tokens kept): a `tokenizers` DecodeStream primed with the prompt, which holds back the
+    bytes of a character not yet complete (so a trace ending inside one drops them), without the
+    stop token that ended the generation. `tokenizer`: a `tokenizers.Tokenizer`."""
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=False)
+    pieces = []
+    for token_id in ids[:-1] if stop_terminated else ids:
+        try:
+            pieces.append(stream.step(tokenizer, token_id) or "")
+        except Exception as e:
+            # What vLLM does when a token leaves the stream's prefix invalid UTF-8: start afresh.
+            if not str(e).startswith("Invalid prefix encountered"):
+                raise
+            stream = DecodeStream(skip_special_tokens=False)
+            pieces.append(stream.step(tokenizer, token_id) or "")
+    return "".join(pieces)
 
 
 def first_logprobs(flat) -> tuple[float, ...]:
