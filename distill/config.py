@@ -330,12 +330,12 @@ class GroundingConfig:
     # LLM judge, which may reject scored traces after grounding, every passing trace is scored),
     # "passing" (every trace that passed the rule checks) or "all".
     score_traces: str = "keepable"
-    # The real audio's log-probability of a trace: "scored" (a teacher-forced pass like the
-    # counterfactuals', the same kernels on both sides) or "sampled" (returned by the engine while it
-    # sampled the trace, so only the counterfactuals cost a pass; traces from a server are scored).
-    # On this project's CPU, sampling with vLLM's per-token log-probabilities cost more than the
-    # pass it saves (README, "Acoustic grounding"), so the pass is the default.
-    real_logprobs: str = "scored"
+    # The real audio's log-probability of a trace: "sampled" (returned by the engine while it
+    # sampled the trace, so only the counterfactuals cost a pass; traces from a server are scored)
+    # or "scored" (a teacher-forced pass like the counterfactuals', the same kernels on both sides).
+    # Sampling with log-probabilities costs a few percent; the pass it saves is half the scoring
+    # with the default score_against (README, "Acoustic grounding").
+    real_logprobs: str = "sampled"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256
     # The "audio_dependence" filter: reasoning must gain at least this many nats per token from

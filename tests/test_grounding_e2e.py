@@ -36,7 +36,7 @@ def sampled_round(tmp_path, model, *overrides):
 
 
 def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
-    cfg, data, rd = sampled_round(tmp_path, tiny_model, "grounding.real_logprobs=sampled")
+    cfg, data, rd = sampled_round(tmp_path, tiny_model)  # the default real_logprobs=sampled
     items = {it.id: it for it in data.train}
     with EngineCache(cfg.engine, cfg.seed) as engines:
         sample_stage(cfg, data.train, tiny_model, rd, engines.get)
@@ -153,8 +153,9 @@ def audio_blind_copy(model_dir, out):
 
 def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_model):
     blind = audio_blind_copy(tiny_model, tmp_path / "blind")
-    # Default thresholds; exact-length silence and noise, so their token positions match the clip's.
-    cfg, data, rd = sampled_round(tmp_path, blind, "grounding.bank_seconds=0")
+    # Default thresholds; exact-length silence and noise, so their token positions match the clip's;
+    # the real audio scored by a teacher-forced pass too (the test above covers the sampled side).
+    cfg, data, rd = sampled_round(tmp_path, blind, "grounding.bank_seconds=0", "grounding.real_logprobs=scored")
     with EngineCache(cfg.engine, cfg.seed) as engines:
         sample_stage(cfg, data.train, blind, rd, engines.get)
         # An array task grounds its own shard and leaves the stage open; a plain run does the rest.
@@ -166,7 +167,7 @@ def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_mode
     # same trace likelihood; another item's audio differs only by its length (token positions).
     assert stats["dependence"]["n"] >= len(data.train)
     records = [r for row in read_grounding(rd, 2).values() for r in row["traces"].values()]
-    assert all(r["real_logprob"] == "scored" for r in records)  # the default: a teacher-forced pass
+    assert all(r["real_logprob"] == "scored" for r in records)
     assert all(abs(r["against"][k]["reasoning"]) < 1e-4 for r in records for k in ("silence", "noise"))
     assert abs(stats["dependence"]["p10"]) < 2e-3 and abs(stats["dependence"]["p90"]) < cfg.grounding.min_dependence
     fstats = filter_stage(replace(cfg), rd, blind)
