@@ -333,8 +333,9 @@ class GroundingConfig:
     # The real audio's log-probability of a trace: "sampled" (returned by the engine while it
     # sampled the trace, so only the counterfactuals cost a pass; traces from a server are scored)
     # or "scored" (a teacher-forced pass like the counterfactuals', the same kernels on both sides).
-    # Sampling with log-probabilities costs a few percent; the pass it saves is half the scoring
-    # with the default score_against (README, "Acoustic grounding").
+    # Sampling with log-probabilities costs a few percent of sampling; the pass it saves is half
+    # the scoring with the default score_against. "scored" is cheaper for short traces of which
+    # few are scored (README, "Acoustic grounding").
     real_logprobs: str = "sampled"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256
