@@ -91,8 +91,8 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
         ground, ground_s = timed(ground_stage, vcfg, data.train, model, rd, engines.get)
         traces = read_samples(rd, cfg.sample.num_shards)
         completions[name] = [t["completion"] for t in traces]
-        out[name] = {"sample_seconds": sample_s, "sample_runs_seconds": times, "ground_seconds": ground_s, "probe_seconds": ground["probe_seconds"],
-                     "score_seconds": ground["score_seconds"], "items_probed": ground["items_probed"],
+        out[name] = {"sample_seconds": sample_s, "sample_runs_seconds": times, "ground_seconds": ground_s,
+                     "probe_seconds": ground["probe_seconds"], "score_seconds": ground["score_seconds"], "items_probed": ground["items_probed"],
                      "traces_scored": ground["traces_scored"],
                      "traces_real_from_sampling": ground["traces_real_from_sampling"],
                      "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"]}
