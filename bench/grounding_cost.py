@@ -19,8 +19,9 @@ own run directory, then grounds them:
   such a trace probed (grounding.probe_items=keepable);
 - scored: grounding.real_logprobs=scored, plain sampling and a teacher-forced pass for the real
   audio too. Its sampling time is the reference of every share: a variant that samples with
-  log-probabilities is charged what that adds, (ground + its sampling - plain sampling) / plain
-  sampling (never credited when it sampled faster);
+  log-probabilities is charged what that adds, (ground + sampling with log-probabilities - plain
+  sampling) / plain sampling, with the fastest sampling with them of all such variants (they
+  sample alike), never credited when it was faster than plain;
 - baseline: the defaults with every passing trace scored and every item probed
   (score_traces=passing, probe_items=all), what the ground stage did before it asked the
   filter's selection.
@@ -96,10 +97,13 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
                      "traces_scored": ground["traces_scored"],
                      "traces_real_from_sampling": ground["traces_real_from_sampling"],
                      "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"]}
+    # Variants that sample alike are charged alike: the fastest sampling with log-probabilities
+    # over plain sampling (noise in one variant's sampling is not charged to it alone).
     plain = out["scored"]["sample_seconds"]
+    with_logprobs = [n for n, o in variants.items() if o.get("real_logprobs", cfg.grounding.real_logprobs) == "sampled"]
+    extra = max(0.0, min((out[n]["sample_seconds"] for n in with_logprobs), default=plain) - plain)
     for name, v in out.items():
-        extra = max(0.0, v["sample_seconds"] - plain) if v["traces_real_from_sampling"] else 0.0
-        v["ground_share_of_sampling"] = round((v["ground_seconds"] + extra) / plain, 4)
+        v["ground_share_of_sampling"] = round((v["ground_seconds"] + (extra if name in with_logprobs else 0.0)) / plain, 4)
         v["sampling_over_plain"] = round(v["sample_seconds"] / plain - 1, 4)
     traces = read_samples(runs["distill"].round(1), cfg.sample.num_shards)
     return {

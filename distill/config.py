@@ -590,6 +590,9 @@ RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard
                      "data.audio.workers", "filter.judge.concurrency", "filter.judge.timeout_s",
                      "filter.judge.retries", "filter.judge.backoff_s", "train.save_steps", "cold_start.train.save_steps",
                      "train.audio_encoder_cache_mb", "cold_start.train.audio_encoder_cache_mb",
+                     # the real audio's log-probabilities, from sampling or a pass (traces sampled
+                     # without them are scored by a pass, so a round may mix the two):
+                     "grounding.real_logprobs",
                      # a server that moved, or a new key, still serves the same model:
                      "sample.server.base_url", "sample.server.api_key_env", "sample.server.timeout_s",
                      "sample.server.retries", "sample.server.backoff_s", "sample.server.concurrency")

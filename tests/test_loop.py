@@ -16,7 +16,9 @@ def test_resume_refuses_changed_config_but_allows_more_rounds(tmp_path, tiny_mod
     cfg = cfg_for(tmp_path, *small)
     run = RunDir(cfg.run_dir)
     init_run_dir(cfg, run)
-    init_run_dir(cfg_for(tmp_path, *small, "loop.rounds=5", "data.audio.workers=1", "filter.judge.concurrency=2"), run)
+    # A run started before grounding.real_logprobs defaulted to "sampled" resumes too.
+    init_run_dir(cfg_for(tmp_path, *small, "loop.rounds=5", "data.audio.workers=1", "filter.judge.concurrency=2",
+                         "grounding.real_logprobs=scored"), run)
     assert "rounds: 5" in run.config.read_text()
     with pytest.raises(ConfigError, match="changed key\\(s\\): sample.n, train.learning_rate"):
         init_run_dir(cfg_for(tmp_path, *small, "sample.n=3", "train.learning_rate=0.1"), run)

@@ -198,10 +198,13 @@ def stream_text(tokenizer, prompt_ids: list[int], ids: list[int], stop_terminate
     stream = DecodeStream(ids=prompt_ids, skip_special_tokens=False)
     pieces = []
     for token_id in ids[:-1] if stop_terminated else ids:
+        # What vLLM does when a step fails: an id the stream cannot take is no text, and a token
+        # that leaves the stream's prefix invalid UTF-8 starts the stream afresh.
         try:
             pieces.append(stream.step(tokenizer, token_id) or "")
+        except (OverflowError, TypeError):
+            continue
         except Exception as e:
-            # What vLLM does when a token leaves the stream's prefix invalid UTF-8: start afresh.
             if not str(e).startswith("Invalid prefix encountered"):
                 raise
             stream = DecodeStream(skip_special_tokens=False)
