@@ -93,17 +93,19 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
         traces = read_samples(rd, cfg.sample.num_shards)
         completions[name] = [t["completion"] for t in traces]
         out[name] = {"sample_seconds": sample_s, "sample_runs_seconds": times, "ground_seconds": ground_s,
-                     "probe_seconds": ground["probe_seconds"], "score_seconds": ground["score_seconds"], "items_probed": ground["items_probed"],
-                     "traces_scored": ground["traces_scored"],
+                     "probe_seconds": ground["probe_seconds"], "score_seconds": ground["score_seconds"],
+                     "items_probed": ground["items_probed"], "traces_scored": ground["traces_scored"],
                      "traces_real_from_sampling": ground["traces_real_from_sampling"],
                      "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"]}
     # Variants that sample alike are charged alike: the fastest sampling with log-probabilities
     # over plain sampling (noise in one variant's sampling is not charged to it alone).
     plain = out["scored"]["sample_seconds"]
-    with_logprobs = [n for n, o in variants.items() if o.get("real_logprobs", cfg.grounding.real_logprobs) == "sampled"]
+    with_logprobs = [n for n, o in variants.items()
+                     if o.get("real_logprobs", cfg.grounding.real_logprobs) == "sampled"]
     extra = max(0.0, min((out[n]["sample_seconds"] for n in with_logprobs), default=plain) - plain)
     for name, v in out.items():
-        v["ground_share_of_sampling"] = round((v["ground_seconds"] + (extra if name in with_logprobs else 0.0)) / plain, 4)
+        charged = v["ground_seconds"] + (extra if name in with_logprobs else 0.0)
+        v["ground_share_of_sampling"] = round(charged / plain, 4)
         v["sampling_over_plain"] = round(v["sample_seconds"] / plain - 1, 4)
     traces = read_samples(runs["distill"].round(1), cfg.sample.num_shards)
     return {

@@ -16,7 +16,7 @@ def test_resume_refuses_changed_config_but_allows_more_rounds(tmp_path, tiny_mod
     cfg = cfg_for(tmp_path, *small)
     run = RunDir(cfg.run_dir)
     init_run_dir(cfg, run)
-    # A run started before grounding.real_logprobs defaulted to "sampled" resumes too.
+    # grounding.real_logprobs may change on resume (runs started before it defaulted to "sampled" go on).
     init_run_dir(cfg_for(tmp_path, *small, "loop.rounds=5", "data.audio.workers=1", "filter.judge.concurrency=2",
                          "grounding.real_logprobs=scored"), run)
     assert "rounds: 5" in run.config.read_text()
