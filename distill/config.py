@@ -310,8 +310,13 @@ class GroundingConfig:
     # it trains on) or "all" (every item, for a census of the split).
     probe_items: str = "keepable"
     # The probe answers directly after an empty think block (cheap); "<think>\n" with
-    # probe_max_tokens = sample.max_tokens probes with full reasoning instead.
+    # probe_max_tokens = sample.max_tokens and probe_answers = free probes with full reasoning instead.
     probe_prefix: str = "<think>\n\n</think>\n"
+    # "options": an item with a closed answer set (its choices; yes and no for a yes/no answer)
+    # answers with one of them (vLLM structured outputs): which option the model prefers, also
+    # for a model not yet trained to answer directly, in a token or two. "free": every item
+    # samples free text of up to probe_max_tokens (open answers always do).
+    probe_answers: str = "options"
     probe_max_tokens: int = 16
     probe_temperature: float = 1.0
     # An item is answerable from text when its counterfactual answers are right at chance + margin or more.
@@ -626,6 +631,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "grounding.score_traces": ("keepable", "passing", "all"),
     "grounding.probe_items": ("keepable", "all"),
     "grounding.real_logprobs": ("sampled", "scored"),
+    "grounding.probe_answers": ("options", "free"),
     "engine.process": ("auto", "inline", "separate"),
 }
 _POSITIVE = (
@@ -863,6 +869,7 @@ def _validate_filter(f: FilterConfig) -> None:
 
 def _validate_grounding(cfg: Config) -> None:
     from distill.grounding.counterfactual import KINDS
+    from distill.prompting import THINK_CLOSE, THINK_OPEN
 
     g = cfg.grounding
     for key in ("counterfactuals", "score_against"):
@@ -880,6 +887,10 @@ def _validate_grounding(cfg: Config) -> None:
                           "decoding gives one answer; raise the temperature or set probe_samples=1")
     if g.text_solvable_weight > 1:
         raise ConfigError(f"grounding.text_solvable_weight={g.text_solvable_weight}: must be in [0, 1]")
+    if g.probe_answers == "options" and g.probe_prefix.count(THINK_OPEN) > g.probe_prefix.count(THINK_CLOSE):
+        raise ConfigError(f"grounding.probe_answers=options with grounding.probe_prefix={g.probe_prefix!r}: an "
+                          "answer held to the options leaves no room for reasoning; close the think block in "
+                          "the prefix, or set probe_answers=free to probe with reasoning")
     if g.probe_max_tokens >= cfg.engine.max_model_len:
         raise ConfigError(f"grounding.probe_max_tokens={g.probe_max_tokens}: must be below engine.max_model_len="
                           f"{cfg.engine.max_model_len}")

@@ -2,7 +2,7 @@
 the text of traces sampled with log-probabilities (decoded here, not by vLLM)."""
 
 from distill.prompting import load_tokenizer
-from distill.rollout.engine import cpu_has_bf16, engine_dtype, engine_inline, stream_text
+from distill.rollout.engine import choice_max_tokens, cpu_has_bf16, engine_dtype, engine_inline, stream_text
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -20,6 +20,12 @@ def test_auto_means_float32_only_on_a_cpu_without_bf16():
     assert engine_dtype("auto", cuda=False, cpuinfo=SAPPHIRE) == "auto"
     assert engine_dtype("auto", cuda=True, cpuinfo=AVX2) == "auto"
     assert engine_dtype("bfloat16", cuda=False, cpuinfo=AVX2) == "bfloat16"  # an explicit choice stands
+
+
+def test_a_choice_is_never_cut_short():
+    # The grammar may spell a choice one byte a token: bytes, not characters, plus the end.
+    assert choice_max_tokens(("high", "low")) == 5
+    assert choice_max_tokens(("高", "低")) == 4
 
 
 def test_the_engine_runs_inline_on_cpu_unless_told_otherwise():

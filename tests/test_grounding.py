@@ -10,7 +10,7 @@ import pytest
 from data_pipelines.items import Item
 from distill.config import ConfigError, load_config
 from distill.grounding.counterfactual import counterfactual, noise, rms, silence, swap_partners
-from distill.grounding.probe import ProbeTally, chance, text_solvable
+from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import TraceLogprobs, completion_tokens, dependence
 from distill.grounding.stage import summarize
 from distill.io import atomic_write_jsonl, read_jsonl
@@ -76,6 +76,11 @@ def test_swap_takes_another_items_audio_with_another_answer():
 
 def test_text_solvable_means_right_without_audio_well_above_chance():
     assert chance("high", ["high", "low"]) == 0.5 and chance("B", ["A", "B", "C", "D"]) == 0.25
+    # The options a probe's answer is held to: the choices, yes/no for a yes/no reference (any
+    # case), none for an open answer.
+    assert answer_options("high", ["high", "low"]) == ("high", "low")
+    assert answer_options(" Yes", None) == answer_options("no", None) == ("yes", "no")
+    assert answer_options("440", None) is None and answer_options("yes please", None) is None
     assert chance("Yes", None) == 0.5 and chance("440", None) == 0.0
     tally = ProbeTally()
     for kind, right in [("real", True), ("real", True), ("silence", True), ("silence", True), ("noise", True),
@@ -158,6 +163,13 @@ def test_grounding_config_is_checked():
         load_config("configs/demo_cpu.yaml", ["grounding.score_against=[echo]"])
     with pytest.raises(ConfigError, match="grounding.probe_temperature=0 with grounding.probe_samples=2"):
         load_config("configs/demo_cpu.yaml", ["grounding.probe_temperature=0"])
+    # An answer held to the options cannot reason first: a probe with reasoning answers freely.
+    with pytest.raises(ConfigError, match="grounding.probe_answers=options with grounding.probe_prefix='<think>"):
+        load_config("configs/demo_cpu.yaml", ["grounding.probe_prefix=<think>"])
+    assert load_config("configs/demo_cpu.yaml", ["grounding.probe_prefix=<think>",
+                                                 "grounding.probe_answers=free"]).grounding.probe_answers == "free"
+    with pytest.raises(ConfigError, match="grounding.probe_answers"):
+        load_config("configs/demo_cpu.yaml", ["grounding.probe_answers=letters"])
     with pytest.raises(ConfigError, match="filter.lexical.acoustic_terms.en: an empty term"):
         load_config("configs/demo_cpu.yaml", ["filter.lexical.acoustic_terms.en=[pitch, ' ']"])
     with pytest.raises(ConfigError, match="filter.lexical.min_acoustic_terms=99: more than the"):

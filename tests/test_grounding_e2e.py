@@ -26,7 +26,9 @@ pytestmark = pytest.mark.e2e
 
 SMALL = ["data.synthetic.train_items=6", "data.synthetic.eval_items=2", "sample.n=2", "sample.max_tokens=24",
          "sample.num_shards=2", "grounding.score_traces=all", "grounding.probe_items=all",
-         "grounding.score_against=[silence,noise,swap]", "grounding.probe_samples=3", "model.build_tiny=false"]
+         "grounding.score_against=[silence,noise,swap]", "grounding.probe_samples=3", "model.build_tiny=false",
+         # every other item asks without its options: probes answer both ways
+         "data.synthetic.answer_format=mixed"]
 
 
 def sampled_round(tmp_path, model, *overrides):
@@ -116,11 +118,16 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
     assert record["logprob"] == pytest.approx(by_ids[0].total, abs=tol * n)
 
     # 3. Every item has its probes (3 answers per input), its swap partner, a flag; every trace a score.
+    # A multiple-choice item's probes answer one of its options (grounding.probe_answers=options),
+    # which the random model, left free, never does: it writes byte soup, as the free items show.
     assert set(rows) == set(items)
+    assert {bool(it.choices) for it in items.values()} == {True, False}
     for row in rows.values():
         assert row["probe"].keys() == {"real", "silence", "noise", "swap"}
         assert all(total == 3 for _, total in row["probe"].values())
-        assert all(len(set(answers)) > 1 for answers in row["probe_answers"].values())  # n=3 distinct samples
+        options = items[row["item_id"]].choices
+        for answers in row["probe_answers"].values():
+            assert set(answers) <= set(options) if options else len(set(answers)) > 1  # n=3 distinct samples
         assert row["swap_partner"] in items and row["swap_partner"] != row["item_id"]
         assert isinstance(row["text_solvable"], bool)
     # The random model never generated an audio token (sampling bans them: the engine would read one

@@ -2,7 +2,10 @@
 
 A few answers are sampled per item with the real audio and with each counterfactual; an item
 whose counterfactual answers are right well above chance is answerable from the question alone
-(a leaked answer, a prior the question gives away) and teaches nothing about listening.
+(a leaked answer, a prior the question gives away) and teaches nothing about listening. An item
+with a closed answer set answers with one of its options (grounding.probe_answers=options): the
+question is which option the model prefers without the audio, also for a model that does not
+yet answer in the expected format.
 """
 
 from __future__ import annotations
@@ -12,11 +15,18 @@ from dataclasses import dataclass, field
 YES_NO = frozenset({"yes", "no"})
 
 
+def answer_options(reference: str, choices: list[str] | None) -> tuple[str, ...] | None:
+    """The closed set of answers an item takes: its choices, or yes and no for a yes/no
+    reference; None for an open answer (a number, free text)."""
+    if choices:
+        return tuple(choices)
+    return ("yes", "no") if reference.strip().lower() in YES_NO else None
+
+
 def chance(reference: str, choices: list[str] | None) -> float:
     """The accuracy of guessing: 1/options for multiple choice, 1/2 for a yes/no question, else 0."""
-    if choices:
-        return 1.0 / len(choices)
-    return 0.5 if reference.strip().lower() in YES_NO else 0.0
+    options = answer_options(reference, choices)
+    return 1.0 / len(options) if options else 0.0
 
 
 @dataclass

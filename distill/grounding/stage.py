@@ -23,7 +23,7 @@ from data_pipelines.items import Item
 from distill.config import Config
 from distill.data import audio_cache
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
-from distill.grounding.probe import ProbeTally, chance, text_solvable
+from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
 from distill.metrics import distribution
@@ -166,16 +166,18 @@ class GroundingContext:
 
     def probe(self, items: list[Item], inputs: dict[str, dict[str, list]], round_index: int, llm
               ) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
-        """Sample probe_samples short answers per item and input; tally the right ones."""
+        """Sample probe_samples short answers per item and input (held to the item's options with
+        grounding.probe_answers=options); tally the right ones."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
         requests, meta = [], []
         for item in items:
+            options = answer_options(item.answer, item.choices) if g.probe_answers == "options" else None
             for kind in ("real", *g.counterfactuals):
                 if not g.probe_samples or (kind == "swap" and not self.informative_swap(item)):
                     continue
                 audio = inputs[item.id][kind]
                 seed = sample_seed(self.cfg.seed, round_index, f"{item.id}/probe/{kind}", 0)
-                requests.append(Request(self.prompt(item, audio) + g.probe_prefix, audio, sr, seed))
+                requests.append(Request(self.prompt(item, audio) + g.probe_prefix, audio, sr, seed, options))
                 meta.extend([(item, kind)] * g.probe_samples)
         tallies = {it.id: ProbeTally() for it in items}
         answers: dict[str, dict[str, list[str]]] = {it.id: {} for it in items}

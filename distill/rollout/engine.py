@@ -29,6 +29,14 @@ class Request:
     audio: list[np.ndarray]  # one waveform per audio placeholder in the prompt (chunks of long audio)
     sample_rate: int
     seed: int
+    # The answer must be one of these strings (vLLM structured outputs); None: free text.
+    choices: tuple[str, ...] | None = None
+
+
+def choice_max_tokens(choices: tuple[str, ...]) -> int:
+    """Tokens enough for the longest choice and the end: the grammar lets the model spell a choice
+    in any tokenization, one byte a token at worst."""
+    return max(len(c.encode("utf-8")) for c in choices) + 1
 
 
 @dataclass
@@ -158,8 +166,10 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     gives its n samples seeds seed, seed+1, ...). With `think_close_id`, each completion counts
     the tokens generated before that token. n > 1 prepares each prompt and its audio once, which
     on CPU costs more than decoding a short answer. `banned` tokens are never generated. With
-    `logprobs`, each completion carries its tokens' log-probabilities."""
+    `logprobs`, each completion carries its tokens' log-probabilities. A request with `choices`
+    answers exactly one of them (and `max_tokens` does not cut it short)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     prompts = [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests]
     # vLLM detokenizes every log-probability's token on its own, and repairs the ones that end
@@ -169,9 +179,14 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     backend = getattr(llm.get_tokenizer(), "backend_tokenizer", None) if logprobs else None
     # flat_logprobs: a few flat lists per request instead of one dict per token.
     params = [
-        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=r.seed,
-                       skip_special_tokens=False, bad_words=banned or None, logprobs=0 if logprobs else None,
-                       flat_logprobs=logprobs, detokenize=backend is None)
+        SamplingParams(n=n, temperature=temperature, top_p=top_p, seed=r.seed,
+                       max_tokens=max_tokens if r.choices is None else choice_max_tokens(r.choices),
+                       structured_outputs=None if r.choices is None else StructuredOutputsParams(choice=list(r.choices)),
+                       # A choice grammar admits no banned token, and vLLM tokenizes the banned words
+                       # again for every request (a tenth of a short probe's cost).
+                       bad_words=(banned or None) if r.choices is None else None,
+                       skip_special_tokens=False, logprobs=0 if logprobs else None, flat_logprobs=logprobs,
+                       detokenize=backend is None)
         for r in requests
     ]
     outs = llm.generate(prompts, params, use_tqdm=True)
