@@ -26,6 +26,9 @@ machine falls on all of them), the faster sampling and the faster grounding of e
   sample alike), never credited when it was faster than plain;
 - free: probes that answer free text of up to 16 tokens (grounding.probe_answers=free), what
   they did before 2 December 2026;
+- no_prefix_reuse: counterfactual scorings that do not read the prefix cache
+  (grounding.reuse_prefix_cache=false), what they did before 3 December 2026 (the demo config's
+  engine.block_size=32 makes an item's prompt share blocks);
 - baseline: the defaults with every passing trace scored and every item probed
   (score_traces=passing, probe_items=all), what the ground stage did before it asked the
   filter's selection.
@@ -71,6 +74,7 @@ def timed(stage, *args):
 
 
 VARIANTS = {"distill": {}, "scored": {"real_logprobs": "scored"}, "free": {"probe_answers": "free"},
+            "no_prefix_reuse": {"reuse_prefix_cache": False},
             "baseline": {"score_traces": "passing", "probe_items": "all"}}
 REPEATS = 2
 
@@ -106,7 +110,9 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
                      "probe_seconds": ground["probe_seconds"], "score_seconds": ground["score_seconds"],
                      "items_probed": ground["items_probed"], "traces_scored": ground["traces_scored"],
                      "traces_real_from_sampling": ground["traces_real_from_sampling"],
-                     "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"]}
+                     "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"],
+                     "prefix_tokens_reused": ground["prefix_tokens_reused"],
+                     "prefix_heads_filled": ground["prefix_heads_filled"], "prefix_rescored": ground["prefix_rescored"]}
     # Variants that sample alike are charged alike: the fastest sampling with log-probabilities
     # over plain sampling (noise in one variant's sampling is not charged to it alone).
     plain = out["scored"]["sample_seconds"]
@@ -126,6 +132,9 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
            if "baseline" in out else {}),
         **({"probe_speedup_vs_free": round(out["free"]["probe_seconds"] / out["distill"]["probe_seconds"], 2)}
            if "free" in out else {}),
+        **({"score_speedup_vs_no_prefix_reuse": round(out["no_prefix_reuse"]["score_seconds"]
+                                                      / out["distill"]["score_seconds"], 2)}
+           if "no_prefix_reuse" in out else {}),
         "engine_starts_during_sample_and_ground": STARTS["count"] - starts,
     }
 

@@ -129,9 +129,14 @@ class EngineConfig:
     # Off by default: with it, vLLM's CPU sampler crashes on per-request seeds (ENVIRONMENT.md
     # addendum in README); on GPU it may be turned on for long prompts.
     enable_chunked_prefill: bool = False
-    # Eval asks many questions of one prompt and audio (budgets, samples); grounding scores traces
-    # of one prompt: the shared prefix is computed once. Off only to measure what it saves.
+    # Eval asks many questions of one prompt and audio (budgets, samples); the ground stage scores
+    # an item's traces against one counterfactual prompt (grounding/scoring.py): the shared prefix
+    # is computed once. Off only to measure what it saves.
     enable_prefix_caching: bool = True
+    # Tokens per KV-cache block, the unit the prefix cache shares: a prompt shorter than a block
+    # shares nothing. None: vLLM's default, 16 on GPU but 128 on CPU, longer than the demo's
+    # prompts (about 120 tokens); the demo config sets 32 (vLLM's CPU attention wants multiples of 32).
+    block_size: int | None = None
     # Prompt tokens the engine prefills per step; vLLM also sizes its encoder cache (the audio
     # embeddings it keeps for requests that reuse a clip) to this many embeddings. None: vLLM's
     # default (4096 on CPU, 8192-16384 on GPU). The ground stage hears each clip again right after
@@ -344,6 +349,11 @@ class GroundingConfig:
     real_logprobs: str = "sampled"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256
+    # Counterfactual scorings read vLLM's prefix cache, so an item's traces share the prompt they
+    # are scored under (grounding/scoring.py; needs engine.enable_prefix_caching and a block no
+    # longer than the prompt, engine.block_size). Off only to measure what it saves: the scores
+    # are the same.
+    reuse_prefix_cache: bool = True
     # The "audio_dependence" filter: reasoning must gain at least this many nats per token from
     # the real audio (null: no threshold; the default sits above bf16 jitter, so a trace that does
     # not depend on the audio at all is rejected) ...
@@ -598,6 +608,8 @@ RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard
                      # the real audio's log-probabilities, from sampling or a pass (traces sampled
                      # without them are scored by a pass, so a round may mix the two):
                      "grounding.real_logprobs",
+                     # the same scores, read through the prefix cache or not:
+                     "grounding.reuse_prefix_cache",
                      # a server that moved, or a new key, still serves the same model:
                      "sample.server.base_url", "sample.server.api_key_env", "sample.server.timeout_s",
                      "sample.server.retries", "sample.server.backoff_s", "sample.server.concurrency")
@@ -744,6 +756,8 @@ def _validate(cfg: Config) -> None:
     if budget is not None and budget < (1 if cfg.engine.enable_chunked_prefill else cfg.engine.max_model_len):
         raise ConfigError(f"engine.max_num_batched_tokens={budget}: must be positive, and without chunked prefill at "
                           f"least engine.max_model_len={cfg.engine.max_model_len} (a prompt is prefilled in one step)")
+    if cfg.engine.block_size is not None and cfg.engine.block_size < 1:
+        raise ConfigError(f"engine.block_size={cfg.engine.block_size}: must be positive (or null: vLLM's default)")
     if not 0.0 < cfg.engine.gpu_memory_utilization <= 1.0:
         raise ConfigError(f"engine.gpu_memory_utilization={cfg.engine.gpu_memory_utilization}: must be in (0, 1]")
     for key in ("sample.max_tokens", "eval.max_tokens"):

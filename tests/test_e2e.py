@@ -311,6 +311,7 @@ def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model, capfd):
         # The step budget reaches vLLM, which sizes its encoder cache by it (configs/demo_cpu.yaml).
         scheduler = llm.llm_engine.vllm_config.scheduler_config
         assert scheduler.max_num_batched_tokens == scheduler.encoder_cache_size == cfg.engine.max_num_batched_tokens
+        assert llm.llm_engine.vllm_config.cache_config.block_size == cfg.engine.block_size == 32
         # On CPU the engine runs in this process (engine.process=auto): no engine process started,
         # and the switch that told vLLM so is not left for the processes this one starts.
         assert not [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name() or "Engine" in p.name()]

@@ -11,7 +11,7 @@ from data_pipelines.items import Item
 from distill.config import ConfigError, load_config
 from distill.grounding.counterfactual import counterfactual, noise, rms, silence, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
-from distill.grounding.scoring import TraceLogprobs, completion_tokens, dependence
+from distill.grounding.scoring import PrefixDonors, TraceLogprobs, completion_tokens, dependence
 from distill.grounding.stage import summarize
 from distill.io import atomic_write_jsonl, read_jsonl
 from distill.rewards.checks import acoustic_terms, check_acoustic_terms, check_audio_dependence
@@ -134,6 +134,26 @@ def test_audio_dependence_check_and_dependence_math():
     assert d.reasoning == pytest.approx(0.5) and d.answer == pytest.approx(2.0)
     with pytest.raises(ValueError, match="different tokens"):
         dependence(real.sums(), TraceLogprobs([-1.0], [-0.5]).sums())
+
+
+def test_prefix_donors_fill_only_from_the_same_audio_and_tokens_that_computed_them():
+    audio, same_content = [np.zeros(4)], [np.zeros(4)]
+    donors = PrefixDonors()
+    # A donor computed positions 3.. (the cache served 1..2 of its prompt).
+    donors.add(audio, [1, 2, 3, 4, 5, 6], [None, None, None, -0.3, -0.4, -0.5])
+    # A job whose cache hit reaches position 4 of its trace (which starts at 3): filled from the donor.
+    values = [None, None, None, None, None, -0.9]
+    assert donors.complete(audio, [1, 2, 3, 4, 5, 9], values, 3)
+    assert values == [None, None, None, -0.3, -0.4, -0.9]
+    assert donors.counts == Counter({"reused": 2, "filled": 1})
+    # Other tokens before the gap's end, or the same content in another audio object: no donor.
+    assert not donors.complete(audio, [1, 2, 3, 7, 5, 9], [None] * 5 + [-0.9], 3)
+    assert not donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3)
+    # Nor one that did not compute the positions itself.
+    donors.add(same_content, [1, 2, 3, 4, 5, 6], [None] * 4 + [-0.4, -0.5])
+    assert not donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3)
+    # Nothing served in the trace: nothing to fill.
+    assert donors.complete(same_content, [1, 2, 3, 4], [None, None, -0.2, -0.1], 2)
 
 
 def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model):
@@ -281,7 +301,7 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
     ctx.partners = {i: ctx.items["a"] for i in answers}  # scorable against "swap"
     batches = []
 
-    def fake_score(batch, inputs, llm, records):  # the engine's scores, fixed per trace
+    def fake_score(batch, inputs, llm, records, donors):  # the engine's scores, fixed per trace
         batches.append([t["trace_id"] for t in batch])
         records.update({t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in batch})
 
@@ -298,7 +318,7 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
         return {t["trace_id"] for t in read_jsonl(rd.filtered)}
 
     rules = {t["trace_id"]: ctx.prefilter.run(t) for t in traces}
-    records, passed_over = ctx.score_traces(by_item, rules, {}, None, set())
+    records, passed_over = ctx.score_traces(by_item, rules, {}, None, set(), PrefixDonors())
     every = {t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in traces}
     assert kept_by_filter(records, passed_over, "keepable") == kept_by_filter(every, {}, "all")
     assert not any(tid.startswith("c#") for tid in records)  # out of band: nothing scored

@@ -6,11 +6,21 @@ token given the ones before it (one forward pass, no sampling). The trace's toke
 of that prompt: the tokens sampled, where the trace carries them, else its text tokenized after
 the prompt (found with the tokenizer's character offsets), so a prompt whose audio placeholder
 vLLM expands into hundreds of audio tokens still lines up.
+
+The traces of one item scored against one counterfactual share its prompt (the question and the
+counterfactual audio, hundreds of audio tokens for a real clip). vLLM skips its prefix cache for
+requests with prompt_logprobs, because it returns no log-probability for a token whose position
+the cache served; a job may ask to read it anyway (`ScoreJob.reuse_prefix`). Served positions in
+the prompt are not needed. Where the cache also served the first tokens of the trace (traces that
+begin alike), their log-probabilities are those of an earlier job with the same tokens and audio
+up to there (a token's log-probability depends only on what precedes it); with no such job the
+trace is scored again without the cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +35,47 @@ class ScoreJob:
     audio: list[np.ndarray]
     # The completion's tokens as sampled: scored as they are (else the text is tokenized after the prompt).
     completion_ids: list[int] | None = None
+    # Read vLLM's prefix cache (module docstring). Not for a prompt whose own trace sampling left in
+    # the cache: every position would be served, and the trace scored twice.
+    reuse_prefix: bool = False
+
+
+@dataclass
+class PrefixDonors:
+    """Scored prompts whose log-probabilities can stand in for positions vLLM's prefix cache served
+    in a later job: per audio input (the list object, which pins the content), each scored prompt's
+    token ids and its log-probability per position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor ("filled") or
+    scored again without the cache ("rescored"), and prompt tokens the cache served ("reused")."""
+
+    by_audio: dict[int, list[tuple[list, list[int], list[float | None]]]] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, audio: list, ids: list[int], values: list[float | None]) -> None:
+        self.by_audio.setdefault(id(audio), []).append((audio, ids, values))
+
+    def complete(self, audio: list, ids: list[int], values: list[float | None], start: int) -> bool:
+        """Fill the positions from `start` (the trace's) of `values` that the prefix cache served
+        from a donor, counting; False when some are missing and no donor has them (the job must be
+        scored again without the cache)."""
+        self.counts["reused"] += sum(v is None for v in values[1:start])
+        missing = [p for p in range(start, len(values)) if values[p] is None]
+        if not missing:
+            return True
+        head = self.fill(audio, ids, start, missing[-1] + 1)
+        if head is None:
+            return False
+        values[start:missing[-1] + 1] = head
+        self.counts["filled"] += 1
+        return True
+
+    def fill(self, audio: list, ids: list[int], start: int, end: int) -> list[float] | None:
+        """Log-probabilities of positions start..end-1 of prompt `ids` from a scored prompt with the
+        same audio and the same tokens up to end-1 that computed them (None: no such prompt)."""
+        for donor_audio, donor_ids, values in self.by_audio.get(id(audio), ()):
+            if donor_audio is audio and len(donor_ids) >= end and donor_ids[:end] == ids[:end] and \
+                    all(v is not None for v in values[start:end]):
+                return values[start:end]
+        return None
 
 
 @dataclass
@@ -71,12 +122,13 @@ def completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int
     return ids, reasoning
 
 
-def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceLogprobs]:
-    """The log-probability of each job's completion tokens given its prompt and audio."""
-    from vllm import SamplingParams
-
+def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, donors: PrefixDonors | None = None
+          ) -> list[TraceLogprobs]:
+    """The log-probability of each job's completion tokens given its prompt and audio. `donors`
+    keeps the scored prompts of jobs that read the prefix cache, across calls (module docstring)."""
     if not jobs:
         return []
+    donors = PrefixDonors() if donors is None else donors
     think_close = think_close_token_id(tokenizer)
     spans, prompts = [], []
     for j in jobs:
@@ -88,19 +140,51 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int) -> list[TraceL
             # The prompt tokenized as vLLM tokenizes a text prompt; vLLM expands its audio placeholders.
             prompts.append({"prompt_token_ids": tokenizer.encode(j.prompt) + list(j.completion_ids),
                             "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}})
+    scored = prompt_values(llm, prompts, [not j.reuse_prefix for j in jobs])
+    again = []
+    for i, (job, (ids, _), (prompt_ids, values)) in enumerate(zip(jobs, spans, scored, strict=True)):
+        start = len(prompt_ids) - len(ids)
+        if prompt_ids[start:] != ids:
+            raise RuntimeError(f"scoring: vLLM tokenized the trace differently from the tokenizer "
+                               f"({prompt_ids[start:start + 8]} vs {ids[:8]}); trace starts {job.completion[:60]!r}")
+        if not job.reuse_prefix:
+            continue
+        if donors.complete(job.audio, prompt_ids, values, start):
+            donors.add(job.audio, prompt_ids, values)
+        else:
+            again.append(i)
+    for i, (prompt_ids, values) in zip(again, prompt_values(llm, [prompts[i] for i in again], [True] * len(again)),
+                                       strict=True):
+        scored[i] = prompt_ids, values
+        donors.add(jobs[i].audio, prompt_ids, values)
+    donors.counts["rescored"] += len(again)
+    result = []
+    for (ids, reasoning), (_, values) in zip(spans, scored, strict=True):
+        trace = values[len(values) - len(ids):]
+        result.append(TraceLogprobs(trace[:reasoning], trace[reasoning:]))
+    return result
+
+
+def prompt_values(llm, prompts: list[dict], skip_cache: list[bool]) -> list[tuple[list[int], list[float | None]]]:
+    """(prompt token ids, log-probability per position, None where vLLM computed none) of each
+    prompt: not position 0, nor positions the prefix cache served (without `skip_cache`)."""
+    from vllm import SamplingParams
+
+    if not prompts:
+        return []
     # max_tokens=1 is vLLM's minimum; the one generated token is ignored. prompt_logprobs=0 returns
     # the log-probability of each prompt token itself (raw model output, before any sampling).
     # flat_logprobs: a few flat lists per request instead of one dict per prompt token.
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
-    outs = llm.generate(prompts, params, use_tqdm=True)
+    params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True,
+                             skip_reading_prefix_cache=skip) for skip in skip_cache]
     result = []
-    for job, (ids, reasoning), out in zip(jobs, spans, outs, strict=True):
-        tail = list(out.prompt_token_ids[len(out.prompt_token_ids) - len(ids):])
-        if tail != ids:
-            raise RuntimeError(f"scoring: vLLM tokenized the trace differently from the tokenizer ({tail[:8]} vs "
-                               f"{ids[:8]}); trace starts {job.completion[:60]!r}")
-        values = list(first_logprobs(out.prompt_logprobs[len(out.prompt_logprobs) - len(ids):]))
-        result.append(TraceLogprobs(values[:reasoning], values[reasoning:]))
+    for out in llm.generate(prompts, params, use_tqdm=True):
+        # Position p's log-probability comes from the logits at p - 1: with the cache serving
+        # positions 0..cached-1, positions 1..cached have none (vLLM leaves them unset).
+        cached = out.num_cached_tokens or 0
+        values: list[float | None] = [None, *first_logprobs(out.prompt_logprobs[1:])]
+        values[1:cached + 1] = [None] * min(cached, len(values) - 1)
+        result.append((list(out.prompt_token_ids), values))
     return result
 
 

@@ -24,7 +24,7 @@ from distill.config import Config
 from distill.data import audio_cache
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
-from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
+from distill.grounding.scoring import LogprobSums, PrefixDonors, ScoreJob, dependence, score
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
 from distill.metrics import distribution
 from distill.prompting import audio_tokens, control_tokens, item_prompt, load_tokenizer
@@ -64,12 +64,16 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, {sum(r['probed'] for r in rows)} probed, "
               f"{sum(len(r['traces']) for r in rows)} traces scored -> {path}", flush=True)
     print(f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
-          f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s)", flush=True)
+          f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s; prefix cache: {timing['prefix_reused']} "
+          f"prompt tokens reused, {timing['prefix_filled']} trace heads filled, {timing['prefix_rescored']} "
+          "traces scored again)", flush=True)
     if rd.missing_shards(rd.grounding_path, count):
         return None
     stats = summarize(read_grounding(rd, count).values(), g.counterfactuals)
     # This process's own timing (a resumed stage or one array task times only its shards).
-    return {**stats, "probe_seconds": round(timing["probe"], 2), "score_seconds": round(timing["score"], 2)}
+    return {**stats, "probe_seconds": round(timing["probe"], 2), "score_seconds": round(timing["score"], 2),
+            "prefix_tokens_reused": timing["prefix_reused"], "prefix_heads_filled": timing["prefix_filled"],
+            "prefix_rescored": timing["prefix_rescored"]}
 
 
 class GroundingContext:
@@ -135,8 +139,10 @@ class GroundingContext:
         solvable = {i for i, tally in tallies.items()
                     if text_solvable(tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin)}
         t0 = time.time()
-        scores, passed_over = self.score_traces(by_item, rules, inputs, llm, solvable)
+        donors = PrefixDonors()
+        scores, passed_over = self.score_traces(by_item, rules, inputs, llm, solvable, donors)
         timing["score"] += time.time() - t0
+        timing.update({f"prefix_{k}": n for k, n in donors.counts.items()})
         rows = []
         for item in items:
             rate = chance(item.answer, item.choices)
@@ -207,25 +213,26 @@ class GroundingContext:
         return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
 
     def score_traces(self, by_item: dict[str, list[dict]], rules: dict[str, dict], inputs: dict[str, dict[str, list]],
-                     llm, flagged: set[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+                     llm, flagged: set[str], donors: PrefixDonors) -> tuple[dict[str, dict], dict[str, list[str]]]:
         """(trace id -> audio dependence, item id -> passing traces left unscored). Which traces are
         scored follows grounding.score_traces; "keepable" asks the filter's own selection which
         traces it would keep, scores those, and asks again with the dependence rejections known
         until every trace it would keep is scored (`rules`: trace id -> rule check results,
-        `flagged`: the items answerable from text)."""
+        `flagged`: the items answerable from text, `donors`: what the counterfactual scorings share
+        through the prefix cache, scoring.py)."""
         g = self.cfg.grounding
         mode = "passing" if g.score_traces == "keepable" and self.cfg.filter.judge.enabled else g.score_traces
         records: dict[str, dict] = {}
         passed_over: dict[str, list[str]] = {}
         todo = {item_id: traces for item_id, traces in by_item.items() if self.scorable(self.items[item_id])}
         if mode == "all":
-            self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records)
+            self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records, donors)
             return records, passed_over
         results = {t["trace_id"]: self.filter_results(rules[t["trace_id"]], t["item_id"], flagged)
                    for traces in todo.values() for t in traces}
         passing = [t for traces in todo.values() for t in traces if not any(results[t["trace_id"]].values())]
         if mode == "passing":
-            self.score_batch(passing, inputs, llm, records)
+            self.score_batch(passing, inputs, llm, records, donors)
             return records, passed_over
         while True:
             wanted = []
@@ -236,7 +243,7 @@ class GroundingContext:
                 wanted += [ordered[i] for i in decision.kept if ordered[i]["trace_id"] not in records]
             if not wanted:
                 break
-            self.score_batch(wanted, inputs, llm, records)
+            self.score_batch(wanted, inputs, llm, records, donors)
             for t in wanted:  # a trace it could not score fails like the filter fails it
                 results[t["trace_id"]]["audio_dependence"] = check_audio_dependence(
                     records.get(t["trace_id"]), g.min_dependence, g.min_answer_dependence
@@ -253,12 +260,13 @@ class GroundingContext:
             self.cfg.grounding.text_solvable == "drop" else None
         return {**rules, "text_solvable": text_solvable, "audio_dependence": None}
 
-    def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict]
-                    ) -> None:
+    def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict],
+                    donors: PrefixDonors) -> None:
         """Score `traces` against every counterfactual of grounding.score_against into `records`.
         Only the generated tokens count: the generation prefix (`<think>\n`) goes with the prompt.
         The real audio's log-probability comes from sampling where the trace carries it, else from
-        one more teacher-forced pass."""
+        one more teacher-forced pass. The counterfactual scorings read the prefix cache: an item's
+        traces share each counterfactual prompt (the real one's blocks hold the sampled trace itself)."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
         prefix = self.cfg.sample.generation_prefix
         jobs, meta = [], []
@@ -278,11 +286,13 @@ class GroundingContext:
             for kind, audio in item_inputs.items():
                 if kind == "real" and sampled is not None or kind != "real" and kind not in g.score_against:
                     continue
-                jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio, ids))
+                jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio, ids,
+                                     reuse_prefix=g.reuse_prefix_cache and kind != "real"))
                 meta.append((t["trace_id"], kind))
         for lo in range(0, len(jobs), g.score_batch):
             for (trace_id, kind), lp in zip(meta[lo:lo + g.score_batch],
-                                            score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr), strict=True):
+                                            score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr, donors),
+                                            strict=True):
                 per_trace[trace_id][kind] = lp.sums()
         for trace_id, lps in per_trace.items():
             if len(lps) > 1:

@@ -143,6 +143,7 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
             # does not use offset"), and a seed per sample is what makes shards reproducible.
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            block_size=cfg.block_size,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             limit_mm_per_prompt={"audio": audio_items},
             seed=seed,
