@@ -143,17 +143,19 @@ def test_prefix_donors_fill_only_from_the_same_audio_and_tokens_that_computed_th
     donors.add(audio, [1, 2, 3, 4, 5, 6], [None, None, None, -0.3, -0.4, -0.5])
     # A job whose cache hit reaches position 4 of its trace (which starts at 3): filled from the donor.
     values = [None, None, None, None, None, -0.9]
-    assert donors.complete(audio, [1, 2, 3, 4, 5, 9], values, 3)
+    assert donors.complete(audio, [1, 2, 3, 4, 5, 9], values, 3) is None
     assert values == [None, None, None, -0.3, -0.4, -0.9]
-    assert donors.counts == Counter({"reused": 2, "filled": 1})
-    # Other tokens before the gap's end, or the same content in another audio object: no donor.
-    assert not donors.complete(audio, [1, 2, 3, 7, 5, 9], [None] * 5 + [-0.9], 3)
-    assert not donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3)
+    assert donors.counts == Counter({"filled": 1})
+    # Other tokens before the gap's end, or the same content in another audio object: no donor,
+    # and the end of the positions still missing.
+    assert donors.complete(audio, [1, 2, 3, 7, 5, 9], [None] * 5 + [-0.9], 3) == 5
+    assert donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3) == 5
     # Nor one that did not compute the positions itself.
     donors.add(same_content, [1, 2, 3, 4, 5, 6], [None] * 4 + [-0.4, -0.5])
-    assert not donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3)
+    assert donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3) == 5
     # Nothing served in the trace: nothing to fill.
-    assert donors.complete(same_content, [1, 2, 3, 4], [None, None, -0.2, -0.1], 2)
+    assert donors.complete(same_content, [1, 2, 3, 4], [None, None, -0.2, -0.1], 2) is None
+    assert donors.counts == Counter({"filled": 1})
 
 
 def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model):

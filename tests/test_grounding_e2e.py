@@ -65,14 +65,14 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
                        cfg.data.sample_rate)
         # Scorings that read the prefix cache score the same. The trace taken three times over is
         # longer than a block, so the cache also serves the head of the trace: the scoring without
-        # the cache left it there, so the first job has no donor and is scored again; the next one
-        # takes the head from it, and one that hears the same silence from another array is scored again.
+        # the cache left it there, so of three jobs that hear one silence array, the first has no
+        # donor and is scored again, and the next two take the head from it; one that hears the
+        # same silence from another array is scored again.
         long_ids = trace["token_ids"] * 3
         fresh = score(llm, tokenizer, [ScoreJob(prompt, completion, silent, long_ids)], cfg.data.sample_rate)[0]
         donors = PrefixDonors()
-        reused = [lp for audios in ([silent], [silent, list(silent)])
-                  for lp in score(llm, tokenizer, [ScoreJob(prompt, completion, a, long_ids, reuse_prefix=True)
-                                                   for a in audios], cfg.data.sample_rate, donors)]
+        reused = score(llm, tokenizer, [ScoreJob(prompt, completion, a, long_ids, reuse_prefix=True)
+                                        for a in (silent, silent, silent, list(silent))], cfg.data.sample_rate, donors)
         # The eval's thinking-budget curve cuts the full greedy trace at each budget: that is the
         # greedy trace of that budget only if greedy decoding is prefix-consistent. It is here.
         requests = [Request(prompt, real, cfg.data.sample_rate, 0), Request(prompt, silent, cfg.data.sample_rate, 0)]
@@ -114,7 +114,7 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
 
     for lp in reused:
         np.testing.assert_allclose(lp.reasoning + lp.answer, fresh.reasoning + fresh.answer, atol=1e-4)
-    assert donors.counts["rescored"] == 2 and donors.counts["filled"] == 1 and donors.counts["reused"] > 0
+    assert donors.counts["rescored"] == 2 and donors.counts["filled"] == 2 and donors.counts["reused"] > 0
 
     # 2. The stored dependence is the real-minus-counterfactual gap of the sampled tokens' scorings
     # (the real side as sampling returned it).

@@ -53,20 +53,19 @@ class PrefixDonors:
     def add(self, audio: list, ids: list[int], values: list[float | None]) -> None:
         self.by_audio.setdefault(id(audio), []).append((audio, ids, values))
 
-    def complete(self, audio: list, ids: list[int], values: list[float | None], start: int) -> bool:
+    def complete(self, audio: list, ids: list[int], values: list[float | None], start: int) -> int | None:
         """Fill the positions from `start` (the trace's) of `values` that the prefix cache served
-        from a donor, counting; False when some are missing and no donor has them (the job must be
-        scored again without the cache)."""
-        self.counts["reused"] += sum(v is None for v in values[1:start])
+        from a donor; None when none is missing now, else the end of the positions still missing
+        (no donor has them: the job must be scored again without the cache)."""
         missing = [p for p in range(start, len(values)) if values[p] is None]
         if not missing:
-            return True
+            return None
         head = self.fill(audio, ids, start, missing[-1] + 1)
         if head is None:
-            return False
+            return missing[-1] + 1
         values[start:missing[-1] + 1] = head
         self.counts["filled"] += 1
-        return True
+        return None
 
     def fill(self, audio: list, ids: list[int], start: int, end: int) -> list[float] | None:
         """Log-probabilities of positions start..end-1 of prompt `ids` from a scored prompt with the
@@ -141,23 +140,34 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, donors: Prefix
             prompts.append({"prompt_token_ids": tokenizer.encode(j.prompt) + list(j.completion_ids),
                             "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}})
     scored = prompt_values(llm, prompts, [not j.reuse_prefix for j in jobs])
-    again = []
-    for i, (job, (ids, _), (prompt_ids, values)) in enumerate(zip(jobs, spans, scored, strict=True)):
-        start = len(prompt_ids) - len(ids)
-        if prompt_ids[start:] != ids:
+    starts = []
+    for job, (ids, _), (prompt_ids, values) in zip(jobs, spans, scored, strict=True):
+        starts.append(len(prompt_ids) - len(ids))
+        if prompt_ids[starts[-1]:] != ids:
             raise RuntimeError(f"scoring: vLLM tokenized the trace differently from the tokenizer "
-                               f"({prompt_ids[start:start + 8]} vs {ids[:8]}); trace starts {job.completion[:60]!r}")
-        if not job.reuse_prefix:
-            continue
-        if donors.complete(job.audio, prompt_ids, values, start):
-            donors.add(job.audio, prompt_ids, values)
-        else:
-            again.append(i)
-    for i, (prompt_ids, values) in zip(again, prompt_values(llm, [prompts[i] for i in again], [True] * len(again)),
-                                       strict=True):
-        scored[i] = prompt_ids, values
-        donors.add(jobs[i].audio, prompt_ids, values)
-    donors.counts["rescored"] += len(again)
+                               f"({prompt_ids[starts[-1]:starts[-1] + 8]} vs {ids[:8]}); trace starts "
+                               f"{job.completion[:60]!r}")
+        if job.reuse_prefix:
+            donors.counts["reused"] += sum(v is None for v in values[1:starts[-1]])
+    # Jobs the cache served into the trace, with no donor yet, are scored again without the cache
+    # in waves: one of those that need the same head per wave, the others filled from it after.
+    pending = [i for i, j in enumerate(jobs) if j.reuse_prefix]
+    while pending:
+        wave, wait = [], []
+        for i in pending:
+            prompt_ids, values = scored[i]
+            end = donors.complete(jobs[i].audio, prompt_ids, values, starts[i])
+            if end is None:
+                donors.add(jobs[i].audio, prompt_ids, values)
+            elif any(jobs[w].audio is jobs[i].audio and scored[w][0][:end] == prompt_ids[:end] for w in wave):
+                wait.append(i)
+            else:
+                wave.append(i)
+        for i, result in zip(wave, prompt_values(llm, [prompts[i] for i in wave], [True] * len(wave)), strict=True):
+            scored[i] = result
+            donors.add(jobs[i].audio, *result)
+        donors.counts["rescored"] += len(wave)
+        pending = wait
     result = []
     for (ids, reasoning), (_, values) in zip(spans, scored, strict=True):
         trace = values[len(values) - len(ids):]
