@@ -32,7 +32,9 @@ machine falls on all of them), the faster sampling and the faster grounding of e
 - baseline: the defaults with every passing trace scored and every item probed
   (score_traces=passing, probe_items=all), what the ground stage did before it asked the
   filter's selection.
-Before each variant samples, the engine's caches of prepared audio (features, encoder outputs)
+Then the defaults' scoring is timed with and without reading the prefix cache in turn, on one
+round's traces (prefix_reuse_ab), since the gain is smaller than the machine's drift between
+variants. Before each variant samples, the engine's caches of prepared audio (features, encoder outputs)
 and of prompt prefixes are emptied, so every variant samples as the loop does, before the engine
 has seen the train items' audio (without that, later variants sampled up to 37% faster). All use
 direct-answer probes (2 per input) with the real audio, silence, noise and another item's audio,
@@ -135,8 +137,32 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
         **({"score_speedup_vs_no_prefix_reuse": round(out["no_prefix_reuse"]["score_seconds"]
                                                       / out["distill"]["score_seconds"], 2)}
            if "no_prefix_reuse" in out else {}),
+        "prefix_reuse_ab": prefix_reuse_ab(cfg, data, model, runs["distill"].round(1), engines.get),
         "engine_starts_during_sample_and_ground": STARTS["count"] - starts,
     }
+
+
+AB_REPEATS = 3
+
+
+def prefix_reuse_ab(cfg, data, model: Path, rd, get_engine) -> dict:
+    """Scoring with and without reading the prefix cache (grounding.reuse_prefix_cache), in turn
+    AB_REPEATS times on the traces of `rd`, the ground stage run whole each time: the variants'
+    scorings above are minutes apart, and the machine's speed drifts more than the gain."""
+    from distill.grounding.stage import ground_stage
+
+    runs: dict[str, list] = {"reuse": [], "no_reuse": []}
+    counts = {}
+    for _ in range(AB_REPEATS):
+        for name, seconds in runs.items():
+            vcfg = replace(cfg, grounding=replace(cfg.grounding, reuse_prefix_cache=name == "reuse"))
+            shutil.rmtree(rd.grounding_dir, ignore_errors=True)
+            ground = ground_stage(vcfg, data.train, model, rd, get_engine)
+            seconds.append(ground["score_seconds"])
+            counts[name] = {k: ground[k] for k in ("prefix_tokens_reused", "prefix_heads_filled", "prefix_rescored")}
+    median = {name: sorted(v)[len(v) // 2] for name, v in runs.items()}
+    return {"score_runs_seconds": runs, "score_median_seconds": median, **counts["reuse"],
+            "score_speedup": round(median["no_reuse"] / median["reuse"], 3)}
 
 
 def cold_caches(llm) -> None:

@@ -145,8 +145,10 @@ def test_prefix_donors_fill_only_from_the_same_audio_and_tokens_that_computed_th
     values = [None, None, None, None, None, -0.9]
     assert donors.complete(audio, [1, 2, 3, 4, 5, 9], values, 3) is None
     assert values == [None, None, None, -0.3, -0.4, -0.9]
-    assert donors.counts == Counter({"filled": 1})
-    # Other tokens before the gap's end, or the same content in another audio object: no donor,
+    # Another list of the same arrays (items that share a swap partner) is the same audio.
+    assert donors.complete(list(audio), [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3) is None
+    assert donors.counts == Counter({"filled": 2})
+    # Other tokens before the gap's end, or equal audio in other arrays: no donor,
     # and the end of the positions still missing.
     assert donors.complete(audio, [1, 2, 3, 7, 5, 9], [None] * 5 + [-0.9], 3) == 5
     assert donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3) == 5
@@ -155,7 +157,7 @@ def test_prefix_donors_fill_only_from_the_same_audio_and_tokens_that_computed_th
     assert donors.complete(same_content, [1, 2, 3, 4, 5, 9], [None] * 5 + [-0.9], 3) == 5
     # Nothing served in the trace: nothing to fill.
     assert donors.complete(same_content, [1, 2, 3, 4], [None, None, -0.2, -0.1], 2) is None
-    assert donors.counts == Counter({"filled": 1})
+    assert donors.counts == Counter({"filled": 2})
 
 
 def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model):
@@ -303,7 +305,7 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
     ctx.partners = {i: ctx.items["a"] for i in answers}  # scorable against "swap"
     batches = []
 
-    def fake_score(batch, inputs, llm, records, donors):  # the engine's scores, fixed per trace
+    def fake_score(batch, inputs, llm, records, cache_counts):  # the engine's scores, fixed per trace
         batches.append([t["trace_id"] for t in batch])
         records.update({t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in batch})
 
@@ -320,7 +322,7 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
         return {t["trace_id"] for t in read_jsonl(rd.filtered)}
 
     rules = {t["trace_id"]: ctx.prefilter.run(t) for t in traces}
-    records, passed_over = ctx.score_traces(by_item, rules, {}, None, set(), PrefixDonors())
+    records, passed_over = ctx.score_traces(by_item, rules, {}, None, set(), Counter())
     every = {t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in traces}
     assert kept_by_filter(records, passed_over, "keepable") == kept_by_filter(every, {}, "all")
     assert not any(tid.startswith("c#") for tid in records)  # out of band: nothing scored
@@ -341,7 +343,7 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
         probed.append([it.id for it in items])
         return {it.id: ProbeTally({"real": [2, 2], "silence": [2, 2]}) for it in items}, {}
 
-    ctx.probe, ctx.inputs = fake_probe, lambda item: {}
+    ctx.probe, ctx.inputs = fake_probe, lambda item, loaded: {}
     for mode, expected in (("keepable", ["a", "b"]), ("all", ["a", "b", "c"])):
         cfg.grounding.probe_items = mode
         rows = ctx.measure(traces, 1, None, "x", "y", Counter())

@@ -2,6 +2,7 @@
 forward pass, counterfactual scorings recomputed by hand, and an audio-blind model filtered."""
 
 import shutil
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from distill.config import load_config
 from distill.export import hf_completion_logprobs
 from distill.grounding.counterfactual import noise, silence
-from distill.grounding.scoring import PrefixDonors, ScoreJob, completion_tokens, score
+from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.grounding.stage import ground_stage, read_grounding
 from distill.io import read_jsonl
 from distill.loop import init_run_dir
@@ -66,13 +67,14 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         # Scorings that read the prefix cache score the same. The trace taken three times over is
         # longer than a block, so the cache also serves the head of the trace: the scoring without
         # the cache left it there, so of three jobs that hear one silence array, the first has no
-        # donor and is scored again, and the next two take the head from it; one that hears the
-        # same silence from another array is scored again.
+        # donor and is scored again, and the next two take the head from it; one that hears
+        # equal silence from other arrays is scored again.
         long_ids = trace["token_ids"] * 3
         fresh = score(llm, tokenizer, [ScoreJob(prompt, completion, silent, long_ids)], cfg.data.sample_rate)[0]
-        donors = PrefixDonors()
+        counts = Counter()
         reused = score(llm, tokenizer, [ScoreJob(prompt, completion, a, long_ids, reuse_prefix=True)
-                                        for a in (silent, silent, silent, list(silent))], cfg.data.sample_rate, donors)
+                                        for a in (silent, silent, silent, [c.copy() for c in silent])],
+                       cfg.data.sample_rate, counts)
         # The eval's thinking-budget curve cuts the full greedy trace at each budget: that is the
         # greedy trace of that budget only if greedy decoding is prefix-consistent. It is here.
         requests = [Request(prompt, real, cfg.data.sample_rate, 0), Request(prompt, silent, cfg.data.sample_rate, 0)]
@@ -114,13 +116,16 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
 
     for lp in reused:
         np.testing.assert_allclose(lp.reasoning + lp.answer, fresh.reasoning + fresh.answer, atol=1e-4)
-    assert donors.counts["rescored"] == 2 and donors.counts["filled"] == 2 and donors.counts["reused"] > 0
+    assert counts["rescored"] == 2 and counts["filled"] == 2 and counts["reused"] > 0
 
     # 2. The stored dependence is the real-minus-counterfactual gap of the sampled tokens' scorings
     # (the real side as sampling returned it).
     record = rows[item.id]["traces"][trace["trace_id"]]
     assert all("sampled_logprob" in t and "token_ids" in t for t in traces)
     assert record["real_logprob"] == "sampled" and stats["traces_real_from_sampling"] == len(traces)
+    # The stage's scorings read the prefix cache (an item's prompts are longer than a block), and
+    # they are the ones recomputed here without it.
+    assert stats["prefix_tokens_reused"] > 0
     tol = 1e-3
     n = len(by_ids[0].reasoning)
     for kind, lp in (("silence", by_ids[1]), ("noise", by_ids[2])):

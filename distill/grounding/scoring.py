@@ -12,9 +12,10 @@ counterfactual audio, hundreds of audio tokens for a real clip). vLLM skips its 
 requests with prompt_logprobs, because it returns no log-probability for a token whose position
 the cache served; a job may ask to read it anyway (`ScoreJob.reuse_prefix`). Served positions in
 the prompt are not needed. Where the cache also served the first tokens of the trace (traces that
-begin alike), their log-probabilities are those of an earlier job with the same tokens and audio
-up to there (a token's log-probability depends only on what precedes it); with no such job the
-trace is scored again without the cache.
+begin alike), their log-probabilities are those of an earlier job of the same call with the same
+tokens and audio up to there (a token's log-probability depends only on what precedes it); with no
+such job (the blocks came from sampling, another call or shard) the trace is scored again without
+the cache.
 """
 
 from __future__ import annotations
@@ -35,23 +36,25 @@ class ScoreJob:
     audio: list[np.ndarray]
     # The completion's tokens as sampled: scored as they are (else the text is tokenized after the prompt).
     completion_ids: list[int] | None = None
-    # Read vLLM's prefix cache (module docstring). Not for a prompt whose own trace sampling left in
-    # the cache: every position would be served, and the trace scored twice.
+    # Read vLLM's prefix cache (module docstring): a trace whose head the cache holds from a request
+    # outside the call (a sampled trace, another call's scoring) is scored twice.
     reuse_prefix: bool = False
 
 
 @dataclass
 class PrefixDonors:
     """Scored prompts whose log-probabilities can stand in for positions vLLM's prefix cache served
-    in a later job: per audio input (the list object, which pins the content), each scored prompt's
-    token ids and its log-probability per position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor ("filled") or
+    in a later job: per audio input (its arrays, the same objects for the same content: that pins
+    the content without hashing it), each scored prompt's token ids and its log-probability per
+    position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor ("filled") or
     scored again without the cache ("rescored"), and prompt tokens the cache served ("reused")."""
 
-    by_audio: dict[int, list[tuple[list, list[int], list[float | None]]]] = field(default_factory=dict)
+    # Keyed by the arrays' ids; each entry holds its audio, so the ids stay those arrays'.
+    by_audio: dict[tuple[int, ...], list[tuple[list, list[int], list[float | None]]]] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
 
     def add(self, audio: list, ids: list[int], values: list[float | None]) -> None:
-        self.by_audio.setdefault(id(audio), []).append((audio, ids, values))
+        self.by_audio.setdefault(tuple(map(id, audio)), []).append((audio, ids, values))
 
     def complete(self, audio: list, ids: list[int], values: list[float | None], start: int) -> int | None:
         """Fill the positions from `start` (the trace's) of `values` that the prefix cache served
@@ -70,11 +73,16 @@ class PrefixDonors:
     def fill(self, audio: list, ids: list[int], start: int, end: int) -> list[float] | None:
         """Log-probabilities of positions start..end-1 of prompt `ids` from a scored prompt with the
         same audio and the same tokens up to end-1 that computed them (None: no such prompt)."""
-        for donor_audio, donor_ids, values in self.by_audio.get(id(audio), ()):
-            if donor_audio is audio and len(donor_ids) >= end and donor_ids[:end] == ids[:end] and \
+        for donor_audio, donor_ids, values in self.by_audio.get(tuple(map(id, audio)), ()):
+            if same_arrays(donor_audio, audio) and len(donor_ids) >= end and donor_ids[:end] == ids[:end] and \
                     all(v is not None for v in values[start:end]):
                 return values[start:end]
         return None
+
+
+def same_arrays(a: list, b: list) -> bool:
+    """Whether two audio inputs are the same arrays (not merely equal ones)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 @dataclass
@@ -121,13 +129,14 @@ def completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int
     return ids, reasoning
 
 
-def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, donors: PrefixDonors | None = None
+def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, counts: Counter | None = None
           ) -> list[TraceLogprobs]:
-    """The log-probability of each job's completion tokens given its prompt and audio. `donors`
-    keeps the scored prompts of jobs that read the prefix cache, across calls (module docstring)."""
+    """The log-probability of each job's completion tokens given its prompt and audio. Jobs that
+    read the prefix cache take served trace heads from the call's other jobs, so a call holds no
+    more than its own outputs (module docstring); `counts` adds up PrefixDonors.counts."""
     if not jobs:
         return []
-    donors = PrefixDonors() if donors is None else donors
+    donors = PrefixDonors(counts=Counter() if counts is None else counts)
     think_close = think_close_token_id(tokenizer)
     spans, prompts = [], []
     for j in jobs:
@@ -159,7 +168,7 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, donors: Prefix
             end = donors.complete(jobs[i].audio, prompt_ids, values, starts[i])
             if end is None:
                 donors.add(jobs[i].audio, prompt_ids, values)
-            elif any(jobs[w].audio is jobs[i].audio and scored[w][0][:end] == prompt_ids[:end] for w in wave):
+            elif any(same_arrays(jobs[w].audio, jobs[i].audio) and scored[w][0][:end] == prompt_ids[:end] for w in wave):
                 wait.append(i)
             else:
                 wave.append(i)

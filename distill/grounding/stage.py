@@ -24,7 +24,7 @@ from distill.config import Config
 from distill.data import audio_cache
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
-from distill.grounding.scoring import LogprobSums, PrefixDonors, ScoreJob, dependence, score
+from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
 from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
 from distill.metrics import distribution
 from distill.prompting import audio_tokens, control_tokens, item_prompt, load_tokenizer
@@ -58,7 +58,14 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
             skipped += 1
             continue
         traces = read_samples(rd, count, shards=[shard])
-        rows = ctx.measure(traces, rd.index, get_engine(model_dir), model_hash, samples_sha256, timing)
+        llm = get_engine(model_dir)
+        if g.reuse_prefix_cache and not done:
+            # Sampling left its traces in the prefix cache. A scoring that reads it under a prompt
+            # sampling asked (the real one; a swap whose partner asks the same question, as
+            # templated questions do) would find the heads of traces that begin like a sampled one
+            # served without log-probabilities, and score them twice (the demo's round 2: 157 of 280).
+            llm.reset_prefix_cache()
+        rows = ctx.measure(traces, rd.index, llm, model_hash, samples_sha256, timing)
         atomic_write_jsonl(path, rows)
         done += 1
         print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, {sum(r['probed'] for r in rows)} probed, "
@@ -92,21 +99,28 @@ class GroundingContext:
         self.answer_check = RulePipeline(replace(cfg.filter, checks=["correct"]), ())
         self.answer_graded = "correct" in self.prefilter.enabled
 
-    def inputs(self, item: Item) -> dict[str, list]:
+    def inputs(self, item: Item, loaded: dict[str, list]) -> dict[str, list]:
         """The item's audio as heard under "real" and every counterfactual the probes or the
         scoring use, each loaded or built once; "swap" is absent when the item has no partner (a
         one-item split). Noise depends on the run's seed, not the item: clips of one length and
-        level share it (counterfactual.py)."""
+        level share it (counterfactual.py). `loaded`: recordings by sha256, so the items that
+        share a swap partner hear the same arrays (which is how scoring knows they are the same)."""
         g = self.cfg.grounding
-        real = self.cache.chunks(item.audio, item.audio_sha256)
+
+        def recording(it: Item) -> list:
+            key = it.audio_sha256 or it.audio
+            if key not in loaded:
+                loaded[key] = self.cache.chunks(it.audio, it.audio_sha256)
+            return loaded[key]
+
+        real = recording(item)
         step = round(g.bank_seconds * self.cfg.data.sample_rate)
         partner = self.partners.get(item.id)
         out = {"real": real}
         for kind in dict.fromkeys([*g.counterfactuals, *g.score_against]):
             if kind == "swap" and partner is None:
                 continue
-            other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
-            out[kind] = counterfactual(kind, real, self.cfg.seed, step, other)
+            out[kind] = counterfactual(kind, real, self.cfg.seed, step, recording(partner) if kind == "swap" else None)
         return out
 
     def informative_swap(self, item: Item) -> bool:
@@ -130,7 +144,8 @@ class GroundingContext:
             raise RuntimeError(f"ground: traces of item(s) {missing[:5]} that are not in the train split; the "
                                "samples belong to another data set (delete the round to resample)")
         items = [self.items[i] for i in by_item]
-        inputs = {item.id: self.inputs(item) for item in items}
+        loaded: dict[str, list] = {}
+        inputs = {item.id: self.inputs(item, loaded) for item in items}
         rules = {t["trace_id"]: self.prefilter.run(t) for t in traces}
         probed = {item.id for item in items if g.probe_items == "all" or self.keepable(by_item[item.id], rules)}
         t0 = time.time()
@@ -139,10 +154,10 @@ class GroundingContext:
         solvable = {i for i, tally in tallies.items()
                     if text_solvable(tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin)}
         t0 = time.time()
-        donors = PrefixDonors()
-        scores, passed_over = self.score_traces(by_item, rules, inputs, llm, solvable, donors)
+        cache_counts: Counter = Counter()
+        scores, passed_over = self.score_traces(by_item, rules, inputs, llm, solvable, cache_counts)
         timing["score"] += time.time() - t0
-        timing.update({f"prefix_{k}": n for k, n in donors.counts.items()})
+        timing.update({f"prefix_{k}": n for k, n in cache_counts.items()})
         rows = []
         for item in items:
             rate = chance(item.answer, item.choices)
@@ -213,26 +228,26 @@ class GroundingContext:
         return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
 
     def score_traces(self, by_item: dict[str, list[dict]], rules: dict[str, dict], inputs: dict[str, dict[str, list]],
-                     llm, flagged: set[str], donors: PrefixDonors) -> tuple[dict[str, dict], dict[str, list[str]]]:
+                     llm, flagged: set[str], cache_counts: Counter) -> tuple[dict[str, dict], dict[str, list[str]]]:
         """(trace id -> audio dependence, item id -> passing traces left unscored). Which traces are
         scored follows grounding.score_traces; "keepable" asks the filter's own selection which
         traces it would keep, scores those, and asks again with the dependence rejections known
         until every trace it would keep is scored (`rules`: trace id -> rule check results,
-        `flagged`: the items answerable from text, `donors`: what the counterfactual scorings share
-        through the prefix cache, scoring.py)."""
+        `flagged`: the items answerable from text, `cache_counts`: what the scorings shared through
+        the prefix cache, counted as scoring.PrefixDonors counts it)."""
         g = self.cfg.grounding
         mode = "passing" if g.score_traces == "keepable" and self.cfg.filter.judge.enabled else g.score_traces
         records: dict[str, dict] = {}
         passed_over: dict[str, list[str]] = {}
         todo = {item_id: traces for item_id, traces in by_item.items() if self.scorable(self.items[item_id])}
         if mode == "all":
-            self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records, donors)
+            self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records, cache_counts)
             return records, passed_over
         results = {t["trace_id"]: self.filter_results(rules[t["trace_id"]], t["item_id"], flagged)
                    for traces in todo.values() for t in traces}
         passing = [t for traces in todo.values() for t in traces if not any(results[t["trace_id"]].values())]
         if mode == "passing":
-            self.score_batch(passing, inputs, llm, records, donors)
+            self.score_batch(passing, inputs, llm, records, cache_counts)
             return records, passed_over
         while True:
             wanted = []
@@ -243,7 +258,7 @@ class GroundingContext:
                 wanted += [ordered[i] for i in decision.kept if ordered[i]["trace_id"] not in records]
             if not wanted:
                 break
-            self.score_batch(wanted, inputs, llm, records, donors)
+            self.score_batch(wanted, inputs, llm, records, cache_counts)
             for t in wanted:  # a trace it could not score fails like the filter fails it
                 results[t["trace_id"]]["audio_dependence"] = check_audio_dependence(
                     records.get(t["trace_id"]), g.min_dependence, g.min_answer_dependence
@@ -261,12 +276,12 @@ class GroundingContext:
         return {**rules, "text_solvable": text_solvable, "audio_dependence": None}
 
     def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict],
-                    donors: PrefixDonors) -> None:
+                    cache_counts: Counter) -> None:
         """Score `traces` against every counterfactual of grounding.score_against into `records`.
         Only the generated tokens count: the generation prefix (`<think>\n`) goes with the prompt.
         The real audio's log-probability comes from sampling where the trace carries it, else from
-        one more teacher-forced pass. The counterfactual scorings read the prefix cache: an item's
-        traces share each counterfactual prompt (the real one's blocks hold the sampled trace itself)."""
+        one more teacher-forced pass. With grounding.reuse_prefix_cache the scorings read the prefix
+        cache: an item's traces share each prompt they are scored under (scoring.py)."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
         prefix = self.cfg.sample.generation_prefix
         jobs, meta = [], []
@@ -287,11 +302,11 @@ class GroundingContext:
                 if kind == "real" and sampled is not None or kind != "real" and kind not in g.score_against:
                     continue
                 jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio, ids,
-                                     reuse_prefix=g.reuse_prefix_cache and kind != "real"))
+                                     reuse_prefix=g.reuse_prefix_cache))
                 meta.append((t["trace_id"], kind))
         for lo in range(0, len(jobs), g.score_batch):
             for (trace_id, kind), lp in zip(meta[lo:lo + g.score_batch],
-                                            score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr, donors),
+                                            score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr, cache_counts),
                                             strict=True):
                 per_trace[trace_id][kind] = lp.sums()
         for trace_id, lps in per_trace.items():
