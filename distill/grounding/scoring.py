@@ -49,12 +49,12 @@ class PrefixDonors:
     position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor ("filled") or
     scored again without the cache ("rescored"), and prompt tokens the cache served ("reused")."""
 
-    # Keyed by the arrays' ids; each entry holds its audio, so the ids stay those arrays'.
+    # Keyed by audio_key; each entry holds its audio, so its arrays' ids stay theirs.
     by_audio: dict[tuple[int, ...], list[tuple[list, list[int], list[float | None]]]] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
 
     def add(self, audio: list, ids: list[int], values: list[float | None]) -> None:
-        self.by_audio.setdefault(tuple(map(id, audio)), []).append((audio, ids, values))
+        self.by_audio.setdefault(audio_key(audio), []).append((audio, ids, values))
 
     def complete(self, audio: list, ids: list[int], values: list[float | None], start: int) -> int | None:
         """Fill the positions from `start` (the trace's) of `values` that the prefix cache served
@@ -73,16 +73,16 @@ class PrefixDonors:
     def fill(self, audio: list, ids: list[int], start: int, end: int) -> list[float] | None:
         """Log-probabilities of positions start..end-1 of prompt `ids` from a scored prompt with the
         same audio and the same tokens up to end-1 that computed them (None: no such prompt)."""
-        for donor_audio, donor_ids, values in self.by_audio.get(tuple(map(id, audio)), ()):
-            if same_arrays(donor_audio, audio) and len(donor_ids) >= end and donor_ids[:end] == ids[:end] and \
-                    all(v is not None for v in values[start:end]):
+        for _, donor_ids, values in self.by_audio.get(audio_key(audio), ()):
+            if len(donor_ids) >= end and donor_ids[:end] == ids[:end] and all(v is not None for v in values[start:end]):
                 return values[start:end]
         return None
 
 
-def same_arrays(a: list, b: list) -> bool:
-    """Whether two audio inputs are the same arrays (not merely equal ones)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+def audio_key(audio: list) -> tuple[int, ...]:
+    """The identity of an audio input's arrays (not their content): two live inputs have the same
+    key only if they hold the same arrays."""
+    return tuple(map(id, audio))
 
 
 @dataclass
@@ -168,7 +168,8 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, counts: Counte
             end = donors.complete(jobs[i].audio, prompt_ids, values, starts[i])
             if end is None:
                 donors.add(jobs[i].audio, prompt_ids, values)
-            elif any(same_arrays(jobs[w].audio, jobs[i].audio) and scored[w][0][:end] == prompt_ids[:end] for w in wave):
+            elif any(audio_key(jobs[w].audio) == audio_key(jobs[i].audio) and scored[w][0][:end] == prompt_ids[:end]
+                     for w in wave):
                 wait.append(i)
             else:
                 wave.append(i)
