@@ -115,6 +115,49 @@ def round_dir_arg(value: str):
     return RoundDir(path.parent, int(path.name[6:]))
 
 
+def slurm_command(args: argparse.Namespace) -> int:
+    from distill import loop
+    from distill.config import load_config
+    from distill.locks import RUN_UNIT, unit_lock
+    from distill.slurm import submit
+
+    cfg = load_config(args.config, args.overrides)
+    run = loop.RunDir(cfg.run_dir)
+    if args.dry_run:  # changes nothing
+        loop.check_resume(cfg, run)
+        lines = submit(cfg, run, args.rounds, True)
+    else:
+        # The jobs run on the run's saved config, so the run is set up first (data validated, base
+        # model built), unless a `distill run` holds it.
+        with unit_lock(run.path, RUN_UNIT, exclusive=False):
+            loop.init_run_dir(cfg, run)
+            lines = submit(cfg, run, args.rounds, False)
+    for line in lines:
+        print(line)
+    return 0
+
+
+def engine_command(args: argparse.Namespace) -> int:
+    """`distill run`, `stage` and `eval`: the commands that start engines and training."""
+    from distill import loop
+    from distill.config import ConfigError, load_config
+
+    if args.command == "eval":
+        rd = round_dir_arg(args.round_dir)
+        bad = [o for o in args.overrides if not o.startswith("eval.")]
+        if bad:
+            raise ConfigError(f"{bad[0]}: distill eval takes eval.* overrides only (the rest is the run's)")
+        cfg = load_config(rd.path.parent / "config.yaml", args.overrides)
+        loop.evaluate_round(cfg, loop.RunDir(rd.path.parent), rd.index)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "run":
+        loop.run_loop(cfg)
+    else:
+        loop.run_stages(cfg, args.round, args.stage)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow options (`stage sample CFG --round 1 key=value`): collect them.
@@ -124,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
-    from distill.config import ConfigError, load_config
+    from distill.config import ConfigError
 
     try:
         if args.command == "make-tiny-model":
@@ -145,16 +188,6 @@ def main(argv: list[str] | None = None) -> int:
 
             print(run_status(Path(args.run_dir)))
             return 0
-        if args.command == "eval":
-            from distill import loop
-
-            rd = round_dir_arg(args.round_dir)
-            bad = [o for o in args.overrides if not o.startswith("eval.")]
-            if bad:
-                raise ConfigError(f"{bad[0]}: distill eval takes eval.* overrides only (the rest is the run's)")
-            cfg = load_config(rd.path.parent / "config.yaml", args.overrides)
-            loop.evaluate_round(cfg, loop.RunDir(rd.path.parent), rd.index)
-            return 0
         if args.command == "push":
             from distill.push import push_round
 
@@ -166,32 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.rounds < 0:
                 raise ConfigError(f"--rounds {args.rounds}: must be >= 0")
             args.overrides = [*args.overrides, f"loop.rounds={max(1, args.rounds)}"]
-        cfg = load_config(args.config, args.overrides)
-        from distill import loop
+            return slurm_command(args)
+        from distill.processes import owning_processes
 
-        if args.command == "run":
-            loop.run_loop(cfg)
-            return 0
-        run = loop.RunDir(cfg.run_dir)
-        if args.command == "slurm":
-            from distill.slurm import submit
-
-            # The jobs run on the run's saved config, so the run is set up first (data validated,
-            # base model built), unless this is a dry run, which changes nothing.
-            loop.check_resume(cfg, run) if args.dry_run else loop.init_run_dir(cfg, run)
-            for line in submit(cfg, run, args.rounds, args.dry_run):
-                print(line)
-            return 0
-        data = loop.init_run_dir(cfg, run)
-        with loop.EngineCache(cfg.engine, cfg.seed, loop.max_audio_items(cfg.data)) as engines:
-            for stage in args.stage:
-                done = loop.run_stage(cfg, run, args.round, stage, data, engines)
-                print(f"round {args.round} {stage}: {'done' if done else 'waiting for other shards'}")
-                if not done:
-                    break
-        if done and "eval" in args.stage:
-            loop.finish_round(cfg, run, run.round(args.round))
-        return 0
+        # run, stage and eval start processes (training ranks, engines): they end with this one.
+        with owning_processes():
+            return engine_command(args)
     except ConfigError as exc:
         print(f"distill: config error: {exc}", file=sys.stderr)
         return 2

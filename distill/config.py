@@ -434,6 +434,9 @@ class TrainConfig:
     deepspeed_config: str = ""
     offload_optimizer: bool = False
     num_processes: int = 2
+    # How long a rank waits for its peers, at start and in each collective, before it exits with
+    # a message: a rank whose peer died or hangs must not block for ever.
+    collective_timeout_s: float = 600.0
     # "cpu" forces CPU training (gloo); "auto" uses CUDA when present.
     device: str = "auto"
     # "auto": bf16 on GPU, full precision on CPU.
@@ -605,6 +608,7 @@ RESUMABLE_CHANGES = ("loop.rounds", "wandb.mode", "wandb.project", "sample.shard
                      "data.audio.workers", "filter.judge.concurrency", "filter.judge.timeout_s",
                      "filter.judge.retries", "filter.judge.backoff_s", "train.save_steps", "cold_start.train.save_steps",
                      "train.audio_encoder_cache_mb", "cold_start.train.audio_encoder_cache_mb",
+                     "train.collective_timeout_s", "cold_start.train.collective_timeout_s",
                      # the real audio's log-probabilities, from sampling or a pass (traces sampled
                      # without them are scored by a pass, so a round may mix the two):
                      "grounding.real_logprobs",
@@ -659,7 +663,7 @@ _POSITIVE = (
     "grounding.score_batch", "sample.server.timeout_s", "sample.server.concurrency", "sample.server.chunk_seconds",
     "export.probes", "export.max_logprob_diff", "eval.answer_max_tokens", "slurm.cpus_per_task",
     "slurm.train_nodes", "slurm.main_process_port", "train.lora.r", "train.lora.alpha", "cold_start.train.lora.r",
-    "cold_start.train.lora.alpha",
+    "cold_start.train.lora.alpha", "train.collective_timeout_s", "cold_start.train.collective_timeout_s",
 )
 _NON_NEGATIVE = (
     "cold_start.items", "train.max_steps", "cold_start.train.max_steps", "train.warmup_steps",

@@ -20,12 +20,13 @@ from distill.export import export_stage
 from distill.grounding.stage import ground_stage
 from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
 from distill.launch import machines_from_env, run_training
+from distill.locks import RUN_UNIT, unit_lock, unit_locks
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.prompting import load_tokenizer
 from distill.push import push_round
 from distill.rewards.filter import filter_stage
 from distill.rollout.engine import EngineCache
-from distill.rollout.sample import sample_stage
+from distill.rollout.sample import sample_stage, shard_plan
 from distill.rundir import RoundDir, RunDir, StageOrderError
 from distill.sft_data import cold_start_rows
 from distill.tiny_model import build_tiny_model
@@ -86,13 +87,35 @@ def train_inputs(cfg: Config, run: RunDir, index: int, model: Path) -> tuple[Pat
     return Path(cfg.model.path), [run.round(i).filtered for i in range(first, index + 1)]
 
 
+def stage_part(cfg: Config, stage: str) -> str | None:
+    """The part of `stage` this process writes, which it locks on its own: one shard of a sharded
+    stage (an array task's), one node of a multi-node training job; None: the whole stage."""
+    if stage in ("sample", "ground"):
+        count, indices = shard_plan(cfg)
+        return f"shard-{indices[0]:05d}-of-{count:05d}" if len(indices) < count else None
+    machines = machines_from_env()
+    if stage == "train" and machines.count > 1:
+        return f"node-{machines.rank}-of-{machines.count}"
+    return None
+
+
 def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, engines: EngineCache) -> bool:
-    """Run one stage of one round unless it is done; True when the stage is (now) finished."""
+    """Run one stage of one round unless it is done; True when the stage is (now) finished. The
+    stage (or this process's part of it) is locked while it runs: a second writer is refused."""
     rd = run.round(index)
     rd.require_before(stage)
     if rd.is_done(stage):
         return True
     rd.path.mkdir(parents=True, exist_ok=True)
+    with unit_locks(run.path, f"{rd.path.name}.{stage}", stage_part(cfg, stage)):
+        if rd.is_done(stage):  # finished by the holder this process found gone
+            return True
+        return execute_stage(cfg, run, rd, stage, data, engines)
+
+
+def execute_stage(cfg: Config, run: RunDir, rd: RoundDir, stage: str, data: Datasets, engines: EngineCache) -> bool:
+    """The work of one stage, then its stats and marker; False while other shards are owed."""
+    index = rd.index
     model = input_model(cfg, run, index)
     start = time.time()
     print(f"\n== round {index}: {stage} ==", flush=True)
@@ -139,10 +162,11 @@ def evaluate_round(cfg: Config, run: RunDir, index: int) -> dict:
     rd = run.round(index)
     if not rd.is_done("export"):
         raise StageOrderError(f"{rd.path}: eval needs the exported model (last finished stage: {rd.last_stage()!r})")
-    data = prepare_data(cfg, run.data_dir)
-    start = time.time()
-    with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
-        stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get, data.benchmarks)
+    with unit_lock(run.path, RUN_UNIT, exclusive=False), unit_lock(run.path, f"{rd.path.name}.eval"):
+        data = prepare_data(cfg, run.data_dir)
+        start = time.time()
+        with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
+            stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get, data.benchmarks)
     stats = {**stats, "seconds": round(time.time() - start, 2)}
     if rd.is_done("eval"):
         atomic_write_json(rd.stats_dir / "eval.json", stats)
@@ -180,19 +204,39 @@ def finish_round(cfg: Config, run: RunDir, rd: RoundDir, logger: WandbLogger | N
         print("\n".join(f"pushed {line}" for line in pushed), flush=True)
 
 
-def run_loop(cfg: Config) -> list[dict]:
-    """Run (or resume) the whole loop; return the per-round metric records."""
+def run_stages(cfg: Config, index: int, stages: list[str]) -> bool:
+    """`distill stage STAGES --round N` (a Slurm job's work): the stages in order on one engine,
+    beside other jobs of the run (each stage or shard locked on its own); False when a stage waits
+    for other shards. A round whose eval finished here is finished as the loop would."""
     run = RunDir(cfg.run_dir)
-    data = init_run_dir(cfg, run)
-    logger = wandb_logger(cfg, run)
-    first = 0 if cfg.cold_start.enabled else 1
-    try:
+    with unit_lock(run.path, RUN_UNIT, exclusive=False):
+        data = init_run_dir(cfg, run)
         with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
-            for index in range(first, cfg.loop.rounds + 1):
-                rd = run_round(cfg, run, index, data, engines)
-                finish_round(cfg, run, rd, logger)
-    finally:
-        logger.finish()
+            for stage in stages:
+                done = run_stage(cfg, run, index, stage, data, engines)
+                print(f"round {index} {stage}: {'done' if done else 'waiting for other shards'}")
+                if not done:
+                    return False
+        if "eval" in stages:
+            finish_round(cfg, run, run.round(index))
+    return True
+
+
+def run_loop(cfg: Config) -> list[dict]:
+    """Run (or resume) the whole loop; return the per-round metric records. The run is locked
+    while it runs: a second `distill run` (or a stage job) on it is refused."""
+    run = RunDir(cfg.run_dir)
+    with unit_lock(run.path, RUN_UNIT):
+        data = init_run_dir(cfg, run)
+        logger = wandb_logger(cfg, run)
+        first = 0 if cfg.cold_start.enabled else 1
+        try:
+            with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
+                for index in range(first, cfg.loop.rounds + 1):
+                    rd = run_round(cfg, run, index, data, engines)
+                    finish_round(cfg, run, rd, logger)
+        finally:
+            logger.finish()
     records = write_run_metrics(run)
     print("\n" + format_table(records), flush=True)
     return records

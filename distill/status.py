@@ -2,7 +2,8 @@
 
 Per round: the stages finished (with their time), and for the stage under way the work already
 on disk (sample and grounding shards, items of a half-written server shard, training steps) with
-an ETA from the rate so far. It never changes anything, so it is safe beside a running job.
+an ETA from the rate so far; then the processes writing the run now (its locks). It never changes
+anything, so it is safe beside a running job.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distill.io import read_json, read_jsonl
+from distill.locks import describe, live_holders, locks_dir
 from distill.rundir import RoundDir, RunDir
 from distill.slurm import jobs_status
 
@@ -127,6 +129,9 @@ def run_status(run_dir: Path) -> str:
     if not rounds or (rounds[-1].is_done("eval") and rounds[-1].index < rounds_wanted):
         nxt = rounds[-1].index + 1 if rounds else first
         lines.append(f"round {nxt}: not started")
+    holders = live_holders(locks_dir(run.path), "")
+    if holders:
+        lines += ["Running now (RUN/locks/):", *(f"  {unit}: {describe(record)}" for unit, record in holders)]
     jobs = jobs_status(run)
     if jobs:
         lines += ["Slurm jobs (RUN/slurm/jobs.jsonl):", *jobs]

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -87,6 +89,19 @@ def deepspeed_config(tcfg: TrainConfig, world: int, hidden_size: int) -> dict:
     return config
 
 
+def bound_collectives(seconds: float) -> timedelta:
+    """Make every wait for a peer, at start and in each collective, end after `seconds`. The
+    world's group takes the timeout from accelerate, but DeepSpeed reduces gradients in groups of
+    its own (torch's new_group), which take torch's default: 30 minutes on gloo, 10 on NCCL."""
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout
+    if isinstance(c10d.default_pg_nccl_timeout, timedelta):  # None where NCCL is not built
+        c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
 def build_accelerator(tcfg: TrainConfig, hidden_size: int):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
@@ -99,7 +114,8 @@ def build_accelerator(tcfg: TrainConfig, hidden_size: int):
                                  zero3_save_16bit_model=True)
     # On CPU the process group must be gloo, or accelerate and DeepSpeed disagree on the world size;
     # a single process has no group to set.
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu and world > 1 else []
+    timeout = bound_collectives(tcfg.collective_timeout_s)
+    kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if world > 1 else []
     return Accelerator(
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=tcfg.grad_accum,
@@ -322,5 +338,21 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.end_training()
 
 
+def lost_peers(exc: BaseException) -> bool:
+    """Whether a failure is a collective that lost its peers: one timed out, or a peer's connection
+    went (gloo says so in a RuntimeError; NCCL and the rendezvous store raise DistError)."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as exc:
+        if not lost_peers(exc):
+            raise
+        print(f"train: rank {os.environ.get('RANK', '?')} lost contact with the other ranks and stops: "
+              f"{str(exc).splitlines()[0]}\nAnother rank died or hangs (its output says why); a rank waits for "
+              "its peers at most train.collective_timeout_s seconds.", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group's destructors would wait on the lost peers

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ import psutil
 import pytest
 
 from distill.io import read_json, read_jsonl
+from distill.locks import read_record
+from distill.processes import OWNER_ENV
 from distill.rollout.engine import weights_hash
 
 pytestmark = pytest.mark.e2e
@@ -28,12 +31,16 @@ TINY_RUN = [
 ]
 
 
+def run_command(out: Path, *overrides: str, config: str | Path = "configs/demo_cpu.yaml") -> list[str]:
+    return [sys.executable, "-m", "distill.cli", "run", str(config), f"output_dir={out}", *TINY_RUN, *overrides]
+
+
 def distill_run(out: Path, *overrides: str, config: str | Path = "configs/demo_cpu.yaml",
                 **popen) -> subprocess.Popen:
     """Start `distill run`; its output goes to a file (a pipe nobody reads would fill and block it)."""
-    cmd = [sys.executable, "-m", "distill.cli", "run", str(config), f"output_dir={out}", *TINY_RUN, *overrides]
     log = (out / "run.log").open("a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+    proc = subprocess.Popen(run_command(out, *overrides, config=config), stdout=log, stderr=subprocess.STDOUT,
+                            text=True, **popen)
     proc.log_path = out / "run.log"  # type: ignore[attr-defined]
     return proc
 
@@ -53,9 +60,27 @@ def traces(round_dir: Path) -> list[dict]:
     return [t for shard in sorted((round_dir / "samples").glob("shard-*.jsonl")) for t in read_jsonl(shard)]
 
 
-def test_two_rounds_end_to_end(tmp_path):
-    log = finish(distill_run(tmp_path))
-    run = tmp_path / "demo_cpu"
+def outcome(run: Path) -> dict:
+    """What a finished run produced, round by round: weights, kept traces, loss, held-out accuracy."""
+    return {rd.name: {"weights": read_json(rd / "model" / "distill_export.json")["weights_sha256"],
+                      "kept": read_json(rd / "stats" / "filter.json")["kept"],
+                      "final_loss": read_json(rd / "stats" / "train.json")["final_loss"],
+                      "accuracy": read_json(rd / "eval.json")["accuracy"]}
+            for rd in sorted(run.glob("round_*"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, str, dict]:
+    """The tiny two-round run, never interrupted: its output folder, its log and its outcome."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    log = finish(distill_run(out))
+    return out, log, outcome(out / "demo_cpu")
+
+
+@pytest.mark.xdist_group("uninterrupted")
+def test_two_rounds_end_to_end(uninterrupted, tmp_path):
+    out, log, _ = uninterrupted
+    run = out / "demo_cpu"
     assert "heldout_acc" in log and "0 (cold start)" in log
     assert (run / "config.yaml").exists() and (run / "base_model" / "model.safetensors").exists()
     hashes = {}
@@ -165,9 +190,102 @@ def test_two_rounds_end_to_end(tmp_path):
 
     # A stage run before the one it reads from has finished is refused, before any work.
     stage = [sys.executable, "-m", "distill.cli", "stage"]
-    args = ["configs/demo_cpu.yaml", "--round", "3", f"output_dir={tmp_path}", *TINY_RUN, "loop.rounds=3"]
+    args = ["configs/demo_cpu.yaml", "--round", "3", f"output_dir={out}", *TINY_RUN, "loop.rounds=3"]
     early = subprocess.run([*stage, "export", *args], capture_output=True, text=True)
     assert early.returncode == 1 and "stage 'export' needs 'train' finished first" in early.stderr
+
+
+def run_processes(out: Path, token: str) -> list[psutil.Process]:
+    """Live processes of the run in `out`: by the run's path on their command line (distill, the
+    launcher, the ranks), or by the owner token distill gave them (wandb's service too)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and \
+                    (str(out) in " ".join(p.cmdline()) or p.environ().get(OWNER_ENV) == token):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def gone_after_kill(out: Path, token: str, bound: float = 10.0) -> float:
+    """Seconds until no process of the run is left; fails past `bound`."""
+    start = time.monotonic()
+    while left := run_processes(out, token):
+        assert time.monotonic() - start < bound, [" ".join(p.cmdline())[:120] for p in left]
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def wait_for_training(proc: subprocess.Popen, train_dir: Path) -> None:
+    """Until the training ranks `proc` started have logged a step, with the stage not finished."""
+    deadline = time.time() + 480
+    log = train_dir / "log.jsonl"
+    while True:
+        assert proc.poll() is None, output(proc)[-4000:]
+        assert time.time() < deadline, "training never started"
+        ranks = []
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "RANK" in p.environ():  # the launcher's command names train.py too
+                    ranks.append(p.create_time())
+            except psutil.Error:  # a helper process that just ended
+                continue
+        if len(ranks) == 2 and log.exists() and log.stat().st_mtime > max(ranks):
+            break
+        time.sleep(0.05)
+    assert not (train_dir / "final").exists(), "the stage finished before it could be interrupted"
+
+
+def files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.xdist_group("uninterrupted")
+def test_a_killed_run_leaves_no_process_and_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    """SIGKILL of `distill run`'s process group, then of distill alone, in the middle of training:
+    within seconds no process of the run is left (the ranks run in sessions of their own and used
+    to survive both), nothing is written after, and the re-run ends where an uninterrupted run does.
+    A second `distill run` on a live run is refused at once, naming the owner."""
+    run, train = tmp_path / "demo_cpu", tmp_path / "demo_cpu" / "round_000" / "train"
+    # Saving the training state every 5 steps (how work is done, not what it makes: the same
+    # weights) gives the resumed runs a state to resume and the kills a wider window.
+    saves = "cold_start.train.save_steps=5"
+    first = distill_run(tmp_path, saves, start_new_session=True)
+    while (read_record(run / "locks" / "run.lock") or {}).get("pid") != first.pid:
+        assert first.poll() is None, output(first)[-4000:]
+        time.sleep(0.05)
+    second = subprocess.run(run_command(tmp_path, saves), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"PID {first.pid} on {socket.gethostname()}" in second.stderr
+    wait_for_training(first, train)
+    token = read_record(run / "locks" / "run.lock")["token"]
+    assert run_processes(tmp_path, token)
+    status = subprocess.run([sys.executable, "-m", "distill.cli", "status", str(run)], capture_output=True, text=True)
+    assert f"  run: PID {first.pid} on {socket.gethostname()}" in status.stdout, status.stdout + status.stderr
+    assert f"  round_000.train: PID {first.pid}" in status.stdout
+
+    os.killpg(first.pid, signal.SIGKILL)  # what a terminal's kill of the job or a container stop does
+    first.wait()
+    group_kill = gone_after_kill(tmp_path, token)
+
+    resumed = distill_run(tmp_path, saves, start_new_session=True)
+    wait_for_training(resumed, train)
+    token = read_record(run / "locks" / "run.lock")["token"]
+    resumed.kill()  # distill alone: its launcher and ranks are not signalled
+    resumed.wait()
+    alone_kill = gone_after_kill(tmp_path, token)
+    written = files(run)
+    time.sleep(3)
+    assert files(run) == written and not (train / "final").exists(), "a process wrote after distill was killed"
+
+    before = len(output(resumed))
+    log = finish(distill_run(tmp_path, saves))[before:]
+    assert f"taking over from PID {resumed.pid} on {socket.gethostname()}" in log
+    assert not run_processes(tmp_path, token)
+    assert outcome(run) == uninterrupted[2]
+    print(f"all processes gone {group_kill:.2f} s after the group kill, {alone_kill:.2f} s after distill's")
 
 
 def benchmark_file(tmp_path: Path) -> Path:

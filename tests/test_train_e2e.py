@@ -103,3 +103,36 @@ def test_frozen_encoder_is_saved_unchanged_with_the_optimizer_offloaded(setup, t
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert not torch.equal(before["multi_modal_projector.linear.weight"], after["multi_modal_projector.linear.weight"])
     assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
+
+
+def test_a_rank_whose_peer_hangs_exits_with_a_message(setup, tiny_model, tmp_path):
+    """A rank whose peer stops answering (here: SIGSTOPped, as a hung node would be) gives up after
+    train.collective_timeout_s with a message, instead of blocking for ever."""
+    out = tmp_path / "hang"
+    proc = start(setup, tiny_model, out, "train.epochs=50", "train.collective_timeout_s=15")
+    log = tmp_path / "hang.log"
+    deadline = time.time() + 240
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()) and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "train.py" in " ".join(p.cmdline())}
+    message = "train: rank 0 lost contact with the other ranks and stops: "
+    try:
+        ranks["1"].suspend()
+        stopped = time.time()
+        while message not in log.read_text():
+            assert time.time() - stopped < 60, log.read_text()[-3000:]
+            time.sleep(0.1)
+        print(f"rank 0 gave up {time.time() - stopped:.1f} s after rank 1 stopped")
+        assert psutil.wait_procs([ranks["0"]], timeout=10)[0], "rank 0 did not exit after its message"
+        ranks["1"].kill()  # torchrun would give the stopped rank 30 s to end on SIGTERM first
+        assert proc.wait(timeout=60) != 0
+        text = log.read_text()
+        assert "Timed out" in text and "train.collective_timeout_s" in text
+    finally:
+        for p in ranks.values():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

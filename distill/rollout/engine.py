@@ -19,6 +19,7 @@ import numpy as np
 
 from distill.config import EngineConfig
 from distill.io import read_json, sha256_file
+from distill.processes import adopt_children
 
 EXPORT_MANIFEST = "distill_export.json"
 
@@ -250,6 +251,7 @@ class EngineCache:
             self.close()
             self.llm = open_engine(key, self.cfg, self.seed, self.audio_items)
             self.model_dir = key
+            adopt_children()  # a separate engine's processes, which the owner token cannot mark
         return self.llm
 
     def close(self) -> None:
