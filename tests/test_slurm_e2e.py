@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from distill.io import read_json, read_jsonl
+from distill.locks import read_record
 
 pytestmark = pytest.mark.e2e
 
@@ -104,6 +105,9 @@ def test_a_round_runs_as_chained_jobs_and_resumes_after_a_cancelled_task(tmp_pat
     # Cancel array task 1 while it runs: its shard never lands, and the filter job chained after
     # the array can never start (afterok); the jobs after it wait on it.
     wait_until(lambda: squeue().get(f"{sample}_1") == "RUNNING", 120, "array task 1 to run")
+    # Array tasks lock their own shard and run side by side.
+    shard_lock = run / "locks" / "round_001.sample.shard-00001-of-00002.lock"
+    holder = wait_until(lambda: read_record(shard_lock), 120, "array task 1 to lock its shard")
     subprocess.run(["scancel", f"{sample}_1"], check=True)
     filter_id, train_id, eval_id = (j["job_id"] for j in jobs[1:])
     wait_until(lambda: settled([sample]) and squeue(True).get(filter_id) == "PENDING DependencyNeverSatisfied",
@@ -114,6 +118,8 @@ def test_a_round_runs_as_chained_jobs_and_resumes_after_a_cancelled_task(tmp_pat
     samples = run / "round_001" / "samples"
     assert [p.name for p in samples.glob("shard-*")] == ["shard-00000-of-00002.jsonl"], logs(run)
     first_shard = (samples / "shard-00000-of-00002.jsonl").stat()
+    # Cancelled, the task left its shard's lock to be taken over (Slurm's SIGTERM ends it at once).
+    assert read_record(shard_lock) == holder
     status = subprocess.run([sys.executable, "-m", "distill.cli", "status", str(run)], capture_output=True, text=True)
     assert f"slurm r001-sample [0,1]: job {sample} 1 CANCELLED, 1 COMPLETED" in status.stdout, status.stdout
 
@@ -131,6 +137,9 @@ def test_a_round_runs_as_chained_jobs_and_resumes_after_a_cancelled_task(tmp_pat
         states, logs(run))
     rd = run / "round_001"
     assert (rd / "STAGE").read_text().strip() == "eval", logs(run)
+    text = "".join(p.read_text(errors="replace") for p in (run / "slurm" / "logs").glob("*.out"))
+    assert f"round_001.sample.shard-00001-of-00002: taking over from PID {holder['pid']}" in text
+    assert not any(read_record(p) for p in (run / "locks").glob("*.lock")), "a finished job left its lock held"
     again = (samples / "shard-00000-of-00002.jsonl").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first_shard.st_ino, first_shard.st_mtime_ns)  # not resampled
     traces = [t for p in sorted(samples.glob("shard-*")) for t in read_jsonl(p)]
