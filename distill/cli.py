@@ -116,6 +116,7 @@ def round_dir_arg(value: str):
 
 
 def slurm_command(args: argparse.Namespace) -> int:
+    """`distill slurm submit`: set the run up and submit the jobs of what is missing."""
     from distill import loop
     from distill.config import load_config
     from distill.locks import RUN_UNIT, unit_lock

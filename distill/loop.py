@@ -167,12 +167,12 @@ def evaluate_round(cfg: Config, run: RunDir, index: int) -> dict:
         start = time.time()
         with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
             stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get, data.benchmarks)
-    stats = {**stats, "seconds": round(time.time() - start, 2)}
-    if rd.is_done("eval"):
-        atomic_write_json(rd.stats_dir / "eval.json", stats)
-    else:
-        rd.mark_done("eval", stats)
-    write_run_metrics(run)
+        stats = {**stats, "seconds": round(time.time() - start, 2)}
+        if rd.is_done("eval"):
+            atomic_write_json(rd.stats_dir / "eval.json", stats)
+        else:
+            rd.mark_done("eval", stats)
+        write_run_metrics(run)
     return stats
 
 

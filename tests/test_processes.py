@@ -27,7 +27,7 @@ DESCENDANTS = textwrap.dedent("""
 
 def start_owner(body: str) -> tuple[subprocess.Popen, list[int]]:
     """A Python process that starts DESCENDANTS inside owning_processes(), then runs `body`."""
-    code = f"from distill.processes import owning_processes\nwith owning_processes():\n" + \
+    code = "from distill.processes import owning_processes\nwith owning_processes():\n" + \
         textwrap.indent(DESCENDANTS + body, "    ")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     return owner, [int(x) for x in owner.stdout.readline().split()]
