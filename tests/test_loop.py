@@ -155,3 +155,25 @@ def test_student_init_continue_or_restart_from_base(tmp_path, cold_start):
     first = 0 if cold_start else 1
     assert train_inputs(base, run, 3, model) == (Path(base.model.path), [run.round(i).filtered for i in range(first, 4)])
     assert train_inputs(base, run, 0, model) == (model, [run.round(0).filtered])  # the cold start itself
+
+
+def test_each_job_locks_the_part_it_writes(monkeypatch, tmp_path):
+    """The lock of a stage's part: a shard for an array task (from the config or the Slurm array),
+    a node of multi-node training; the whole stage otherwise."""
+    from distill.loop import stage_part
+
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_NNODES", "DISTILL_MAIN_PROCESS_IP"):
+        monkeypatch.delenv(var, raising=False)
+    whole = cfg_for(tmp_path, "sample.num_shards=4")
+    assert [stage_part(whole, s) for s in ("sample", "ground", "filter", "train", "export", "eval")] == [None] * 6
+    one = cfg_for(tmp_path, "sample.num_shards=4", "sample.shard_index=2")
+    assert stage_part(one, "sample") == stage_part(one, "ground") == "shard-00002-of-00004"
+    assert stage_part(cfg_for(tmp_path, "sample.num_shards=1", "sample.shard_index=0"), "sample") is None
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert stage_part(whole, "sample") == "shard-00001-of-00004"
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("DISTILL_MAIN_PROCESS_IP", "127.0.0.1")
+    monkeypatch.setenv("DISTILL_MAIN_PROCESS_PORT", "29500")
+    assert stage_part(whole, "train") == "node-1-of-2" and stage_part(whole, "export") is None
