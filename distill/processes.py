@@ -36,6 +36,7 @@ OWNER_ENV = "DISTILL_OWNER"
 POLL_SECONDS = 0.2
 # How long the watcher keeps ending processes that are still starting (a launcher mid-spawn).
 SWEEP_SECONDS = 30.0
+SETTLE_SECONDS = 0.5
 
 # The watcher of the current owning_processes() block; every watcher started is kept, so that its
 # pipe stays open until this process exits.
@@ -69,16 +70,24 @@ def owned_by(token: str, adopted: dict[int, float] | None = None, exclude: int |
 
 
 def end_owned(token: str, adopted: dict[int, float] | None = None, exclude: int | None = None) -> list[str]:
-    """SIGKILL what owned_by finds, sweeping again until nothing is left (a dying launcher may
-    still be starting a rank); the PIDs and names of what was ended."""
+    """SIGKILL what owned_by finds, sweeping again until nothing is left twice in a row (a dying
+    launcher may still be starting a rank); the PIDs and names of what was ended."""
     import psutil
 
     ended: list[str] = []
     deadline = time.monotonic() + SWEEP_SECONDS
+    settled = False
     while time.monotonic() < deadline:
         procs = owned_by(token, adopted, exclude)
         if not procs:
-            break
+            if settled:
+                break
+            # A child forked but not yet executed shows its parent's environment, not the token
+            # it is about to carry: look once more after it has had time to execute.
+            settled = True
+            time.sleep(SETTLE_SECONDS)
+            continue
+        settled = False
         for proc in procs:
             try:
                 ended.append(f"{proc.pid} ({proc.name()})")

@@ -15,7 +15,7 @@ import pytest
 
 from distill import locks
 from distill.locks import RUN_UNIT, LockHeld, read_record, unit_lock, unit_locks
-from distill.processes import OWNER_ENV
+from tests.test_processes import token_of
 
 
 def hold(run_dir, unit: str, exclusive: bool = True, child: bool = False) -> tuple[subprocess.Popen, int | None]:
@@ -53,7 +53,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_host_then_takes_ove
             pass
         record = read_record(tmp_path / "locks" / "run.lock")
         assert record["pid"] == holder.pid and record["token"].startswith(f"{holder.pid}-")
-        assert psutil.Process(child).environ()[OWNER_ENV] == record["token"]
+        assert token_of(child) == record["token"]
 
         # Killed with its watcher (as `pkill -9 -f distill` would), the holder leaves its record
         # and a process it started; the next writer takes over and ends that process.

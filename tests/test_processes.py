@@ -33,6 +33,15 @@ def start_owner(body: str) -> tuple[subprocess.Popen, list[int]]:
     return owner, [int(x) for x in owner.stdout.readline().split()]
 
 
+def token_of(pid: int) -> str:
+    """The owner token in a process's environment, once it has executed (a child forked but not
+    yet executed shows its parent's environment)."""
+    deadline = time.monotonic() + 10
+    while OWNER_ENV not in (env := psutil.Process(pid).environ()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return env[OWNER_ENV]
+
+
 def gone_within(pids: list[int], seconds: float) -> float | None:
     """Seconds until every process of `pids` has ended (None: not within `seconds`)."""
     start = time.monotonic()
@@ -49,7 +58,7 @@ def test_a_sigkilled_owner_takes_the_processes_it_started_with_it(kill):
     owner, descendants = start_owner("time.sleep(600)\n")
     try:
         assert len(descendants) == 2 and all(psutil.pid_exists(p) for p in descendants)
-        token = psutil.Process(descendants[1]).environ()[OWNER_ENV]
+        token = token_of(descendants[1])
         assert token.startswith(f"{owner.pid}-")
         if kill == "group":  # what a terminal's kill of the job does: the sessions of their own are missed
             os.killpg(owner.pid, signal.SIGKILL)
