@@ -22,6 +22,7 @@ from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text,
 from distill.launch import machines_from_env, run_training
 from distill.locks import RUN_UNIT, unit_lock, unit_locks
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
+from distill.models import check_model_dir
 from distill.prompting import load_tokenizer
 from distill.push import push_round
 from distill.rewards.filter import filter_stage
@@ -37,7 +38,9 @@ def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
     resolved config. The config is saved last, so a set-up that fails (a wrong path, a bad
     manifest) can be corrected and re-run without being refused as a changed config."""
     check_resume(cfg, run)
-    check_model_audio(cfg, ensure_base_model(cfg))
+    model = ensure_base_model(cfg)
+    check_model_dir(model)
+    check_model_audio(cfg, model)
     data = prepare_data(cfg, run.data_dir)
     # The run's config, not one process's part in it: an array task's shard index stays out.
     atomic_write_text(run.config, to_yaml(replace(cfg, sample=replace(cfg.sample, shard_index=-1))))

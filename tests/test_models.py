@@ -1,0 +1,65 @@
+"""The model-family checks a model directory passes before any work (distill/models)."""
+
+import json
+import shutil
+
+import pytest
+
+from distill.config import ConfigError, load_config
+from distill.loop import init_run_dir
+from distill.models import check_model_dir, family_of
+from distill.rundir import RunDir
+
+
+def copy_of(tiny_model, tmp_path, **config_changes):
+    """The tiny model's files (weights left out: no check reads them), config.json changed."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return out
+
+
+def test_the_tiny_model_passes(tiny_model):
+    assert family_of(tiny_model) == check_model_dir(tiny_model) == "qwen2_audio"
+
+
+def test_an_unsupported_family_is_named_with_the_supported_ones(tiny_model, tmp_path):
+    model = copy_of(tiny_model, tmp_path, model_type="qwen2_5_omni")
+    with pytest.raises(ConfigError) as refused:
+        check_model_dir(model)
+    assert str(refused.value) == (f"model.path: {model / 'config.json'} has model_type 'qwen2_5_omni', which distill "
+                                  "does not train; supported: qwen2_audio (Qwen2-Audio)")
+
+
+@pytest.mark.parametrize(("remove", "message"), [
+    (["config.json"], "no config.json in"),
+    (["processor_config.json"], "has no processor"),
+    (["chat_template.jinja"], "has no chat template"),
+])
+def test_a_model_directory_without_what_the_loop_reads_is_refused(tiny_model, tmp_path, remove, message):
+    model = copy_of(tiny_model, tmp_path)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    assert "chat_template" not in tokenizer_config  # the template lives in its own file only
+    for name in remove:
+        (model / name).unlink()
+    with pytest.raises(ConfigError, match=f"model.path: .*{message}"):
+        check_model_dir(model)
+
+
+def test_a_chat_template_in_the_tokenizer_config_counts(tiny_model, tmp_path):
+    model = copy_of(tiny_model, tmp_path)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").unlink()
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": template}))
+    assert check_model_dir(model) == "qwen2_audio"
+
+
+def test_the_run_refuses_the_model_before_any_work(tiny_model, tmp_path):
+    model = copy_of(tiny_model, tmp_path, model_type="qwen3_omni_moe")
+    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}",
+                                                "model.build_tiny=false"])
+    with pytest.raises(ConfigError, match="model_type 'qwen3_omni_moe'"):
+        init_run_dir(cfg, RunDir(cfg.run_dir))
+    assert not cfg.run_dir.exists()  # no data built, no config saved
