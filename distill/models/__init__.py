@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from distill.config import ConfigError
+from distill.io import read_json
 
 # model_type (config.json) -> the family's name.
 SUPPORTED = {"qwen2_audio": "Qwen2-Audio"}
@@ -23,7 +24,7 @@ TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 def _read(path: Path, key: str) -> dict:
     try:
-        value = json.loads(path.read_text())
+        value = read_json(path)
     except FileNotFoundError:
         raise ConfigError(f"{key}: no {path.name} in {path.parent} (not a Hugging Face model directory)") from None
     except (OSError, json.JSONDecodeError) as exc:
