@@ -11,7 +11,9 @@ them two ways:
   (torchrun starts them in sessions of their own), DeepSpeed's compiler, wandb's service;
 - by PID, for what the owner adopts: vLLM's engine processes rename themselves (setproctitle
   writes over their environment block, so the token cannot be read there), and the engine
-  adopts them once they run (rollout/engine.py).
+  adopts them once they run (rollout/engine.py). A process forked from the owner without
+  executing a program shows the owner's environment as it started, without the token: whatever
+  starts one must adopt it the same way.
 
 Why a watcher and not the parent-death signal (prctl PR_SET_PDEATHSIG): that signal reaches only
 a direct child that sets it, is cleared in every forked grandchild and is Linux-only, and distill
