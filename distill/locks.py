@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from distill.processes import OWNER_ENV, end_owned
+from distill.processes import OWNER_ENV, end_owned, started_at
 
 # The unit `distill run` holds exclusively and every other writer of the run shared.
 RUN_UNIT = "run"
@@ -67,7 +67,7 @@ def record_alive(record: dict) -> bool:
     import psutil
 
     try:
-        return abs(psutil.Process(record["pid"]).create_time() - record["created"]) < 0.01
+        return started_at(psutil.Process(record["pid"]), record["created"])
     except (psutil.Error, KeyError, TypeError):
         return False
 

@@ -240,6 +240,6 @@ def run_loop(cfg: Config) -> list[dict]:
                     finish_round(cfg, run, rd, logger)
         finally:
             logger.finish()
-    records = write_run_metrics(run)
+        records = write_run_metrics(run)
     print("\n" + format_table(records), flush=True)
     return records

@@ -46,6 +46,11 @@ _watcher: subprocess.Popen | None = None
 _watchers: list[subprocess.Popen] = []
 
 
+def started_at(proc, created: float) -> bool:
+    """Whether psutil process `proc` is the one that started at `created` (not a reused PID)."""
+    return abs(proc.create_time() - created) < 0.01
+
+
 def owned_by(token: str, adopted: dict[int, float] | None = None, exclude: int | None = None) -> list:
     """The live processes (psutil) whose environment carries owner `token`, the `adopted` ones
     (PID: start time) still running, and the descendants of both."""
@@ -55,8 +60,7 @@ def owned_by(token: str, adopted: dict[int, float] | None = None, exclude: int |
     for proc in psutil.process_iter():
         try:
             start = (adopted or {}).get(proc.pid)
-            if (start is not None and abs(proc.create_time() - start) < 0.01) or \
-                    proc.environ().get(OWNER_ENV) == token:
+            if (start is not None and started_at(proc, start)) or proc.environ().get(OWNER_ENV) == token:
                 for p in [proc, *proc.children(recursive=True)]:
                     found[p.pid] = p
         except (psutil.Error, OSError):  # gone, another user's, or a kernel thread
