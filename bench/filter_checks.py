@@ -49,7 +49,8 @@ TRANSCRIPT = [
     "According to the words, the answer should be {w}; the text gives it away.",
     "I think the person mentions {w} twice, which settles the question.",
 ]
-CONTROL = ("<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|endoftext|>")
+# Chat tokens and stand-ins for a family's audio markup (the check's cost depends on their number).
+CONTROL = ("<|im_start|>", "<|im_end|>", "<|audio_1|>", "<|audio_2|>", "<|audio_3|>", "<|endoftext|>")
 
 
 def make_trace(rng: random.Random, index: int) -> dict:

@@ -4,7 +4,7 @@ same vLLM engine (opened once, reused from sampling to grounding, as the loop do
     .venv/bin/python bench/grounding_cost.py [--out bench/results/grounding_cost.json]
 
 Two settings:
-- long: a tiny random Qwen2-Audio samples 8 traces of up to 512 tokens for each of 64 items. A
+- long: the demo's tiny random model samples 8 traces of up to 512 tokens for each of 64 items. A
   random model's traces fail every rule check, so here the rules are off (filter.checks=[]): every
   trace passes, as if a trained model wrote it, and every item has traces to keep (the most a
   round can probe and score with keep_per_prompt=4 of 8 and the default pass-rate band).

@@ -4,7 +4,7 @@ Hugging Face `Trainer` with a padding collator, in one run, on the same tiny mod
     .venv/bin/python bench/train_throughput.py [--items 64] [--traces-per-item 4] [--epochs 1] [--repeats 2]
         [--zero2] [--work DIR] [--out bench/results/train_throughput.json]
 
-Data: the tiny random Qwen2-Audio of configs/demo_cpu.yaml (model.tiny defaults) and its synthetic
+Data: the tiny random model of configs/demo_cpu.yaml (model.tiny defaults) and its synthetic
 pitch_level items (0.6-1 s tones, about 20 audio tokens each). Each item gets `--traces-per-item` rows
 shaped like the kept traces of a round: the item's audio and rendered chat prompt (shared by its traces,
 as sft_data.cold_start_rows renders them), completion `<think>\\n{reasoning}\\n</think>\\n{answer}`,
@@ -181,15 +181,10 @@ def run_baseline(cfg: Config, config_path: Path, rows: Path, out: Path, sampling
 def baseline_worker(spec_path: Path) -> None:
     """Train with a plain transformers.Trainer and a padding collator; write tokens, padding, seconds."""
     import torch
-    from transformers import (
-        AutoProcessor,
-        Qwen2AudioForConditionalGeneration,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoProcessor, Trainer, TrainerCallback, TrainingArguments
 
     from distill.data import audio_cache
+    from distill.models import family_of
     from distill.packing import IGNORE
     from distill.sft_data import SFTDataset, load_rows
 
@@ -197,10 +192,11 @@ def baseline_worker(spec_path: Path) -> None:
     torch.set_num_threads(CORES)
     cfg = load_config(spec["config"])
     tcfg = cfg.train
+    family = family_of(spec["model"])
     processor = AutoProcessor.from_pretrained(spec["model"])
     pad_id, extractor = processor.tokenizer.pad_token_id, processor.feature_extractor
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(spec["model"], dtype=torch.float32)
-    model.model.audio_tower.requires_grad_(False)
+    model = family.load_for_training(spec["model"], torch.float32, "sdpa")
+    family.audio_tower(model).requires_grad_(False)
     rows = load_rows([spec["data"]])
     dataset = SFTDataset(rows, processor, audio_cache(cfg), tcfg.max_seq_len, 1.0, cfg.sample.generation_prefix)
 
@@ -226,7 +222,7 @@ def baseline_worker(spec_path: Path) -> None:
         def __getitem__(self, i: int) -> dict:
             sample = dataset[i]
             ids = torch.tensor(sample.input_ids)
-            # Features as Qwen2AudioProcessor makes them (30 s of mel frames per chunk), per row.
+            # Features as the model's processor makes them (30 s of mel frames per chunk), per row.
             enc = extractor(sample.audio, sampling_rate=extractor.sampling_rate, return_attention_mask=True,
                             padding="max_length", return_tensors="pt")
             return {"input_ids": ids, "labels": torch.tensor(sample.labels), "attention_mask": torch.ones_like(ids),
@@ -285,7 +281,7 @@ def run_distill(cfg: Config, config_path: Path, rows: Path, out: Path, overrides
 
 def bench(work: Path, args: argparse.Namespace) -> dict:
     """Build the model and rows in `work`, run every setting, and gather the results."""
-    from distill.tiny_model import build_tiny_model
+    from distill.models import build_tiny_model
 
     cfg = bench_config(work, args.items, args.epochs)
     if not (Path(cfg.model.path) / "config.json").exists():

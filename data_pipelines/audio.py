@@ -41,7 +41,7 @@ class AudioPolicy:
 
     sample_rate: int = 16000
     # Longest audio accepted as one item. Step-Audio serves at most 29.98 s per audio item and
-    # Qwen2-Audio's feature extractor silently cuts at 30 s, so longer audio must be handled here.
+    # Whisper-style feature extractors silently cut at 30 s, so longer audio must be handled here.
     max_seconds: float = 30.0
     long_audio: str = "reject"
     chunk_seconds: float = 25.0

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from distill.config import TinyModelConfig
 from distill.rundir import STAGES
 
 
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_push.add_argument("--public", action="store_true", help="create new repositories public (default: private)")
     p_push.add_argument("--dry-run", action="store_true", help="print the files and the branch, upload nothing")
 
-    p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random Qwen2-Audio that vLLM loads")
+    p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random model of a supported family that vLLM loads")
     p_tiny.add_argument("out")
+    p_tiny.add_argument("--family", default=TinyModelConfig.family, help="model family (distill/models): %(default)s")
 
     p_data = sub.add_parser("data", help="check or convert item sources (JSONL, MMAU JSON, datasets, parquet)")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
@@ -172,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "make-tiny-model":
-            from distill.tiny_model import build_tiny_model
+            from distill.config import TinyModelConfig
+            from distill.models import build_tiny_model
 
-            print(build_tiny_model(args.out))
+            print(build_tiny_model(args.out, TinyModelConfig(family=args.family)))
             return 0
         if args.command == "data":
             return data_command(args)

@@ -21,8 +21,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelConfig:
-    """Sizes of the tiny random Qwen2-Audio the loop builds when model.build_tiny is set
-    (`distill make-tiny-model` builds the defaults)."""
+    """The tiny random model the loop builds when model.build_tiny is set (`distill
+    make-tiny-model` builds the defaults): its family (distill/models) and sizes."""
+
+    family: str = "qwen2_audio"
 
     audio_d_model: int = 64
     audio_layers: int = 2
@@ -39,7 +41,7 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # Directory of a Hugging Face model (Qwen2-Audio layout).
+    # Directory of a Hugging Face model of a supported family (distill/models).
     path: str = MISSING
     # Build a tiny random model at `path` when nothing is there yet (demo and tests).
     build_tiny: bool = False
@@ -79,7 +81,8 @@ class SourceConfig:
 class AudioConfig:
     """What the model accepts as audio; every item is checked against it before any sampling."""
 
-    # Step-Audio serves at most 29.98 s per audio item; Qwen2-Audio's features cut at 30 s.
+    # Step-Audio serves at most 29.98 s per audio item; the Whisper-style encoders read 30 s
+    # (each family's limit: distill/models).
     max_seconds: float = 30.0
     # Longer audio: "reject" it, "truncate" it to max_seconds, or "chunk" it into pieces of
     # chunk_seconds (at most max_chunks), each a separate audio input, as the Step-Audio client does.
@@ -186,7 +189,7 @@ class SampleConfig:
     num_shards: int = 1
     # -1: all shards in this process; otherwise one shard (or SLURM_ARRAY_TASK_ID when set).
     shard_index: int = -1
-    # Never generate the model's audio-input tokens (<|AUDIO|>, ...): a trace holding one is
+    # Never generate the model's audio-input tokens (its family's placeholders): a trace holding one is
     # unusable (training and teacher-forced scoring would read it as a slot for audio).
     ban_audio_tokens: bool = True
     # Do not sample again the items every sample of the previous round answered right (its

@@ -23,6 +23,7 @@ from data_pipelines.synthetic import generate_split
 from data_pipelines.validate import ValidationReport
 from distill.config import Config, ConfigError, DataConfig
 from distill.io import atomic_write_jsonl, read_json
+from distill.models import family_of
 
 
 def audio_policy(data: DataConfig) -> AudioPolicy:
@@ -44,8 +45,9 @@ def max_audio_items(data: DataConfig) -> int:
 
 def check_model_audio(cfg: Config, model_dir: Path) -> None:
     """Refuse audio settings the model cannot take, before any work: a sample rate other than its
-    feature extractor's, audio items longer than it reads (the rest would be cut silently), and,
-    for Qwen2-Audio, more audio tokens than engine.max_model_len leaves room for."""
+    feature extractor's, audio items longer than it reads (the rest would be cut silently), more
+    audio items per prompt than the family takes, and more audio tokens than engine.max_model_len
+    leaves room for."""
     path = model_dir / "processor_config.json"
     if not path.exists():
         path = model_dir / "preprocessor_config.json"
@@ -63,17 +65,20 @@ def check_model_audio(cfg: Config, model_dir: Path) -> None:
     if seconds and item_seconds > seconds:
         raise ConfigError(f"{item_key}={item_seconds:g}: the model reads at most {seconds} s per audio item and would "
                           f"cut the rest silently; use at most {seconds}, or data.audio.long_audio=chunk")
-    model_type = read_json(model_dir / "config.json").get("model_type") if (model_dir / "config.json").exists() else None
-    frames = fe.get("nb_max_frames")
-    if model_type == "qwen2_audio" and frames:
-        # Qwen2-Audio pads every item to nb_max_frames mel frames; a conv (stride 2) and a pool
-        # (stride 2) leave a quarter of them as audio tokens.
-        audio_tokens = max_audio_items(cfg.data) * frames // 4
-        budget = max(cfg.sample.max_tokens, cfg.eval.max_tokens + cfg.eval.answer_max_tokens)
-        if audio_tokens + budget >= cfg.engine.max_model_len:
-            raise ConfigError(f"engine.max_model_len={cfg.engine.max_model_len}: {max_audio_items(cfg.data)} audio "
-                              f"item(s) of up to {frames // 4} tokens each plus {budget} new tokens do not fit; raise "
-                              "it or lower data.audio.max_chunks")
+    family = family_of(model_dir)
+    if item_seconds > family.max_audio_seconds:
+        raise ConfigError(f"{item_key}={item_seconds:g}: {family.title} reads at most {family.max_audio_seconds:g} s "
+                          "per audio item; lower it, or use data.audio.long_audio=chunk")
+    items = max_audio_items(cfg.data)
+    if family.max_audio_items is not None and items > family.max_audio_items:
+        raise ConfigError(f"data.audio.max_chunks={items}: {family.title} takes at most {family.max_audio_items} audio "
+                          "item(s) per prompt; lower it")
+    per_item = family.audio_tokens_per_item(item_seconds, fe)
+    budget = max(cfg.sample.max_tokens, cfg.eval.max_tokens + cfg.eval.answer_max_tokens)
+    if items * per_item + budget >= cfg.engine.max_model_len:
+        raise ConfigError(f"engine.max_model_len={cfg.engine.max_model_len}: {items} audio item(s) of up to "
+                          f"{per_item} tokens each plus {budget} new tokens do not fit; raise it or lower "
+                          "data.audio.max_chunks")
 
 
 @dataclass

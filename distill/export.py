@@ -2,7 +2,7 @@
 serves, and vLLM must load it, generate, and agree with transformers before the round may go on
 (the gate).
 
-The trainer already saves weights in the checkpoint layout vLLM loads (tiny_model.save_for_serving);
+The trainer already saves weights in the checkpoint layout vLLM loads (the family's `save`);
 export adds the processor, tokenizer and chat template, a model card, records the weights hash,
 and proves it: the probe answers vLLM generates are scored by vLLM (teacher-forced) and by a
 float32 transformers forward pass, and the two must give their tokens the same log-probabilities.
@@ -25,6 +25,7 @@ from distill.data import audio_cache, max_audio_items
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.io import atomic_write_json
 from distill.model_card import serve_command, write_model_card
+from distill.models import family_of
 from distill.prompting import load_tokenizer
 from distill.rollout.engine import EXPORT_MANIFEST, generate, weights_hash
 from distill.rollout.sample import item_request
@@ -106,10 +107,10 @@ def hf_completion_logprobs(model_dir: Path, jobs: list[ScoreJob], sample_rate: i
     """Per-token log-probabilities of each job's completion after its prompt from a float32
     transformers forward pass of `model_dir` (the reference the gate holds vLLM to)."""
     import torch
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    from transformers import AutoProcessor
 
+    model = family_of(model_dir).reference_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     result = []
     for job in jobs:
         enc = processor(text=[job.prompt + job.completion], audio=job.audio or None, sampling_rate=sample_rate,

@@ -22,7 +22,7 @@ from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text,
 from distill.launch import machines_from_env, run_training
 from distill.locks import RUN_UNIT, unit_lock, unit_locks
 from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
-from distill.models import check_model_dir
+from distill.models import build_tiny_model, check_model_dir, family_named
 from distill.prompting import load_tokenizer
 from distill.push import push_round
 from distill.rewards.filter import filter_stage
@@ -30,7 +30,6 @@ from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage, shard_plan
 from distill.rundir import RoundDir, RunDir, StageOrderError
 from distill.sft_data import cold_start_rows
-from distill.tiny_model import build_tiny_model
 
 
 def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
@@ -64,7 +63,7 @@ def ensure_base_model(cfg: Config) -> Path:
     if not (path / "config.json").exists():
         if not cfg.model.build_tiny:
             raise FileNotFoundError(f"model.path={path}: no model there (set model.build_tiny=true for a tiny one)")
-        print(f"model: building a tiny random Qwen2-Audio at {path}")
+        print(f"model: building a tiny random {family_named(cfg.model.tiny.family).title} at {path}")
         build_tiny_model(path, cfg.model.tiny)
     return path
 

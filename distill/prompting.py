@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from distill.models import family_of
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -22,13 +24,15 @@ def load_tokenizer(model_dir: str):
 def control_tokens(model_dir: str) -> tuple[str, ...]:
     """The tokenizer's special tokens (chat turns, audio placeholders), which no trace may contain."""
     tokenizer = load_tokenizer(model_dir)
-    return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}))
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return tuple(sorted(special | set(audio_tokens(model_dir))))
 
 
+@lru_cache(maxsize=8)
 def audio_tokens(model_dir: str) -> list[str]:
-    """The special tokens that mark audio input (Qwen2-Audio's <|AUDIO|>, <|audio_bos|>, ...): a
+    """The tokens that mark audio input (the model family's audio placeholders and markup): a
     trace that generates one would be read as a slot for audio by every later stage."""
-    return [t for t in control_tokens(model_dir) if "audio" in t.lower()]
+    return sorted(family_of(model_dir).markup_tokens(load_tokenizer(model_dir)))
 
 
 def think_close_token_id(tokenizer) -> int | None:

@@ -2,7 +2,7 @@
 
 Reads top to bottom: set up (config, accelerator with DeepSpeed ZeRO, data mix, model), plan the
 batches, train (loss on the completion tokens only, samples packed), save the training state
-every train.save_steps steps, and save a full checkpoint in the layout vLLM loads. The finished
+every train.save_steps steps, and save a full checkpoint in the layout vLLM loads (the model family's). The finished
 checkpoint lands in OUT/final atomically; a stage that finds it there is done, and a stage that
 finds OUT/checkpoints/ resumes from the last one with the same result as an uninterrupted run.
 """
@@ -27,6 +27,7 @@ from distill.data import audio_cache
 from distill.io import atomic_write_json, read_json
 from distill.launch import mixed_precision, use_cuda
 from distill.mixing import build_mix
+from distill.models import family_of
 from distill.packing import collate, pad_plan, plan_epoch, rank_batches, step_normalizer
 from distill.sft_data import SFTDataset, load_rows
 from distill.train_model import attention_implementation, build_model, merged_state_dict, use_packing
@@ -180,8 +181,6 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoProcessor
 
-    from distill.tiny_model import save_for_serving
-
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     tcfg: TrainConfig = cfg.train if args.section == "train" else cfg.cold_start.train
@@ -192,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"train: {final} exists, nothing to do")
         return
 
-    hidden = AutoConfig.from_pretrained(args.model).text_config.hidden_size
+    family = family_of(args.model, "--model")  # before the processor: a CPU install may need its import hooks
+    hidden = family.text_config(AutoConfig.from_pretrained(args.model)).hidden_size
     accelerator = build_accelerator(tcfg, hidden)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             inner = inner.unload()  # the plain model, for its config and class; the weights are `state`
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_for_serving(inner, tmp, state_dict=state)
+        family.save(inner, tmp, state)
         summary = {
             "model": args.model, "data": args.data, "steps": step, "resumed_from_step": resumed_at or None,
             "rows": len(rows), "mix": mix_stats,

@@ -1,27 +1,23 @@
 """The model side of SFT: which parts train, LoRA, and the audio path of the forward pass.
 
 The forward pass builds the language model's input embeddings itself: token embeddings with the
-projected audio encoder output written over the audio placeholders (what Qwen2-Audio's own
+projected audio encoder output written over the audio placeholders (what each family's own
 forward does), then the language model on packed rows. Doing it here lets a frozen encoder's
 output be cached per clip: the traces of one item share its audio, and every epoch sees it again.
+What differs between architectures comes from the model's family (distill/models).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from distill.config import TrainConfig
+from distill.models import Family, family_of
 from distill.packing import weighted_loss
-
-# Top-level parameter groups of Qwen2AudioForConditionalGeneration, by trainable part.
-PARTS = {"audio_encoder": ("model.audio_tower.",), "projector": ("model.multi_modal_projector.",),
-         "language_model": ("model.language_model.", "lm_head.")}
-LORA_SCOPE = r"model\.language_model\..*\.({})"
 
 
 class AudioEncoderCache:
@@ -53,28 +49,33 @@ class AudioEncoderCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def set_trainable(model, tcfg: TrainConfig) -> None:
+def part_of(family: Family, name: str) -> str | None:
+    """The trainable part a parameter belongs to (None: a module the loop never feeds, frozen)."""
+    return next((part for part, prefixes in family.parts.items() if prefixes and name.startswith(prefixes)), None)
+
+
+def set_trainable(model, family: Family, tcfg: TrainConfig) -> None:
     """requires_grad per part: the audio encoder, the projector, the language model (with LoRA,
     only its adapters train)."""
     parts = tcfg.trainable
     for name, param in model.named_parameters():
-        part = next(p for p, prefixes in PARTS.items() if name.startswith(prefixes))
-        param.requires_grad_(getattr(parts, part) and not (tcfg.lora.enabled and part == "language_model"))
+        part = part_of(family, name)
+        param.requires_grad_(part is not None and getattr(parts, part)
+                             and not (tcfg.lora.enabled and part == "language_model"))
 
 
-def add_lora(model, tcfg: TrainConfig):
+def add_lora(model, family: Family, tcfg: TrainConfig):
     """Wrap the language model's projections (never the audio encoder's) with LoRA adapters."""
     from peft import LoraConfig, get_peft_model
 
     lcfg = tcfg.lora
-    projector_trainable = tcfg.trainable.projector
     config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                        target_modules=LORA_SCOPE.format("|".join(map(re.escape, lcfg.target_modules))))
+                        target_modules=family.lora_target(list(lcfg.target_modules)))
     peft_model = get_peft_model(model, config)
     # get_peft_model freezes everything but the adapters; give the projector its setting back.
     for name, param in peft_model.base_model.model.named_parameters():
-        if name.startswith(PARTS["projector"]):
-            param.requires_grad_(projector_trainable)
+        if part_of(family, name) == "projector":
+            param.requires_grad_(tcfg.trainable.projector)
     return peft_model
 
 
@@ -101,10 +102,11 @@ def merged_state_dict(state: dict[str, torch.Tensor], alpha: int, r: int) -> dic
 class AudioLM(torch.nn.Module):
     """The HF model (or its LoRA wrapper) with the training forward pass: packed rows in, logits out."""
 
-    def __init__(self, model, feature_extractor, audio_token_id: int, cache: AudioEncoderCache | None,
-                 distributed: bool):
+    def __init__(self, model, family: Family, feature_extractor, audio_token_id: int,
+                 cache: AudioEncoderCache | None, distributed: bool):
         super().__init__()
         self.model = model
+        self.family = family
         self.feature_extractor = feature_extractor
         self.audio_token_id = audio_token_id
         self.cache = cache
@@ -112,49 +114,38 @@ class AudioLM(torch.nn.Module):
 
     @property
     def hf(self):
-        """The Qwen2AudioForConditionalGeneration inside (under the LoRA wrapper, if any)."""
+        """The family's transformers model inside (under the LoRA wrapper, if any)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def train(self, mode: bool = True):
         super().train(mode)
-        tower = self.hf.model.audio_tower
+        tower = self.family.audio_tower(self.hf)
         if not any(p.requires_grad for p in tower.parameters()):
             tower.eval()  # a frozen encoder is a fixed function: no dropout, so its outputs can be cached
         return self
 
-    def features(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_features, feature_attention_mask) as the model's processor makes them."""
-        enc = self.feature_extractor(chunks, sampling_rate=self.feature_extractor.sampling_rate,
-                                     return_attention_mask=True, padding="max_length", return_tensors="pt")
-        device = self.hf.lm_head.weight.device
-        return enc["input_features"].to(device), enc["attention_mask"].to(device)
+    @property
+    def device(self) -> torch.device:
+        return self.family.lm_head(self.hf).weight.device
 
-    def run_encoder(self, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """The audio encoder on a batch of chunks: each chunk's output over its real frames
-        (as Qwen2AudioModel.forward computes it)."""
-        from transformers.masking_utils import create_bidirectional_mask
-
-        tower = self.hf.model.audio_tower
-        feat_lengths, out_lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
-        width = (features.shape[-1] - 2) // 2 + 1
-        frames = (torch.arange(width, device=features.device)[None, :] < feat_lengths[:, None]).long()
-        attention = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(
-            len(features), width, 1, dtype=features.dtype, device=features.device), attention_mask=frames)
-        hidden = tower(features.to(tower.conv1.weight.dtype), attention_mask=attention).last_hidden_state
-        return [hidden[i, : out_lengths[i]] for i in range(len(features))]
+    def run_encoder(self, chunks: list[np.ndarray]) -> list[torch.Tensor]:
+        """The audio encoder on a batch of chunks: each chunk's output over its real frames, from
+        features as the family's processor makes them."""
+        features, mask = self.family.features(self.feature_extractor, chunks)
+        return self.family.encode(self.hf, features.to(self.device), mask.to(self.device))
 
     def encode(self, chunks: list[np.ndarray], keys: list[str]) -> list[torch.Tensor]:
         """Encoder outputs of the chunks. Cached ones come from the cache; a frozen encoder runs on
         each missing chunk alone, so a cached value is the same bits whatever batch first computed it."""
         if self.cache is None:
-            return self.run_encoder(*self.features(chunks))
-        device = self.hf.lm_head.weight.device
+            return self.run_encoder(chunks)
+        device = self.device
         out = []
         for chunk, key in zip(chunks, keys, strict=True):
             value = self.cache.get(key)
             if value is None:
                 with torch.no_grad():
-                    value = self.run_encoder(*self.features([chunk]))[0]
+                    value = self.run_encoder([chunk])[0]
                 self.cache.put(key, value)
             out.append(value.to(device))
         return out
@@ -163,10 +154,10 @@ class AudioLM(torch.nn.Module):
                       attention_mask: torch.Tensor | None, audio: list[np.ndarray],
                       audio_keys: list[str]) -> torch.Tensor:
         """The language model's last hidden states for packed (or padded) rows."""
-        hf = self.hf
+        hf, family = self.hf, self.family
         embeds = hf.get_input_embeddings()(input_ids)
         if audio:
-            projected = hf.model.multi_modal_projector(torch.cat(self.encode(audio, audio_keys)))
+            projected = family.project(hf, torch.cat(self.encode(audio, audio_keys)))
             slots = (input_ids == self.audio_token_id).unsqueeze(-1)
             if int(slots.sum()) != projected.shape[0]:
                 raise ValueError(f"{int(slots.sum())} audio placeholders but {projected.shape[0]} audio frames")
@@ -176,21 +167,21 @@ class AudioLM(torch.nn.Module):
             # their weights collectively, and ZeRO-1/2 reduce gradients in buckets that every
             # rank fills with the same parameters. A silent clip, weighted 0, does both.
             silent = [np.zeros(self.feature_extractor.sampling_rate // 10, dtype=np.float32)]
-            dummy = hf.model.multi_modal_projector(self.run_encoder(*self.features(silent))[0])
+            dummy = family.project(hf, self.run_encoder(silent)[0])
             embeds = embeds + 0.0 * dummy.sum()
-        return hf.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                        use_cache=False).last_hidden_state
+        return family.decoder(hf)(inputs_embeds=embeds, position_ids=family.position_ids(position_ids),
+                                  attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def logits(self, *inputs) -> torch.Tensor:
         """Logits at every position (for checks; training computes them only where there is a target)."""
-        return self.hf.lm_head(self.hidden_states(*inputs))
+        return self.family.lm_head(self.hf)(self.hidden_states(*inputs))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 audio: list[np.ndarray], audio_keys: list[str], labels: torch.Tensor, weights: torch.Tensor,
                 row_weights: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
         """The batch's training loss (packing.weighted_loss)."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, audio, audio_keys)
-        return weighted_loss(hidden, self.hf.lm_head, labels, weights, row_weights, normalizer)
+        return weighted_loss(hidden, self.family.lm_head(self.hf), labels, weights, row_weights, normalizer)
 
 
 def attention_implementation(tcfg: TrainConfig, cuda: bool) -> str:
@@ -209,19 +200,17 @@ def use_packing(tcfg: TrainConfig, attention: str) -> bool:
 def build_model(model_dir: str, processor, tcfg: TrainConfig, world: int = 1, attention: str = "sdpa") -> AudioLM:
     """The model to train: loaded in float32 (mixed precision casts on the fly), parts frozen as
     configured, LoRA and gradient checkpointing when asked, and the encoder cache when it applies."""
-    from transformers import Qwen2AudioForConditionalGeneration
-
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                               attn_implementation=attention)
-    set_trainable(model, tcfg)
+    family = family_of(model_dir)
+    model = family.load_for_training(model_dir, torch.float32, attention)
+    set_trainable(model, family, tcfg)
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tcfg.lora.enabled:
-        model = add_lora(model, tcfg)
+        model = add_lora(model, family, tcfg)
     cache = None
     # Not under ZeRO-3: a rank whose clips all hit the cache would skip the encoder that the
     # other ranks gather collectively.
     if tcfg.audio_encoder_cache_mb > 0 and not tcfg.trainable.audio_encoder and tcfg.zero_stage != 3:
         cache = AudioEncoderCache(tcfg.audio_encoder_cache_mb)
-    return AudioLM(model, processor.feature_extractor, processor.tokenizer.convert_tokens_to_ids(processor.audio_token),
-                   cache, distributed=world > 1)
+    audio_token_id = processor.tokenizer.convert_tokens_to_ids(family.audio_token(processor))
+    return AudioLM(model, family, processor.feature_extractor, audio_token_id, cache, distributed=world > 1)

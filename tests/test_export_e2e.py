@@ -17,7 +17,7 @@ from distill.model_card import serve_args
 from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
 from distill.rundir import RunDir
-from distill.tiny_model import build_tiny_model
+from distill.models import build_tiny_model
 from tests.serving import start_server
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,8 @@ from distill.packing import (
 )
 from distill.prompting import load_tokenizer
 from distill.sft_data import SFTDataset, cold_start_rows
-from distill.train_model import PARTS, AudioLM, build_model, merged_state_dict
+from distill.models.qwen2_audio import Qwen2Audio
+from distill.train_model import AudioLM, build_model, merged_state_dict
 
 
 def test_plan_covers_every_sample_once_and_is_fixed_by_seed_and_epoch():
@@ -192,7 +193,7 @@ def test_frozen_parts_stay_unchanged_and_the_rest_trains(tiny_model, sft):
     after = model.hf.state_dict()
     for key, value in before.items():
         changed = not torch.equal(value, after[key])
-        frozen = key.startswith(PARTS["audio_encoder"])
+        frozen = key.startswith(Qwen2Audio.parts["audio_encoder"])
         assert changed != frozen or "embed_positions" in key, key  # fixed sinusoids never change
     assert not model.hf.model.audio_tower.training  # a frozen encoder runs without dropout
 

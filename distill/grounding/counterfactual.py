@@ -11,7 +11,7 @@ Silence and noise come from a small shared bank: lengths are multiples of a step
 length rounded down, by less than grounding.bank_seconds; step 0 keeps exact lengths) and noise
 levels whole dB (loudness matched within 0.5 dB), and the noise of one (length, level) is the same
 array for every clip. The engine prepares each distinct audio input once (on this CPU about 0.1 s
-for Qwen2-Audio's 30 s feature window), so a bank of a few dozen inputs instead of one per item
+for a 30 s feature window), so a bank of a few dozen inputs instead of one per item
 keeps grounding cheap; "swap" reuses recordings the engine already prepared while sampling. The
 price: a counterfactual up to one step shorter than the clip (a few audio tokens fewer).
 """

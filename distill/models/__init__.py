@@ -1,22 +1,29 @@
-"""Model families: which architectures distill trains, and the checks a model directory passes
-before any work starts.
+"""Model families: which architectures distill trains, the registry of their modules, and the
+checks a model directory passes before any work starts.
 
-The family of a model is its config.json `model_type`. distill supports one family today,
-Qwen2-Audio; a model of another family, or a directory without the files the loop reads (the
-config, the processor, the tokenizer's chat template), is refused when the run starts, with the
-file, what was found and what is supported, instead of failing inside training or vLLM later.
+The family of a model is its config.json `model_type`. A model of an unsupported family, or a
+directory without the files the loop reads (the config, the processor, the tokenizer's chat
+template), is refused when the run starts, with the file, what was found and what is supported,
+instead of failing inside training or vLLM later.
+
+Adding a family: one module here with a `Family` subclass (family.py), and one line in FAMILIES.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from distill.config import ConfigError
 from distill.io import read_json
+from distill.models.family import Family
+from distill.models.qwen2_audio import Qwen2Audio
 
-# model_type (config.json) -> the family's name.
-SUPPORTED = {"qwen2_audio": "Qwen2-Audio"}
+FAMILIES: tuple[Family, ...] = (Qwen2Audio(),)
+# model_type (config.json) -> its family.
+BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 # Where transformers keeps a processor's feature extractor and a tokenizer's chat template.
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -34,23 +41,37 @@ def _read(path: Path, key: str) -> dict:
     return value
 
 
-def family_of(model_dir: Path, key: str = "model.path") -> str:
-    """The model type of the model at `model_dir` (given by config key `key`), refused unless
-    distill supports its family."""
-    path = model_dir / "config.json"
+def supported() -> str:
+    """The supported model types and their families, for messages."""
+    return ", ".join(f"{t} ({f.title})" for t, f in BY_MODEL_TYPE.items())
+
+
+def family_named(name: str, key: str = "--family") -> Family:
+    """The family called `name` (its `Family.name`)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ConfigError(f"{key}={name!r}: no such model family; choose from {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_of(model_dir: str | Path, key: str = "model.path") -> Family:
+    """The family of the model at `model_dir` (given by config key `key`), refused unless distill
+    supports it. Its runtime is prepared (import hooks a CPU install needs), so the caller may load it."""
+    path = Path(model_dir) / "config.json"
     model_type = _read(path, key).get("model_type")
-    if model_type not in SUPPORTED:
-        supported = ", ".join(f"{t} ({name})" for t, name in SUPPORTED.items())
+    if model_type not in BY_MODEL_TYPE:
         raise ConfigError(f"{key}: {path} has model_type {model_type!r}, which distill does not train; supported: "
-                          f"{supported}")
-    return model_type
+                          f"{supported()}")
+    family = BY_MODEL_TYPE[model_type]
+    family.prepare_runtime()
+    return family
 
 
-def check_model_dir(model_dir: Path, key: str = "model.path") -> str:
+def check_model_dir(model_dir: Path, key: str = "model.path") -> Family:
     """Refuse a model directory distill cannot run, before any work: an unsupported family, no
     processor (the feature extractor that turns audio into features), no chat template (the
-    prompts are rendered with it). Returns the model type."""
-    model_type = family_of(model_dir, key)
+    prompts are rendered with it). Returns the family."""
+    family = family_of(model_dir, key)
     if not any((model_dir / name).exists() for name in PROCESSOR_FILES):
         raise ConfigError(f"{key}: {model_dir} has no processor ({' or '.join(PROCESSOR_FILES)}); save the model's "
                           "processor there (AutoProcessor.from_pretrained(...).save_pretrained(DIR))")
@@ -60,4 +81,36 @@ def check_model_dir(model_dir: Path, key: str = "model.path") -> str:
     if not has_template:
         raise ConfigError(f"{key}: {model_dir} has no chat template ({', '.join(TEMPLATE_FILES)}, or chat_template in "
                           "tokenizer_config.json); copy the one published with the model")
-    return model_type
+    return family
+
+
+def build_tiny_model(out_dir: str | Path, cfg=None) -> Path:
+    """Write a tiny random model of family cfg.family (a distill.config.TinyModelConfig; default
+    Qwen2-Audio) to `out_dir`: the real classes, special tokens and chat template, only small.
+
+    The folder is written under a temp name and renamed, so a crash never leaves half a model.
+    """
+    from distill.config import TinyModelConfig
+
+    cfg = cfg or TinyModelConfig()
+    family = family_named(cfg.family, "model.tiny.family")
+    family.prepare_runtime()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; a tiny model is only built into a new or empty folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        family.build_tiny(tmp, cfg)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        tmp.rename(out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").exists():
+            raise
+        # Another process (a parallel array task) finished the same build first: use its model.
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

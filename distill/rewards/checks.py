@@ -86,7 +86,7 @@ def check_length(reasoning_tokens: int | None, min_tokens: int, max_tokens: int)
 
 
 def check_control_tokens(text: str, control_tokens: tuple[str, ...]) -> str | None:
-    """Chat or audio control tokens (`<|im_start|>`, `<|AUDIO|>`, ...) inside a trace: the model
+    """Chat or audio control tokens (`<|im_start|>`, audio placeholders, ...) inside a trace: the model
     wandered out of its turn, and an audio placeholder in a target would break training."""
     return "control_tokens" if any(tok in text for tok in control_tokens) else None
 

@@ -1,6 +1,6 @@
 from safetensors import safe_open
 
-from distill.tiny_model import serving_state_dict
+from distill.models.qwen2_audio import Qwen2Audio
 
 
 def test_serving_layout_is_what_vllm_loads(tiny_model):
@@ -20,10 +20,10 @@ def test_tokenizer_keeps_think_tags_when_skipping_special_tokens(tiny_model):
     assert tok.convert_tokens_to_ids("<|AUDIO|>") != tok.unk_token_id
 
 
-def test_serving_state_dict_renames_only_known_prefixes():
+def test_checkpoint_state_dict_renames_only_known_prefixes():
     sd = {"model.language_model.norm.weight": 1, "lm_head.weight": 2, "model.audio_tower.x": 3,
           "model.multi_modal_projector.linear.bias": 4, "audio_tower.conv1.bias": 5}
-    assert serving_state_dict(sd) == {"language_model.model.norm.weight": 1, "language_model.lm_head.weight": 2,
+    assert Qwen2Audio().checkpoint_state_dict(sd) == {"language_model.model.norm.weight": 1, "language_model.lm_head.weight": 2,
                                       "audio_tower.x": 3, "multi_modal_projector.linear.bias": 4,
                                       "audio_tower.conv1.bias": 5}
 
