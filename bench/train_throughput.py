@@ -2,9 +2,9 @@
 Hugging Face `Trainer` with a padding collator, in one run, on the same tiny model and the same kept traces.
 
     .venv/bin/python bench/train_throughput.py [--items 64] [--traces-per-item 4] [--epochs 1] [--repeats 2]
-        [--zero2] [--work DIR] [--out bench/results/train_throughput.json]
+        [--family qwen2_audio] [--zero2] [--work DIR] [--out bench/results/train_throughput.json]
 
-Data: the tiny random model of configs/demo_cpu.yaml (model.tiny defaults) and its synthetic
+Data: the tiny random model of configs/demo_cpu.yaml (model.tiny sizes) of family `--family` and its synthetic
 pitch_level items (0.6-1 s tones, about 20 audio tokens each). Each item gets `--traces-per-item` rows
 shaped like the kept traces of a round: the item's audio and rendered chat prompt (shared by its traces,
 as sft_data.cold_start_rows renders them), completion `<think>\\n{reasoning}\\n</think>\\n{answer}`,
@@ -80,11 +80,12 @@ DISTILL_SETTINGS: dict[str, list[str]] = {
 ZERO2_SETTING = {"distill_zero2": ["train.zero_stage=2", "train.num_processes=2"]}
 
 
-def bench_config(work: Path, items: int, epochs: float) -> Config:
+def bench_config(work: Path, items: int, epochs: float, family: str) -> Config:
     """The demo config, pointed at `work`, with the settings every run shares (single process, CPU,
     full precision, no step cap, no mid-run checkpoints, no wandb). 'no' is quoted: YAML reads a bare no as false."""
     return load_config(REPO / "configs/demo_cpu.yaml", [
-        f"output_dir={work}", "run_name=bench", f"data.synthetic.train_items={items}", "data.synthetic.eval_items=8",
+        f"output_dir={work}", "run_name=bench", f"model.tiny.family={family}",
+        f"data.synthetic.train_items={items}", "data.synthetic.eval_items=8",
         f"train.epochs={epochs}", "train.max_steps=0", "train.save_steps=0", "train.device=cpu",
         "train.mixed_precision='no'", "train.zero_stage=0", "train.num_processes=1", "wandb.mode=disabled"])
 
@@ -208,10 +209,9 @@ def baseline_worker(spec_path: Path) -> None:
             return torch.stack([torch.nn.functional.pad(x[key], (0, longest - len(x[key])), value=value)
                                 for x in batch])
 
+        audio = [key for key in batch[0] if key not in ("input_ids", "labels", "attention_mask")]
         return {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE),
-                "attention_mask": pad("attention_mask", 0),
-                "input_features": torch.cat([x["input_features"] for x in batch]),
-                "feature_attention_mask": torch.cat([x["feature_attention_mask"] for x in batch])}
+                "attention_mask": pad("attention_mask", 0), **{k: torch.cat([x[k] for x in batch]) for k in audio}}
 
     class PlainDataset(torch.utils.data.Dataset):
         """SFTDataset's samples as the model's own inputs, without distill's loss weights."""
@@ -222,11 +222,9 @@ def baseline_worker(spec_path: Path) -> None:
         def __getitem__(self, i: int) -> dict:
             sample = dataset[i]
             ids = torch.tensor(sample.input_ids)
-            # Features as the model's processor makes them (30 s of mel frames per chunk), per row.
-            enc = extractor(sample.audio, sampling_rate=extractor.sampling_rate, return_attention_mask=True,
-                            padding="max_length", return_tensors="pt")
+            # Audio inputs as the model's processor makes them (padded to 30 s per chunk), per row.
             return {"input_ids": ids, "labels": torch.tensor(sample.labels), "attention_mask": torch.ones_like(ids),
-                    "input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+                    **family.processor_audio_inputs(extractor, sample.audio)}
 
     counts = {"tokens": 0, "padded_tokens": 0, "samples": 0}
     clock: dict[str, float] = {}
@@ -283,7 +281,7 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
     """Build the model and rows in `work`, run every setting, and gather the results."""
     from distill.models import build_tiny_model
 
-    cfg = bench_config(work, args.items, args.epochs)
+    cfg = bench_config(work, args.items, args.epochs, args.family)
     if not (Path(cfg.model.path) / "config.json").exists():
         build_tiny_model(cfg.model.path, cfg.model.tiny)
     rows = work / "rows.jsonl"
@@ -314,7 +312,7 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
                     # Other work on the machine slows any setting it overlaps: read the figures with these.
                     "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}},
         "repeats": args.repeats,
-        "model": {"audio_d_model": cfg.model.tiny.audio_d_model, "audio_layers": cfg.model.tiny.audio_layers,
+        "model": {"family": cfg.model.tiny.family, "audio_d_model": cfg.model.tiny.audio_d_model, "audio_layers": cfg.model.tiny.audio_layers,
                   "text_hidden": cfg.model.tiny.text_hidden, "text_layers": cfg.model.tiny.text_layers},
         "train": {"micro_batch_size": t.micro_batch_size, "epochs": t.epochs, "learning_rate": t.learning_rate,
                   "max_seq_len": t.max_seq_len, "audio_encoder": "frozen"},
@@ -342,6 +340,7 @@ def main() -> None:
     ap.add_argument("--traces-per-item", type=int, default=4)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2, help="runs of every setting (round-robin); the fastest counts")
+    ap.add_argument("--family", default="qwen2_audio", help="model family of the tiny model (distill/models)")
     ap.add_argument("--zero2", action="store_true", help="also time a 2-rank DeepSpeed ZeRO-2 run of distill")
     ap.add_argument("--work", help="work folder (model, data, runs; reused when given); default: a temp folder")
     ap.add_argument("--out", default="bench/results/train_throughput.json")

@@ -42,6 +42,7 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
     from transformers import AutoProcessor
 
     start = time.time()
+    family_of(processor_source)  # the processor of a CPU install may need the family's import hooks
     if not rd.checkpoint.exists():
         raise FileNotFoundError(f"{rd.checkpoint}: no trainer checkpoint; run the train stage")
     tmp = rd.path / ".model.tmp"

@@ -87,6 +87,13 @@ class Family:
                                 padding="max_length", return_tensors="pt")
         return enc["input_features"], enc["attention_mask"]
 
+    def processor_audio_inputs(self, feature_extractor, chunks: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The audio arguments of the family's own forward as its processor makes them, padding
+        included (what a plain transformers training loop feeds; the benchmark's baseline)."""
+        enc = feature_extractor(chunks, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
+                                padding="max_length", return_tensors="pt")
+        return {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
+
     def encode(self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """The audio encoder's output for each chunk over its real frames: what a frozen encoder's
         cache keeps (before any trainable projector)."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from distill.config import EngineConfig
 from distill.io import read_json, sha256_file
+from distill.models import family_of
 from distill.processes import adopt_children
 
 EXPORT_MANIFEST = "distill_export.json"
@@ -119,6 +120,8 @@ def _not_thread_noise(record: logging.LogRecord) -> bool:
 
 def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items: int = 1):
     import torch
+
+    family_of(model_dir)  # its runtime first: vLLM inspects the model in a subprocess that needs the hooks
     from vllm import LLM
 
     cuda = torch.cuda.is_available()
