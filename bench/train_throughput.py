@@ -2,7 +2,7 @@
 Hugging Face `Trainer` with a padding collator, in one run, on the same tiny model and the same kept traces.
 
     .venv/bin/python bench/train_throughput.py [--items 64] [--traces-per-item 4] [--epochs 1] [--repeats 2]
-        [--family qwen2_audio] [--zero2] [--work DIR] [--out bench/results/train_throughput.json]
+        [--family NAME] [--zero2] [--work DIR] [--out bench/results/train_throughput.json]
 
 Data: the tiny random model of configs/demo_cpu.yaml (model.tiny sizes) of family `--family` and its synthetic
 pitch_level items (0.6-1 s tones, about 20 audio tokens each). Each item gets `--traces-per-item` rows
@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import Config, load_config, to_yaml
+from distill.config import Config, TinyModelConfig, load_config, to_yaml
 from distill.launch import train_command, train_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,7 +340,7 @@ def main() -> None:
     ap.add_argument("--traces-per-item", type=int, default=4)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2, help="runs of every setting (round-robin); the fastest counts")
-    ap.add_argument("--family", default="qwen2_audio", help="model family of the tiny model (distill/models)")
+    ap.add_argument("--family", default=TinyModelConfig.family, help="model family of the tiny model (distill/models)")
     ap.add_argument("--zero2", action="store_true", help="also time a 2-rank DeepSpeed ZeRO-2 run of distill")
     ap.add_argument("--work", help="work folder (model, data, runs; reused when given); default: a temp folder")
     ap.add_argument("--out", default="bench/results/train_throughput.json")

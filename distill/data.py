@@ -55,20 +55,18 @@ def check_model_audio(cfg: Config, model_dir: Path) -> None:
         return  # a model without a stored feature extractor: nothing to check against
     config = read_json(path)
     fe = config.get("feature_extractor", config)
-    rate, seconds = fe.get("sampling_rate"), fe.get("chunk_length")
+    rate = fe.get("sampling_rate")
     if rate and rate != cfg.data.sample_rate:
         raise ConfigError(f"data.sample_rate={cfg.data.sample_rate}: the model's feature extractor ({path}) takes "
                           f"{rate} Hz; set data.sample_rate={rate}")
     a = cfg.data.audio
     item_key, item_seconds = ("data.audio.chunk_seconds", a.chunk_seconds) if a.long_audio == "chunk" else (
         "data.audio.max_seconds", a.max_seconds)
-    if seconds and item_seconds > seconds:
-        raise ConfigError(f"{item_key}={item_seconds:g}: the model reads at most {seconds} s per audio item and would "
-                          f"cut the rest silently; use at most {seconds}, or data.audio.long_audio=chunk")
     family = family_of(model_dir)
-    if item_seconds > family.max_audio_seconds:
-        raise ConfigError(f"{item_key}={item_seconds:g}: {family.title} reads at most {family.max_audio_seconds:g} s "
-                          "per audio item; lower it, or use data.audio.long_audio=chunk")
+    limit = family.max_item_seconds(fe)
+    if item_seconds > limit:
+        raise ConfigError(f"{item_key}={item_seconds:g}: {family.title} ({path}) reads at most {limit:g} s per audio "
+                          f"item and would cut the rest silently; use at most {limit:g}, or data.audio.long_audio=chunk")
     items = max_audio_items(cfg.data)
     if family.max_audio_items is not None and items > family.max_audio_items:
         raise ConfigError(f"data.audio.max_chunks={items}: {family.title} takes at most {family.max_audio_items} audio "

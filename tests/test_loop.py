@@ -117,7 +117,7 @@ def test_cold_start_curriculum_gets_its_own_items(tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("data.sample_rate=8000", "data.sample_rate=8000: the model's feature extractor .* takes 16000 Hz"),
-    ("data.audio.max_seconds=40", "data.audio.max_seconds=40: the model reads at most 30 s per audio item"),
+    ("data.audio.max_seconds=40", "data.audio.max_seconds=40: Qwen2-Audio .* reads at most 30 s per audio item"),
     ("data.audio.long_audio=chunk", "engine.max_model_len=1024: 4 audio item\\(s\\) of up to 750 tokens"),
 ])
 def test_audio_settings_the_model_cannot_take_fail_before_any_work(tmp_path, tiny_model, override, message):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ class Family:
     model_types: tuple[str, ...] = ()
     # Trainable part -> parameter-name prefixes in the training model. A parameter in no part
     # (a vision tower the loop never feeds) stays frozen.
-    parts: dict[str, tuple[str, ...]] = {}
+    parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Regex of the modules LoRA wraps; "{}" takes the configured projection names. Never the encoder.
     lora_scope: str = ""
     # Longest audio item the family's encoder reads, in seconds (its processor cuts the rest).
@@ -111,6 +111,12 @@ class Family:
     def audio_token(self, processor) -> str:
         """The placeholder the processor expands to one token per audio embedding."""
         return processor.audio_token
+
+    def max_item_seconds(self, feature_extractor_config: dict) -> float:
+        """The longest audio item this checkpoint reads: its feature extractor's window
+        (chunk_length; the processor cuts the rest), at most the family's max_audio_seconds."""
+        window = feature_extractor_config.get("chunk_length")
+        return min(float(window), self.max_audio_seconds) if window else self.max_audio_seconds
 
     def audio_tokens_per_item(self, seconds: float, feature_extractor_config: dict) -> int:
         """Audio placeholders an item of `seconds` becomes (the most, for the prompt budget)."""

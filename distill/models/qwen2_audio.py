@@ -4,6 +4,7 @@ linear projector, and a Qwen2 language model with 1-D RoPE."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +41,7 @@ class Qwen2Audio(Family):
     name = "qwen2_audio"
     title = "Qwen2-Audio"
     model_types = ("qwen2_audio",)
-    parts = {"audio_encoder": ("model.audio_tower.",), "projector": ("model.multi_modal_projector.",),
+    parts: ClassVar[dict[str, tuple[str, ...]]] = {"audio_encoder": ("model.audio_tower.",), "projector": ("model.multi_modal_projector.",),
              "language_model": ("model.language_model.", "lm_head.")}
     lora_scope = r"model\.language_model\..*\.({})"
     max_audio_seconds = 30.0
