@@ -7,12 +7,16 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import TrainConfig
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+# A torch extension build lock older than this was left by a killed build: DeepSpeed's ops build
+# in under a minute here, so ten minutes leaves room for a slow machine.
+STALE_BUILD_S = 600.0
 
 
 def free_port() -> int:
@@ -88,10 +92,30 @@ def train_env(tcfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def clear_stale_build_locks(extensions_dir: Path, max_age_s: float = STALE_BUILD_S) -> list[Path]:
+    """Remove the build locks of torch's extension builder (DeepSpeed's ops) older than
+    `max_age_s`. torch marks a build with an empty `lock` file and removes it when done; a process
+    killed mid-build leaves it, and every later rank then waits for it forever, silently."""
+    removed = []
+    for lock in sorted(extensions_dir.glob("*/lock")):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            continue  # its build finished meanwhile
+    for lock in removed:
+        print(f"train: removed {lock}, left by a build that was killed (a build takes under a minute); "
+              "the op is built again", flush=True)
+    return removed
+
+
 def run_training(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
                  section: str, machines: Machines = Machines()) -> None:
     cmd = train_command(tcfg, config_path, data, model, out, section, machines)
+    env = train_env(tcfg)
+    clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"]))
     print("train: " + shlex.join(["accelerate", "launch", *cmd[3:]]), flush=True)
-    result = subprocess.run(cmd, env=train_env(tcfg))
+    result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"training failed (exit {result.returncode}); command: {' '.join(cmd)}")
