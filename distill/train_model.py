@@ -50,8 +50,11 @@ class AudioEncoderCache:
 
 
 def part_of(family: Family, name: str) -> str | None:
-    """The trainable part a parameter belongs to (None: a module the loop never feeds, frozen)."""
-    return next((part for part, prefixes in family.parts.items() if prefixes and name.startswith(prefixes)), None)
+    """The trainable part a parameter belongs to, by its longest matching prefix (a projector may
+    sit inside the encoder's module); None: a module the loop never feeds, always frozen."""
+    matches = [(len(prefix), part) for part, prefixes in family.parts.items() for prefix in prefixes
+               if name.startswith(prefix)]
+    return max(matches)[1] if matches else None
 
 
 def set_trainable(model, family: Family, tcfg: TrainConfig) -> None:
@@ -119,9 +122,11 @@ class AudioLM(torch.nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        tower = self.family.audio_tower(self.hf)
-        if not any(p.requires_grad for p in tower.parameters()):
-            tower.eval()  # a frozen encoder is a fixed function: no dropout, so its outputs can be cached
+        encoder = [p for name, p in self.hf.named_parameters() if part_of(self.family, name) == "audio_encoder"]
+        if not any(p.requires_grad for p in encoder):
+            # A frozen encoder is a fixed function: no dropout, so its outputs can be cached. (A
+            # projector inside the tower's module has no dropout of its own to lose.)
+            self.family.audio_tower(self.hf).eval()
         return self
 
     @property

@@ -115,9 +115,13 @@ def test_the_tiny_model_reloads_with_the_published_template_and_tokens(tiny_omni
 def test_parts_cover_the_trainable_model_and_lora_reaches_only_the_language_model(tiny_omni, reference):
     from peft import LoraConfig, get_peft_model
 
+    from distill.train_model import part_of
+
     names = [n for n, _ in reference.named_parameters()]
-    owners = [sum(n.startswith(p) for p in FAMILY.parts.values()) for n in names]
-    assert all(count == (0 if n.startswith("visual.") else 1) for n, count in zip(names, owners))
+    owners = {n: part_of(FAMILY, n) for n in names}
+    assert all((owner is None) == n.startswith("visual.") for n, owner in owners.items())
+    assert {n for n, owner in owners.items() if owner == "projector"} == {"audio_tower.proj.weight",
+                                                                         "audio_tower.proj.bias"}
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     wrapped = [n for n, _ in reference.named_modules() if re.fullmatch(FAMILY.lora_target(projections), n)]
     assert len(wrapped) == reference.config.text_config.num_hidden_layers * len(projections)
@@ -152,7 +156,7 @@ def test_the_training_forward_is_the_thinkers_own(reference, processor):
     ids = enc["input_ids"][0]
     encoded = encoded_clips(reference, processor)
     own = reference.get_audio_features(enc["input_features"], enc["feature_attention_mask"]).last_hidden_state
-    assert torch.equal(torch.cat(encoded), own)
+    assert torch.equal(FAMILY.project(reference, torch.cat(encoded)), own)
     # Audio-only prompts: transformers' M-RoPE positions are sequential in all three rows.
     rope, _ = reference.get_rope_index(enc["input_ids"], None, None, enc["attention_mask"], False,
                                        enc["feature_attention_mask"].sum(-1))

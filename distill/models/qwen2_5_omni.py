@@ -71,9 +71,11 @@ class Qwen25Omni(Family):
     name = "qwen2_5_omni"
     title = "Qwen2.5-Omni"
     model_types = ("qwen2_5_omni",)
-    # The audio tower ends in its own projection (`proj`) to the text width: no separate projector.
-    parts: ClassVar[dict[str, tuple[str, ...]]] = {"audio_encoder": ("audio_tower.",), "projector": (),
-             "language_model": ("model.", "lm_head.")}
+    # The audio tower ends in its own projection to the text width (`proj`, the role Qwen2-Audio's
+    # multi_modal_projector plays): that is the projector; the rest of the tower is the encoder.
+    parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "audio_encoder": ("audio_tower.",), "projector": ("audio_tower.proj.",),
+        "language_model": ("model.", "lm_head.")}
     # The text model's layers only ("audio_tower.layers.*" and "visual.blocks.*" have projections of
     # the same names); peft full-matches it against module names, which may carry its own prefix.
     lora_scope = r"(?:base_model\.model\.)?model\.layers\.\d+\..*\.({})"
@@ -176,14 +178,24 @@ class Qwen25Omni(Family):
         return features[..., :width], mask[:, :width]
 
     def encode(self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Each chunk's audio embeddings (already projected to the text width), as the thinker's
-        get_audio_features computes them: the real frames of all chunks, concatenated."""
+        """Each chunk's encoder output before the tower's projection (what the cache may keep while
+        the projection trains), as the thinker's get_audio_features computes it over the real
+        frames of all chunks: the input of `proj`, caught by a hook (the tower's forward offers no
+        other way out before it)."""
         tower = model.audio_tower
         lengths = mask.sum(-1)
         frames = features.transpose(1, 2)[mask.bool()].T  # [mel, real frames of every chunk]
-        hidden = tower(frames, feature_lens=lengths).last_hidden_state
+        caught: list[torch.Tensor] = []
+        hook = tower.proj.register_forward_hook(lambda module, args, output: caught.append(args[0]))
+        try:
+            tower(frames, feature_lens=lengths)
+        finally:
+            hook.remove()
         _, out_lengths = tower._get_feat_extract_output_lengths(lengths)
-        return list(hidden.split(out_lengths.tolist()))
+        return list(caught[0].split(out_lengths.tolist()))
+
+    def project(self, model: torch.nn.Module, encoded: torch.Tensor) -> torch.Tensor:
+        return model.audio_tower.proj(encoded)
 
     def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         """[4, batch, length]: text positions (row 0, from which the text model builds the packed
