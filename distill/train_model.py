@@ -73,8 +73,15 @@ def add_lora(model, family: Family, tcfg: TrainConfig):
 
     lcfg = tcfg.lora
     config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                        target_modules=family.lora_target(list(lcfg.target_modules)))
+                        target_modules=family.lora_target(list(lcfg.target_modules)),
+                        exclude_modules=family.lora_exclude)
     peft_model = get_peft_model(model, config)
+    # peft's matching of a scope has changed between versions: check what it wrapped.
+    outside = [name for name, module in peft_model.base_model.model.named_modules() if hasattr(module, "lora_A")
+               and part_of(family, name + ".") != "language_model"]
+    if outside:
+        raise RuntimeError(f"LoRA wrapped modules outside the language model ({', '.join(outside[:3])}, ...): the "
+                           f"{family.title} family's lora_scope/lora_exclude no longer fit this peft version")
     # get_peft_model freezes everything but the adapters; give the projector its setting back.
     for name, param in peft_model.base_model.model.named_parameters():
         if part_of(family, name) == "projector":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # distill developer entry point.
-#   scripts/dev.sh demo [key=value ...]   set up (once) and run the CPU demo loop
+#   scripts/dev.sh demo [key=value ...]   set up (once) and run the CPU demo loop (tiny Qwen2-Audio)
+#   scripts/dev.sh demo-omni [key=value]  the same loop on a tiny Qwen2.5-Omni thinker
 #   scripts/dev.sh test [pytest args]     set up (once) and run the test suite
 #   scripts/dev.sh setup                  only create/refresh the virtual environment
 set -euo pipefail
@@ -35,10 +36,11 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     demo) setup; exec "$VENV/bin/distill" run configs/demo_cpu.yaml "$@" ;;
+    demo-omni) setup; exec "$VENV/bin/distill" run configs/demo_omni_cpu.yaml "$@" ;;
     # Two test processes (DISTILL_TEST_WORKERS; 0 runs in this one): most of an end-to-end test is
     # one process starting or one engine stepping, so two share a 2-core machine well. Tests of
     # one xdist_group (a module's shared server) stay in one process; `-n N` after it overrides.
     test) setup; exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${DISTILL_TEST_WORKERS:-2}" \
         --dist loadgroup "$@" ;;
-    *) echo "usage: scripts/dev.sh {demo|test|setup} [args]" >&2; exit 2 ;;
+    *) echo "usage: scripts/dev.sh {demo|demo-omni|test|setup} [args]" >&2; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 """Each model family beyond Qwen2-Audio through the whole loop with the real engines: a cold start
-trained with LoRA under ZeRO-3 and exported through the gate, one round (sample with vLLM,
-ground, filter, SFT with ZeRO-2 on 2 ranks, export, eval) that samples the cold start's weights,
-and grounding scores that a transformers teacher-forced pass confirms. Qwen2-Audio runs the same
-loop in test_e2e.py."""
+trained with ZeRO-2 on 2 ranks and exported through the gate, one round (sample with vLLM,
+ground, filter, SFT with LoRA under ZeRO-3 on 2 ranks, the merged export through the gate, eval)
+that samples the cold start's weights, and grounding scores that a transformers teacher-forced
+pass confirms. Qwen2-Audio runs the same loop in test_e2e.py."""
 
 import numpy as np
 import pytest
@@ -19,11 +19,10 @@ from tests.test_e2e import distill_run, finish, traces
 
 pytestmark = pytest.mark.e2e
 
-FAMILY_RUN = [
-    "loop.rounds=1", "cold_start.train.zero_stage=3", "cold_start.train.lora.enabled=true",
-    "cold_start.train.lora.r=16", "cold_start.train.lora.alpha=32", "cold_start.train.learning_rate=3e-3",
-    "train.zero_stage=2", "train.num_processes=2",
-]
+# The cold start trains everything (LoRA alone does not teach a random model the format in a few
+# steps); round 1 trains LoRA adapters under ZeRO-3, which the export merges.
+FAMILY_RUN = ["loop.rounds=1", "cold_start.train.zero_stage=2", "cold_start.train.num_processes=2",
+              "train.zero_stage=3", "train.num_processes=2", "train.lora.enabled=true"]
 
 
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES if f.name != "qwen2_audio"])
@@ -34,13 +33,15 @@ def test_a_family_runs_the_loop_and_its_engines_agree(tmp_path, family):
     assert read_json(run / "base_model" / "config.json")["model_type"] in \
         next(f for f in FAMILIES if f.name == family).model_types
     cold_export = read_json(cold / "model" / "distill_export.json")
-    assert cold_export["gate"] == "passed"  # the LoRA-merged ZeRO-3 export: vLLM and transformers agree
-    assert read_json(cold / "train" / "final" / "train_summary.json")["zero_stage"] == 3
+    assert cold_export["gate"] == "passed"
+    cold_summary = read_json(cold / "train" / "final" / "train_summary.json")
+    assert (cold_summary["zero_stage"], cold_summary["processes"]) == (2, 2)
     summary = read_json(first / "train" / "final" / "train_summary.json")
-    assert (summary["zero_stage"], summary["processes"]) == (2, 2)
+    assert (summary["zero_stage"], summary["processes"], summary["lora"]) == (3, 2, True)
     # Round 1 sampled the cold start's weights.
     sampled = {t["lineage"]["model_sha256"] for t in traces(first)}
     assert sampled == {cold_export["weights_sha256"]} == {weights_hash(cold / "model")}
+    # The LoRA-merged ZeRO-3 export: vLLM and transformers agree on it.
     assert read_json(first / "model" / "distill_export.json")["gate"] == "passed"
     assert read_json(first / "eval.json")["accuracy"] is not None
     assert "round 1 accuracy" in log
@@ -56,4 +57,6 @@ def test_a_family_runs_the_loop_and_its_engines_agree(tmp_path, family):
         by_vllm = score(engines.get(model), load_tokenizer(str(model)), [job], cfg.data.sample_rate)[0]
     by_hf = hf_completion_logprobs(model, [job], cfg.data.sample_rate)[0]
     assert len(by_hf) == len(by_vllm.reasoning) + len(by_vllm.answer) > 3
-    np.testing.assert_allclose(np.array(by_vllm.reasoning + by_vllm.answer), by_hf, atol=1e-2)
+    # To the precision of vLLM's bf16 (its "auto" dtype on a CPU with native bf16; float32 elsewhere).
+    diffs = np.abs(np.array(by_vllm.reasoning + by_vllm.answer) - by_hf)
+    assert diffs.mean() < 5e-3 and diffs.max() < 0.05, diffs

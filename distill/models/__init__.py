@@ -22,8 +22,9 @@ from distill.models.audio_flamingo3 import AudioFlamingo3
 from distill.models.family import Family
 from distill.models.qwen2_5_omni import Qwen25Omni
 from distill.models.qwen2_audio import Qwen2Audio
+from distill.models.qwen3_omni import Qwen3Omni
 
-FAMILIES: tuple[Family, ...] = (Qwen2Audio(), Qwen25Omni(), AudioFlamingo3())
+FAMILIES: tuple[Family, ...] = (Qwen2Audio(), Qwen25Omni(), Qwen3Omni(), AudioFlamingo3())
 # model_type (config.json) -> its family.
 BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 # Where transformers keeps a processor's feature extractor and a tokenizer's chat template.

@@ -33,6 +33,9 @@ class Family:
     parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Regex of the modules LoRA wraps; "{}" takes the configured projection names. Never the encoder.
     lora_scope: str = ""
+    # Regex of modules LoRA must leave alone even where peft's own reading of lora_scope reaches them
+    # (None: nothing beyond the scope).
+    lora_exclude: str | None = None
     # Longest audio item the family's encoder reads, in seconds (its processor cuts the rest).
     max_audio_seconds: float = 30.0
     # Audio items one prompt may carry (None: no limit of the family's own).
