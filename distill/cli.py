@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "make-tiny-model":
             from distill.config import TinyModelConfig
-            from distill.models import build_tiny_model
+            from distill.models import build_tiny_model, family_named
 
+            family_named(args.family, "--family")
             print(build_tiny_model(args.out, TinyModelConfig(family=args.family)))
             return 0
         if args.command == "data":

@@ -4,6 +4,8 @@ ground, filter, SFT with LoRA under ZeRO-3 on 2 ranks, the merged export through
 that samples the cold start's weights, and grounding scores that a transformers teacher-forced
 pass confirms. Qwen2-Audio runs the same loop in test_e2e.py."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -53,10 +55,10 @@ def test_a_family_runs_the_loop_and_its_engines_agree(tmp_path, family):
     audio = audio_cache(cfg).chunks(trace["audio"], trace["audio_sha256"])
     job = ScoreJob(trace["prompt"] + cfg.sample.generation_prefix,
                    trace["completion"].removeprefix(cfg.sample.generation_prefix), audio)
-    with EngineCache(cfg.engine, cfg.seed) as engines:
+    # In float32: in bf16 (vLLM's "auto" on a CPU with native bf16) a token whose router scores
+    # nearly tie picks other experts in an MoE model, and its log-probability moves by whole nats.
+    with EngineCache(replace(cfg.engine, dtype="float32"), cfg.seed) as engines:
         by_vllm = score(engines.get(model), load_tokenizer(str(model)), [job], cfg.data.sample_rate)[0]
     by_hf = hf_completion_logprobs(model, [job], cfg.data.sample_rate)[0]
     assert len(by_hf) == len(by_vllm.reasoning) + len(by_vllm.answer) > 3
-    # To the precision of vLLM's bf16 (its "auto" dtype on a CPU with native bf16; float32 elsewhere).
-    diffs = np.abs(np.array(by_vllm.reasoning + by_vllm.answer) - by_hf)
-    assert diffs.mean() < 5e-3 and diffs.max() < 0.05, diffs
+    np.testing.assert_allclose(np.array(by_vllm.reasoning + by_vllm.answer), by_hf, atol=1e-4)

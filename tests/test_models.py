@@ -103,3 +103,20 @@ def test_no_module_outside_distill_models_names_a_family():
                     continue
                 found += [f"{path.relative_to(root)}:{lineno}: {fact}" for fact in facts if fact in line]
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES])
+def test_make_tiny_model_builds_each_family_and_the_run_accepts_it(tmp_path, family):
+    from distill.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--family", family]) == 0
+    assert check_model_dir(tmp_path / "m") is family_named(family)
+
+
+def test_make_tiny_model_names_the_families_for_an_unknown_one(tmp_path, capsys):
+    from distill.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--family", "kimi_audio"]) == 2
+    err = capsys.readouterr().err
+    assert "--family='kimi_audio'" in err and all(f.name in err for f in FAMILIES)
+    assert not (tmp_path / "m").exists()
