@@ -199,7 +199,8 @@ def baseline_worker(spec_path: Path) -> None:
     model = family.load_for_training(spec["model"], torch.float32, "sdpa")
     family.audio_tower(model).requires_grad_(False)
     rows = load_rows([spec["data"]])
-    dataset = SFTDataset(rows, processor, audio_cache(cfg), tcfg.max_seq_len, 1.0, cfg.sample.generation_prefix)
+    dataset = SFTDataset(rows, processor, audio_cache(cfg), tcfg.max_seq_len, 1.0, cfg.sample.generation_prefix,
+                         partial(family.serving_audio, extractor))
 
     def collate(batch: list[dict]) -> dict:
         """Right-pad to the batch's longest row; the model computes its loss from labels."""

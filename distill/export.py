@@ -110,11 +110,13 @@ def hf_completion_logprobs(model_dir: Path, jobs: list[ScoreJob], sample_rate: i
     import torch
     from transformers import AutoProcessor
 
-    model = family_of(model_dir).reference_model(model_dir)
+    family = family_of(model_dir)
+    model = family.reference_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     result = []
     for job in jobs:
-        enc = processor(text=[job.prompt + job.completion], audio=job.audio or None, sampling_rate=sample_rate,
+        audio = family.serving_audio(processor.feature_extractor, job.audio) if job.audio else None
+        enc = processor(text=[job.prompt + job.completion], audio=audio, sampling_rate=sample_rate,
                         return_tensors="pt")
         ids, _ = completion_tokens(processor.tokenizer, job.prompt, job.completion)
         with torch.no_grad():

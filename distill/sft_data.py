@@ -16,6 +16,7 @@ clips its encoder cache does not hold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,13 @@ class SFTDataset:
     """Tokenized SFT rows; `lengths[i]` is row i's token count, `self[i]` its Sample."""
 
     def __init__(self, rows: list[dict], processor, cache: AudioCache, max_seq_len: int, answer_loss_weight: float,
-                 generation_prefix: str = ""):
+                 generation_prefix: str = "",
+                 serving_audio: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None):
         self.rows = rows
         self.cache = cache
+        # The waveforms as the serving engine prepares them (Family.serving_audio), so that the
+        # placeholder counts and the encoder see what vLLM sees.
+        self.serving_audio = serving_audio or (lambda chunks: chunks)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.sample_rate = processor.feature_extractor.sampling_rate
@@ -135,7 +140,7 @@ class SFTDataset:
         return weights
 
     def chunks(self, row: dict) -> list[np.ndarray]:
-        return [] if row["audio"] is None else self.cache.chunks(row["audio"], row.get("audio_sha256"))
+        return [] if row["audio"] is None else self.serving_audio(self.cache.chunks(row["audio"], row.get("audio_sha256")))
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = audio_cache(cfg)
     rows, mix_stats = build_mix(load_rows(args.data), list(tcfg.mix), cfg, processor.tokenizer, cache, tcfg.seed)
     dataset = SFTDataset(rows, processor, cache, tcfg.max_seq_len, tcfg.answer_loss_weight,
-                         cfg.sample.generation_prefix)
+                         cfg.sample.generation_prefix, partial(family.serving_audio, processor.feature_extractor))
     attention = attention_implementation(tcfg, accelerator.device.type == "cuda")
     packing = use_packing(tcfg, attention)
     # flash-attention keeps samples apart only in a batch of one row (varlen over its sequences):

@@ -143,6 +143,7 @@ class AudioLM(torch.nn.Module):
     def run_encoder(self, chunks: list[np.ndarray]) -> list[torch.Tensor]:
         """The audio encoder on a batch of chunks: each chunk's output over its real frames, from
         features as the family's processor makes them."""
+        chunks = self.family.serving_audio(self.feature_extractor, chunks)
         features, mask = self.family.features(self.feature_extractor, chunks)
         return self.family.encode(self.hf, features.to(self.device), mask.to(self.device))
 

@@ -84,6 +84,11 @@ class Family:
     def lm_head(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.lm_head
 
+    def serving_audio(self, feature_extractor, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        """The waveforms as vLLM's model code hands them to the processor (it may pad them): what
+        training, its placeholder counts and the reference forward must see too."""
+        return chunks
+
     def features(self, feature_extractor, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_features, feature mask) for audio chunks, as the family's processor makes them."""
         enc = feature_extractor(chunks, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,

@@ -283,6 +283,13 @@ class Qwen3Omni(Family):
     def decoder(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model
 
+    def serving_audio(self, feature_extractor, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        """Each waveform zero-padded to a whole number of hops, as vLLM's Qwen3-Omni processing does
+        before the processor (so that its cache works with padding): a clip whose length is off the
+        hop otherwise gets other last frames, and its trained model scores differently in vLLM."""
+        hop = feature_extractor.hop_length
+        return [np.pad(chunk, (0, -len(chunk) % hop)) for chunk in chunks]
+
     def features(self, feature_extractor, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each chunk's features as the processor makes them for that chunk alone (no 30 s window),
         zero-padded to the longest chunk's frames. The processor pads a call's clips to the longest
