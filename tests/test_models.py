@@ -26,12 +26,19 @@ def test_the_tiny_model_passes(tiny_model):
 
 
 def test_an_unsupported_family_is_named_with_the_supported_ones(tiny_model, tmp_path):
-    model = copy_of(tiny_model, tmp_path, model_type="kimi_audio")
+    model = copy_of(tiny_model, tmp_path, model_type="whisper")
     with pytest.raises(ConfigError) as refused:
         check_model_dir(model)
-    assert str(refused.value) == (f"model.path: {model / 'config.json'} has model_type 'kimi_audio', which distill "
+    assert str(refused.value) == (f"model.path: {model / 'config.json'} has model_type 'whisper', which distill "
                                   f"does not train; supported: {supported()}")
     assert "qwen2_audio (Qwen2-Audio)" in supported()
+
+
+def test_a_server_only_model_is_refused_with_the_way_to_use_it(tiny_model, tmp_path):
+    model = copy_of(tiny_model, tmp_path, model_type="step_audio_2")
+    with pytest.raises(ConfigError, match="Step-Audio 2 .* no transformers class and no upstream vLLM .*"
+                                          "sample.backend=server"):
+        check_model_dir(model)
 
 
 @pytest.mark.parametrize(("remove", "message"), [
@@ -59,10 +66,10 @@ def test_a_chat_template_in_the_tokenizer_config_counts(tiny_model, tmp_path):
 
 
 def test_the_run_refuses_the_model_before_any_work(tiny_model, tmp_path):
-    model = copy_of(tiny_model, tmp_path, model_type="step_audio_2")
+    model = copy_of(tiny_model, tmp_path, model_type="gemma3n")
     cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}",
                                                 "model.build_tiny=false"])
-    with pytest.raises(ConfigError, match="model_type 'step_audio_2'"):
+    with pytest.raises(ConfigError, match="model_type 'gemma3n'"):
         init_run_dir(cfg, RunDir(cfg.run_dir))
     assert not cfg.run_dir.exists()  # no data built, no config saved
 

@@ -27,6 +27,9 @@ from distill.models.qwen3_omni import Qwen3Omni
 FAMILIES: tuple[Family, ...] = (Qwen2Audio(), Qwen25Omni(), Qwen3Omni(), AudioFlamingo3())
 # model_type (config.json) -> its family.
 BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+# Audio LMs distill knows of but cannot train: no transformers class (remote code only) and no
+# upstream vLLM model, so neither the trainer nor the engine can load them in-process.
+SERVER_ONLY = {"step_audio_2": "Step-Audio 2 / Step-Audio-R1", "kimi_audio": "Kimi-Audio"}
 # Where transformers keeps a processor's feature extractor and a tokenizer's chat template.
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -62,6 +65,11 @@ def family_of(model_dir: str | Path, key: str = "model.path") -> Family:
     supports it. Its runtime is prepared (import hooks a CPU install needs), so the caller may load it."""
     path = Path(model_dir) / "config.json"
     model_type = _read(path, key).get("model_type")
+    if model_type in SERVER_ONLY:
+        raise ConfigError(f"{key}: {path} is {SERVER_ONLY[model_type]} (model_type {model_type!r}), which has no "
+                          "transformers class and no upstream vLLM model, so distill can neither train nor serve it "
+                          "here. Sample from it through its own server (sample.backend=server, as in "
+                          f"configs/step_audio_r1_server.yaml) and train a student of a supported family: {supported()}")
     if model_type not in BY_MODEL_TYPE:
         raise ConfigError(f"{key}: {path} has model_type {model_type!r}, which distill does not train; supported: "
                           f"{supported()}")
