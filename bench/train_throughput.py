@@ -210,9 +210,15 @@ def baseline_worker(spec_path: Path) -> None:
             return torch.stack([torch.nn.functional.pad(x[key], (0, longest - len(x[key])), value=value)
                                 for x in batch])
 
+        def frames(key: str) -> torch.Tensor:
+            """One audio input of every row, zero-padded to the widest (a processor that pads to the
+            longest clip of its call, not to a fixed window, makes rows of other widths)."""
+            width = max(x[key].shape[-1] for x in batch)
+            return torch.cat([torch.nn.functional.pad(x[key], (0, width - x[key].shape[-1])) for x in batch])
+
         audio = [key for key in batch[0] if key not in ("input_ids", "labels", "attention_mask")]
         return {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE),
-                "attention_mask": pad("attention_mask", 0), **{k: torch.cat([x[k] for x in batch]) for k in audio}}
+                "attention_mask": pad("attention_mask", 0), **{k: frames(k) for k in audio}}
 
     class PlainDataset(torch.utils.data.Dataset):
         """SFTDataset's samples as the model's own inputs, without distill's loss weights."""
