@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from distill.config import TinyModelConfig
 from distill.models.audio_flamingo3 import AudioFlamingo3
+from tests.serving import offline_engine
 
 FAMILY = AudioFlamingo3()
 SYSTEM = "You are a helpful assistant that listens carefully and reasons about sounds."
@@ -154,13 +155,11 @@ def test_save_and_load_round_trip(tiny_af3, reference, tmp_path):
 
 
 @pytest.mark.e2e
-def test_vllm_serves_the_saved_model_with_the_same_logprobs(tiny_af3, reference, processor, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-    from vllm import LLM, SamplingParams
+def test_vllm_serves_the_saved_model_with_the_same_logprobs(tiny_af3, reference, processor, request):
+    from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    llm = LLM(model=str(tiny_af3), enforce_eager=True, dtype="float32", max_model_len=2048,
-              kv_cache_memory_bytes=256 * 2**20, limit_mm_per_prompt={"audio": 2}, seed=0)
+    llm = offline_engine(tiny_af3, request)
     prompt = processor.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     generated = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": [(CLIPS[0], 16000)]}}],
                              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))

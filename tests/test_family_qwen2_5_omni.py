@@ -3,7 +3,6 @@ the published one, the training forward (real frames only, packed rows, 3-D posi
 thinker's own, the full-Omni checkpoint round-trips and vLLM serves it with the same log-probabilities."""
 
 import json
-import os
 import re
 
 import numpy as np
@@ -13,6 +12,7 @@ from safetensors import safe_open
 
 from distill.config import TinyModelConfig
 from distill.models.qwen2_5_omni import CHAT_TEMPLATE, Qwen25Omni
+from tests.serving import offline_engine
 
 FAMILY = Qwen25Omni()
 SYSTEM = "You are a helpful assistant that listens carefully and reasons about sounds."
@@ -219,13 +219,10 @@ def test_loading_reads_shards_skips_speech_weights_and_refuses_a_partial_thinker
 
 
 @pytest.mark.e2e
-def test_vllm_serves_the_saved_model_with_the_same_logprobs(tiny_omni, reference, processor):
-    FAMILY.prepare_runtime()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
+def test_vllm_serves_the_saved_model_with_the_same_logprobs(tiny_omni, reference, processor, request):
+    from vllm import SamplingParams
 
-    llm = LLM(model=str(tiny_omni), enforce_eager=True, dtype="float32", max_model_len=2048,
-              kv_cache_memory_bytes=256 * 2**20, limit_mm_per_prompt={"audio": 2}, seed=0)
+    llm = offline_engine(tiny_omni, request)
     prompt = processor.apply_chat_template(messages(1), tokenize=False, add_generation_prompt=True)
     generated = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": [(CLIPS[0], 16000)]}}],
                              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))

@@ -104,14 +104,7 @@ class AudioFlamingo3(Family):
 
     def checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rename transformers-5 keys to the layout vLLM loads (CHECKPOINT_PREFIXES); others stay."""
-        out = {}
-        for key, value in state.items():
-            for native, original in CHECKPOINT_PREFIXES:
-                if key.startswith(native):
-                    key = original + key[len(native):]
-                    break
-            out[key] = value
-        return out
+        return self.renamed(state, CHECKPOINT_PREFIXES)
 
     def build_tiny(self, out_dir: Path, cfg) -> None:
         """A tiny random AF3 with the real classes, tokens, processor and chat template."""

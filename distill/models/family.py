@@ -136,5 +136,14 @@ class Family:
         return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special and "audio" in t.content.lower())
 
     # --- helpers for subclasses -------------------------------------------------------------
+    @staticmethod
+    def renamed(state: dict[str, torch.Tensor], prefixes: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+        """`state` with each key's first matching (native, original) prefix replaced; others as they are."""
+        out = {}
+        for key, value in state.items():
+            native = next((pair for pair in prefixes if key.startswith(pair[0])), None)
+            out[native[1] + key[len(native[0]):] if native else key] = value
+        return out
+
     def lora_target(self, module_names: list[str]) -> str:
         return self.lora_scope.format("|".join(map(re.escape, module_names)))

@@ -6,15 +6,13 @@ full-Omni layout (`thinker.*` keys, model_type qwen2_5_omni): vLLM has no thinke
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from distill.models.family import Family
+from distill.models.omni_thinker import OmniThinker
 from distill.models.tokenizer import train_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
@@ -23,8 +21,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<
 TOKEN_ATTRIBUTES = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
                     "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
                     "vision_eos_token": "<|vision_eos|>"}
-# Words that mark a special token as audio or vision markup, which a trace must never generate.
-MARKUP_WORDS = ("audio", "vision", "image", "video")
 
 # The chat template published with Qwen/Qwen2.5-Omni-7B (chat_template.json), verbatim. Source:
 # huggingface/transformers, tests/models/qwen2_5_omni/test_processing_qwen2_5_omni.py, whose 2025
@@ -46,7 +42,6 @@ CHAT_TEMPLATE = (
     "<|im_start|>assistant\n{% endif %}"
 )
 
-CHECKPOINT_PREFIX = "thinker."
 # Full-Omni modules distill never loads: the speech output side.
 SPEECH_PREFIXES = ("talker.", "token2wav.")
 ARCHITECTURES = ["Qwen2_5OmniForConditionalGeneration"]
@@ -67,7 +62,7 @@ TINY_ROPE_THETA = 1000000.0
 TINY_MAX_POSITIONS = 4096
 
 
-class Qwen25Omni(Family):
+class Qwen25Omni(OmniThinker):
     name = "qwen2_5_omni"
     title = "Qwen2.5-Omni"
     model_types = ("qwen2_5_omni",)
@@ -80,56 +75,16 @@ class Qwen25Omni(Family):
     # the same names); peft full-matches it against module names, which may carry its own prefix.
     lora_scope = r"(?:base_model\.model\.)?model\.layers\.\d+\..*\.({})"
     max_audio_seconds = MAX_AUDIO_SECONDS
-    max_audio_items = None
+    speech_prefixes = SPEECH_PREFIXES
 
     # --- loading and saving -------------------------------------------------------------
-    def prepare_runtime(self) -> None:
-        """The torchvision-free import hooks a CPU install needs (here and in vLLM's subprocesses)."""
-        from distill.models import omni_cpu
+    def thinker_class(self) -> type:
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-        omni_cpu.enable()
+        return Qwen2_5OmniThinkerForConditionalGeneration
 
-    def load_for_training(self, model_dir: str | Path, dtype: torch.dtype, attention: str) -> torch.nn.Module:
-        """The thinker, from the `thinker.*` keys of a full-Omni checkpoint (the full class's
-        from_pretrained wants the talker's spk_dict.pt). The thinker's base_model_prefix is
-        "thinker", so from_pretrained strips it, over one file or an index of shards."""
-        from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
-        from transformers.utils import logging
-
-        config = AutoConfig.from_pretrained(model_dir).thinker_config
-        # Its load report would list every talker key of a full checkpoint; the check below says what matters.
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
-            model, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-                model_dir, config=config, dtype=dtype, attn_implementation=attention, output_loading_info=True)
-        finally:
-            logging.set_verbosity(verbosity)
-        unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(SPEECH_PREFIXES))
-        problems = {"missing": sorted(info["missing_keys"]), "unexpected": unexpected,
-                    "mismatched": sorted(str(k) for k in info["mismatched_keys"])}
-        if any(problems.values()):
-            found = "; ".join(f"{kind}: {', '.join(keys[:5])}" for kind, keys in problems.items() if keys)
-            raise ValueError(f"{model_dir}: the checkpoint's thinker.* weights do not fit the thinker ({found})")
-        return model
-
-    def checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {CHECKPOINT_PREFIX + key: value for key, value in state.items()}
-
-    def save(self, model: torch.nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        """A full-Omni checkpoint without speech output: Qwen2_5OmniConfig around the thinker's
-        config, `thinker.*` weights (sharded with an index when large), the generation config."""
-        from huggingface_hub import save_torch_state_dict
-
-        state = self.checkpoint_state_dict(state if state is not None else model.state_dict())
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-        omni_config(model.config.to_dict(), dtype).save_pretrained(out_dir)
-        model.generation_config.save_pretrained(out_dir)
-        # Tied embeddings: keep embed_tokens, which vLLM and transformers tie lm_head to (the
-        # default keeps the name that sorts first).
-        save_torch_state_dict(state, out_dir, shared_tensors_to_discard=[CHECKPOINT_PREFIX + "lm_head.weight"])
+    def omni_config(self, thinker_config: dict, dtype: torch.dtype) -> Any:
+        return full_config(thinker_config, dtype)
 
     def build_tiny(self, out_dir: Path, cfg: Any) -> None:
         from transformers import (
@@ -147,28 +102,10 @@ class Qwen25Omni(Family):
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
         model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                    pad_token_id=tokenizer.pad_token_id)
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        try:
-            self.save(model, tmp)
-            processor.save_pretrained(tmp)
-            if out_dir.exists():
-                out_dir.rmdir()  # given empty
-            tmp.rename(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.save(model, out_dir)
+        processor.save_pretrained(out_dir)
 
     # --- the training forward -----------------------------------------------------------
-    def text_config(self, config) -> Any:
-        return config.thinker_config.text_config
-
-    def audio_tower(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.audio_tower
-
-    def decoder(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.model
-
     def features(self, feature_extractor, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """The processor's features (every clip padded to chunk_length, 30 or 300 s, so the mel frames
         are exactly those it and vLLM compute), cut to the longest real clip: the encoder reads real
@@ -197,12 +134,6 @@ class Qwen25Omni(Family):
     def project(self, model: torch.nn.Module, encoded: torch.Tensor) -> torch.Tensor:
         return model.audio_tower.proj(encoded)
 
-    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        """[4, batch, length]: text positions (row 0, from which the text model builds the packed
-        causal mask) over the three M-RoPE rows, which for text and audio are the same sequential
-        positions (get_rope_index without image or video grids)."""
-        return positions.unsqueeze(0).expand(4, -1, -1)
-
     def audio_tokens_per_item(self, seconds: float, feature_extractor_config: dict) -> int:
         """Mel frames of the real samples (the processor cuts at chunk_length), then the encoder's
         stride-2 conv and stride-2 pool (_get_feat_extract_output_lengths): 25 per second."""
@@ -212,13 +143,7 @@ class Qwen25Omni(Family):
         frames = math.ceil(math.ceil(seconds * rate) / hop)
         return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
-    def markup_tokens(self, tokenizer) -> tuple[str, ...]:
-        """The audio and the vision markup (the thinker reads images and video too)."""
-        return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
-                     if t.special and any(word in t.content.lower() for word in MARKUP_WORDS))
-
-
-def omni_config(thinker_config: dict, dtype: torch.dtype):
+def full_config(thinker_config: dict, dtype: torch.dtype):
     """The full-Omni config vLLM loads: the thinker only (enable_audio_output=False)."""
     from transformers import Qwen2_5OmniConfig
 

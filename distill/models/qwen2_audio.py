@@ -53,14 +53,7 @@ class Qwen2Audio(Family):
                                                                   attn_implementation=attention)
 
     def checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in state.items():
-            for native, original in CHECKPOINT_PREFIXES:
-                if key.startswith(native):
-                    key = original + key[len(native):]
-                    break
-            out[key] = value
-        return out
+        return self.renamed(state, CHECKPOINT_PREFIXES)
 
     def audio_tower(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model.audio_tower

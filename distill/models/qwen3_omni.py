@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from distill.models.family import Family
+from distill.models.omni_thinker import OmniThinker
 from distill.models.tokenizer import train_tokenizer
 
 # The published tokenizer's chat and multimodal special tokens, in the order of their ids.
@@ -27,8 +27,6 @@ TOKEN_ATTRIBUTES = {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_
                     "audio_eos_token": "<|audio_end|>", "image_token": "<|image_pad|>",
                     "video_token": "<|video_pad|>", "vision_bos_token": "<|vision_start|>",
                     "vision_eos_token": "<|vision_end|>"}
-# Words that mark a special token as audio or vision markup, which a trace must never generate.
-MARKUP_WORDS = ("audio", "vision", "image", "video")
 
 # The chat template published with Qwen/Qwen3-Omni-30B-A3B-Thinking (revision 2f443cfc), verbatim.
 # Source: xorbitsai/inference, xinference/model/llm/llm_family.json, entry "Qwen3-Omni-Thinking"
@@ -143,7 +141,6 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 {%- endif %}
 """
 
-CHECKPOINT_PREFIX = "thinker."
 # Full-Omni modules distill never loads: the speech output side.
 SPEECH_PREFIXES = ("talker.", "code2wav.")
 ARCHITECTURES = ["Qwen3OmniMoeForConditionalGeneration"]
@@ -178,7 +175,7 @@ TINY_ROPE_THETA = 1000000.0
 TINY_MAX_POSITIONS = 4096
 
 
-class Qwen3Omni(Family):
+class Qwen3Omni(OmniThinker):
     name = "qwen3_omni_moe"
     title = "Qwen3-Omni-MoE"
     model_types = ("qwen3_omni_moe",)
@@ -196,62 +193,21 @@ class Qwen3Omni(Family):
     # the audio tower's q/k/v projections also carry: keep the towers out explicitly.
     lora_exclude = r"(?:audio_tower|visual)\..*"
     max_audio_seconds = MAX_AUDIO_SECONDS
-    max_audio_items = None  # vLLM sets no limit of its own (get_supported_mm_limits)
+    speech_prefixes = SPEECH_PREFIXES
 
     # --- loading and saving -------------------------------------------------------------
-    def prepare_runtime(self) -> None:
-        """The torchvision-free import hooks a CPU install needs (here and in vLLM's subprocesses)."""
-        from distill.models import omni_cpu
+    def thinker_class(self) -> type:
+        from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
-        omni_cpu.enable()
+        return Qwen3OmniMoeThinkerForConditionalGeneration
 
-    def load_for_training(self, model_dir: str | Path, dtype: torch.dtype, attention: str) -> torch.nn.Module:
-        """The thinker, from the `thinker.*` keys of a full-Omni checkpoint (the full class's
-        from_pretrained would build the talker too). The thinker's base_model_prefix is "thinker", so
-        from_pretrained strips it, over one file or an index of shards; its conversion mapping for
-        this model type (qwen2_moe's) fuses per-expert keys into the 3-D expert tensors, and
-        checkpoints already fused load as they are."""
-        from transformers import AutoConfig, Qwen3OmniMoeThinkerForConditionalGeneration
-        from transformers.utils import logging
-
-        config = AutoConfig.from_pretrained(model_dir).thinker_config
-        # Its load report would list every talker key of a full checkpoint; the check below says what matters.
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        try:
-            # Mismatched sizes are listed and refused below (a missing expert shows as one: the stack
-            # of the experts found is too short), not raised without naming them.
-            model, info = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(
-                model_dir, config=config, dtype=dtype, attn_implementation=attention,
-                output_loading_info=True, ignore_mismatched_sizes=True)
-        finally:
-            logging.set_verbosity(verbosity)
-        unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(SPEECH_PREFIXES))
-        problems = {"missing": sorted(info["missing_keys"]), "unexpected": unexpected,
-                    "mismatched": sorted(f"{key} {tuple(found)} for {tuple(wanted)}"
-                                         for key, found, wanted in info["mismatched_keys"])}
-        if any(problems.values()):
-            found = "; ".join(f"{kind}: {', '.join(keys[:5])}" for kind, keys in problems.items() if keys)
-            raise ValueError(f"{model_dir}: the checkpoint's thinker.* weights do not fit the thinker ({found})")
-        return model
+    def omni_config(self, thinker_config: dict, dtype: torch.dtype) -> Any:
+        return full_config(thinker_config, dtype)
 
     def checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`thinker.*` keys, experts split one by one (what vLLM's Qwen3-MoE loader maps)."""
-        return {CHECKPOINT_PREFIX + key: value for key, value in split_experts(state).items()}
-
-    def save(self, model: torch.nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        """A full-Omni checkpoint without speech output: Qwen3OmniMoeConfig around the thinker's
-        config, `thinker.*` weights (sharded with an index when large), the generation config."""
-        from huggingface_hub import save_torch_state_dict
-
-        state = self.checkpoint_state_dict(state if state is not None else model.state_dict())
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-        omni_config(model.config.to_dict(), dtype).save_pretrained(out_dir)
-        model.generation_config.save_pretrained(out_dir)
-        # Tied embeddings: keep embed_tokens, which vLLM and transformers tie lm_head to.
-        save_torch_state_dict(state, out_dir, shared_tensors_to_discard=[CHECKPOINT_PREFIX + "lm_head.weight"])
+        """`thinker.*` keys, experts split one by one (what vLLM's Qwen3-MoE loader maps). transformers'
+        conversion for this model type fuses per-expert keys again on load."""
+        return super().checkpoint_state_dict(split_experts(state))
 
     def build_tiny(self, out_dir: Path, cfg: Any) -> None:
         """A tiny random thinker (4 experts, top-2) saved as a full-Omni checkpoint, with the published
@@ -274,15 +230,6 @@ class Qwen3Omni(Family):
         tiny_processor(tokenizer).save_pretrained(out_dir)
 
     # --- the training forward -----------------------------------------------------------
-    def text_config(self, config) -> Any:
-        return config.thinker_config.text_config
-
-    def audio_tower(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.audio_tower
-
-    def decoder(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.model
-
     def serving_audio(self, feature_extractor, chunks: list[np.ndarray]) -> list[np.ndarray]:
         """Each waveform zero-padded to a whole number of hops, as vLLM's Qwen3-Omni processing does
         before the processor (so that its cache works with padding): a clip whose length is off the
@@ -322,13 +269,6 @@ class Qwen3Omni(Family):
         hidden = tower(frames, feature_lens=lengths).last_hidden_state
         return list(hidden.split(audio_output_lengths(lengths, tower.config.n_window).tolist()))
 
-    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        """[4, batch, length]: text positions (row 0, from which the text model builds the packed
-        causal mask) over the three M-RoPE rows. For text and audio these are the same sequential
-        positions: get_rope_index without image or video grids counts the attention mask, and its
-        audio branch (and vLLM's get_mrope_input_positions) numbers audio embeddings one by one too."""
-        return positions.unsqueeze(0).expand(4, -1, -1)
-
     def audio_tokens_per_item(self, seconds: float, feature_extractor_config: dict) -> int:
         """Mel frames of the item (every started hop: as many as the processor gives a clip padded
         beside a longer one, one more than alone when the length is no multiple of the hop), then
@@ -337,12 +277,6 @@ class Qwen3Omni(Family):
         hop = feature_extractor_config.get("hop_length", HOP_LENGTH)
         samples = math.ceil(round(seconds * rate, 3))  # round: 1.3 * 16000 is 20800.000000000004
         return int(audio_output_lengths(math.ceil(samples / hop), N_WINDOW))
-
-    def markup_tokens(self, tokenizer) -> tuple[str, ...]:
-        """The audio and the vision markup (the thinker reads images and video too)."""
-        return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
-                     if t.special and any(word in t.content.lower() for word in MARKUP_WORDS))
-
 
 def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' fused expert tensors -> one gate_proj, up_proj and down_proj weight per expert.
@@ -382,7 +316,7 @@ def audio_output_lengths(frames, n_window: int):
     return _convolutions(frames % chunk) + frames // chunk * _convolutions(chunk)
 
 
-def omni_config(thinker_config: dict, dtype: torch.dtype):
+def full_config(thinker_config: dict, dtype: torch.dtype):
     """The full-Omni config vLLM loads: the thinker only (enable_audio_output=False), with the vision
     keys vLLM's vision tower reads and transformers does not write: image_size (the side of the
     position-embedding grid in pixels) and apply_vit_abs_pos_embed (transformers always adds them)."""
