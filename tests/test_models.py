@@ -127,3 +127,22 @@ def test_make_tiny_model_names_the_families_for_an_unknown_one(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--family='kimi_audio'" in err and all(f.name in err for f in FAMILIES)
     assert not (tmp_path / "m").exists()
+
+
+def test_audio_a_family_cannot_take_is_refused_naming_the_key(tmp_path):
+    from distill.config import TinyModelConfig
+    from distill.data import check_model_audio
+    from distill.models import build_tiny_model
+
+    af3 = build_tiny_model(tmp_path / "af3", TinyModelConfig(family="audio_flamingo3"))
+    base = [f"output_dir={tmp_path}", f"model.path={af3}", "model.build_tiny=false", "engine.max_model_len=2048",
+            "train.max_seq_len=2048", "cold_start.train.max_seq_len=2048"]
+
+    def cfg(*overrides):
+        return load_config("configs/demo_cpu.yaml", [*base, *overrides])
+
+    check_model_audio(cfg("data.audio.max_seconds=60"), af3)  # AF3 reads long audio itself, in windows
+    with pytest.raises(ConfigError, match="data.audio.max_chunks=4: Audio Flamingo 3 takes at most 1 audio item"):
+        check_model_audio(cfg("data.audio.long_audio=chunk", "data.audio.max_chunks=4"), af3)
+    with pytest.raises(ConfigError, match="data.audio.max_seconds=700: Audio Flamingo 3 .* reads at most 600 s"):
+        check_model_audio(cfg("data.audio.max_seconds=700"), af3)
