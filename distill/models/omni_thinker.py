@@ -21,6 +21,15 @@ CHECKPOINT_PREFIX = "thinker."
 MARKUP_WORDS = ("audio", "vision", "image", "video")
 
 
+def mrope_section(head_dim: int, time_share: float) -> list[int]:
+    """M-RoPE's split of a head's rotary frequencies into (time, height, width), summing to
+    head_dim/2, with height and width equal and time taking about `time_share` of them (as the
+    published models do: 16/24/24 for Qwen2.5-Omni, 24/20/20 for Qwen3-Omni at head_dim 128)."""
+    half = head_dim // 2
+    spatial = round(half * (1 - time_share) / 2)
+    return [half - 2 * spatial, spatial, spatial]
+
+
 class OmniThinker(Family):
     """A Qwen-Omni family: subclasses name the thinker class, the speech-side key prefixes and the
     full-Omni config they save."""

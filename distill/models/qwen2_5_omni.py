@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from distill.models.omni_thinker import OmniThinker
+from distill.models.omni_thinker import OmniThinker, mrope_section
 from distill.models.tokenizer import train_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
@@ -61,6 +61,9 @@ TINY_VISION = {"depth": 1, "hidden_size": 64, "num_heads": 2, "intermediate_size
 TINY_ROPE_THETA = 1000000.0
 TINY_MAX_POSITIONS = 4096
 
+
+# The time rows' share of M-RoPE frequencies in the published model (mrope_section).
+MROPE_TIME_SHARE = 0.25
 
 class Qwen25Omni(OmniThinker):
     name = "qwen2_5_omni"
@@ -154,14 +157,6 @@ def full_config(thinker_config: dict, dtype: torch.dtype):
     return config
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """M-RoPE's split of the head's rotary frequencies into (time, height, width), summing to
-    head_dim/2 in the published model's proportions (16, 24, 24 for head_dim 128)."""
-    half = head_dim // 2
-    spatial = 3 * half // 8
-    return [half - 2 * spatial, spatial, spatial]
-
-
 def tiny_thinker_config(cfg: Any, tokenizer) -> dict:
     """Qwen2_5OmniThinkerConfig arguments of the sizes in `cfg` (a TinyModelConfig)."""
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_ATTRIBUTES.items()}
@@ -176,7 +171,7 @@ def tiny_thinker_config(cfg: Any, tokenizer) -> dict:
                         "num_attention_heads": cfg.text_heads, "num_key_value_heads": cfg.text_kv_heads,
                         "max_position_embeddings": TINY_MAX_POSITIONS, "tie_word_embeddings": False,
                         "rope_parameters": {"rope_type": "default", "rope_theta": TINY_ROPE_THETA,
-                                            "mrope_section": mrope_section(head_dim)},
+                                            "mrope_section": mrope_section(head_dim, MROPE_TIME_SHARE)},
                         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                         "eos_token_id": tokenizer.eos_token_id},
         "audio_token_index": ids["audio_token"], "image_token_index": ids["image_token"],

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from distill.models.omni_thinker import OmniThinker
+from distill.models.omni_thinker import OmniThinker, mrope_section
 from distill.models.tokenizer import train_tokenizer
 
 # The published tokenizer's chat and multimodal special tokens, in the order of their ids.
@@ -175,6 +175,9 @@ TINY_ROPE_THETA = 1000000.0
 TINY_MAX_POSITIONS = 4096
 
 
+# The time rows' share of M-RoPE frequencies in the published model (mrope_section).
+MROPE_TIME_SHARE = 0.375
+
 class Qwen3Omni(OmniThinker):
     name = "qwen3_omni_moe"
     title = "Qwen3-Omni-MoE"
@@ -333,14 +336,6 @@ def full_config(thinker_config: dict, dtype: torch.dtype):
     return config
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """M-RoPE's split of the head's rotary frequencies into (time, height, width), summing to
-    head_dim/2 in the published model's proportions (24, 20, 20 for head_dim 128)."""
-    half = head_dim // 2
-    spatial = 5 * half // 16
-    return [half - 2 * spatial, spatial, spatial]
-
-
 def tiny_thinker_config(cfg: Any, tokenizer) -> dict:
     """Qwen3OmniMoeThinkerConfig arguments of the sizes in `cfg` (a TinyModelConfig)."""
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_ATTRIBUTES.items()}
@@ -359,7 +354,7 @@ def tiny_thinker_config(cfg: Any, tokenizer) -> dict:
                         "max_position_embeddings": TINY_MAX_POSITIONS, "tie_word_embeddings": False,
                         # Interleaved M-RoPE as published: transformers always interleaves, vLLM when told.
                         "rope_parameters": {"rope_type": "default", "rope_theta": TINY_ROPE_THETA,
-                                            "mrope_section": mrope_section(head_dim), "interleaved": True,
+                                            "mrope_section": mrope_section(head_dim, MROPE_TIME_SHARE), "interleaved": True,
                                             "mrope_interleaved": True},
                         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                         "eos_token_id": tokenizer.eos_token_id},
