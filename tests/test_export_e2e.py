@@ -1,6 +1,7 @@
 """The export gate with the real engines, and `vllm serve` of an exported model on localhost."""
 
 import json
+import shlex
 import shutil
 
 import httpx
@@ -13,12 +14,12 @@ from distill.data import audio_cache
 from distill.export import ExportGateError, export_stage
 from distill.io import read_json
 from distill.launch import free_port
-from distill.model_card import serve_args
+from distill.model_card import serve_launcher
+from distill.models import build_tiny_model
 from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
 from distill.rundir import RunDir
-from distill.models import build_tiny_model
-from tests.serving import start_server
+from tests.serving import start_printed_server
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +46,7 @@ def test_export_gate_passes_writes_a_card_and_refuses_disagreement(tmp_path, tin
         # vLLM (bf16) and transformers (float32) agree on the probe answers' tokens.
         agreement = manifest["agreement"]
         assert agreement["tokens"] > 20 and agreement["mean_abs_diff"] < cfg.export.max_logprob_diff
-        assert stats["serve"].startswith(f"vllm serve {rd.model_dir} --chat-template")
+        assert stats["serve"].startswith(shlex.join([*serve_launcher(), str(rd.model_dir), "--chat-template"]))
         for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json",
                      "processor_config.json", "model.safetensors", "README.md"):
             assert (rd.model_dir / name).exists(), name
@@ -64,13 +65,13 @@ def test_export_gate_passes_writes_a_card_and_refuses_disagreement(tmp_path, tin
 
 
 def test_vllm_serve_of_an_exported_model_answers_a_chat_request_with_audio(tmp_path, tiny_model):
-    """The printed serve command's settings, run as vLLM's OpenAI server, answer a chat request
-    with base64 WAV audio and the assistant turn pre-filled with the generation prefix."""
+    """The serve command the export prints, run as written (plus a local port), answers a chat
+    request with base64 WAV audio and the assistant turn pre-filled with the generation prefix."""
     cfg, rd, items = trained_round(tmp_path, tiny_model)
     with EngineCache(cfg.engine, cfg.seed) as engines:
-        export_stage(cfg, rd, tiny_model, items, engines.get)
+        stats = export_stage(cfg, rd, tiny_model, items, engines.get)
     port = free_port()
-    proc = start_server(rd.model_dir, port, tmp_path / "serve.log", *serve_args(cfg, rd.model_dir, 1))
+    proc = start_printed_server(stats["serve"], port, tmp_path / "serve.log")
     url = f"http://127.0.0.1:{port}/v1"
     try:
         audio = audio_cache(cfg).get(items[0].audio)

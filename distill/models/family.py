@@ -46,6 +46,11 @@ class Family:
         """Make this process (and the processes it starts) able to load the family: import hooks
         a CPU install needs. Called before a processor, a model or a vLLM engine is loaded."""
 
+    def serving_env(self) -> dict[str, str]:
+        """Environment a separately started vLLM server needs for this family here (prepare_runtime's
+        part that a printed command must carry)."""
+        return {}
+
     def load_for_training(self, model_dir: str | Path, dtype: torch.dtype, attention: str) -> torch.nn.Module:
         """The model training updates (for Omni checkpoints: the thinker only)."""
         raise NotImplementedError

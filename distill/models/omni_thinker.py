@@ -53,6 +53,11 @@ class OmniThinker(Family):
 
         omni_cpu.enable()
 
+    def serving_env(self) -> dict[str, str]:
+        from distill.models import omni_cpu
+
+        return {"PYTHONPATH": str(omni_cpu.HERE)} if omni_cpu.needed() else {}
+
     def load_for_training(self, model_dir: str | Path, dtype: torch.dtype, attention: str) -> torch.nn.Module:
         """The thinker, from the `thinker.*` keys of a full-Omni checkpoint (the full class's
         from_pretrained would build the talker and want its speaker file). The thinker's
