@@ -55,3 +55,26 @@ def offline_engine(model_dir, request, audio_items: int = 2):
     engines = EngineCache(EngineConfig(dtype="float32", max_model_len=2048), 0, audio_items)
     request.addfinalizer(engines.close)
     return engines.get(model_dir)
+
+
+def greedy_token_count(llm, prompt: str, clip, max_tokens: int = 8) -> int:
+    """Tokens vLLM generates greedily for `prompt` with one audio clip (end of turn ignored)."""
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": [(clip, 16000)]}}],
+                       SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return len(out[0].outputs[0].token_ids)
+
+
+def logprob_gap(llm, prompt: str, clips, ids, logits):
+    """|vLLM's prompt log-probabilities - the reference's| for every token after the first, once
+    vLLM is checked to tokenize `prompt` with `clips` into the reference's `ids`."""
+    import torch
+    from vllm import SamplingParams
+
+    scored = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": [(c, 16000) for c in clips]}}],
+                          SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    assert scored.prompt_token_ids == ids.tolist()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), ids[1:]]
+    served = torch.tensor([scored.prompt_logprobs[i][t].logprob for i, t in enumerate(ids.tolist()) if i > 0])
+    return (served - expected).abs()
