@@ -141,9 +141,9 @@ class AudioLM(torch.nn.Module):
         return self.family.lm_head(self.hf).weight.device
 
     def run_encoder(self, chunks: list[np.ndarray]) -> list[torch.Tensor]:
-        """The audio encoder on a batch of chunks: each chunk's output over its real frames, from
+        """The audio encoder on a batch of chunks (the waveforms as vLLM prepares them: SFTDataset
+        applies the family's serving_audio): each chunk's output over its real frames, from
         features as the family's processor makes them."""
-        chunks = self.family.serving_audio(self.feature_extractor, chunks)
         features, mask = self.family.features(self.feature_extractor, chunks)
         return self.family.encode(self.hf, features.to(self.device), mask.to(self.device))
 
