@@ -62,9 +62,9 @@ def cold(llm) -> None:
 
 def time_both(cfg, data, model_dir: Path, repeats: int) -> dict:
     """distill's eval and the baseline on the same model and items, from cold caches, fastest of `repeats`."""
+    from distill.core.rundir import RoundDir
     from distill.eval import eval_stage
     from distill.rollout.engine import EngineCache
-    from distill.rundir import RoundDir
 
     timings: dict[str, list[float]] = {"distill": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,8 +100,8 @@ def time_both(cfg, data, model_dir: Path, repeats: int) -> dict:
 def long_traces(out: Path, repeats: int) -> dict:
     """A random tiny model that never closes its reasoning: every budget cuts, traces of 512 tokens."""
     from distill.config import load_config
+    from distill.core.rundir import RunDir
     from distill.loop import init_run_dir
-    from distill.rundir import RunDir
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"output_dir={out}", "run_name=long", "data.synthetic.train_items=8", "data.synthetic.eval_items=64",
@@ -119,8 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     from distill.config import load_config
+    from distill.core.rundir import RunDir
     from distill.data import prepare_data
-    from distill.rundir import RunDir
 
     run_dir = Path(args.run_dir)
     overrides = [f"output_dir={run_dir.parent}", f"run_name={run_dir.name}"]

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.config import FilterConfig
-from distill.rewards.rules import RulePipeline
+from distill.filter.rules import RulePipeline
 
 SENTENCES = [
     "The first onset arrives near {a:.2f} s and the energy holds steady for about {b:.2f} s.",

@@ -85,8 +85,9 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
     """Time the sample and ground stages of each variant (module docstring) on one warm engine,
     each on round 1 of its own run directory: REPEATS passes over the variants in turn (so a slow
     spell of the machine falls on every variant, not on one), the fastest time of each stage counting."""
+    from distill.core.rows import read_samples
     from distill.grounding.stage import ground_stage
-    from distill.rollout.sample import read_samples, sample_stage
+    from distill.rollout.sample import sample_stage
 
     engines.get(model)  # started (and warmed up by the export gate, in the loop) before sampling
     starts = STARTS["count"]
@@ -176,9 +177,10 @@ def cold_caches(llm) -> None:
 def warm_up(cfg, data, llm) -> None:
     """What the loop's export gate does to the engine before sampling: one teacher-forced scoring,
     which compiles vLLM's log-probability kernels (seconds, once per engine process)."""
+    from distill.core.prompts import item_prompt
     from distill.data import audio_cache
     from distill.grounding.scoring import ScoreJob, score
-    from distill.prompting import item_prompt, load_tokenizer
+    from distill.models.tokens import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.path)
     item = data.train[0]
@@ -189,8 +191,8 @@ def warm_up(cfg, data, llm) -> None:
 
 def run_dirs(cfg) -> tuple:
     """The data and one run directory per variant (the same data in each)."""
+    from distill.core.rundir import RunDir
     from distill.loop import init_run_dir
-    from distill.rundir import RunDir
 
     dirs = {}
     for name in VARIANTS:

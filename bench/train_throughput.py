@@ -54,7 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.config import Config, TinyModelConfig, load_config, to_yaml
-from distill.launch import train_command, train_env
+from distill.training.launch import train_command, train_env
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.5
@@ -109,10 +109,10 @@ def write_rows(cfg: Config, traces_per_item: int, path: Path) -> dict:
     """Rows like a round's kept traces (module docstring); returns the token-length distribution."""
     from transformers import AutoProcessor
 
+    from distill.core.files import atomic_write_jsonl
     from distill.data import audio_cache, prepare_data
-    from distill.io import atomic_write_jsonl
-    from distill.packing import IGNORE
-    from distill.sft_data import SFTDataset, cold_start_rows
+    from distill.training.packing import IGNORE
+    from distill.training.sft_data import SFTDataset, cold_start_rows
 
     data = prepare_data(cfg, cfg.run_dir / "data")
     clips = audio_cache(cfg)
@@ -186,8 +186,8 @@ def baseline_worker(spec_path: Path) -> None:
 
     from distill.data import audio_cache
     from distill.models import family_of
-    from distill.packing import IGNORE
-    from distill.sft_data import SFTDataset, load_rows
+    from distill.training.packing import IGNORE
+    from distill.training.sft_data import SFTDataset, load_rows
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(CORES)

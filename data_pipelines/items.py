@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.io import atomic_write_jsonl, read_jsonl_numbered
-from distill.prompting import split_trace
+from distill.core.files import atomic_write_jsonl, read_jsonl_numbered
+from distill.core.prompts import split_trace
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)

@@ -18,7 +18,7 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, read_manifest, write_manifest
 from data_pipelines.readers import read_source
 from data_pipelines.validate import Reject, ValidationReport, validate_records
-from distill.io import atomic_write_json, atomic_write_jsonl, read_json
+from distill.core.files import atomic_write_json, atomic_write_jsonl, read_json
 
 
 class MixError(ValueError):

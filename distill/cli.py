@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from distill.config import TinyModelConfig
-from distill.rundir import STAGES
+from distill.core.rundir import STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def data_command(args: argparse.Namespace) -> int:
     from data_pipelines.sources import Source
-    from distill.config import ConfigError, load_data_config
+    from distill.config import load_data_config
+    from distill.core.schema import ConfigError
     from distill.data import import_command, validate_command
 
     bad = [f for f in args.field if "=" not in f]
@@ -107,7 +108,7 @@ def stage_list(value: str) -> list[str]:
 
 def round_dir_arg(value: str):
     """A round directory given on the command line (round_NNN inside a run directory)."""
-    from distill.rundir import RoundDir
+    from distill.core.rundir import RoundDir
 
     path = Path(value)
     if not (path.name.startswith("round_") and path.name[6:].isdigit()):
@@ -121,7 +122,7 @@ def slurm_command(args: argparse.Namespace) -> int:
     """`distill slurm submit`: set the run up and submit the jobs of what is missing."""
     from distill import loop
     from distill.config import load_config
-    from distill.locks import RUN_UNIT, unit_lock
+    from distill.core.locks import RUN_UNIT, unit_lock
     from distill.slurm import submit
 
     cfg = load_config(args.config, args.overrides)
@@ -143,7 +144,8 @@ def slurm_command(args: argparse.Namespace) -> int:
 def engine_command(args: argparse.Namespace) -> int:
     """`distill run`, `stage` and `eval`: the commands that start engines and training."""
     from distill import loop
-    from distill.config import ConfigError, load_config
+    from distill.config import load_config
+    from distill.core.schema import ConfigError
 
     if args.command == "eval":
         rd = round_dir_arg(args.round_dir)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
-    from distill.config import ConfigError
+    from distill.core.schema import ConfigError
 
     try:
         if args.command == "make-tiny-model":
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(run_status(Path(args.run_dir)))
             return 0
         if args.command == "push":
-            from distill.push import push_round
+            from distill.export.hub import push_round
 
             rd = round_dir_arg(args.round_dir)
             for line in push_round(rd, args.repo_id, args.dataset_repo_id, not args.public, args.dry_run):
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--rounds {args.rounds}: must be >= 0")
             args.overrides = [*args.overrides, f"loop.rounds={max(1, args.rounds)}"]
             return slurm_command(args)
-        from distill.processes import owning_processes
+        from distill.core.processes import owning_processes
 
         # run, stage and eval start processes (training ranks, engines): they end with this one.
         with owning_processes():

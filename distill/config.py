@@ -14,9 +14,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the key."""
+from distill.core.schema import ConfigError
 
 
 @dataclass
@@ -197,7 +195,7 @@ class SampleConfig:
     skip_solved: bool = False
 
 
-# Rule checks of the filter stage (distill/rewards/checks.py), in the order they run.
+# Rule checks of the filter stage (distill/filter/checks.py), in the order they run.
 RULE_CHECKS = ("finished", "control_tokens", "format", "length", "language", "degeneration", "self_cognition",
                "correct", "agreement", "acoustic_terms")
 # Checks the filter adds from the grounding stage's measurements (distill/grounding).
@@ -279,7 +277,7 @@ class FilterConfig:
     # 0: no cap (truncated generations are rejected by the "finished" check anyway).
     max_reasoning_tokens: int = 0
     # Scripts a trace may use besides the question's own ("auto": only the question's; see
-    # distill/rewards/checks.py SCRIPTS): e.g. [latin] rejects stray Chinese in English traces.
+    # distill/filter/checks.py SCRIPTS): e.g. [latin] rejects stray Chinese in English traces.
     allowed_scripts: list[str] = field(default_factory=lambda: ["auto"])
     # Degeneration: a block of at most repeat_max_period characters repeated max_repeats times back
     # to back is a loop (found from a probe window of repeat_window characters).
@@ -848,7 +846,7 @@ def _validate_eval(cfg: Config) -> None:
 
 
 def _validate_filter(f: FilterConfig) -> None:
-    from distill.rewards.checks import SCRIPTS
+    from distill.filter.checks import SCRIPTS
 
     for key in ("acoustic_terms", "transcript_terms"):
         for lang, terms in getattr(f.lexical, key).items():
@@ -889,8 +887,8 @@ def _validate_filter(f: FilterConfig) -> None:
 
 
 def _validate_grounding(cfg: Config) -> None:
+    from distill.core.prompts import THINK_CLOSE, THINK_OPEN
     from distill.grounding.counterfactual import KINDS
-    from distill.prompting import THINK_CLOSE, THINK_OPEN
 
     g = cfg.grounding
     for key in ("counterfactuals", "score_against"):

@@ -21,8 +21,9 @@ from data_pipelines.items import Item, write_manifest
 from data_pipelines.sources import Source, build_split, validate_source
 from data_pipelines.synthetic import generate_split
 from data_pipelines.validate import ValidationReport
-from distill.config import Config, ConfigError, DataConfig
-from distill.io import atomic_write_jsonl, read_json
+from distill.config import Config, DataConfig
+from distill.core.files import atomic_write_jsonl, read_json
+from distill.core.schema import ConfigError
 from distill.models import family_of
 
 

@@ -13,23 +13,24 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from distill.config import Config, ConfigError, config_diff, load_config, resumable, to_yaml
+from distill.config import Config, config_diff, load_config, resumable, to_yaml
+from distill.core.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
+from distill.core.locks import RUN_UNIT, unit_lock, unit_locks
+from distill.core.rundir import RoundDir, RunDir, StageOrderError
+from distill.core.schema import ConfigError
 from distill.data import Datasets, audio_cache, check_model_audio, max_audio_items, prepare_data
 from distill.eval import eval_stage
-from distill.export import export_stage
+from distill.export.hub import push_round
+from distill.export.stage import export_stage
+from distill.filter.stage import filter_stage
 from distill.grounding.stage import ground_stage
-from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
-from distill.launch import machines_from_env, run_training
-from distill.locks import RUN_UNIT, unit_lock, unit_locks
-from distill.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.models import build_tiny_model, check_model_dir, family_named
-from distill.prompting import load_tokenizer
-from distill.push import push_round
-from distill.rewards.filter import filter_stage
+from distill.models.tokens import load_tokenizer
+from distill.report.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage, shard_plan
-from distill.rundir import RoundDir, RunDir, StageOrderError
-from distill.sft_data import cold_start_rows
+from distill.training.launch import machines_from_env, run_training
+from distill.training.sft_data import cold_start_rows
 
 
 def init_run_dir(cfg: Config, run: RunDir) -> Datasets:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import Config
-from distill.io import atomic_write_text, read_jsonl
-from distill.rundir import RoundDir, RunDir
+from distill.core.files import atomic_write_text, read_jsonl
+from distill.core.rundir import RoundDir, RunDir
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "launch" / "templates"
 # Slurm states of a job that has not ended (squeue --states=all reports ended ones for MinJobAge).

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from distill.io import read_json, read_jsonl
-from distill.locks import describe, live_holders, locks_dir
-from distill.rundir import RoundDir, RunDir
+from distill.core.files import read_json, read_jsonl
+from distill.core.locks import describe, live_holders, locks_dir
+from distill.core.rundir import RoundDir, RunDir
 from distill.slurm import jobs_status
 
 

@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ConfigError, TrainConfig, load_config
+from distill.config import TrainConfig, load_config
+from distill.core.files import atomic_write_json, read_json
+from distill.core.schema import ConfigError
 from distill.data import audio_cache
-from distill.io import atomic_write_json, read_json
-from distill.launch import mixed_precision, use_cuda
-from distill.mixing import build_mix
 from distill.models import family_of
-from distill.packing import collate, pad_plan, plan_epoch, rank_batches, step_normalizer
-from distill.sft_data import SFTDataset, load_rows
-from distill.train_model import attention_implementation, build_model, merged_state_dict, use_packing
+from distill.training.launch import mixed_precision, use_cuda
+from distill.training.mixing import build_mix
+from distill.training.model import attention_implementation, build_model, merged_state_dict, use_packing
+from distill.training.packing import collate, pad_plan, plan_epoch, rank_batches, step_normalizer
+from distill.training.sft_data import SFTDataset, load_rows
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 

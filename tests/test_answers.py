@@ -2,7 +2,7 @@
 
 import pytest
 
-from distill.rewards.answers import (
+from distill.filter.answers import (
     Tolerance,
     answer_kind,
     answer_matches,
@@ -102,7 +102,7 @@ def test_custom_verifier_by_import_path():
 
 
 def test_option_patterns_are_built_once_per_choice_list():
-    from distill.rewards.answers import option_patterns
+    from distill.filter.answers import option_patterns
 
     # The filter asks the same few choice lists for every trace: compiling them each time cost a
     # third of the rule pipeline's time (bench/filter_checks.py).

@@ -1,8 +1,8 @@
 import pytest
 
-from distill.prompting import split_trace
-from distill.rewards.answers import answer_matches, extract_answer
-from distill.rewards.checks import check_control_tokens, check_correct, check_finished, check_format
+from distill.core.prompts import split_trace
+from distill.filter.answers import answer_matches, extract_answer
+from distill.filter.checks import check_control_tokens, check_correct, check_finished, check_format
 
 GOOD = "<think>\nThe tone sits near 900 Hz, above 500 Hz.\n</think>\nhigh"
 
@@ -85,7 +85,7 @@ def test_negation_words_as_options():
 
 
 def test_check_length():
-    from distill.rewards.checks import check_length
+    from distill.filter.checks import check_length
 
     assert check_length(50, 10, 100) is None
     assert check_length(5, 10, 100) == "length:short"
@@ -95,7 +95,7 @@ def test_check_length():
 
 
 def test_check_language_allows_the_question_scripts():
-    from distill.rewards.checks import check_language, disallowed_pattern, question_scripts
+    from distill.filter.checks import check_language, disallowed_pattern, question_scripts
 
     english = disallowed_pattern(question_scripts("Is the tone high or low?"))
     assert check_language(GOOD, english) is None
@@ -109,7 +109,7 @@ def test_check_language_allows_the_question_scripts():
 
 
 def test_check_degeneration():
-    from distill.rewards.checks import check_degeneration
+    from distill.filter.checks import check_degeneration
 
     prose = " ".join(f"step {i}: the tone near {100 + i} Hz is compared with the boundary." for i in range(40))
     assert check_degeneration(f"<think>\n{prose}\n</think>\nhigh") is None
@@ -143,7 +143,7 @@ def test_check_degeneration():
     ],
 )
 def test_check_self_cognition(text, flagged):
-    from distill.rewards.checks import check_self_cognition
+    from distill.filter.checks import check_self_cognition
 
     trace = f"<think>\n{text}\n</think>\nhigh"
     assert (check_self_cognition(trace) == "self_cognition") is flagged
@@ -166,14 +166,14 @@ def test_check_self_cognition(text, flagged):
     ],
 )
 def test_check_agreement(text, reference, choices, reason):
-    from distill.rewards.checks import check_agreement
+    from distill.filter.checks import check_agreement
 
     reasoning, _ = split_trace(text)
     assert check_agreement(reasoning, extract_answer(text), choices, reference) == reason
 
 
 def test_check_correct_with_tag_tolerance_and_verifier():
-    from distill.rewards.answers import Tolerance
+    from distill.filter.answers import Tolerance
 
     assert check_correct(extract_answer("<think>x</think>\n<answer>0.5 s</answer>", "answer"), "500 ms") is None
     assert check_correct(extract_answer("<think>x</think>\n<answer>445 Hz</answer>", "answer"), "440 Hz") \
@@ -190,7 +190,7 @@ def test_check_correct_with_tag_tolerance_and_verifier():
 
 
 def test_judge_reply_parsing():
-    from distill.rewards.judge import parse_score
+    from distill.filter.judge import parse_score
 
     assert parse_score("Score: 7") == 7.0
     assert parse_score("the first try says score=3 but on reflection Score: 8.5") == 8.5

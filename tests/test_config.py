@@ -1,6 +1,7 @@
 import pytest
 
-from distill.config import ConfigError, config_diff, load_config
+from distill.config import config_diff, load_config
+from distill.core.schema import ConfigError
 
 
 def write(tmp_path, text):

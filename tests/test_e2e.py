@@ -14,10 +14,10 @@ import numpy as np
 import psutil
 import pytest
 
-from distill.io import read_json, read_jsonl
-from distill.locks import read_record
-from distill.model_card import serve_launcher
-from distill.processes import OWNER_ENV
+from distill.core.files import read_json, read_jsonl
+from distill.core.locks import read_record
+from distill.core.processes import OWNER_ENV
+from distill.export.model_card import serve_launcher
 from distill.rollout.engine import weights_hash
 
 pytestmark = pytest.mark.e2e
@@ -410,9 +410,8 @@ def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model, capfd):
     from data_pipelines.items import Item
     from distill.config import load_config
     from distill.data import audio_cache, max_audio_items
-    from distill.prompting import load_tokenizer
-    from distill.rollout.engine import EngineCache, generate
-    from distill.rollout.sample import item_request
+    from distill.models.tokens import load_tokenizer
+    from distill.rollout.engine import EngineCache, generate, item_request
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"output_dir={tmp_path}", f"model.path={tiny_model}", "data.audio.long_audio=chunk",

@@ -1,7 +1,7 @@
 """The engine's dtype choice (float32 where the CPU would only emulate bf16), where it runs, and
 the text of traces sampled with log-probabilities (decoded here, not by vLLM)."""
 
-from distill.prompting import load_tokenizer
+from distill.models.tokens import load_tokenizer
 from distill.rollout.engine import choice_max_tokens, cpu_has_bf16, engine_dtype, engine_inline, stream_text
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"

@@ -3,10 +3,11 @@ verdict, trace statistics, budget cuts, the eval config checks and the summary o
 
 import pytest
 
-from distill.config import ConfigError, load_config
+from distill.config import load_config
+from distill.core.schema import ConfigError
 from distill.eval.scores import inverted_scaling, majority_vote, mmau_match, pass_at_k, trace_stats
 from distill.eval.stage import budget_continuation, summarize
-from distill.rewards.answers import answer_key
+from distill.filter.answers import answer_key
 from distill.rollout.engine import Completion
 
 
@@ -70,7 +71,7 @@ def test_trace_stats_count_each_failure():
 
 
 def test_budget_cut_keeps_the_first_tokens_and_forces_the_answer(tiny_model):
-    from distill.prompting import load_tokenizer
+    from distill.models.tokens import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     reasoning = "the pitch is high and steady"
@@ -137,11 +138,11 @@ def test_summary_gives_the_curve_the_gap_and_pass_at_k():
 def test_counterfactual_requests_are_what_they_claim(tmp_path, tiny_model):
     import numpy as np
 
+    from distill.core.prompts import item_prompt
+    from distill.core.rundir import RunDir
     from distill.eval.stage import Evaluator
     from distill.grounding.counterfactual import bank_length
     from distill.loop import init_run_dir
-    from distill.prompting import item_prompt
-    from distill.rundir import RunDir
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"output_dir={tmp_path}", f"model.path={tiny_model}", "model.build_tiny=false",

@@ -8,17 +8,17 @@ import httpx
 import pytest
 
 from data_pipelines.synthetic import generate_split
-from distill import export
 from distill.config import TinyModelConfig, load_config
+from distill.core.files import read_json
+from distill.core.rundir import RunDir
 from distill.data import audio_cache
-from distill.export import ExportGateError, export_stage
-from distill.io import read_json
-from distill.launch import free_port
-from distill.model_card import serve_launcher
+from distill.export import stage as export
+from distill.export.model_card import serve_launcher
+from distill.export.stage import ExportGateError, export_stage
 from distill.models import build_tiny_model
 from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
-from distill.rundir import RunDir
+from distill.training.launch import free_port
 from tests.serving import start_printed_server
 
 pytestmark = pytest.mark.e2e

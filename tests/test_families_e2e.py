@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from distill.config import load_config
+from distill.core.files import read_json
 from distill.data import audio_cache
-from distill.export import hf_completion_logprobs
+from distill.export.stage import hf_completion_logprobs
 from distill.grounding.scoring import ScoreJob, score
-from distill.io import read_json
 from distill.models import FAMILIES
-from distill.prompting import load_tokenizer
+from distill.models.tokens import load_tokenizer
 from distill.rollout.engine import EngineCache, weights_hash
 from tests.test_e2e import distill_run, finish, traces
 

@@ -115,7 +115,7 @@ def test_the_tiny_model_reloads_with_the_published_template_and_tokens(tiny_omni
 def test_parts_cover_the_trainable_model_and_lora_reaches_only_the_language_model(tiny_omni, reference):
     from peft import LoraConfig, get_peft_model
 
-    from distill.train_model import part_of
+    from distill.training.model import part_of
 
     names = [n for n, _ in reference.named_parameters()]
     owners = {n: part_of(FAMILY, n) for n in names}

@@ -171,7 +171,7 @@ def test_lora_with_the_towers_excluded_wraps_only_the_language_models_attention(
 
 def test_distills_add_lora_leaves_the_audio_tower_plain(tiny_omni):
     from distill.config import TrainConfig
-    from distill.train_model import add_lora
+    from distill.training.model import add_lora
 
     tcfg = TrainConfig()
     tcfg.lora.enabled = True

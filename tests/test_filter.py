@@ -1,9 +1,9 @@
 import pytest
 
 from distill.config import load_config
-from distill.io import atomic_write_jsonl, read_json, read_jsonl
-from distill.rewards.filter import filter_stage
-from distill.rundir import RunDir
+from distill.core.files import atomic_write_jsonl, read_json, read_jsonl
+from distill.core.rundir import RunDir
+from distill.filter.stage import filter_stage
 
 GOOD = "<think>\nnear 900 Hz, above 500 Hz\n</think>\nhigh"
 WRONG = "<think>\nnear 300 Hz\n</think>\nlow"

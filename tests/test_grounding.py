@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from data_pipelines.items import Item
-from distill.config import ConfigError, load_config
+from distill.config import load_config
+from distill.core.files import atomic_write_jsonl, read_jsonl
+from distill.core.rundir import RunDir
+from distill.core.schema import ConfigError
+from distill.filter.checks import acoustic_terms, check_acoustic_terms, check_audio_dependence
+from distill.filter.stage import filter_stage
 from distill.grounding.counterfactual import counterfactual, noise, rms, silence, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import PrefixDonors, TraceLogprobs, completion_tokens, dependence
 from distill.grounding.stage import summarize
-from distill.io import atomic_write_jsonl, read_jsonl
-from distill.rewards.checks import acoustic_terms, check_acoustic_terms, check_audio_dependence
-from distill.rewards.filter import filter_stage
-from distill.rundir import RunDir
 
 EN = ("hz", "pitch", "loud", " db")
 TRANSCRIPT = ("says", "the words")
@@ -161,7 +162,8 @@ def test_prefix_donors_fill_only_from_the_same_audio_and_tokens_that_computed_th
 
 
 def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model):
-    from distill.prompting import chat_prompt, load_tokenizer
+    from distill.core.prompts import chat_prompt
+    from distill.models.tokens import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     prompt = chat_prompt(tok, "High or low?", "sys")
@@ -357,7 +359,7 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
 
 def test_the_real_audio_logprob_from_sampling_splits_where_scoring_splits(tiny_model):
     from distill.grounding.stage import sampled_logprob
-    from distill.prompting import load_tokenizer, think_close_token_id
+    from distill.models.tokens import load_tokenizer, think_close_token_id
     from distill.rollout.engine import Completion
     from distill.rollout.sample import logprob_record
 

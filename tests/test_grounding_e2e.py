@@ -11,17 +11,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.config import load_config
-from distill.export import hf_completion_logprobs
+from distill.core.files import read_jsonl
+from distill.core.prompts import item_prompt
+from distill.core.rows import read_grounding, read_samples
+from distill.core.rundir import RunDir
+from distill.export.stage import hf_completion_logprobs
+from distill.filter.stage import filter_stage
 from distill.grounding.counterfactual import noise, silence
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
-from distill.grounding.stage import ground_stage, read_grounding
-from distill.io import read_jsonl
+from distill.grounding.stage import ground_stage
 from distill.loop import init_run_dir
-from distill.prompting import item_prompt, load_tokenizer, think_close_token_id
-from distill.rewards.filter import filter_stage
+from distill.models.tokens import load_tokenizer, think_close_token_id
 from distill.rollout.engine import EngineCache, Request, generate
-from distill.rollout.sample import logprob_record, read_samples, sample_stage
-from distill.rundir import RunDir
+from distill.rollout.sample import logprob_record, sample_stage
 
 pytestmark = pytest.mark.e2e
 

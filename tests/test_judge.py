@@ -10,11 +10,11 @@ import pytest
 
 from data_pipelines.audio import write_wav
 from distill.config import JudgeConfig, load_config
-from distill.io import atomic_write_jsonl, read_jsonl
-from distill.launch import free_port
-from distill.rewards.filter import filter_stage
-from distill.rewards.judge import Judge, judge_result
-from distill.rundir import RunDir
+from distill.core.files import atomic_write_jsonl, read_jsonl
+from distill.core.rundir import RunDir
+from distill.filter.judge import Judge, judge_result
+from distill.filter.stage import filter_stage
+from distill.training.launch import free_port
 from tests.serving import start_server
 
 # One `vllm serve` for the module: its tests run in one test process (scripts/dev.sh: --dist loadgroup).

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from distill.config import JudgeConfig
-from distill.rewards.judge import Judge
+from distill.filter.judge import Judge
 
 REPLIES = [b'{"choices": null}', b"[1]", b'{"choices": [{"message": null}]}', b"not json",
            b'{"choices": [{"message": {"content": "Score: 7"}}]}']

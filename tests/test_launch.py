@@ -3,7 +3,7 @@
 import os
 import time
 
-from distill.launch import clear_stale_build_locks
+from distill.training.launch import clear_stale_build_locks
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, capsys):

@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from distill import locks
-from distill.locks import RUN_UNIT, LockHeld, read_record, unit_lock, unit_locks
+from distill.core import locks
+from distill.core.locks import RUN_UNIT, LockHeld, read_record, unit_lock, unit_locks
 from tests.test_processes import token_of
 
 
@@ -23,8 +23,8 @@ def hold(run_dir, unit: str, exclusive: bool = True, child: bool = False) -> tup
     code = textwrap.dedent(f"""
         import subprocess, sys, time
         from pathlib import Path
-        from distill.locks import unit_lock
-        from distill.processes import owning_processes
+        from distill.core.locks import unit_lock
+        from distill.core.processes import owning_processes
         with owning_processes(), unit_lock(Path({str(run_dir)!r}), {unit!r}, {exclusive}):
             pid = ""
             if {child}:
@@ -58,7 +58,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_host_then_takes_ove
         # Killed with its watcher (as `pkill -9 -f distill` would), the holder leaves its record
         # and a process it started; the next writer takes over and ends that process.
         for p in psutil.Process(holder.pid).children():
-            if "distill.processes" in " ".join(p.cmdline()):
+            if "distill.core.processes" in " ".join(p.cmdline()):
                 p.kill()
         holder.kill()
         holder.wait()

@@ -1,10 +1,12 @@
 import pytest
 
-from distill.config import ConfigError, load_config
+from distill.config import load_config
+from distill.core.rundir import RunDir
+from distill.core.schema import ConfigError
+from distill.core.seeds import sample_seed
 from distill.data import prepare_data
 from distill.loop import init_run_dir, input_model
-from distill.rollout.sample import sample_seed, shard_plan
-from distill.rundir import RunDir
+from distill.rollout.sample import shard_plan
 
 
 def cfg_for(tmp_path, *overrides):
@@ -95,7 +97,7 @@ def test_slurm_array_shards(monkeypatch, tmp_path):
 
 
 def test_stage_needs_the_previous_one(tmp_path):
-    from distill.rundir import StageOrderError
+    from distill.core.rundir import StageOrderError
 
     rd = RunDir(tmp_path).round(1)
     rd.require_before("sample")
@@ -129,7 +131,7 @@ def test_audio_settings_the_model_cannot_take_fail_before_any_work(tmp_path, tin
 
 
 def test_skip_solved_reads_the_previous_rounds_set_aside(tmp_path):
-    from distill.io import atomic_write_json
+    from distill.core.files import atomic_write_json
     from distill.rollout.sample import solved_before
 
     run = RunDir(tmp_path)

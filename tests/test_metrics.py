@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from distill.metrics import format_table, round_record, write_run_metrics
-from distill.rundir import RunDir
+from distill.core.rundir import RunDir
+from distill.report.metrics import format_table, round_record, write_run_metrics
 from distill.train import lr_lambda
 
 
@@ -48,7 +48,7 @@ def test_round_records_and_table_come_from_stage_stats(tmp_path):
 
 
 def test_distribution_gives_count_mean_and_percentiles():
-    from distill.metrics import distribution
+    from distill.core.stats import distribution
 
     assert distribution([]) is None
     d = distribution([float(x) for x in range(10, 0, -1)])

@@ -9,8 +9,8 @@ from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, write_manifest
 from data_pipelines.synthetic import generate_split
 from distill.config import Config, MixSourceConfig
-from distill.mixing import build_mix, direct_audio_rows, mix_rows, text_cot_rows
-from distill.prompting import load_tokenizer
+from distill.models.tokens import load_tokenizer
+from distill.training.mixing import build_mix, direct_audio_rows, mix_rows, text_cot_rows
 
 AUDIO = "<|AUDIO|>"
 

@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 
-from distill.config import ConfigError, load_config
+from distill.config import load_config
+from distill.core.rundir import RunDir
+from distill.core.schema import ConfigError
 from distill.loop import init_run_dir
 from distill.models import FAMILIES, check_model_dir, family_named, family_of, supported
-from distill.rundir import RunDir
 
 
 def copy_of(tiny_model, tmp_path, **config_changes):

@@ -7,7 +7,10 @@ from data_pipelines.audio import AudioPolicy
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.synthetic import generate_split
 from distill.config import LoraConfig, TrainConfig
-from distill.packing import (
+from distill.models.qwen2_audio import Qwen2Audio
+from distill.models.tokens import load_tokenizer
+from distill.training.model import AudioLM, build_model, merged_state_dict
+from distill.training.packing import (
     IGNORE,
     Sample,
     collate,
@@ -17,10 +20,7 @@ from distill.packing import (
     rank_batches,
     step_normalizer,
 )
-from distill.prompting import load_tokenizer
-from distill.sft_data import SFTDataset, cold_start_rows
-from distill.models.qwen2_audio import Qwen2Audio
-from distill.train_model import AudioLM, build_model, merged_state_dict
+from distill.training.sft_data import SFTDataset, cold_start_rows
 
 
 def test_plan_covers_every_sample_once_and_is_fixed_by_seed_and_epoch():
@@ -243,7 +243,7 @@ def test_a_16k_token_trace_trains_with_gradient_checkpointing(tiny_model, sft):
 
 
 def test_packing_by_default_only_where_attention_is_varlen(monkeypatch):
-    from distill import train_model
+    from distill.training import model as train_model
 
     auto = TrainConfig()
     assert train_model.attention_implementation(auto, cuda=False) == "sdpa"

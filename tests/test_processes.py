@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from distill.processes import OWNER_ENV, owned_by
+from distill.core.processes import OWNER_ENV, owned_by
 
 # A child in a session of its own (as torchrun starts training ranks), which starts a grandchild
 # in yet another session; each prints its PID.
@@ -27,7 +27,7 @@ DESCENDANTS = textwrap.dedent("""
 
 def start_owner(body: str) -> tuple[subprocess.Popen, list[int]]:
     """A Python process that starts DESCENDANTS inside owning_processes(), then runs `body`."""
-    code = "from distill.processes import owning_processes\nwith owning_processes():\n" + \
+    code = "from distill.core.processes import owning_processes\nwith owning_processes():\n" + \
         textwrap.indent(DESCENDANTS + body, "    ")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     return owner, [int(x) for x in owner.stdout.readline().split()]
@@ -82,7 +82,7 @@ def test_a_clean_exit_leaves_nothing_behind():
 
 
 def test_the_block_restores_the_environment():
-    from distill.processes import owning_processes
+    from distill.core.processes import owning_processes
 
     with owning_processes() as token:
         assert os.environ[OWNER_ENV] == token
@@ -96,7 +96,7 @@ def test_a_sigkilled_owner_takes_a_separate_vllm_engine_with_it(tiny_model, tmp_
     code = textwrap.dedent(f"""
         import time
         from distill.config import load_config
-        from distill.processes import owning_processes
+        from distill.core.processes import owning_processes
         from distill.rollout.engine import EngineCache
         if __name__ == "__main__":
             cfg = load_config("configs/demo_cpu.yaml", ["output_dir={tmp_path}", "engine.process=separate"])

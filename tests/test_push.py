@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from data_pipelines.synthetic import generate_split
-from distill.push import dataset_plan, model_plan, push
+from distill.core.rundir import RunDir
+from distill.export.hub import dataset_plan, model_plan, push
 from distill.rollout.engine import EXPORT_MANIFEST, weights_hash
-from distill.rundir import RunDir
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from data_pipelines.audio import write_wav
-from distill.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from distill.core.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from distill.core.rundir import RunDir
 from distill.report import write_report
-from distill.rundir import RunDir
 from distill.status import run_status
 
 CHARTS = 5

@@ -1,6 +1,6 @@
 import pytest
 
-from distill.rundir import RoundDir, RunDir
+from distill.core.rundir import RoundDir, RunDir
 
 
 def test_stage_markers_order(tmp_path):
@@ -14,14 +14,14 @@ def test_stage_markers_order(tmp_path):
 
 
 def test_stats_written_before_marker(tmp_path, monkeypatch):
-    import distill.rundir
+    import distill.core.rundir
 
     rd = RoundDir(tmp_path, 2)
 
     def crash(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(distill.rundir, "atomic_write_text", crash)
+    monkeypatch.setattr(distill.core.rundir, "atomic_write_text", crash)
     with pytest.raises(OSError):
         rd.mark_done("sample", {"x": 1})
     # The crash hit the marker: the stats are there, the stage does not count as done.

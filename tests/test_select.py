@@ -1,6 +1,6 @@
 """Selection per prompt: pass-rate band, keep policies, near-duplicates."""
 
-from distill.rewards.select import jaccard, select, shingles
+from distill.filter.selection import jaccard, select, shingles
 
 BASE = "the first tone is near {} hertz and the second near {} hertz so the second is higher"
 

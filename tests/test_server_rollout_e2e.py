@@ -7,13 +7,13 @@ import time
 import pytest
 
 from distill.config import load_config
-from distill.io import read_jsonl
-from distill.launch import free_port
+from distill.core.files import read_jsonl
+from distill.core.rundir import RunDir
 from distill.loop import init_run_dir
 from distill.rollout.engine import EngineCache
 from distill.rollout.sample import sample_stage
 from distill.rollout.server import ServerSamplingError, partial_path
-from distill.rundir import RunDir
+from distill.training.launch import free_port
 from tests.serving import start_server
 
 pytestmark = pytest.mark.e2e

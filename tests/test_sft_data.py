@@ -5,9 +5,9 @@ from data_pipelines.audio import AudioPolicy, write_wav
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
-from distill.packing import IGNORE, collate, weighted_loss
-from distill.prompting import load_tokenizer
-from distill.sft_data import SFTDataset, cold_start_rows, split_prefix
+from distill.models.tokens import load_tokenizer
+from distill.training.packing import IGNORE, collate, weighted_loss
+from distill.training.sft_data import SFTDataset, cold_start_rows, split_prefix
 
 
 def IDENTITY(x):  # the tests' inputs are already logits
@@ -70,8 +70,8 @@ def test_weighted_loss_ignores_masked_and_weighs_tokens():
 def test_load_rows_refuses_a_bad_weight_naming_file_and_line(tmp_path):
     import pytest
 
-    from distill.io import atomic_write_jsonl
-    from distill.sft_data import load_rows
+    from distill.core.files import atomic_write_jsonl
+    from distill.training.sft_data import load_rows
 
     path = tmp_path / "rows.jsonl"
     row = {"audio": "a.wav", "prompt": "p", "completion": "c"}
@@ -134,8 +134,8 @@ def test_a_row_training_cannot_take_is_named_by_file_and_line(tiny_model, tmp_pa
     import pytest
     from transformers import AutoProcessor
 
-    from distill.io import atomic_write_jsonl
-    from distill.sft_data import load_rows
+    from distill.core.files import atomic_write_jsonl
+    from distill.training.sft_data import load_rows
 
     processor = AutoProcessor.from_pretrained(tiny_model)
     items = generate_split(tmp_path, "train", ["pitch_level"], 2, 0, 1, 16000)

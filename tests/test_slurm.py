@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import ConfigError, load_config
-from distill.io import atomic_write_text
-from distill.launch import Machines, machines_from_env, train_command
-from distill.rundir import RunDir
+from distill.config import load_config
+from distill.core.files import atomic_write_text
+from distill.core.rundir import RunDir
+from distill.core.schema import ConfigError
 from distill.slurm import Job, Queued, describe, plan, render, sbatch_args, script
+from distill.training.launch import Machines, machines_from_env, train_command
 
 SHARDS = 3
 

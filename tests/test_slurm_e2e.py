@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from distill.io import read_json, read_jsonl
-from distill.locks import read_record
+from distill.core.files import read_json, read_jsonl
+from distill.core.locks import read_record
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import math
 import re
 from collections import Counter
 
-from distill.metrics import distribution
+from distill.core.stats import distribution
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -26,24 +26,18 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.core.files import atomic_write_json, atomic_write_jsonl, read_json
+from distill.core.prompts import THINK_CLOSE, item_prompt, split_trace
+from distill.core.rundir import RoundDir
+from distill.core.seeds import sample_seed
 from distill.data import audio_cache, max_audio_items
 from distill.eval.scores import inverted_scaling, majority_vote, mmau_match, pass_at_k, trace_stats
+from distill.export.model_card import write_model_card
+from distill.filter.answers import answer_key, extract_answer
+from distill.filter.rules import RulePipeline
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
-from distill.io import atomic_write_json, atomic_write_jsonl, read_json
-from distill.model_card import write_model_card
-from distill.prompting import (
-    THINK_CLOSE,
-    audio_tokens,
-    item_prompt,
-    load_tokenizer,
-    split_trace,
-    think_close_token_id,
-)
-from distill.rewards.answers import answer_key, extract_answer
-from distill.rewards.rules import RulePipeline
-from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generate
-from distill.rollout.sample import item_request, sample_seed
-from distill.rundir import RoundDir
+from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
+from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generate, item_request
 
 # Checks every eval trace goes through: what "correct" means is the filter's own (answer tag,
 # tolerance, custom verifier), so eval and filter never disagree; the others feed trace statistics.

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distill.prompting import THINK_CLOSE, reasoning_split, think_close_token_id
+from distill.core.prompts import THINK_CLOSE, reasoning_split
+from distill.models.tokens import think_close_token_id
 from distill.rollout.engine import engine_prompt, first_logprobs
 
 

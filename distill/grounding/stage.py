@@ -21,21 +21,22 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.core.files import atomic_write_jsonl, read_jsonl, sha256_file
+from distill.core.prompts import item_prompt
+from distill.core.rows import GROUNDING_SCHEMA_VERSION, read_grounding, read_samples
+from distill.core.rundir import RoundDir
+from distill.core.seeds import sample_seed
+from distill.core.stats import distribution
 from distill.data import audio_cache
+from distill.filter.checks import check_audio_dependence, check_control_tokens
+from distill.filter.rules import RulePipeline
+from distill.filter.selection import prompt_decision
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
-from distill.io import atomic_write_jsonl, read_jsonl, sha256_file
-from distill.metrics import distribution
-from distill.prompting import audio_tokens, control_tokens, item_prompt, load_tokenizer
-from distill.rewards.checks import check_audio_dependence, check_control_tokens
-from distill.rewards.rules import RulePipeline
-from distill.rewards.select import prompt_decision
+from distill.models.tokens import audio_tokens, control_tokens, load_tokenizer
 from distill.rollout.engine import Request, generate, verified_weights_hash
-from distill.rollout.sample import read_samples, sample_seed, shard_plan
-from distill.rundir import RoundDir
-
-GROUNDING_SCHEMA_VERSION = 1
+from distill.rollout.sample import shard_plan
 
 
 def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable
@@ -353,12 +354,6 @@ def check_grounding_shard(path: Path, model_hash: str, samples_sha256: str | Non
                            "measure again")
 
 
-def read_grounding(rd: RoundDir, count: int) -> dict[str, dict]:
-    """item id -> grounding row, over all shards of a round; raises if a shard is missing."""
-    missing = rd.missing_shards(rd.grounding_path, count)
-    if missing:
-        raise FileNotFoundError(f"{rd.path}: grounding shard(s) {missing} of {count} missing; run the ground stage")
-    return {row["item_id"]: row for i in range(count) for row in read_jsonl(rd.grounding_path(i, count))}
 
 
 def summarize(rows, kinds: list[str]) -> dict:

@@ -16,8 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distill.config import ConfigError
-from distill.io import read_json
+from distill.core.files import read_json
+from distill.core.schema import ConfigError
 from distill.models.audio_flamingo3 import AudioFlamingo3
 from distill.models.family import Family
 from distill.models.qwen2_5_omni import Qwen25Omni

@@ -11,11 +11,11 @@ import html
 import time
 from pathlib import Path
 
-from distill.io import atomic_write_text, read_jsonl
-from distill.metrics import format_table, round_record
+from distill.core.files import atomic_write_text, read_jsonl
+from distill.core.rundir import RoundDir, RunDir
 from distill.report import plots
+from distill.report.metrics import format_table, round_record
 from distill.report.traces import sample_traces, wav_bytes
-from distill.rundir import RoundDir, RunDir
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from distill.io import read_jsonl
-from distill.rundir import RoundDir
+from distill.core.files import read_jsonl
+from distill.core.rundir import RoundDir
 
 
 def sample_traces(rd: RoundDir, n: int) -> list[dict]:

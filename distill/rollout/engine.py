@@ -17,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.config import EngineConfig
-from distill.io import read_json, sha256_file
+from data_pipelines.audio_cache import AudioCache
+from data_pipelines.items import Item
+from distill.config import Config, EngineConfig
+from distill.core.files import read_json, sha256_file
+from distill.core.processes import adopt_children
+from distill.core.prompts import item_prompt
 from distill.models import family_of
-from distill.processes import adopt_children
 
 EXPORT_MANIFEST = "distill_export.json"
 
@@ -273,3 +276,11 @@ class EngineCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: int = 0) -> Request:
+    """The engine request for one item: chat prompt (one audio placeholder per chunk) + generation
+    prefix, with its audio from the run's cache."""
+    audio = cache.chunks(item.audio, item.audio_sha256)
+    prompt = item_prompt(tokenizer, item, cfg.data.system_prompt, len(audio)) + cfg.sample.generation_prefix
+    return Request(prompt, audio, cfg.data.sample_rate, seed)

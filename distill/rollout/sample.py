@@ -8,31 +8,24 @@ lineage: item, audio hash, round, model weights hash, sampling parameters and it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.core.files import atomic_write_jsonl, read_json, read_jsonl, sha256_file
+from distill.core.prompts import reasoning_split
+from distill.core.rows import TRACE_SCHEMA_VERSION
+from distill.core.rundir import RoundDir
+from distill.core.seeds import sample_seed
 from distill.data import audio_cache
-from distill.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
+from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
 from distill.openai_client import ChatClient
-from distill.prompting import (
-    audio_tokens,
-    item_prompt,
-    load_tokenizer,
-    reasoning_split,
-    think_close_token_id,
-)
-from distill.rollout.engine import Completion, Request, generate, verified_weights_hash
+from distill.rollout.engine import Completion, generate, item_request, verified_weights_hash
 from distill.rollout.server import partial_path, sample_shard
-from distill.rundir import RoundDir
-
-TRACE_SCHEMA_VERSION = 1
 
 
 def shard_plan(cfg: Config) -> tuple[int, list[int]]:
@@ -50,18 +43,8 @@ def shard_plan(cfg: Config) -> tuple[int, list[int]]:
     return count, (list(range(count)) if index < 0 else [index])
 
 
-def sample_seed(base_seed: int, round_index: int, item_id: str, sample_index: int) -> int:
-    """A stable per-sample seed: the same trace is drawn wherever and whenever its shard runs."""
-    key = f"{base_seed}/{round_index}/{item_id}/{sample_index}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def item_request(cfg: Config, tokenizer, item: Item, cache: AudioCache, seed: int = 0) -> Request:
-    """The engine request for one item: chat prompt (one audio placeholder per chunk) + generation
-    prefix, with its audio from the run's cache."""
-    audio = cache.chunks(item.audio, item.audio_sha256)
-    prompt = item_prompt(tokenizer, item, cfg.data.system_prompt, len(audio)) + cfg.sample.generation_prefix
-    return Request(prompt, audio, cfg.data.sample_rate, seed)
 
 
 def logprob_record(out: Completion, think_close_id: int | None) -> dict:
@@ -176,15 +159,3 @@ def check_shard_model(path: Path, model_hash: str) -> None:
         raise RuntimeError(f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
                            f"{model_hash[:12]}; delete the stale shard (or the round) to resample")
 
-
-def read_samples(rd: RoundDir, count: int, shards: list[int] | None = None) -> list[dict]:
-    """The traces of a round (of some of its shards); raises if a shard is missing (sampling is not
-    finished)."""
-    shards = list(range(count)) if shards is None else shards
-    missing = rd.missing_shards(rd.shard_path, count, shards)
-    if missing:
-        raise FileNotFoundError(f"{rd.path}: sample shard(s) {missing} of {count} missing; run the sample stage")
-    rows = []
-    for i in shards:
-        rows.extend(read_jsonl(rd.shard_path(i, count)))
-    return rows

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.core.prompts import THINK_CLOSE, question_text
 from distill.openai_client import ChatClient, audio_parts
-from distill.prompting import THINK_CLOSE, question_text
 from distill.rollout.engine import Completion
 
 

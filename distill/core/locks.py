@@ -7,7 +7,7 @@ when its holder ends, however it ends, so a lock is never left held by a dead pr
 needs guessing at. The holder writes who it is into the file (PID, host, command, owner token);
 a process refused the lock is told that, and a process that finds the record of a holder that
 ended without releasing takes the lock over, says so, and ends what that holder left running on
-this host (distill.processes).
+this host (distill.core.processes).
 
 Units nest: the run, then a stage, then its parts. A whole takes its lock exclusively; a part
 takes its whole's lock shared and its own exclusively. So `distill run` excludes every other
@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from distill.processes import OWNER_ENV, end_owned, started_at
+from distill.core.processes import OWNER_ENV, end_owned, started_at
 
 # The unit `distill run` holds exclusively and every other writer of the run shared.
 RUN_UNIT = "run"

@@ -18,21 +18,21 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from distill.config import Config
-from distill.io import atomic_write_json, atomic_write_jsonl
-from distill.metrics import distribution
-from distill.prompting import control_tokens
-from distill.rewards import checks
-from distill.rewards.rules import RulePipeline, reward
-from distill.rewards.select import prompt_decision
-from distill.rollout.sample import read_samples
-from distill.rundir import RoundDir
+from distill.core.files import atomic_write_json, atomic_write_jsonl
+from distill.core.rows import read_samples
+from distill.core.rundir import RoundDir
+from distill.core.stats import distribution
+from distill.filter import checks
+from distill.filter.rules import RulePipeline, reward
+from distill.filter.selection import prompt_decision
+from distill.models.tokens import control_tokens
 
 
 def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | None]]) -> dict:
     """Score the traces that passed every rule check with the configured judge; adds a "judge"
     result (and the score) to each of them, and returns the judge's counts."""
     from distill.data import audio_cache
-    from distill.rewards.judge import Judge, judge_result
+    from distill.filter.judge import Judge, judge_result
 
     todo = [i for i, r in enumerate(results) if not any(r.values())]
     if not todo:
@@ -62,7 +62,7 @@ def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list
     """Attach the ground stage's measurements to the traces and add the "text_solvable" and
     "audio_dependence" results; return the ids of the items answerable from text and of the
     passing traces the ground stage left unscored as ones the selection would not keep."""
-    from distill.grounding.stage import read_grounding
+    from distill.core.rows import read_grounding
 
     g = cfg.grounding
     rows = read_grounding(rd, cfg.sample.num_shards)

@@ -6,39 +6,16 @@ it is never sampled with.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-from distill.models import family_of
-
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 
-@lru_cache(maxsize=8)
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
-def control_tokens(model_dir: str) -> tuple[str, ...]:
-    """The tokenizer's special tokens (chat turns, audio placeholders), which no trace may contain."""
-    tokenizer = load_tokenizer(model_dir)
-    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    return tuple(sorted(special | set(audio_tokens(model_dir))))
 
 
-@lru_cache(maxsize=8)
-def audio_tokens(model_dir: str) -> list[str]:
-    """The tokens that mark audio input (the model family's audio placeholders and markup): a
-    trace that generates one would be read as a slot for audio by every later stage."""
-    return sorted(family_of(model_dir).markup_tokens(load_tokenizer(model_dir)))
 
 
-def think_close_token_id(tokenizer) -> int | None:
-    """The id of `</think>` when the tokenizer has it as one token (Qwen-family models do), else None."""
-    ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
 
 
 def reasoning_split(token_ids, think_close_id: int | None) -> int:

@@ -7,7 +7,7 @@ Two kinds of extra data keep the student's other skills while it learns from its
   an empty think block, `<think>\\n\\n</think>\\n{answer}`.
 
 A source's weight is rows of it per kept-trace row, so the mix follows the traces' count round
-by round. Rows come out in the SFT row format of distill.sft_data, each with a "source" name.
+by round. Rows come out in the SFT row format of distill.training.sft_data, each with a "source" name.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.sources import Source, validate_source
 from distill.config import Config, MixSourceConfig
-from distill.io import read_jsonl_numbered
-from distill.prompting import THINK_CLOSE, THINK_OPEN, chat_prompt, item_prompt
+from distill.core.files import read_jsonl_numbered
+from distill.core.prompts import THINK_CLOSE, THINK_OPEN, chat_prompt, item_prompt
 
 TRACES = "traces"  # the source name of the round's kept traces in a mix
 TEXT_COT_FIELDS = ("question", "reasoning", "answer")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distill.config import TrainConfig
 
-TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+TRAIN_SCRIPT = Path(__file__).parent.parent / "train.py"
 # A torch extension build lock older than this was left by a killed build: DeepSpeed's ops build
 # in under a minute here, so ten minutes leaves room for a slow machine.
 STALE_BUILD_S = 600.0

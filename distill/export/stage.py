@@ -21,15 +21,14 @@ import numpy as np
 
 from data_pipelines.items import Item
 from distill.config import Config
+from distill.core.files import atomic_write_json
+from distill.core.rundir import RoundDir
 from distill.data import audio_cache, max_audio_items
+from distill.export.model_card import serve_command, write_model_card
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
-from distill.io import atomic_write_json
-from distill.model_card import serve_command, write_model_card
 from distill.models import family_of
-from distill.prompting import load_tokenizer
-from distill.rollout.engine import EXPORT_MANIFEST, generate, weights_hash
-from distill.rollout.sample import item_request
-from distill.rundir import RoundDir
+from distill.models.tokens import load_tokenizer
+from distill.rollout.engine import EXPORT_MANIFEST, generate, item_request, weights_hash
 
 
 class ExportGateError(RuntimeError):

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from distill.config import Config
-from distill.io import atomic_write_text, read_json
+from distill.core.files import atomic_write_text, read_json
+from distill.core.rundir import RoundDir
 from distill.models import family_of
-from distill.rundir import RoundDir
 
 
 def serve_args(cfg: Config, model_dir: Path, audio_items: int) -> list[str]:

@@ -111,7 +111,7 @@ def owning_processes() -> Iterator[str]:
     global _watcher
     token = f"{os.getpid()}-{secrets.token_hex(6)}"
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
-    _watcher = subprocess.Popen([sys.executable, "-m", "distill.processes", str(os.getpid()), token],
+    _watcher = subprocess.Popen([sys.executable, "-m", "distill.core.processes", str(os.getpid()), token],
                                 stdin=subprocess.PIPE, env=env, start_new_session=True)
     _watchers.append(_watcher)
     before = os.environ.get(OWNER_ENV)

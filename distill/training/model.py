@@ -17,7 +17,7 @@ import torch
 
 from distill.config import TrainConfig
 from distill.models import Family, family_of
-from distill.packing import weighted_loss
+from distill.training.packing import weighted_loss
 
 
 class AudioEncoderCache:

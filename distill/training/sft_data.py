@@ -23,9 +23,10 @@ import numpy as np
 
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
-from distill.io import read_jsonl_numbered
-from distill.packing import IGNORE, Sample
-from distill.prompting import THINK_CLOSE, item_prompt, think_close_token_id
+from distill.core.files import read_jsonl_numbered
+from distill.core.prompts import THINK_CLOSE, item_prompt
+from distill.models.tokens import think_close_token_id
+from distill.training.packing import IGNORE, Sample
 
 
 def cold_start_rows(items: list[Item], tokenizer, system_prompt: str, cache: AudioCache) -> list[dict]:

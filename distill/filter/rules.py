@@ -1,4 +1,4 @@
-"""The rule pipeline: every configured check of distill/rewards/checks.py on one trace.
+"""The rule pipeline: every configured check of distill/filter/checks.py on one trace.
 
 Built once per filter stage (patterns compiled, verifier imported, control tokens known), then
 called on every trace; returns each check's result, so a rejected trace lists all its reasons.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 
 from distill.config import RULE_CHECKS, FilterConfig
-from distill.prompting import THINK_CLOSE, split_trace
-from distill.rewards import checks
-from distill.rewards.answers import Tolerance, answer_of, load_verifier
+from distill.core.prompts import THINK_CLOSE, split_trace
+from distill.filter import checks
+from distill.filter.answers import Tolerance, answer_of, load_verifier
 
 
 class RulePipeline:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from distill.rewards.answers import (
+from distill.filter.answers import (
     EXACT,
     Tolerance,
     Verifier,

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from distill.io import atomic_write_json, atomic_write_text, read_json
+from distill.core.files import atomic_write_json, atomic_write_text, read_json
 
 STAGES = ("sample", "ground", "filter", "train", "export", "eval")
 

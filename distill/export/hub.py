@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.io import read_json, read_jsonl
+from distill.core.files import read_json, read_jsonl
+from distill.core.rundir import RoundDir
 from distill.rollout.engine import EXPORT_MANIFEST
-from distill.rundir import RoundDir
 
 
 @dataclass

@@ -6,12 +6,11 @@ twice in metrics.jsonl, and the table printed at the end covers the whole run.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 
-from distill.io import atomic_write_jsonl, atomic_write_text
-from distill.rundir import RoundDir, RunDir
+from distill.core.files import atomic_write_jsonl, atomic_write_text
+from distill.core.rundir import RoundDir, RunDir
 
 
 def round_record(rd: RoundDir) -> dict:
@@ -72,17 +71,6 @@ def round_record(rd: RoundDir) -> dict:
     }
 
 
-def distribution(values: list[float]) -> dict | None:
-    """Count, mean and 10th/50th/90th percentiles (nearest rank) of a list of numbers."""
-    if not values:
-        return None
-    ordered = sorted(values)
-
-    def pct(q: float) -> float:
-        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 4)
-
-    return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 4), "p10": pct(0.1), "p50": pct(0.5),
-            "p90": pct(0.9)}
 
 
 def write_run_metrics(run: RunDir) -> list[dict]:
