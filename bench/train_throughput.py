@@ -111,8 +111,9 @@ def write_rows(cfg: Config, traces_per_item: int, path: Path) -> dict:
 
     from distill.core.files import atomic_write_jsonl
     from distill.data import audio_cache, prepare_data
+    from distill.filter.cold_start import cold_start_rows
     from distill.training.packing import IGNORE
-    from distill.training.sft_data import SFTDataset, cold_start_rows
+    from distill.training.sft_data import SFTDataset
 
     data = prepare_data(cfg, cfg.run_dir / "data")
     clips = audio_cache(cfg)

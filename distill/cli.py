@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from distill.config import TinyModelConfig
-from distill.core.rundir import STAGES
+from distill.core.stages import STAGE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     p_stage = sub.add_parser("stage", help="run stages of one round (e.g. a Slurm array task sampling a shard)")
-    p_stage.add_argument("stage", type=stage_list, help=f"one of {', '.join(STAGES)}, or several in order "
+    p_stage.add_argument("stage", type=stage_list, help=f"one of {', '.join(STAGE_NAMES)}, or several in order "
                                                         "joined by commas (export,eval: one engine for both)")
     p_stage.add_argument("config")
     p_stage.add_argument("--round", type=int, required=True)
@@ -100,9 +100,9 @@ def data_command(args: argparse.Namespace) -> int:
 def stage_list(value: str) -> list[str]:
     """`sample`, or stages in order joined by commas (`export,eval`)."""
     stages = value.split(",")
-    bad = [x for x in stages if x not in STAGES]
+    bad = [x for x in stages if x not in STAGE_NAMES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad)} (known: {', '.join(STAGES)})")
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad)} (known: {', '.join(STAGE_NAMES)})")
     return stages
 
 

@@ -14,23 +14,18 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distill.config import Config, config_diff, load_config, resumable, to_yaml
-from distill.core.files import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
+from distill.core.files import atomic_write_json, atomic_write_text
 from distill.core.locks import RUN_UNIT, unit_lock, unit_locks
 from distill.core.rundir import RoundDir, RunDir, StageOrderError
 from distill.core.schema import ConfigError
-from distill.data import Datasets, audio_cache, check_model_audio, max_audio_items, prepare_data
-from distill.eval import eval_stage
+from distill.core.stages import Stage, StageContext, shard_plan, stage_named
+from distill.data import Datasets, check_model_audio, max_audio_items, prepare_data
+from distill.eval.stage import eval_stage
 from distill.export.hub import push_round
-from distill.export.stage import export_stage
-from distill.filter.stage import filter_stage
-from distill.grounding.stage import ground_stage
 from distill.models import build_tiny_model, check_model_dir, family_named
-from distill.models.tokens import load_tokenizer
 from distill.report.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.rollout.engine import EngineCache
-from distill.rollout.sample import sample_stage, shard_plan
-from distill.training.launch import machines_from_env, run_training
-from distill.training.sft_data import cold_start_rows
+from distill.training.launch import machines_from_env
 
 
 def init_run_dir(cfg: Config, run: RunDir) -> Datasets:
@@ -80,24 +75,15 @@ def input_model(cfg: Config, run: RunDir, index: int) -> Path:
     return prev.model_dir
 
 
-def train_inputs(cfg: Config, run: RunDir, index: int, model: Path) -> tuple[Path, list[Path]]:
-    """The student a round trains and its data: the round's model on the round's kept traces
-    (train.init=continue), or the base model on the kept traces of every round so far (=base,
-    ReST-EM: each round's student starts afresh, so errors of one round do not compound)."""
-    if index == 0 or cfg.train.init == "continue":
-        return model, [run.round(index).filtered]
-    first = 0 if cfg.cold_start.enabled else 1
-    return Path(cfg.model.path), [run.round(i).filtered for i in range(first, index + 1)]
-
-
-def stage_part(cfg: Config, stage: str) -> str | None:
-    """The part of `stage` this process writes, which it locks on its own: one shard of a sharded
-    stage (an array task's), one node of a multi-node training job; None: the whole stage."""
-    if stage in ("sample", "ground"):
+def stage_part(cfg: Config, name: str) -> str | None:
+    """The part of stage `name` this process writes, which it locks on its own: one shard of a
+    sharded stage (an array task's), one node of a multi-node job; None: the whole stage."""
+    stage = stage_named(name)
+    if stage.sharded:
         count, indices = shard_plan(cfg)
         return f"shard-{indices[0]:05d}-of-{count:05d}" if len(indices) < count else None
     machines = machines_from_env()
-    if stage == "train" and machines.count > 1:
+    if stage.multi_node and machines.count > 1:
         return f"node-{machines.rank}-of-{machines.count}"
     return None
 
@@ -113,49 +99,18 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
     with unit_locks(run.path, f"{rd.path.name}.{stage}", stage_part(cfg, stage)):
         if rd.is_done(stage):  # finished by the holder this process found gone
             return True
-        return execute_stage(cfg, run, rd, stage, data, engines)
+        return execute_stage(cfg, run, rd, stage_named(stage), data, engines)
 
 
-def execute_stage(cfg: Config, run: RunDir, rd: RoundDir, stage: str, data: Datasets, engines: EngineCache) -> bool:
-    """The work of one stage, then its stats and marker; False while other shards are owed."""
-    index = rd.index
-    model = input_model(cfg, run, index)
+def execute_stage(cfg: Config, run: RunDir, rd: RoundDir, stage: Stage, data: Datasets, engines: EngineCache) -> bool:
+    """The work of one stage, then its stats and marker; False while other shards or nodes owe their part."""
     start = time.time()
-    print(f"\n== round {index}: {stage} ==", flush=True)
-    if stage == "sample":
-        stats = sample_stage(cfg, data.train, model, rd, engines.get)
-        count = cfg.sample.num_shards
-        if rd.missing_shards(rd.shard_path, count):
-            return False  # other shards belong to other array tasks
-    elif stage == "ground":
-        stats = ground_stage(cfg, data.train, model, rd, engines.get)
-        if stats is None:
-            return False  # other shards belong to other array tasks
-    elif stage == "filter" and index == 0:
-        seed_items = data.cold_start[: cfg.cold_start.items or None]
-        rows = cold_start_rows(seed_items, load_tokenizer(str(model)), cfg.data.system_prompt, audio_cache(cfg))
-        atomic_write_jsonl(rd.filtered, rows)
-        stats = {"kept": len(rows), "source": "reference traces (cold start)"}
-    elif stage == "filter":
-        stats = filter_stage(cfg, rd, model)
-        if stats["kept"] == 0:
-            raise RuntimeError(f"round {index}: the filter kept no traces ({stats['rejected_by_reason']}); raise "
-                               "sample.n or sample.max_tokens, or start from a stronger model")
-    elif stage == "train":
-        engines.close()  # training needs the accelerator memory and the cores the engine holds
-        tcfg = cfg.cold_start.train if index == 0 else cfg.train
-        section = "cold_start.train" if index == 0 else "train"
-        student, data_files = train_inputs(cfg, run, index, model)
-        machines = machines_from_env()
-        run_training(tcfg, run.config, data_files, student, rd.train_dir, section, machines)
-        if machines.rank != 0:
-            return True  # the main node saved the checkpoint and marks the stage
-        stats = read_json(rd.checkpoint / "train_summary.json")
-    elif stage == "export":
-        stats = export_stage(cfg, rd, Path(cfg.model.path), data.eval, engines.get)
-    else:  # eval; require_before has refused any stage the round does not have
-        stats = eval_stage(cfg, data.eval, rd.model_dir, rd, engines.get, data.benchmarks)
-    rd.mark_done(stage, {**stats, "seconds": round(time.time() - start, 2)})
+    print(f"\n== round {rd.index}: {stage.name} ==", flush=True)
+    ctx = StageContext(cfg, run, rd, input_model(cfg, run, rd.index), data, engines)
+    stats = stage.function()(ctx)
+    if stats is None:
+        return False
+    rd.mark_done(stage.name, {**stats, "seconds": round(time.time() - start, 2)})
     return True
 
 
@@ -182,7 +137,7 @@ def evaluate_round(cfg: Config, run: RunDir, index: int) -> dict:
 def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: EngineCache) -> RoundDir:
     for stage in run.round(index).stages:
         if not run_stage(cfg, run, index, stage, data, engines):
-            raise RuntimeError(f"round {index}: stage {stage} is waiting for other shards")
+            raise RuntimeError(f"round {index}: stage {stage} is waiting for other shards or nodes")
     return run.round(index)
 
 
@@ -217,7 +172,7 @@ def run_stages(cfg: Config, index: int, stages: list[str]) -> bool:
         with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
             for stage in stages:
                 done = run_stage(cfg, run, index, stage, data, engines)
-                print(f"round {index} {stage}: {'done' if done else 'waiting for other shards'}")
+                print(f"round {index} {stage}: {'done' if done else 'this part done; other shards or nodes owe theirs'}")
                 if not done:
                     return False
         if "eval" in stages:

@@ -26,11 +26,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from distill.config import Config
 from distill.core.files import atomic_write_text, read_jsonl
 from distill.core.rundir import RoundDir, RunDir
+from distill.core.stages import Stage, round_stages, stage_named
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "launch" / "templates"
 # Slurm states of a job that has not ended (squeue --states=all reports ended ones for MinJobAge).
@@ -63,13 +65,25 @@ def job_key(round_index: int, kind: str) -> str:
 
 
 def job_kinds(cfg: Config, rd: RoundDir) -> list[tuple[str, list[str]]]:
-    """(kind, stages) of the jobs of round `rd`, in order."""
-    if rd.index == 0:
-        return [("filter", ["filter"]), ("train", ["train"]), ("eval", ["export", "eval"])]
-    kinds = [("sample", ["sample"])]
-    kinds += [("ground", ["ground"]), ("filter", ["filter"])] if cfg.grounding.enabled else [
-        ("filter", ["ground", "filter"])]
-    return kinds + [("train", ["train"]), ("eval", ["export", "eval"])]
+    """(kind, stages) of the jobs of round `rd`, in order, from the stage registry: consecutive
+    stages of one job kind share a job, and a stage its config turns off runs in the next job."""
+    kinds: list[tuple[str, list[str]]] = []
+    pending: list[str] = []
+    for stage in round_stages(rd.index):
+        pending.append(stage.name)
+        if not stage.enabled(cfg):
+            continue
+        if kinds and kinds[-1][0] == stage.slurm_job:
+            kinds[-1][1].extend(pending)
+        else:
+            kinds.append((stage.slurm_job, pending))
+        pending = []
+    return kinds
+
+
+def job_stages(job: Job) -> list[Stage]:
+    """The registry entries of the stages a job runs."""
+    return [stage_named(name) for name in job.stages]
 
 
 @dataclass
@@ -162,8 +176,9 @@ def plan(cfg: Config, run: RunDir, rounds: int, queued: dict[str, list[Queued]])
             if fresh and live:
                 cancel += [q.job_id for q in live]
                 live = []
-            if kind in ("sample", "ground"):
-                path_of = rd.shard_path if kind == "sample" else rd.grounding_path
+            sharded = [s for s in map(stage_named, stages) if s.sharded]
+            if sharded:
+                path_of = partial(rd.shard_file, sharded[0].shard_dir)
                 missing = set(rd.missing_shards(path_of, count))
                 covered = set().union(*(q.shards or set() for q in live))
                 # All shards on disk but the stage unmarked (its last task died just before): one
@@ -205,7 +220,9 @@ def script(cfg: Config, run: RunDir, job: Job) -> str:
     """The sbatch script of one job."""
     sl = cfg.slurm
     folder = Path(sl.template_dir) if sl.template_dir else TEMPLATES
-    name = "train.sbatch" if job.kind == "train" else "stage.sbatch"
+    stages = job_stages(job)
+    multi_node = any(s.multi_node for s in stages)
+    name = "train.sbatch" if multi_node else "stage.sbatch"
     python = sl.python or sys.executable
     command = [python, "-m", "distill.cli", "stage", ",".join(job.stages), str(run.config.resolve()),
                "--round", str(job.round)]
@@ -214,14 +231,14 @@ def script(cfg: Config, run: RunDir, job: Job) -> str:
     fields = {
         "job_name": f"distill-{run.path.name}-{job.key}",
         "log_file": str(logs / ("%x-%A_%a.out" if job.shards is not None else "%x-%j.out")),
-        "time": {"sample": sl.time_sample, "ground": sl.time_sample, "filter": sl.time_filter,
-                 "train": sl.time_train, "eval": sl.time_eval}[job.kind],
+        "time": getattr(sl, stages[-1].slurm_time),
         "cpus_per_task": str(sl.cpus_per_task),
         "nodes": str(sl.train_nodes),
         "workdir": str(Path.cwd()),
         # Training takes every GPU of its nodes; a vLLM engine (sampling, grounding, eval) runs on one.
-        "sbatch_options": sbatch_options(cfg, {"train": sl.gpus_per_node, "filter": 0}.get(
-            job.kind, min(1, sl.gpus_per_node))),
+        "sbatch_options": sbatch_options(cfg, sl.gpus_per_node if multi_node else
+                                         min(1, sl.gpus_per_node) if any(s.engine and s.enabled(cfg) for s in stages)
+                                         else 0),
         "setup": "\n".join(sl.setup),
         "main_process_port": str(sl.main_process_port),
         "command": shlex.join(command) + shard,

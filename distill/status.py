@@ -9,6 +9,7 @@ anything, so it is safe beside a running job.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from distill.core.files import read_json, read_jsonl
 from distill.core.locks import describe, live_holders, locks_dir
 from distill.core.rundir import RoundDir, RunDir
+from distill.core.stages import Stage, stage_named
 from distill.slurm import jobs_status
 
 
@@ -49,20 +51,20 @@ def eta(done: int, total: int, started: float | None, last: float | None, now: f
     return f", ETA {_duration(per_unit * (total - done) - (now - last))}"
 
 
-def shard_progress(run: RunDir, rd: RoundDir, stage: str, shards: int, now: float) -> str:
-    folder, path_of = (rd.samples_dir, rd.shard_path) if stage == "sample" else (rd.grounding_dir, rd.grounding_path)
+def shard_progress(run: RunDir, rd: RoundDir, stage: Stage, shards: int, now: float) -> str:
+    folder, path_of = rd.path / stage.shard_dir, partial(rd.shard_file, stage.shard_dir)
     done = [path_of(i, shards) for i in range(shards) if path_of(i, shards).exists()]
     text = f"{len(done)}/{shards} shards on disk"
     items = 0
-    for partial in folder.glob(".*.partial*") if folder.exists() else []:
+    for unfinished in folder.glob(".*.partial*") if folder.exists() else []:
         try:
-            items += partial.read_text().count("\n")
+            items += unfinished.read_text().count("\n")
         except FileNotFoundError:
             pass  # the shard was finished (and its partial file removed) meanwhile
     if items:
         text += f" (+{items} item(s) of a shard in progress)"
     last = max((p.stat().st_mtime for p in done), default=None)
-    return text + eta(len(done), shards, stage_start(run, rd, stage), last, now)
+    return text + eta(len(done), shards, stage_start(run, rd, stage.name), last, now)
 
 
 def train_progress(rd: RoundDir, now: float) -> str:
@@ -99,14 +101,14 @@ def round_status(run: RunDir, rd: RoundDir, shards: int, now: float) -> list[str
                       else ""))
     if len(done) == len(rd.stages):
         return lines
-    stage = rd.stages[len(done)]
-    if stage in ("sample", "ground"):
+    stage = stage_named(rd.stages[len(done)])
+    if stage.progress == "shards":
         progress = shard_progress(run, rd, stage, shards, now)
-    elif stage == "train":
+    elif stage.progress == "steps":
         progress = train_progress(rd, now)
     else:
         progress = "no progress on disk until it finishes"
-    lines.append(f"  next: {stage}: {progress}")
+    lines.append(f"  next: {stage.name}: {progress}")
     return lines
 
 

@@ -338,9 +338,6 @@ def main(argv: list[str] | None = None) -> None:
               f"({summary['tokens_per_s']} tok/s, {summary['padding_share']:.1%} padding), final loss {mean_loss}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    # Left to interpreter shutdown, gloo's worker threads may still hold tensors and abort the
-    # rank with SIGABRT ("terminate called without an active exception", pytorch#190489): seen
-    # on 6 December 2026 in a fresh-clone CI run, rank 1 of a ZeRO-3 stage after its checkpoint.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -356,6 +353,13 @@ def lost_peers(exc: BaseException) -> bool:
 if __name__ == "__main__":
     try:
         main()
+        # A finished rank skips interpreter shutdown: there, C++ destructors of gloo's and DeepSpeed's
+        # still-joinable threads can abort it with SIGABRT ("terminate called without an active
+        # exception") after its work is saved; seen twice in fresh-clone CI (6 December 2026, rank 1
+        # of a ZeRO-3 stage after its checkpoint), once even after destroy_process_group.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except Exception as exc:
         if not lost_peers(exc):
             raise

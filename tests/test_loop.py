@@ -4,9 +4,9 @@ from distill.config import load_config
 from distill.core.rundir import RunDir
 from distill.core.schema import ConfigError
 from distill.core.seeds import sample_seed
+from distill.core.stages import shard_plan
 from distill.data import prepare_data
 from distill.loop import init_run_dir, input_model
-from distill.rollout.sample import shard_plan
 
 
 def cfg_for(tmp_path, *overrides):
@@ -147,7 +147,7 @@ def test_student_init_continue_or_restart_from_base(tmp_path, cold_start):
     base model on the kept traces of every round so far (ReST-EM)."""
     from pathlib import Path
 
-    from distill.loop import train_inputs
+    from distill.training.stage import train_inputs
 
     model = Path("round_model")
     cfg = cfg_for(tmp_path, f"cold_start.enabled={cold_start}")

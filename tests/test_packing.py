@@ -7,6 +7,7 @@ from data_pipelines.audio import AudioPolicy
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.synthetic import generate_split
 from distill.config import LoraConfig, TrainConfig
+from distill.filter.cold_start import cold_start_rows
 from distill.models.qwen2_audio import Qwen2Audio
 from distill.models.tokens import load_tokenizer
 from distill.training.model import AudioLM, build_model, merged_state_dict
@@ -20,7 +21,7 @@ from distill.training.packing import (
     rank_batches,
     step_normalizer,
 )
-from distill.training.sft_data import SFTDataset, cold_start_rows
+from distill.training.sft_data import SFTDataset
 
 
 def test_plan_covers_every_sample_once_and_is_fixed_by_seed_and_epoch():

@@ -5,9 +5,10 @@ from data_pipelines.audio import AudioPolicy, write_wav
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
+from distill.filter.cold_start import cold_start_rows
 from distill.models.tokens import load_tokenizer
 from distill.training.packing import IGNORE, collate, weighted_loss
-from distill.training.sft_data import SFTDataset, cold_start_rows, split_prefix
+from distill.training.sft_data import SFTDataset, split_prefix
 
 
 def IDENTITY(x):  # the tests' inputs are already logits

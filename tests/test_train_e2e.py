@@ -13,9 +13,9 @@ from data_pipelines.synthetic import generate_split
 from distill.config import load_config, to_yaml
 from distill.core.files import atomic_write_jsonl, read_json, read_jsonl
 from distill.data import audio_cache
+from distill.filter.cold_start import cold_start_rows
 from distill.models.tokens import load_tokenizer
 from distill.training.launch import train_command, train_env
-from distill.training.sft_data import cold_start_rows
 
 # The module shares its data fixture: its tests run in one test process (scripts/dev.sh: --dist loadgroup).
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("train_e2e")]

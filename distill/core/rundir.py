@@ -29,8 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distill.core.files import atomic_write_json, atomic_write_text, read_json
-
-STAGES = ("sample", "ground", "filter", "train", "export", "eval")
+from distill.core.stages import STAGE_NAMES, round_stages
 
 
 class StageOrderError(RuntimeError):
@@ -55,11 +54,15 @@ class RoundDir:
     stage_file = property(lambda self: self.path / "STAGE")
     pushed = property(lambda self: self.path / "pushed.txt")
 
+    def shard_file(self, shard_dir: str, shard: int, count: int) -> Path:
+        """One shard file of a sharded stage (its registry entry's shard_dir)."""
+        return self.path / shard_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
+
     def shard_path(self, shard: int, count: int) -> Path:
-        return self.samples_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
+        return self.shard_file("samples", shard, count)
 
     def grounding_path(self, shard: int, count: int) -> Path:
-        return self.grounding_dir / f"shard-{shard:05d}-of-{count:05d}.jsonl"
+        return self.shard_file("grounding", shard, count)
 
     @staticmethod
     def missing_shards(path_of: Callable[[int, int], Path], count: int, shards: list[int] | None = None) -> list[int]:
@@ -71,18 +74,18 @@ class RoundDir:
         if not self.stage_file.exists():
             return None
         stage = self.stage_file.read_text().strip()
-        if stage not in STAGES:
-            raise ValueError(f"{self.stage_file}: unknown stage {stage!r} (expected one of {STAGES})")
+        if stage not in STAGE_NAMES:
+            raise ValueError(f"{self.stage_file}: unknown stage {stage!r} (expected one of {STAGE_NAMES})")
         return stage
 
     def is_done(self, stage: str) -> bool:
         last = self.last_stage()
-        return last is not None and STAGES.index(stage) <= STAGES.index(last)
+        return last is not None and STAGE_NAMES.index(stage) <= STAGE_NAMES.index(last)
 
     @property
     def stages(self) -> tuple[str, ...]:
         """This round's stages: round 0, the cold start, trains on reference traces and samples nothing."""
-        return STAGES[2:] if self.index == 0 else STAGES
+        return tuple(stage.name for stage in round_stages(self.index))
 
     def require_before(self, stage: str) -> None:
         """Raise unless `stage` belongs to this round and the stage before it is finished."""
@@ -102,7 +105,7 @@ class RoundDir:
         atomic_write_text(self.stage_file, stage + "\n")
 
     def stats(self) -> dict[str, dict]:
-        return {s: read_json(self.stats_dir / f"{s}.json") for s in STAGES if (self.stats_dir / f"{s}.json").exists()}
+        return {s: read_json(self.stats_dir / f"{s}.json") for s in STAGE_NAMES if (self.stats_dir / f"{s}.json").exists()}
 
 
 class RunDir:

@@ -30,6 +30,7 @@ from distill.core.files import atomic_write_json, atomic_write_jsonl, read_json
 from distill.core.prompts import THINK_CLOSE, item_prompt, split_trace
 from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
+from distill.core.stages import StageContext
 from distill.data import audio_cache, max_audio_items
 from distill.eval.scores import inverted_scaling, majority_vote, mmau_match, pass_at_k, trace_stats
 from distill.export.model_card import write_model_card
@@ -283,3 +284,8 @@ def summary_line(index: int, stats: dict, seconds: float) -> str:
         line += (f"\neval: inverted scaling: accuracy falls from {inv['from_accuracy']:.1%} at {inv['from_budget']} "
                  f"thinking tokens to {inv['to_accuracy']:.1%} at {inv['to_budget']}")
     return line
+
+
+def run(ctx: StageContext) -> dict:
+    """The eval stage of the round (core/stages.py): the round's exported model."""
+    return eval_stage(ctx.cfg, ctx.data.eval, ctx.rd.model_dir, ctx.rd, ctx.engines.get, ctx.data.benchmarks)

@@ -23,6 +23,7 @@ from data_pipelines.items import Item
 from distill.config import Config
 from distill.core.files import atomic_write_json
 from distill.core.rundir import RoundDir
+from distill.core.stages import StageContext
 from distill.data import audio_cache, max_audio_items
 from distill.export.model_card import serve_command, write_model_card
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
@@ -126,3 +127,8 @@ def hf_completion_logprobs(model_dir: Path, jobs: list[ScoreJob], sample_rate: i
         logprobs = torch.log_softmax(logits[:-1], -1)
         result.append(logprobs[-len(ids):].gather(1, targets[-len(ids):, None])[:, 0].numpy())
     return result
+
+
+def run(ctx: StageContext) -> dict:
+    """The export stage of the round (core/stages.py): the processor files come from the base model."""
+    return export_stage(ctx.cfg, ctx.rd, Path(ctx.cfg.model.path), ctx.data.eval, ctx.engines.get)

@@ -21,8 +21,10 @@ from distill.config import Config
 from distill.core.files import atomic_write_json, atomic_write_jsonl
 from distill.core.rows import read_samples
 from distill.core.rundir import RoundDir
+from distill.core.stages import StageContext
 from distill.core.stats import distribution
 from distill.filter import checks
+from distill.filter.cold_start import cold_start_filter
 from distill.filter.rules import RulePipeline, reward
 from distill.filter.selection import prompt_decision
 from distill.models.tokens import control_tokens
@@ -194,4 +196,15 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     print(f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {len(by_item)} "
           f"prompts ({out_of_band} outside the pass-rate band, {len(always_solved)} always solved, "
           f"{len(always_failed)} always failed) in {seconds:.1f}s; rejected: {dict(reasons) or 'none'}", flush=True)
+    return stats
+
+
+def run(ctx: StageContext) -> dict:
+    """The filter stage of the round (core/stages.py); round 0 keeps the reference traces."""
+    if ctx.rd.index == 0:
+        return cold_start_filter(ctx)
+    stats = filter_stage(ctx.cfg, ctx.rd, ctx.model)
+    if stats["kept"] == 0:
+        raise RuntimeError(f"round {ctx.rd.index}: the filter kept no traces ({stats['rejected_by_reason']}); raise "
+                           "sample.n or sample.max_tokens, or start from a stronger model")
     return stats

@@ -26,6 +26,7 @@ from distill.core.prompts import item_prompt
 from distill.core.rows import GROUNDING_SCHEMA_VERSION, read_grounding, read_samples
 from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
+from distill.core.stages import StageContext, shard_plan
 from distill.core.stats import distribution
 from distill.data import audio_cache
 from distill.filter.checks import check_audio_dependence, check_control_tokens
@@ -36,7 +37,6 @@ from distill.grounding.probe import ProbeTally, answer_options, chance, text_sol
 from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
 from distill.models.tokens import audio_tokens, control_tokens, load_tokenizer
 from distill.rollout.engine import Request, generate, verified_weights_hash
-from distill.rollout.sample import shard_plan
 
 
 def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable
@@ -397,3 +397,8 @@ def summarize(rows, kinds: list[str]) -> dict:
         "traces_passed_over": passed_over,
         "dependence": distribution(deps),
     }
+
+
+def run(ctx: StageContext) -> dict | None:
+    """The ground stage of the round (core/stages.py); None while other array tasks owe shards."""
+    return ground_stage(ctx.cfg, ctx.data.train, ctx.model, ctx.rd, ctx.engines.get)

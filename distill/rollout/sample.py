@@ -8,7 +8,6 @@ lineage: item, audio hash, round, model weights hash, sampling parameters and it
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,30 +20,12 @@ from distill.core.prompts import reasoning_split
 from distill.core.rows import TRACE_SCHEMA_VERSION
 from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
+from distill.core.stages import StageContext, shard_plan
 from distill.data import audio_cache
 from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
 from distill.openai_client import ChatClient
 from distill.rollout.engine import Completion, generate, item_request, verified_weights_hash
 from distill.rollout.server import partial_path, sample_shard
-
-
-def shard_plan(cfg: Config) -> tuple[int, list[int]]:
-    """(shard count, shard indices this process samples): sample.shard_index, else the Slurm array
-    task (an array of sample.num_shards tasks, any first index), else all shards."""
-    count, index = cfg.sample.num_shards, cfg.sample.shard_index
-    if index < 0 and "SLURM_ARRAY_TASK_ID" in os.environ:
-        slurm_count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", count))
-        if slurm_count != count:
-            raise ValueError(f"Slurm array has {slurm_count} tasks but sample.num_shards={count}; "
-                             "submit one array task per shard")
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        if not 0 <= index < count:
-            raise ValueError(f"SLURM_ARRAY_TASK_ID gives shard {index}, outside [0, {count})")
-    return count, (list(range(count)) if index < 0 else [index])
-
-
-
-
 
 
 def logprob_record(out: Completion, think_close_id: int | None) -> dict:
@@ -159,3 +140,8 @@ def check_shard_model(path: Path, model_hash: str) -> None:
         raise RuntimeError(f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
                            f"{model_hash[:12]}; delete the stale shard (or the round) to resample")
 
+
+def run(ctx: StageContext) -> dict | None:
+    """The sample stage of the round (core/stages.py); None while other array tasks owe shards."""
+    stats = sample_stage(ctx.cfg, ctx.data.train, ctx.model, ctx.rd, ctx.engines.get)
+    return None if ctx.rd.missing_shards(ctx.rd.shard_path, ctx.cfg.sample.num_shards) else stats

@@ -22,22 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.audio_cache import AudioCache
-from data_pipelines.items import Item
 from distill.core.files import read_jsonl_numbered
-from distill.core.prompts import THINK_CLOSE, item_prompt
+from distill.core.prompts import THINK_CLOSE
 from distill.models.tokens import think_close_token_id
 from distill.training.packing import IGNORE, Sample
-
-
-def cold_start_rows(items: list[Item], tokenizer, system_prompt: str, cache: AudioCache) -> list[dict]:
-    """SFT rows from the items' reference traces (items without one get an empty think block)."""
-    rows = []
-    for item in items:
-        completion = item.reasoning or f"<think>\n\n{THINK_CLOSE}\n{item.answer}"
-        chunks = len(cache.chunks(item.audio, item.audio_sha256))
-        rows.append({"id": item.id, "audio": item.audio, "audio_sha256": item.audio_sha256,
-                     "prompt": item_prompt(tokenizer, item, system_prompt, chunks), "completion": completion})
-    return rows
 
 
 def load_rows(paths: list[str | Path]) -> list[dict]:
