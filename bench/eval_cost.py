@@ -63,7 +63,7 @@ def cold(llm) -> None:
 def time_both(cfg, data, model_dir: Path, repeats: int) -> dict:
     """distill's eval and the baseline on the same model and items, from cold caches, fastest of `repeats`."""
     from distill.core.rundir import RoundDir
-    from distill.eval import eval_stage
+    from distill.eval.stage import eval_stage
     from distill.rollout.engine import EngineCache
 
     timings: dict[str, list[float]] = {"distill": [], "baseline": []}

@@ -19,7 +19,7 @@ from distill.core.locks import RUN_UNIT, unit_lock, unit_locks
 from distill.core.rundir import RoundDir, RunDir, StageOrderError
 from distill.core.schema import ConfigError
 from distill.data import Datasets, audio_cache, check_model_audio, max_audio_items, prepare_data
-from distill.eval import eval_stage
+from distill.eval.stage import eval_stage
 from distill.export.hub import push_round
 from distill.export.stage import export_stage
 from distill.filter.stage import filter_stage
