@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from distill.config import Config, config_diff, load_config, resumable
+from distill.config import Config, config_diff, load_config, resumable, to_yaml
 from distill.core.schema import ConfigError
 
 
@@ -120,6 +120,14 @@ def test_token_budgets_and_tiny_head_size(tmp_path):
     with pytest.raises(ConfigError, match="head size must be one of"):
         load_config(path, ["model.tiny.text_heads=8"])
     assert load_config(path, ["model.tiny.text_heads=4"]).model.tiny.text_heads == 4  # head size 32
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_its_saved_config_loads_again(tmp_path, preset):
+    # load_config checks no manifest or model path, so the presets' placeholders need no override.
+    cfg = load_config(preset)
+    saved = write(tmp_path, to_yaml(cfg))  # what a run stores as config.yaml, and a resume reads
+    assert to_yaml(load_config(saved)) == to_yaml(cfg)
 
 
 # The resumable keys as distill/config.py listed them before each section declared its own.
