@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import FilterConfig
+from distill.filter.config import FilterConfig
 from distill.filter.rules import RulePipeline
 
 SENTENCES = [

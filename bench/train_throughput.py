@@ -53,7 +53,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import Config, TinyModelConfig, load_config, to_yaml
+from distill.config import Config, load_config, to_yaml
+from distill.models.config import TinyModelConfig
 from distill.training.launch import train_command, train_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,6 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-LONG_AUDIO_POLICIES = ("reject", "truncate", "chunk")
-
 
 class AudioError(ValueError):
     """An audio input cannot be used. `reason` is a stable code (counted in reports); the message
@@ -37,7 +35,7 @@ class AudioError(ValueError):
 
 @dataclass(frozen=True)
 class AudioPolicy:
-    """What the model accepts. Built from the `data.audio` config (see distill/config.py)."""
+    """What the model accepts. Built from the `data.audio` config (data_pipelines/config.py)."""
 
     sample_rate: int = 16000
     # Longest audio accepted as one item. Step-Audio serves at most 29.98 s per audio item and

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines.config import FORMATS
 from data_pipelines.items import ManifestError, store_audio_bytes
-
-FORMATS = ("auto", "jsonl", "mmau", "hf_disk", "parquet")
 
 # Item field -> column names seen in public audio QA data, tried in order.
 ALIASES: dict[str, tuple[str, ...]] = {

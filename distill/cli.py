@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from distill.config import TinyModelConfig
 from distill.core.stages import STAGE_NAMES
+from distill.models.config import TinyModelConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "make-tiny-model":
-            from distill.config import TinyModelConfig
             from distill.models import build_tiny_model, family_named
+            from distill.models.config import TinyModelConfig
 
             family_named(args.family, "--family")
             print(build_tiny_model(args.out, TinyModelConfig(family=args.family)))

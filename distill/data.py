@@ -17,11 +17,12 @@ from pathlib import Path
 
 from data_pipelines.audio import AudioPolicy
 from data_pipelines.audio_cache import AudioCache
+from data_pipelines.config import DataConfig
 from data_pipelines.items import Item, write_manifest
 from data_pipelines.sources import Source, build_split, validate_source
 from data_pipelines.synthetic import generate_split
 from data_pipelines.validate import ValidationReport
-from distill.config import Config, DataConfig
+from distill.config import Config
 from distill.core.files import atomic_write_jsonl, read_json
 from distill.core.schema import ConfigError
 from distill.models import family_of

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipelines.audio import split_chunks
-from distill.config import JudgeConfig, ServerConfig
+from distill.filter.config import JudgeConfig
+from distill.rollout.config import ServerConfig
 
 MAX_CHUNK_SECONDS = 25.0
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from distill.config import TrainConfig, load_config
+from distill.config import load_config
 from distill.core.files import atomic_write_json, read_json
 from distill.core.schema import ConfigError
 from distill.data import audio_cache
 from distill.models import family_of
+from distill.training.config import TrainConfig
 from distill.training.launch import mixed_precision, use_cuda
 from distill.training.mixing import build_mix
 from distill.training.model import attention_implementation, build_model, merged_state_dict, use_packing

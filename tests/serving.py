@@ -49,7 +49,7 @@ def offline_engine(model_dir, request, audio_items: int = 2):
     """A float32 vLLM engine in this process through distill's EngineCache (the family's runtime
     prepared first), closed when the test ends: vLLM's process-wide state from one engine (a dense
     model's parallel groups) breaks the next one's (an MoE model's) unless it is shut down."""
-    from distill.config import EngineConfig
+    from distill.rollout.config import EngineConfig
     from distill.rollout.engine import EngineCache
 
     engines = EngineCache(EngineConfig(dtype="float32", max_model_len=2048), 0, audio_items)

@@ -1,6 +1,11 @@
-import pytest
+import ast
+import sys
+from pathlib import Path
 
-from distill.config import config_diff, load_config
+import pytest
+from omegaconf import OmegaConf
+
+from distill.config import Config, config_diff, load_config, resumable, to_yaml
 from distill.core.schema import ConfigError
 
 
@@ -115,3 +120,56 @@ def test_token_budgets_and_tiny_head_size(tmp_path):
     with pytest.raises(ConfigError, match="head size must be one of"):
         load_config(path, ["model.tiny.text_heads=8"])
     assert load_config(path, ["model.tiny.text_heads=4"]).model.tiny.text_heads == 4  # head size 32
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_its_saved_config_loads_again(tmp_path, preset):
+    # load_config checks no manifest or model path, so the presets' placeholders need no override.
+    cfg = load_config(preset)
+    saved = write(tmp_path, to_yaml(cfg))  # what a run stores as config.yaml, and a resume reads
+    assert to_yaml(load_config(saved)) == to_yaml(cfg)
+
+
+# The resumable keys as distill/config.py listed them before each section declared its own.
+OLD_RESUMABLE_CHANGES = (
+    "loop.rounds", "wandb.mode", "wandb.project", "sample.shard_index", "data.audio.workers",
+    "filter.judge.concurrency", "filter.judge.timeout_s", "filter.judge.retries", "filter.judge.backoff_s",
+    "train.save_steps", "cold_start.train.save_steps", "train.audio_encoder_cache_mb",
+    "cold_start.train.audio_encoder_cache_mb", "train.collective_timeout_s", "cold_start.train.collective_timeout_s",
+    "grounding.real_logprobs", "grounding.reuse_prefix_cache", "sample.server.base_url", "sample.server.api_key_env",
+    "sample.server.timeout_s", "sample.server.retries", "sample.server.backoff_s", "sample.server.concurrency",
+)
+
+
+def schema_keys(tree: dict, prefix: str = "") -> list[str]:
+    return [k for key, value in tree.items() for k in (
+        schema_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+
+def test_resumable_keys_are_those_of_the_old_table():
+    keys = schema_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
+    keys += [*OLD_RESUMABLE_CHANGES, "slurm.partition", "slurm.anything", "wandb.entity", "cold_start.save_steps"]
+    assert len(keys) > 150
+    for key in keys:
+        assert resumable(key) == (key in OLD_RESUMABLE_CHANGES or key.startswith("slurm.")), key
+
+
+SECTION_MODULES = ("data_pipelines/config.py", "distill/models/config.py", "distill/rollout/config.py",
+                   "distill/grounding/config.py", "distill/filter/config.py", "distill/training/config.py",
+                   "distill/export/config.py", "distill/eval/config.py")
+
+
+@pytest.mark.parametrize("path", SECTION_MODULES)
+def test_a_section_config_imports_no_stage_code(path):
+    """A section's config module imports the stdlib, omegaconf, distill.core and other sections'
+    config modules only (data_pipelines/config.py also its own package), so stage code imports
+    constants from it and never the other way around."""
+    allowed = ("omegaconf", "distill.core", *(m.removesuffix(".py").replace("/", ".") for m in SECTION_MODULES))
+    if path.startswith("data_pipelines"):
+        allowed += ("data_pipelines",)
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top == "__future__" or name.startswith(allowed), (path, name)

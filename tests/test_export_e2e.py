@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from data_pipelines.synthetic import generate_split
-from distill.config import TinyModelConfig, load_config
+from distill.config import load_config
 from distill.core.files import read_json
 from distill.core.rundir import RunDir
 from distill.data import audio_cache
@@ -16,6 +16,7 @@ from distill.export import stage as export
 from distill.export.model_card import serve_launcher
 from distill.export.stage import ExportGateError, export_stage
 from distill.models import build_tiny_model
+from distill.models.config import TinyModelConfig
 from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
 from distill.training.launch import free_port

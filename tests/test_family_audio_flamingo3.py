@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distill.config import TinyModelConfig
 from distill.models.audio_flamingo3 import AudioFlamingo3
+from distill.models.config import TinyModelConfig
 from tests.serving import greedy_token_count, logprob_gap, offline_engine
 
 FAMILY = AudioFlamingo3()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distill.config import TinyModelConfig
+from distill.models.config import TinyModelConfig
 from distill.models.qwen2_5_omni import CHAT_TEMPLATE, Qwen25Omni
 from tests.serving import greedy_token_count, logprob_gap, offline_engine
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distill.config import TinyModelConfig
+from distill.models.config import TinyModelConfig
 from distill.models.qwen3_omni import CHAT_TEMPLATE, PROCESSOR_AUDIO_KWARGS, Qwen3Omni, split_experts
 from tests.serving import greedy_token_count, logprob_gap, offline_engine
 
@@ -170,7 +170,7 @@ def test_lora_with_the_towers_excluded_wraps_only_the_language_models_attention(
 
 
 def test_distills_add_lora_leaves_the_audio_tower_plain(tiny_omni):
-    from distill.config import TrainConfig
+    from distill.training.config import TrainConfig
     from distill.training.model import add_lora
 
     tcfg = TrainConfig()

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from data_pipelines.audio import write_wav
-from distill.config import JudgeConfig, load_config
+from distill.config import load_config
 from distill.core.files import atomic_write_jsonl, read_jsonl
 from distill.core.rundir import RunDir
+from distill.filter.config import JudgeConfig
 from distill.filter.judge import Judge, judge_result
 from distill.filter.stage import filter_stage
 from distill.training.launch import free_port

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from distill.config import JudgeConfig
+from distill.filter.config import JudgeConfig
 from distill.filter.judge import Judge
 
 REPLIES = [b'{"choices": null}', b"[1]", b'{"choices": [{"message": null}]}', b"not json",

@@ -8,8 +8,9 @@ from data_pipelines.audio import AudioPolicy, write_wav
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item, write_manifest
 from data_pipelines.synthetic import generate_split
-from distill.config import Config, MixSourceConfig
+from distill.config import Config
 from distill.models.tokens import load_tokenizer
+from distill.training.config import MixSourceConfig
 from distill.training.mixing import build_mix, direct_audio_rows, mix_rows, text_cot_rows
 
 AUDIO = "<|AUDIO|>"

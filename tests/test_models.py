@@ -131,9 +131,9 @@ def test_make_tiny_model_names_the_families_for_an_unknown_one(tmp_path, capsys)
 
 
 def test_audio_a_family_cannot_take_is_refused_naming_the_key(tmp_path):
-    from distill.config import TinyModelConfig
     from distill.data import check_model_audio
     from distill.models import build_tiny_model
+    from distill.models.config import TinyModelConfig
 
     af3 = build_tiny_model(tmp_path / "af3", TinyModelConfig(family="audio_flamingo3"))
     base = [f"output_dir={tmp_path}", f"model.path={af3}", "model.build_tiny=false", "engine.max_model_len=2048",

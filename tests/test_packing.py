@@ -6,10 +6,10 @@ import torch
 from data_pipelines.audio import AudioPolicy
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.synthetic import generate_split
-from distill.config import LoraConfig, TrainConfig
 from distill.filter.cold_start import cold_start_rows
 from distill.models.qwen2_audio import Qwen2Audio
 from distill.models.tokens import load_tokenizer
+from distill.training.config import LoraConfig, TrainConfig
 from distill.training.model import AudioLM, build_model, merged_state_dict
 from distill.training.packing import (
     IGNORE,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.audio import write_wav
+from data_pipelines.config import ANSWER_FORMATS
 from data_pipelines.items import Item
 from data_pipelines.synthetic.example import Example
 from data_pipelines.synthetic.loudness import louder_of_two
@@ -46,9 +47,6 @@ FAMILIES: dict[str, Family] = {
     "spoken_pitch_conflict": spoken_pitch_conflict,
 }
 SPLITS = {"train": 1, "eval": 2, "cold_start": 3}
-# "choice": the question lists the options and the item has `choices`; "free": no choice list;
-# "mixed": the two alternate by item index within each family.
-ANSWER_FORMATS = ("choice", "free", "mixed")
 # Families that need an outside program, and how to tell whether it is there.
 _REQUIREMENTS: dict[str, Callable[[], bool]] = {"spoken_pitch_conflict": espeak_available}
 # Families whose texts can be drawn without their program (so `corpus` never needs it).

@@ -20,6 +20,7 @@ def check_choices(section: str, obj: object, choices: dict[str, Iterable[Any]]) 
 
 
 def check_positive(section: str, obj: object, keys: Iterable[str]) -> None:
+    """Each field `key` of `obj` (the config section named `section`) is above 0."""
     for key in keys:
         value = getattr(obj, key)
         if value <= 0:
@@ -27,6 +28,7 @@ def check_positive(section: str, obj: object, keys: Iterable[str]) -> None:
 
 
 def check_non_negative(section: str, obj: object, keys: Iterable[str]) -> None:
+    """Each field `key` of `obj` (the config section named `section`) is 0 or more."""
     for key in keys:
         value = getattr(obj, key)
         if value < 0:

@@ -23,6 +23,7 @@ from distill.filter.answers import (
     numbers_match,
     option_patterns,
 )
+from distill.filter.config import SCRIPT_NAMES
 
 # Unicode ranges per script. Latin includes ASCII, Latin-1/Extended, IPA and combining accents
 # (speech tasks: "ə", "é"), general punctuation, the symbol blocks English reasoning uses (arrows,
@@ -36,6 +37,8 @@ SCRIPTS: dict[str, str] = {
     "cjk": "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef",
     "hangul": "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af",
 }
+# A config's filter.allowed_scripts is checked against SCRIPT_NAMES (loading a config imports no filter code).
+assert tuple(SCRIPTS) == SCRIPT_NAMES, "filter/config.py SCRIPT_NAMES must list the scripts of SCRIPTS"
 _SCRIPT_RE = {name: re.compile(f"[{chars}]") for name, chars in SCRIPTS.items()}
 
 # Self-cognition: the model claims it cannot hear or is a text model (the report's judge dropped

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from distill.config import JudgeConfig
+from distill.filter.config import JudgeConfig
 from distill.openai_client import ChatClient, audio_parts
 
 _SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)

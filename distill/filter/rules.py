@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
-from distill.config import RULE_CHECKS, FilterConfig
 from distill.core.prompts import THINK_CLOSE, split_trace
 from distill.filter import checks
 from distill.filter.answers import Tolerance, answer_of, load_verifier
+from distill.filter.config import RULE_CHECKS, FilterConfig
 
 
 class RulePipeline:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from distill.config import FilterConfig
+from distill.filter.config import FilterConfig
 
 _WORD = re.compile(r"\w+")
 

@@ -23,8 +23,8 @@ import hashlib
 import numpy as np
 
 from data_pipelines.items import Item
+from distill.grounding.config import KINDS
 
-KINDS = ("silence", "noise", "swap")
 # How far a swap looks for a partner with another answer (bounds the work on single-answer splits).
 SWAP_SEARCH = 64
 

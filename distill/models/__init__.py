@@ -19,6 +19,7 @@ from pathlib import Path
 from distill.core.files import read_json
 from distill.core.schema import ConfigError
 from distill.models.audio_flamingo3 import AudioFlamingo3
+from distill.models.config import TinyModelConfig
 from distill.models.family import Family
 from distill.models.qwen2_5_omni import Qwen25Omni
 from distill.models.qwen2_audio import Qwen2Audio
@@ -95,14 +96,12 @@ def check_model_dir(model_dir: Path, key: str = "model.path") -> Family:
     return family
 
 
-def build_tiny_model(out_dir: str | Path, cfg=None) -> Path:
-    """Write a tiny random model of family cfg.family (a distill.config.TinyModelConfig; default
+def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
+    """Write a tiny random model of family cfg.family (a TinyModelConfig, distill/models/config.py; default
     Qwen2-Audio) to `out_dir`: the real classes, special tokens and chat template, only small.
 
     The folder is written under a temp name and renamed, so a crash never leaves half a model.
     """
-    from distill.config import TinyModelConfig
-
     cfg = cfg or TinyModelConfig()
     family = family_named(cfg.family, "model.tiny.family")
     family.prepare_runtime()

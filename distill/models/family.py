@@ -71,7 +71,7 @@ class Family:
 
     def build_tiny(self, out_dir: Path, cfg: Any) -> None:
         """Write a tiny random model of the real classes (weights, config, processor, chat
-        template) into the empty folder `out_dir`; cfg is a distill.config.TinyModelConfig."""
+        template) into the empty folder `out_dir`; cfg is a distill.models.config.TinyModelConfig."""
         raise NotImplementedError
 
     # --- the training forward -----------------------------------------------------------

@@ -19,11 +19,12 @@ import numpy as np
 
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
-from distill.config import Config, EngineConfig
+from distill.config import Config
 from distill.core.files import read_json, sha256_file
 from distill.core.processes import adopt_children
 from distill.core.prompts import item_prompt
 from distill.models import family_of
+from distill.rollout.config import EngineConfig
 
 EXPORT_MANIFEST = "distill_export.json"
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.config import TrainConfig
+from distill.training.config import TrainConfig
 
 TRAIN_SCRIPT = Path(__file__).parent.parent / "train.py"
 # A torch extension build lock older than this was left by a killed build: DeepSpeed's ops build

@@ -18,9 +18,10 @@ import numpy as np
 
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.sources import Source, validate_source
-from distill.config import Config, MixSourceConfig
+from distill.config import Config
 from distill.core.files import read_jsonl_numbered
 from distill.core.prompts import THINK_CLOSE, THINK_OPEN, chat_prompt, item_prompt
+from distill.training.config import MixSourceConfig
 
 TRACES = "traces"  # the source name of the round's kept traces in a mix
 TEXT_COT_FIELDS = ("question", "reasoning", "answer")

@@ -15,8 +15,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from distill.config import TrainConfig
 from distill.models import Family, family_of
+from distill.training.config import TrainConfig
 from distill.training.packing import weighted_loss
 
 
