@@ -37,6 +37,8 @@ class JudgeConfig:
     min_score: float = 6.0
     # vLLM servers only: constrain the reply to this regex (structured outputs), e.g. "Score: (10|[0-9])".
     score_regex: str = ""
+    # As sample.server's: per request; `retries` of a timeout, connection error or 5xx/429 answer, waiting
+    # backoff_s, 2 backoff_s, ... between attempts.
     timeout_s: float = 60.0
     retries: int = 2
     backoff_s: float = 1.0

@@ -64,6 +64,8 @@ class ServerConfig:
     model: str = ""
     # Environment variable holding the server's API key (never stored in configs or logs).
     api_key_env: str = "DISTILL_SERVER_API_KEY"
+    # Per request. A timeout, connection error or 5xx/429 answer is retried `retries` times, waiting
+    # backoff_s, 2 backoff_s, 4 backoff_s, ... between attempts (distill's retries; the OpenAI SDK's are off).
     timeout_s: float = 600.0
     retries: int = 3
     backoff_s: float = 2.0
