@@ -65,7 +65,7 @@ class GroundingConfig:
     # or "scored" (a teacher-forced pass like the counterfactuals', the same kernels on both sides).
     # Sampling with log-probabilities costs a few percent of sampling; the pass it saves is half
     # the scoring with the default score_against. "scored" is cheaper for short traces of which
-    # few are scored (README, "Acoustic grounding").
+    # few are scored (docs/benchmarks.md, "Grounding").
     real_logprobs: str = "sampled"
     # Traces scored per engine call (bounds the memory of the per-token log-probabilities).
     score_batch: int = 256

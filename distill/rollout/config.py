@@ -29,8 +29,8 @@ class EngineConfig:
     dtype: str = "auto"
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85
-    # Off by default: with it, vLLM's CPU sampler crashes on per-request seeds (ENVIRONMENT.md
-    # addendum in README); on GPU it may be turned on for long prompts.
+    # Off by default: with it, vLLM's CPU sampler crashes on per-request seeds (ENVIRONMENT.md;
+    # docs/known-traps.md); on GPU it may be turned on for long prompts.
     enable_chunked_prefill: bool = False
     # Eval asks many questions of one prompt and audio (budgets, samples); the ground stage scores
     # an item's traces against one counterfactual prompt (grounding/scoring.py): the shared prefix
@@ -44,7 +44,7 @@ class EngineConfig:
     # embeddings it keeps for requests that reuse a clip) to this many embeddings. None: vLLM's
     # default (4096 on CPU, 8192-16384 on GPU). The ground stage hears each clip again right after
     # sampling (probes, the real-audio pass, another item's swap), so a cache that holds the
-    # round's clips saves encoding them twice (README, "Acoustic grounding"). Without chunked
+    # round's clips saves encoding them twice (docs/benchmarks.md, "Grounding"). Without chunked
     # prefill it must hold the longest prompt: at least max_model_len.
     max_num_batched_tokens: int | None = None
     # Where vLLM's engine runs: "inline" (in this process), "separate" (vLLM's default: an engine

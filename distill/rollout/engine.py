@@ -107,7 +107,7 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
 def engine_dtype(dtype: str, cuda: bool, cpuinfo: str | None = None) -> str:
     """The dtype vLLM runs in. "auto" on a CPU without native bf16 means float32: vLLM's "auto"
     downcasts a float32 model to bf16 there too, and emulated bf16 matmuls made sampling 1.8x and
-    teacher-forced scoring 3.7x slower than float32 on an AVX2-only CPU (README, "Acoustic grounding")."""
+    teacher-forced scoring 3.7x slower than float32 on an AVX2-only CPU (docs/known-traps.md)."""
     if dtype != "auto" or cuda or cpu_has_bf16(cpuinfo):
         return dtype
     return "float32"
@@ -183,7 +183,7 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     prompts = [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests]
     # vLLM detokenizes every log-probability's token on its own, and repairs the ones that end
     # inside a UTF-8 character by decoding them again with their neighbours: sampling with
-    # log-probabilities took a third longer for that alone (README, "Acoustic grounding"). So with
+    # log-probabilities took a third longer for that alone (docs/benchmarks.md, "Grounding"). So with
     # log-probabilities vLLM does not detokenize, and the text is decoded here as vLLM would.
     backend = getattr(llm.get_tokenizer(), "backend_tokenizer", None) if logprobs else None
     # flat_logprobs: a few flat lists per request instead of one dict per token.
