@@ -1,6 +1,8 @@
 """Selection per prompt: pass-rate band, keep policies, near-duplicates."""
 
-from distill.filter.selection import jaccard, select, shingles
+from distill.filter.config import FilterConfig
+from distill.filter.selection import dependence_result, grounded_results, item_decision, jaccard, select, shingles
+from distill.grounding.config import GroundingConfig
 
 BASE = "the first tone is near {} hertz and the second near {} hertz so the second is higher"
 
@@ -34,3 +36,28 @@ def test_diverse_removes_near_duplicates_then_spreads():
     assert decision.dropped[1] == "near_duplicate"
     assert decision.kept == [0, 3]  # c differs most from a; b is a's close cousin
     assert decision.dropped[2] == "over_keep_per_prompt"
+
+
+def test_item_decision_indexes_traces_in_sample_order():
+    """The ground stage and the filter hand an item's traces in different orders; both must get one
+    decision, with indices into the traces sorted by sample index."""
+    fc = FilterConfig(keep_per_prompt=1, keep_policy="first", pass_rate_min=0.0, pass_rate_max=1.0)
+    traces = [{"trace_id": f"t{i}", "sample_index": i, "completion": f"text {i}"} for i in (2, 0, 1)]
+    results = {"t0": {"correct": "wrong"}, "t1": {"correct": None}, "t2": {"correct": None}}
+    ordered, decision, correct = item_decision(fc, traces, results, graded=True)
+    assert [t["trace_id"] for t in ordered] == ["t0", "t1", "t2"]
+    assert correct == 2 and decision.kept == [1] and decision.dropped == {2: "over_keep_per_prompt"}
+    assert item_decision(fc, list(reversed(traces)), results, graded=True)[1] == decision
+
+
+def test_grounded_results_and_dependence():
+    rules = {"format": None, "correct": None}
+    drop, down = GroundingConfig(text_solvable="drop"), GroundingConfig(text_solvable="downweight")
+    assert grounded_results(rules, True, drop) == {**rules, "text_solvable": "grounding:text_solvable",
+                                                   "audio_dependence": None}
+    assert grounded_results(rules, True, down)["text_solvable"] is None
+    assert grounded_results(rules, False, drop)["text_solvable"] is None
+    g = GroundingConfig(min_dependence=0.05, min_answer_dependence=None)
+    assert dependence_result(None, g) == "grounding:unscored"
+    assert dependence_result({"dependence": 0.01}, g) == "grounding:audio_independent"
+    assert dependence_result({"dependence": 0.2}, g) is None

@@ -5,6 +5,10 @@ band, or none of its traces is kept: the report keeps questions that 3 to 6 of 8
 right, since always-solved ones teach nothing and always-failed ones have nothing to teach.
 Among the passing traces of a prompt in the band, up to k are kept by a policy: in sample order,
 shortest reasoning first, or most diverse (near-duplicates removed, then farthest-first).
+
+The ground stage asks the same questions before the filter runs (which traces would the filter
+keep, so which are worth scoring?), so the decision from grounding measurements lives here too:
+both stages call `grounded_results`, `dependence_result` and `item_decision`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from distill.filter.checks import check_audio_dependence
 from distill.filter.config import FilterConfig
+from distill.grounding.config import GroundingConfig
 
 _WORD = re.compile(r"\w+")
 
@@ -67,6 +73,34 @@ def prompt_decision(fc: FilterConfig, texts: list[str], results: list[dict[str, 
     passing = [i for i, r in enumerate(results) if not any(r.values())]
     return select(texts, passing, correct, len(results), fc.keep_per_prompt, fc.keep_policy,
                   (fc.pass_rate_min, fc.pass_rate_max), fc.near_duplicate), correct
+
+
+def item_decision(fc: FilterConfig, traces: list[dict], results: dict[str, dict[str, str | None]], graded: bool
+                  ) -> tuple[list[dict], Decision, int]:
+    """The decision for one item's traces (any order; `results`: trace id -> check results):
+    (its traces in sample order, which the decision's indices point into, the decision, the
+    count of correct answers)."""
+    ordered = sorted(traces, key=lambda t: t["sample_index"])
+    decision, correct = prompt_decision(fc, [t["completion"] for t in ordered],
+                                        [results[t["trace_id"]] for t in ordered], graded)
+    return ordered, decision, correct
+
+
+def grounded_results(rules: dict[str, str | None], text_solvable: bool, gc: GroundingConfig
+                     ) -> dict[str, str | None]:
+    """A trace's check results with the ground stage's two: "text_solvable" (its item is answerable
+    from text, rejected under grounding.text_solvable=drop) and an "audio_dependence" slot that
+    passes until the trace's score is known (`dependence_result`)."""
+    flagged = "grounding:text_solvable" if text_solvable and gc.text_solvable == "drop" else None
+    return {**rules, "text_solvable": flagged, "audio_dependence": None}
+
+
+def dependence_result(record: dict | None, gc: GroundingConfig) -> str | None:
+    """The "audio_dependence" result of a trace the selection may keep: its score against the
+    thresholds; a trace the ground stage could not score (None) cannot be vouched for."""
+    if record is None:
+        return "grounding:unscored"
+    return check_audio_dependence(record, gc.min_dependence, gc.min_answer_dependence)
 
 
 def _farthest_first(candidates: list[int], sets: dict[int, frozenset[int]], keep: int) -> list[int]:

@@ -23,10 +23,9 @@ from distill.core.rows import read_samples
 from distill.core.rundir import RoundDir
 from distill.core.stages import StageContext
 from distill.core.stats import distribution
-from distill.filter import checks
 from distill.filter.cold_start import cold_start_filter
 from distill.filter.rules import RulePipeline, reward
-from distill.filter.selection import prompt_decision
+from distill.filter.selection import dependence_result, grounded_results, item_decision
 from distill.models.tokens import control_tokens
 
 
@@ -79,16 +78,14 @@ def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list
         trace["text_solvable"] = row["text_solvable"]
         if record is not None:
             trace["grounding"] = record
-        result["text_solvable"] = ("grounding:text_solvable" if row["text_solvable"] and g.text_solvable == "drop"
-                                   else None)
-        if record is None and row.get("scorable", True) and not any(result.values()):
+        result.update(grounded_results(result, row["text_solvable"], g))
+        if record is not None:
+            result["audio_dependence"] = dependence_result(record, g)
+        elif row.get("scorable", True) and not any(result.values()) and trace["trace_id"] not in passed_over:
             # The ground stage scores every trace that passes the rules and that the selection may
             # keep; a passing trace without a score that the selection may keep was skipped there
             # (it holds an audio token and the control_tokens check is off): it cannot be vouched for.
-            result["audio_dependence"] = (None if trace["trace_id"] in passed_over else "grounding:unscored")
-        else:
-            result["audio_dependence"] = checks.check_audio_dependence(record, g.min_dependence,
-                                                                       g.min_answer_dependence)
+            result["audio_dependence"] = dependence_result(None, g)
     return flagged, passed_over
 
 
@@ -131,13 +128,14 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     reasons, failures_by_check, correct_total = Counter(), Counter(), 0
     by_category: dict[str, Counter] = defaultdict(Counter)
     always_failed, always_solved, out_of_band = [], [], 0
-    texts = [t["completion"] for t in traces]
+    position = {t["trace_id"]: i for i, t in enumerate(traces)}
+    results_of = {t["trace_id"]: r for t, r in zip(traces, results, strict=True)}
     # Without the correctness check there is no pass rate: every prompt is in the band, none is
     # set aside (config validation refuses a band or skip_solved without it).
     scored = "correct" in rules.enabled
     for item_id, idx in by_item.items():
-        idx.sort(key=lambda i: traces[i]["sample_index"])
-        decision, correct = prompt_decision(fc, [texts[i] for i in idx], [results[i] for i in idx], scored)
+        ordered, decision, correct = item_decision(fc, [traces[i] for i in idx], results_of, scored)
+        idx = [position[t["trace_id"]] for t in ordered]
         correct_total += correct
         if scored and correct == 0:
             always_failed.append(item_id)

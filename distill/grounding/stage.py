@@ -29,9 +29,9 @@ from distill.core.seeds import sample_seed
 from distill.core.stages import StageContext, shard_plan
 from distill.core.stats import distribution
 from distill.data import audio_cache
-from distill.filter.checks import check_audio_dependence, check_control_tokens
+from distill.filter.checks import check_control_tokens
 from distill.filter.rules import RulePipeline
-from distill.filter.selection import prompt_decision
+from distill.filter.selection import dependence_result, grounded_results, item_decision
 from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
@@ -218,10 +218,8 @@ class GroundingContext:
         """Whether the filter's selection keeps one of an item's traces (`rules`: trace id -> rule
         check results) before grounding has a say: text-solvability and audio dependence can only
         drop or down-weight traces, so an item without one is not worth probing."""
-        ordered = sorted(traces, key=lambda t: t["sample_index"])
-        decision, _ = prompt_decision(self.cfg.filter, [t["completion"] for t in ordered],
-                                      [self.filter_results(rules[t["trace_id"]], t["item_id"], set()) for t in ordered],
-                                      self.answer_graded)
+        results = {t["trace_id"]: grounded_results(rules[t["trace_id"]], False, self.cfg.grounding) for t in traces}
+        _, decision, _ = item_decision(self.cfg.filter, traces, results, self.answer_graded)
         return bool(decision.kept)
 
     def scorable(self, item: Item) -> bool:
@@ -244,7 +242,7 @@ class GroundingContext:
         if mode == "all":
             self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records, cache_counts)
             return records, passed_over
-        results = {t["trace_id"]: self.filter_results(rules[t["trace_id"]], t["item_id"], flagged)
+        results = {t["trace_id"]: grounded_results(rules[t["trace_id"]], t["item_id"] in flagged, g)
                    for traces in todo.values() for t in traces}
         passing = [t for traces in todo.values() for t in traces if not any(results[t["trace_id"]].values())]
         if mode == "passing":
@@ -253,28 +251,17 @@ class GroundingContext:
         while True:
             wanted = []
             for traces in todo.values():
-                ordered = sorted(traces, key=lambda t: t["sample_index"])
-                decision, _ = prompt_decision(self.cfg.filter, [t["completion"] for t in ordered],
-                                              [results[t["trace_id"]] for t in ordered], self.answer_graded)
+                ordered, decision, _ = item_decision(self.cfg.filter, traces, results, self.answer_graded)
                 wanted += [ordered[i] for i in decision.kept if ordered[i]["trace_id"] not in records]
             if not wanted:
                 break
             self.score_batch(wanted, inputs, llm, records, cache_counts)
             for t in wanted:  # a trace it could not score fails like the filter fails it
-                results[t["trace_id"]]["audio_dependence"] = check_audio_dependence(
-                    records.get(t["trace_id"]), g.min_dependence, g.min_answer_dependence
-                ) if t["trace_id"] in records else "grounding:unscored"
+                results[t["trace_id"]]["audio_dependence"] = dependence_result(records.get(t["trace_id"]), g)
         for t in passing:
             if t["trace_id"] not in records and results[t["trace_id"]]["audio_dependence"] is None:
                 passed_over.setdefault(t["item_id"], []).append(t["trace_id"])
         return records, passed_over
-
-    def filter_results(self, rules: dict[str, str | None], item_id: str, flagged: set[str]) -> dict[str, str | None]:
-        """The filter's check results for a trace of `item_id` before grounding's own (its rule
-        results, text-solvability), with an "audio_dependence" slot that passes until it is scored."""
-        text_solvable = "grounding:text_solvable" if item_id in flagged and \
-            self.cfg.grounding.text_solvable == "drop" else None
-        return {**rules, "text_solvable": text_solvable, "audio_dependence": None}
 
     def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict],
                     cache_counts: Counter) -> None:
