@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
     p_eval.add_argument("overrides", nargs="*", help="eval.key=value overrides (e.g. eval.k=8)")
 
+    p_export = sub.add_parser("export", help="export a trained round: its model directory for vLLM and the hub, "
+                                              "the gate, the model card, the serve command (export.* overrides allowed)")
+    p_export.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
+    p_export.add_argument("overrides", nargs="*", help="export.key=value overrides (e.g. export.probes=8)")
+
     p_report = sub.add_parser("report", help="write a self-contained HTML report of a run")
     p_report.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
     p_report.add_argument("--out", default="", help="output file (default: RUN_DIR/report.html)")
@@ -142,18 +147,23 @@ def slurm_command(args: argparse.Namespace) -> int:
 
 
 def engine_command(args: argparse.Namespace) -> int:
-    """`distill run`, `stage` and `eval`: the commands that start engines and training."""
+    """`distill run`, `stage`, `eval` and `export`: the commands that start engines and training."""
     from distill import loop
     from distill.config import load_config
     from distill.core.schema import ConfigError
 
-    if args.command == "eval":
+    if args.command in ("eval", "export"):
         rd = round_dir_arg(args.round_dir)
-        bad = [o for o in args.overrides if not o.startswith("eval.")]
+        bad = [o for o in args.overrides if not o.startswith(f"{args.command}.")]
         if bad:
-            raise ConfigError(f"{bad[0]}: distill eval takes eval.* overrides only (the rest is the run's)")
+            raise ConfigError(f"{bad[0]}: distill {args.command} takes {args.command}.* overrides only (the rest is "
+                              "the run's)")
         cfg = load_config(rd.path.parent / "config.yaml", args.overrides)
-        loop.evaluate_round(cfg, loop.RunDir(rd.path.parent), rd.index)
+        run = loop.RunDir(rd.path.parent)
+        if args.command == "eval":
+            loop.evaluate_round(cfg, run, rd.index)
+        else:
+            print(f"serve it with: {loop.export_round(cfg, run, rd.index)['serve']}")
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "run":
@@ -209,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             return slurm_command(args)
         from distill.core.processes import owning_processes
 
-        # run, stage and eval start processes (training ranks, engines): they end with this one.
+        # run, stage, eval and export start processes (training ranks, engines): they end with this one.
         with owning_processes():
             return engine_command(args)
     except ConfigError as exc:

@@ -134,6 +134,20 @@ def evaluate_round(cfg: Config, run: RunDir, index: int) -> dict:
     return stats
 
 
+def export_round(cfg: Config, run: RunDir, index: int) -> dict:
+    """`distill export ROUND_DIR`: the round's export stage as the loop runs it (its model
+    directory, the gate, the model card), unless the round is exported already; its stats."""
+    rd = run.round(index)
+    if rd.is_done("export"):
+        print(f"export: {rd.model_dir} is exported already (the gate passed); nothing to do", flush=True)
+    else:
+        with unit_lock(run.path, RUN_UNIT, exclusive=False):
+            data = prepare_data(cfg, run.data_dir)
+            with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
+                run_stage(cfg, run, index, "export", data, engines)
+    return rd.stats()["export"]
+
+
 def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: EngineCache) -> RoundDir:
     for stage in run.round(index).stages:
         if not run_stage(cfg, run, index, stage, data, engines):

@@ -190,6 +190,25 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
     bad = subprocess.run([*cli, "eval", str(run / "round_002"), "sample.n=2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "eval.* overrides only" in bad.stderr
 
+    # `distill export ROUND_DIR` of an exported round changes nothing and says how to serve it; of a
+    # trained round not yet exported (here: its marker set back to train) it runs the stage as the
+    # loop does: the same weights, the gate passed again, the serve command printed.
+    r2 = run / "round_002"
+    serve = read_json(r2 / "stats" / "export.json")["serve"]
+    weights = weights_hash(r2 / "model")
+    done = subprocess.run([*cli, "export", str(r2)], capture_output=True, text=True)
+    assert done.returncode == 0 and "exported already" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.strip().endswith(f"serve it with: {serve}")
+    bad = subprocess.run([*cli, "export", str(r2), "eval.k=2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "export.* overrides only" in bad.stderr
+    (r2 / "STAGE").write_text("train\n")
+    done = subprocess.run([*cli, "export", str(r2), "export.probes=2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (r2 / "STAGE").read_text().strip() == "export" and weights_hash(r2 / "model") == weights
+    stats = read_json(r2 / "stats" / "export.json")
+    assert len(stats["gate_probes"]) == 2 and stats["serve"] == serve
+    assert done.stdout.strip().endswith(f"serve it with: {serve}")
+
     # A stage run before the one it reads from has finished is refused, before any work.
     stage = [sys.executable, "-m", "distill.cli", "stage"]
     args = ["configs/demo_cpu.yaml", "--round", "3", f"output_dir={out}", *TINY_RUN, "loop.rounds=3"]

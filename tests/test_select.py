@@ -1,7 +1,14 @@
 """Selection per prompt: pass-rate band, keep policies, near-duplicates."""
 
 from distill.filter.config import FilterConfig
-from distill.filter.selection import dependence_result, grounded_results, item_decision, jaccard, select, shingles
+from distill.filter.selection import (
+    dependence_result,
+    grounded_results,
+    item_decision,
+    jaccard,
+    select,
+    shingles,
+)
 from distill.grounding.config import GroundingConfig
 
 BASE = "the first tone is near {} hertz and the second near {} hertz so the second is higher"
