@@ -13,7 +13,6 @@ from distill.core.schema import ConfigError, check_choices, check_non_negative, 
 FORMATS = ("auto", "jsonl", "mmau", "hf_disk", "parquet")
 # "choice": the question lists the options and the item has `choices`; "free": no choice list;
 # "mixed": the two alternate by item index within each family.
-ANSWER_FORMATS = ("choice", "free", "mixed")
 DIFFICULTIES = (1, 2, 3)
 LONG_AUDIO_POLICIES = ("reject", "truncate", "chunk")
 # Keys of this section a resumed run may change: how the work is done, not what it produces.
@@ -92,7 +91,7 @@ class DataConfig:
 def validate(data: DataConfig) -> None:
     """Raise ConfigError for the first bad value of the `data` section."""
     # Imported here: the synthetic families import this module's constants.
-    from data_pipelines.synthetic import FAMILIES, family_available
+    from data_pipelines.synthetic import ANSWER_FORMATS, FAMILIES, family_available
 
     syn, audio = data.synthetic, data.audio
     check_choices("data.synthetic", syn, {"difficulty": DIFFICULTIES, "cold_start_difficulty": (0, *DIFFICULTIES),

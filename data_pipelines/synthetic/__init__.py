@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.audio import write_wav
-from data_pipelines.config import ANSWER_FORMATS
 from data_pipelines.items import Item
 from data_pipelines.synthetic.example import Example
 from data_pipelines.synthetic.loudness import louder_of_two
@@ -47,6 +46,8 @@ FAMILIES: dict[str, Family] = {
     "spoken_pitch_conflict": spoken_pitch_conflict,
 }
 SPLITS = {"train": 1, "eval": 2, "cold_start": 3}
+# Multiple choice (the question lists its options), a free answer, or a mix of the two.
+ANSWER_FORMATS = ("choice", "free", "mixed")
 # Families that need an outside program, and how to tell whether it is there.
 _REQUIREMENTS: dict[str, Callable[[], bool]] = {"spoken_pitch_conflict": espeak_available}
 # Families whose texts can be drawn without their program (so `corpus` never needs it).

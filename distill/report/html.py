@@ -11,10 +11,10 @@ import html
 import time
 from pathlib import Path
 
-from distill.core.files import atomic_write_text, read_jsonl
+from distill.core.files import atomic_write_text
 from distill.core.rundir import RoundDir, RunDir
-from distill.report import plots
 from distill.report.metrics import format_table, round_record
+from distill.report.plots import charts
 from distill.report.traces import sample_traces, wav_bytes
 
 STYLE = """
@@ -83,33 +83,6 @@ def rounds_table(records: list[dict]) -> str:
         rows.append("<tr>" + "".join(f'<td class="l">{c}</td>' if i in (1, 5, 9) else f"<td>{c}</td>"
                                      for i, c in enumerate(cells)) + "</tr>")
     return ("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
-
-
-def trace_lengths(run: RunDir) -> dict[int, dict[str, list[int]]]:
-    """Reasoning tokens per round: the eval's greedy traces and the kept traces (rounds that sampled)."""
-    out: dict[int, dict[str, list[int]]] = {}
-    for rd in run.rounds():
-        lengths: dict[str, list[int]] = {}
-        eval_rows = rd.path / "eval_samples.jsonl"
-        if eval_rows.exists():
-            lengths["eval"] = [r["reasoning_tokens"] for r in read_jsonl(eval_rows)
-                               if r.get("reasoning_tokens") is not None]
-        if rd.filtered.exists():
-            lengths["kept"] = [r["reasoning_tokens"] for r in read_jsonl(rd.filtered)
-                               if r.get("reasoning_tokens") is not None]
-        out[rd.index] = lengths
-    return out
-
-
-def charts(run: RunDir, records: list[dict]) -> dict[str, bytes]:
-    """The report's PNG charts by title (also logged to wandb)."""
-    return {
-        "Held-out accuracy per round": plots.accuracy_per_round(records),
-        "Test-time scaling": plots.scaling_curves(records),
-        "Grounding gap": plots.grounding_gap(records),
-        "Kept traces and rejection reasons": plots.kept_and_rejected(records),
-        "Trace lengths": plots.trace_lengths(trace_lengths(run)),
-    }
 
 
 def trace_block(row: dict) -> str:

@@ -200,7 +200,7 @@ class WandbLogger:
         import wandb
         from PIL import Image
 
-        from distill.report.html import charts
+        from distill.report.plots import charts
         from distill.report.traces import sample_traces
 
         records = [round_record(r) for r in run.rounds() if r.index <= rd.index]

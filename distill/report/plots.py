@@ -12,6 +12,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display: reports are written on clusters and in CI
 import matplotlib.pyplot as plt
 
+from distill.core.files import read_jsonl
+from distill.core.rundir import RunDir
+
 # Rejection reasons drawn one by one; the rest are summed as "other".
 TOP_REASONS = 6
 # Green is for kept traces only; rejection reasons take the other colours.
@@ -136,3 +139,30 @@ def trace_lengths(lengths: dict[int, dict[str, list[int]]]) -> bytes:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def run_trace_lengths(run: RunDir) -> dict[int, dict[str, list[int]]]:
+    """Reasoning tokens per round: the eval's greedy traces and the kept traces (rounds that sampled)."""
+    out: dict[int, dict[str, list[int]]] = {}
+    for rd in run.rounds():
+        lengths: dict[str, list[int]] = {}
+        eval_rows = rd.path / "eval_samples.jsonl"
+        if eval_rows.exists():
+            lengths["eval"] = [r["reasoning_tokens"] for r in read_jsonl(eval_rows)
+                               if r.get("reasoning_tokens") is not None]
+        if rd.filtered.exists():
+            lengths["kept"] = [r["reasoning_tokens"] for r in read_jsonl(rd.filtered)
+                               if r.get("reasoning_tokens") is not None]
+        out[rd.index] = lengths
+    return out
+
+
+def charts(run: RunDir, records: list[dict]) -> dict[str, bytes]:
+    """The report's PNG charts by title (also logged to wandb)."""
+    return {
+        "Held-out accuracy per round": accuracy_per_round(records),
+        "Test-time scaling": scaling_curves(records),
+        "Grounding gap": grounding_gap(records),
+        "Kept traces and rejection reasons": kept_and_rejected(records),
+        "Trace lengths": trace_lengths(run_trace_lengths(run)),
+    }
