@@ -136,7 +136,7 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
         assert ground["traces_scored"] == len(kept) + sum("grounding" in r for r in rejected)
     # The LR schedule advances once per optimizer step, whatever the number of ranks.
     from distill.config import load_config
-    from distill.train import lr_lambda
+    from distill.training.optim import lr_lambda
 
     tcfg = load_config(run / "config.yaml").train
     steps = list(read_jsonl(run / "round_001" / "train" / "log.jsonl"))

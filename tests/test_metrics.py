@@ -4,7 +4,7 @@ import pytest
 
 from distill.core.rundir import RunDir
 from distill.report.metrics import format_table, round_record, write_run_metrics
-from distill.train import lr_lambda
+from distill.training.optim import lr_lambda
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():

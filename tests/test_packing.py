@@ -10,6 +10,7 @@ from distill.filter.cold_start import cold_start_rows
 from distill.models.qwen2_audio import Qwen2Audio
 from distill.models.tokens import load_tokenizer
 from distill.training.config import LoraConfig, TrainConfig
+from distill.training.loss import step_normalizer
 from distill.training.model import AudioLM, build_model, merged_state_dict
 from distill.training.packing import (
     IGNORE,
@@ -19,7 +20,6 @@ from distill.training.packing import (
     pad_plan,
     plan_epoch,
     rank_batches,
-    step_normalizer,
 )
 from distill.training.sft_data import SFTDataset
 

@@ -7,7 +7,8 @@ from data_pipelines.items import Item
 from data_pipelines.synthetic import generate_split
 from distill.filter.cold_start import cold_start_rows
 from distill.models.tokens import load_tokenizer
-from distill.training.packing import IGNORE, collate, weighted_loss
+from distill.training.loss import weighted_loss
+from distill.training.packing import IGNORE, collate
 from distill.training.sft_data import SFTDataset, split_prefix
 
 

@@ -17,7 +17,7 @@ import torch
 
 from distill.models import Family, family_of
 from distill.training.config import TrainConfig
-from distill.training.packing import weighted_loss
+from distill.training.loss import weighted_loss
 
 
 class AudioEncoderCache:
@@ -192,7 +192,7 @@ class AudioLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 audio: list[np.ndarray], audio_keys: list[str], labels: torch.Tensor, weights: torch.Tensor,
                 row_weights: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
-        """The batch's training loss (packing.weighted_loss)."""
+        """The batch's training loss (loss.weighted_loss)."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, audio, audio_keys)
         return weighted_loss(hidden, self.family.lm_head(self.hf), labels, weights, row_weights, normalizer)
 

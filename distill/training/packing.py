@@ -7,18 +7,16 @@ Packing lays a batch's samples end to end in rows. Position ids restart at 0 for
 and no attention mask is passed: transformers then keeps attention within each sample, with
 flash-attention's varlen kernels (which it uses only for a batch of one row, so a flash micro
 batch is one row) or a block-diagonal causal mask built row by row (rows of at most `capacity`
-tokens). A packed batch computes the same loss as the same samples padded, one per row.
+tokens). A packed batch computes the same loss (loss.py) as the same samples padded, one per row.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 
 IGNORE = -100
 # Length grouping sorts samples within windows of this many batches, so batches hold similar
@@ -52,17 +50,6 @@ def pad_plan(batches: list[list[int]], world: int, grad_accum: int) -> list[list
 def rank_batches(padded: list[list[int]], rank: int, world: int) -> list[list[int]]:
     """This rank's share of a padded plan, in order."""
     return padded[rank::world]
-
-
-def step_normalizer(padded: list[list[int]], target_weights: list[float], step: int, world: int,
-                    grad_accum: int) -> float:
-    """The divisor that makes each micro batch's loss a share of the optimizer step's loss, the
-    weighted mean over every target token of every micro batch of every rank in the step.
-    Every rank computes it from the plan, without communication. accelerate/DeepSpeed divide by
-    the accumulation steps and average over ranks, so the divisor is scaled back by both."""
-    unit = world * grad_accum
-    total = sum(target_weights[i] for batch in padded[step * unit:(step + 1) * unit] for i in batch)
-    return max(total, 1e-8) / unit
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -144,34 +131,3 @@ def collate(samples: list[Sample], pad_id: int, packing: bool, capacity: int | N
         "tokens": real,
         "positions": len(layout) * width,
     }
-
-
-def weighted_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                  weights: torch.Tensor, row_weights: torch.Tensor | None = None, normalizer: float | None = None,
-                  chunk: int = 4096) -> torch.Tensor:
-    """Next-token cross-entropy over the target tokens, each with its weight (answer tokens may
-    weigh more), scaled by its row's weight, divided by `normalizer` (default: the batch's target
-    weight). The normalizer leaves the row weights out, so a batch of down-weighted rows moves the
-    model less instead of being rescaled back to full strength. `row_weights` is per token, as
-    packed rows mix samples.
-
-    `head` turns hidden states into logits (the LM head; identity for logits). It runs only on
-    target positions, `chunk` tokens at a time, and each chunk's logits are recomputed in the
-    backward pass instead of kept: with a 150k-token vocabulary the logits of a 16k-token trace
-    would otherwise take gigabytes."""
-    hidden = hidden[:, :-1]
-    labels = labels[:, 1:]
-    weights = weights[:, 1:] * (labels != IGNORE)
-    scaled = weights if row_weights is None else weights * row_weights[:, 1:]
-    targets = labels != IGNORE
-    h, y, w = hidden[targets], labels[targets], scaled[targets]
-
-    def piece_loss(h_part: torch.Tensor, y_part: torch.Tensor, w_part: torch.Tensor) -> torch.Tensor:
-        ce = torch.nn.functional.cross_entropy(head(h_part).float(), y_part, reduction="none")
-        return (ce * w_part).sum()
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(y), chunk):
-        part = slice(start, start + chunk)
-        total = total + torch.utils.checkpoint.checkpoint(piece_loss, h[part], y[part], w[part], use_reentrant=False)
-    return total / (weights.sum().clamp(min=1e-8) if normalizer is None else normalizer)
