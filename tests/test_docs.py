@@ -422,3 +422,16 @@ def test_docs_named_in_the_code_exist():
         if re.search(r'README, "', text):
             problems.append(f"{rel(path)} cites a README section; the topic pages are in docs/")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=rel)
+def test_code_paths_named_in_the_docs_exist(doc: Path):
+    """A repository path in backticks (`distill/filter/stage.py`, `configs/deepspeed/`) names a
+    file or folder that exists, so the docs follow the code when it moves."""
+    text = doc.read_text()
+    problems = []
+    for span in set(re.findall(r"`([^`\n]+)`", text)):
+        path = span.split()[0].split(":")[0].rstrip(",.")
+        if path.startswith(REPO_DIRS) and not re.search(r"[*<]|NNN", path) and not (REPO / path).exists():
+            problems.append(f"{rel(doc)}: `{span}`: {path} does not exist")
+    assert not problems, "\n".join(problems)
