@@ -358,7 +358,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else None
         if model is None:
-            from distill.models import build_tiny_model
+            from distill.models.registry import build_tiny_model
 
             model = build_tiny_model(Path(tmp) / "tiny")
         port = free_port()

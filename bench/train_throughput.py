@@ -187,7 +187,7 @@ def baseline_worker(spec_path: Path) -> None:
     from transformers import AutoProcessor, Trainer, TrainerCallback, TrainingArguments
 
     from distill.data import audio_cache
-    from distill.models import family_of
+    from distill.models.registry import family_of
     from distill.training.packing import IGNORE
     from distill.training.sft_data import SFTDataset, load_rows
 
@@ -288,7 +288,7 @@ def run_distill(cfg: Config, config_path: Path, rows: Path, out: Path, overrides
 
 def bench(work: Path, args: argparse.Namespace) -> dict:
     """Build the model and rows in `work`, run every setting, and gather the results."""
-    from distill.models import build_tiny_model
+    from distill.models.registry import build_tiny_model
 
     cfg = bench_config(work, args.items, args.epochs, args.family)
     if not (Path(cfg.model.path) / "config.json").exists():

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "make-tiny-model":
-            from distill.models import build_tiny_model, family_named
             from distill.models.config import TinyModelConfig
+            from distill.models.registry import build_tiny_model, family_named
 
             family_named(args.family, "--family")
             print(build_tiny_model(args.out, TinyModelConfig(family=args.family)))

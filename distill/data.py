@@ -25,7 +25,7 @@ from data_pipelines.validate import ValidationReport
 from distill.config import Config
 from distill.core.files import atomic_write_jsonl, read_json
 from distill.core.schema import ConfigError
-from distill.models import family_of
+from distill.models.registry import family_of
 
 
 def audio_policy(data: DataConfig) -> AudioPolicy:

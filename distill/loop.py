@@ -22,7 +22,7 @@ from distill.core.stages import Stage, StageContext, shard_plan, stage_named
 from distill.data import Datasets, check_model_audio, max_audio_items, prepare_data
 from distill.eval.stage import eval_stage
 from distill.export.hub import push_round
-from distill.models import build_tiny_model, check_model_dir, family_named
+from distill.models.registry import build_tiny_model, check_model_dir, family_named
 from distill.report.metrics import WandbLogger, format_table, round_record, write_run_metrics
 from distill.rollout.engine import EngineCache
 from distill.training.launch import machines_from_env

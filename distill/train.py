@@ -29,7 +29,7 @@ import torch
 from distill.config import Config, load_config
 from distill.core.files import atomic_write_json
 from distill.data import audio_cache
-from distill.models import Family, family_of
+from distill.models.registry import Family, family_of
 from distill.training.checkpoints import read_log, resume, save_checkpoint
 from distill.training.config import TrainConfig
 from distill.training.distributed import basic_optimizer_name, build_accelerator, lost_peers

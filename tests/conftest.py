@@ -13,6 +13,6 @@ os.chdir(REPO)
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from distill.models import build_tiny_model
+    from distill.models.registry import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

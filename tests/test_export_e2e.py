@@ -15,8 +15,8 @@ from distill.data import audio_cache
 from distill.export import stage as export
 from distill.export.model_card import serve_launcher
 from distill.export.stage import ExportGateError, export_stage
-from distill.models import build_tiny_model
 from distill.models.config import TinyModelConfig
+from distill.models.registry import build_tiny_model
 from distill.openai_client import wav_base64
 from distill.rollout.engine import EXPORT_MANIFEST, EngineCache, weights_hash
 from distill.training.launch import free_port

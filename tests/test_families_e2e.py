@@ -14,7 +14,7 @@ from distill.core.files import read_json
 from distill.data import audio_cache
 from distill.export.stage import hf_completion_logprobs
 from distill.grounding.scoring import ScoreJob, score
-from distill.models import FAMILIES
+from distill.models.registry import FAMILIES
 from distill.models.tokens import load_tokenizer
 from distill.rollout.engine import EngineCache, weights_hash
 from tests.test_e2e import distill_run, finish, traces

@@ -164,3 +164,13 @@ def test_the_graph_reader_sees_what_it_must():
     assert "distill.config" not in edges["distill.core.stages"]  # under TYPE_CHECKING
     found = cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
     assert found == [["a", "b", "c"]]
+
+
+def test_the_config_and_the_command_line_load_without_torch():
+    """Loading the config (a config error, `distill --help`) must not wait for torch: the section
+    configs import only the core, and the packages they sit in load nothing on their own."""
+    import subprocess
+    import sys
+
+    code = "import sys, distill.config, distill.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -10,7 +10,7 @@ from distill.config import load_config
 from distill.core.rundir import RunDir
 from distill.core.schema import ConfigError
 from distill.loop import init_run_dir
-from distill.models import FAMILIES, check_model_dir, family_named, family_of, supported
+from distill.models.registry import FAMILIES, check_model_dir, family_named, family_of, supported
 
 
 def copy_of(tiny_model, tmp_path, **config_changes):
@@ -132,8 +132,8 @@ def test_make_tiny_model_names_the_families_for_an_unknown_one(tmp_path, capsys)
 
 def test_audio_a_family_cannot_take_is_refused_naming_the_key(tmp_path):
     from distill.data import check_model_audio
-    from distill.models import build_tiny_model
     from distill.models.config import TinyModelConfig
+    from distill.models.registry import build_tiny_model
 
     af3 = build_tiny_model(tmp_path / "af3", TinyModelConfig(family="audio_flamingo3"))
     base = [f"output_dir={tmp_path}", f"model.path={af3}", "model.build_tiny=false", "engine.max_model_len=2048",

@@ -15,7 +15,7 @@ from pathlib import Path
 from distill.config import Config
 from distill.core.files import atomic_write_text, read_json
 from distill.core.rundir import RoundDir
-from distill.models import family_of
+from distill.models.registry import family_of
 
 
 def serve_args(cfg: Config, model_dir: Path, audio_items: int) -> list[str]:

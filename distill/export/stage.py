@@ -27,7 +27,7 @@ from distill.core.stages import StageContext
 from distill.data import audio_cache, max_audio_items
 from distill.export.model_card import serve_command, write_model_card
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
-from distill.models import family_of
+from distill.models.registry import family_of
 from distill.models.tokens import load_tokenizer
 from distill.rollout.engine import EXPORT_MANIFEST, generate, item_request, weights_hash
 

@@ -1,7 +1,7 @@
 """The model-family interface: everything distill needs to know about one architecture.
 
 A family is one module in distill/models/ with a subclass of `Family`, registered in
-distill/models/__init__.py. The stages call only these methods: which parameters train, how audio
+distill/models/registry.py. The stages call only these methods: which parameters train, how audio
 becomes embeddings, where they go in the sequence, which positions the language model takes, the
 checkpoint layout vLLM loads, the reference forward the export gate compares against, and a tiny
 random model of the real classes for tests and demos. Nothing outside distill/models/ names a

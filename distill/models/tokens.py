@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from distill.core.prompts import THINK_CLOSE
-from distill.models import family_of
+from distill.models.registry import family_of
 
 
 @lru_cache(maxsize=8)

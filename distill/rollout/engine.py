@@ -23,7 +23,7 @@ from distill.config import Config
 from distill.core.files import read_json, sha256_file
 from distill.core.processes import adopt_children
 from distill.core.prompts import item_prompt
-from distill.models import family_of
+from distill.models.registry import family_of
 from distill.rollout.config import EngineConfig
 
 EXPORT_MANIFEST = "distill_export.json"

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from distill.models import Family, family_of
+from distill.models.registry import Family, family_of
 from distill.training.config import TrainConfig
 from distill.training.loss import weighted_loss
 
