@@ -3,6 +3,7 @@
 #   scripts/dev.sh demo [key=value ...]   set up (once) and run the CPU demo loop (tiny Qwen2-Audio)
 #   scripts/dev.sh demo-omni [key=value]  the same loop on a tiny Qwen2.5-Omni thinker
 #   scripts/dev.sh test [pytest args]     set up (once) and run the test suite
+#   scripts/dev.sh lint                   ruff: lint and format check (CI runs it before the tests)
 #   scripts/dev.sh setup                  only create/refresh the virtual environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +43,6 @@ case "$cmd" in
     # one xdist_group (a module's shared server) stay in one process; `-n N` after it overrides.
     test) setup; exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${DISTILL_TEST_WORKERS:-2}" \
         --dist loadgroup "$@" ;;
-    *) echo "usage: scripts/dev.sh {demo|demo-omni|test|setup} [args]" >&2; exit 2 ;;
+    lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
+    *) echo "usage: scripts/dev.sh {demo|demo-omni|test|lint|setup} [args]" >&2; exit 2 ;;
 esac
