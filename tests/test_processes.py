@@ -27,9 +27,13 @@ DESCENDANTS = textwrap.dedent("""
 
 def start_owner(body: str) -> tuple[subprocess.Popen, list[int]]:
     """A Python process that starts DESCENDANTS inside owning_processes(), then runs `body`."""
-    code = "from distill.core.processes import owning_processes\nwith owning_processes():\n" + \
-        textwrap.indent(DESCENDANTS + body, "    ")
-    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    code = (
+        "from distill.core.processes import owning_processes\nwith owning_processes():\n"
+        + textwrap.indent(DESCENDANTS + body, "    ")
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     return owner, [int(x) for x in owner.stdout.readline().split()]
 
 
@@ -46,7 +50,9 @@ def gone_within(pids: list[int], seconds: float) -> float | None:
     """Seconds until every process of `pids` has ended (None: not within `seconds`)."""
     start = time.monotonic()
     while time.monotonic() - start < seconds:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         if not alive:
             return time.monotonic() - start
         time.sleep(0.02)

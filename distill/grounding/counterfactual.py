@@ -96,8 +96,9 @@ def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
     return partners
 
 
-def counterfactual(kind: str, chunks: list[np.ndarray], seed: int, step: int,
-                   partner_chunks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+def counterfactual(
+    kind: str, chunks: list[np.ndarray], seed: int, step: int, partner_chunks: list[np.ndarray] | None = None
+) -> list[np.ndarray]:
     """The counterfactual audio of one kind for a recording given as chunks (`step`: the bank's
     length step in samples)."""
     if kind == "silence":
