@@ -1,7 +1,8 @@
 """Benchmark: validate + decode + resample of a folder of audio files, first run and cached run,
 against plain soundfile-decode-per-use, all measured in this one run on the same files.
 
-    .venv/bin/python bench/audio_pipeline.py [--files 3000] [--workers 2] [--out bench/results/audio_pipeline.json]
+    .venv/bin/python bench/audio_pipeline.py [--files 3000] [--workers 2]
+        [--out bench/results/audio_pipeline.json]
 
 The files are written by the benchmark (WAV 44.1 kHz stereo, FLAC 22.05 kHz, WAV 16 kHz; 1-3 s).
 - baseline: what a stage does without the pipeline: sf.read, mix down, soxr to 16 kHz, every use.

@@ -13,7 +13,8 @@ below as the baseline), on the same requests in the same run.
   every choice is max_tokens long and every client asks for the same work. The requests go as
   sample_shard sends them, `concurrency` at a time from a thread pool; the clients take turns,
   `rounds` times in rotating order after `warmup` batches each; each client's median round and
-  its best are reported (the best is the steadier on a shared machine). Every batch has tones of its own (no run reuses what the server cached for another).
+  its best are reported (the best is the steadier on a shared machine). Every batch has tones of its
+  own (no run reuses what the server cached for another).
   The server's own count of the tokens it generated (/metrics vllm:generation_tokens_total) is
   checked against what the clients asked for.
 - stub: the same requests to a stand-in endpoint on localhost that answers each with a fixed chat

@@ -15,8 +15,8 @@ sigma 0.9 (seed 0), clipped to [20, 600] tokens and to what fits train.max_seq_l
 Settings, each its own process with the same threads (all cores, split between ranks), the same rows,
 the same train section (micro batch 8, learning rate, warmup, clipping, seed, audio encoder frozen) and
 the same number of samples (`--epochs`); mid-run checkpoints and wandb are off in all:
-- baseline_hf_trainer: `transformers.Trainer`, one process, CPU, the model's own loss from `labels`, batches of
-  8 rows in random order right-padded to the longest row (what most users and frameworks run).
+- baseline_hf_trainer: `transformers.Trainer`, one process, CPU, the model's own loss from `labels`,
+  batches of 8 rows in random order right-padded to the longest row (what most users and frameworks run).
   Rows are tokenized by distill's SFTDataset, so both sides train on identical token sequences.
 - hf_trainer_group_by_length (reference): the same Trainer with train_sampling_strategy=group_by_length,
   the one flag a Trainer user has against padding.
@@ -83,7 +83,8 @@ ZERO2_SETTING = {"distill_zero2": ["train.zero_stage=2", "train.num_processes=2"
 
 def bench_config(work: Path, items: int, epochs: float, family: str) -> Config:
     """The demo config, pointed at `work`, with the settings every run shares (single process, CPU,
-    full precision, no step cap, no mid-run checkpoints, no wandb). 'no' is quoted: YAML reads a bare no as false."""
+    full precision, no step cap, no mid-run checkpoints, no wandb). 'no' is quoted: YAML reads a bare
+    no as false."""
     return load_config(
         REPO / "configs/demo_cpu.yaml",
         [
@@ -438,7 +439,8 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     print(
-        f"\n{'setting':34} {'tokens/s':>9} {'ratio':>6} {'padding':>8} {'seconds':>8} {'tokens':>8} {'steps':>6}"
+        f"\n{'setting':34} {'tokens/s':>9} {'ratio':>6} {'padding':>8} {'seconds':>8} {'tokens':>8} "
+        f"{'steps':>6}"
     )
     for name, s in result["settings"].items():
         ratio = result["ratio_vs_baseline"].get(name, 1.0)
@@ -449,7 +451,8 @@ def print_table(result: dict) -> None:
         )
     d = result["data"]
     print(
-        f"rows {d['rows']} ({d['items']} items x {d['traces_per_item']}); reasoning tokens {d['reasoning_tokens']}; "
+        f"rows {d['rows']} ({d['items']} items x {d['traces_per_item']}); "
+        f"reasoning tokens {d['reasoning_tokens']}; "
         f"target ratio {result['target_ratio']}"
     )
 

@@ -49,7 +49,8 @@ def check_resume(cfg: Config, run: RunDir) -> None:
         changed = [k for k in config_diff(saved, cfg) if not resumable(k)]
         if changed:
             raise ConfigError(
-                f"{run.config}: this run was started with a different config; changed key(s): {', '.join(changed)}. "
+                f"{run.config}: this run was started with a different config; "
+                f"changed key(s): {', '.join(changed)}. "
                 "Use a new run_name, or revert those keys to resume."
             )
 
@@ -197,7 +198,8 @@ def run_stages(cfg: Config, index: int, stages: list[str]) -> bool:
             for stage in stages:
                 done = run_stage(cfg, run, index, stage, data, engines)
                 print(
-                    f"round {index} {stage}: {'done' if done else 'this part done; other shards or nodes owe theirs'}"
+                    f"round {index} {stage}: "
+                    f"{'done' if done else 'this part done; other shards or nodes owe theirs'}"
                 )
                 if not done:
                     return False

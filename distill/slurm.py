@@ -58,7 +58,8 @@ NEVER = "DependencyNeverSatisfied"
 
 @dataclass
 class Job:
-    """One job of the plan: the stages it runs for one round, the shards of an array job, and what it waits for."""
+    """One job of the plan: the stages it runs for one round, the shards of an array job, and what it
+    waits for."""
 
     round: int
     kind: str  # sample, ground, filter, train, eval

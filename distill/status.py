@@ -85,7 +85,10 @@ def train_progress(rd: RoundDir, now: float) -> str:
     timed = timed[run_start:]
     if len(timed) >= 2 and step < total:
         per_step = (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"]) / (timed[-1]["step"] - timed[0]["step"])
-        text += f", {per_step:.2f} s/step, ETA {_duration(per_step * (total - step) - (now - log.stat().st_mtime))}"
+        text += (
+            f", {per_step:.2f} s/step, "
+            f"ETA {_duration(per_step * (total - step) - (now - log.stat().st_mtime))}"
+        )
     return text
 
 

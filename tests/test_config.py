@@ -144,7 +144,8 @@ def test_override_errors_say_so(tmp_path):
         ("data.synthetic.difficulty=7", "data.synthetic.difficulty=7: must be one of"),
         (
             "engine.max_num_batched_tokens=512",
-            "engine.max_num_batched_tokens=512: must be positive, and without chunked prefill at least engine.max_model_len",
+            "engine.max_num_batched_tokens=512: must be positive, "
+            "and without chunked prefill at least engine.max_model_len",
         ),
         ("engine.block_size=0", "engine.block_size=0: must be positive"),
     ],

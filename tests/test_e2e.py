@@ -499,7 +499,8 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     assert (run / "round_001" / "STAGE").read_text().strip() == "eval" and not (run / "round_002").exists()
     summary = read_json(run / "round_001" / "stats" / "train.json")
     assert summary["zero_stage"] == 3 and summary["lora"] and summary["encoder_cache"] is None
-    # Round 1 continues from the cold start's model on its kept traces, mixed with the extra data at its weights.
+    # Round 1 continues from the cold start's model on its kept traces, mixed with the extra data at
+    # its weights.
     assert Path(summary["model"]) == run / "round_000" / "model"
     assert summary["data"] == [str(run / "round_001" / "filtered.jsonl")]
     kept = len(list(read_jsonl(run / "round_001" / "filtered.jsonl")))

@@ -341,7 +341,9 @@ def answer_trace(item_id, j, answer, hz):
         "sample_index": j,
         "audio": "a.wav",
         "prompt": "p",
-        "completion": f"<think>\nnear {hz} Hz, {'above' if answer == 'high' else 'below'} 500 Hz\n</think>\n{answer}",
+        "completion": (
+            f"<think>\nnear {hz} Hz, {'above' if answer == 'high' else 'below'} 500 Hz\n</think>\n{answer}"
+        ),
         "finish_reason": "stop",
         "reference": "high",
         "choices": ["high", "low"],

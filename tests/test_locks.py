@@ -21,7 +21,8 @@ from tests.test_processes import token_of
 def hold(
     run_dir, unit: str, exclusive: bool = True, child: bool = False
 ) -> tuple[subprocess.Popen, int | None]:
-    """Another process holding `unit` (owning a sleeping child with `child`); returns it and the child's PID."""
+    """Another process holding `unit` (owning a sleeping child with `child`); returns it and the
+    child's PID."""
     code = textwrap.dedent(f"""
         import subprocess, sys, time
         from pathlib import Path

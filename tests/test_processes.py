@@ -14,15 +14,18 @@ from distill.core.processes import OWNER_ENV, owned_by
 
 # A child in a session of its own (as torchrun starts training ranks), which starts a grandchild
 # in yet another session; each prints its PID.
-DESCENDANTS = textwrap.dedent("""
+DESCENDANTS = textwrap.dedent(
+    """
     import subprocess, sys, time
     sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
     child = subprocess.Popen([sys.executable, "-c", f"import subprocess, time; "
-                              f"p = subprocess.Popen({sleeper!r}, start_new_session=True); print(p.pid, flush=True); "
+                              f"p = subprocess.Popen({sleeper!r}, start_new_session=True); """
+    """print(p.pid, flush=True); "
                               f"time.sleep(600)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
     grandchild = int(child.stdout.readline())
     print(child.pid, grandchild, flush=True)
-""")
+"""
+)
 
 
 def start_owner(body: str) -> tuple[subprocess.Popen, list[int]]:

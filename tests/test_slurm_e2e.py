@@ -68,7 +68,8 @@ def slurm_conf(tmp_path_factory):
 
 
 def squeue(reasons: bool = False) -> dict[str, str]:
-    """Task id ('12_1', '13') -> state (with the reason a pending job waits), for every job the cluster knows."""
+    """Task id ('12_1', '13') -> state (with the reason a pending job waits), for every job the
+    cluster knows."""
     out = subprocess.run(
         ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"],
         capture_output=True,

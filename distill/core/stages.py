@@ -63,7 +63,8 @@ class Stage:
     # SlurmConfig key of that job's time limit.
     slurm_job: str = ""
     slurm_time: str = ""
-    # What `distill status` reads while it runs: "shards" (files done of shard_dir) or "steps" (the trainer's log).
+    # What `distill status` reads while it runs: "shards" (files done of shard_dir) or "steps"
+    # (the trainer's log).
     progress: str = ""
 
     @property

@@ -43,7 +43,8 @@ from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generat
 # Checks every eval trace goes through: what "correct" means is the filter's own (answer tag,
 # tolerance, custom verifier), so eval and filter never disagree; the others feed trace statistics.
 EVAL_CHECKS = ["finished", "format", "language", "degeneration", "correct"]
-# Eval seeds are the same every round (round -1 is no sampling round), so rounds are compared on the same draws.
+# Eval seeds are the same every round (round -1 is no sampling round), so rounds are compared on
+# the same draws.
 EVAL_ROUND = -1
 
 
@@ -366,7 +367,8 @@ def summary_line(index: int, stats: dict, seconds: float) -> str:
     inv = stats["inverted_scaling"]
     if inv:
         line += (
-            f"\neval: inverted scaling: accuracy falls from {inv['from_accuracy']:.1%} at {inv['from_budget']} "
+            f"\neval: inverted scaling: accuracy falls from {inv['from_accuracy']:.1%} "
+            f"at {inv['from_budget']} "
             f"thinking tokens to {inv['to_accuracy']:.1%} at {inv['to_budget']}"
         )
     return line

@@ -73,8 +73,10 @@ def dataset_plan(rd: RoundDir, repo_id: str, staging: Path) -> PushPlan:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (staging / "README.md").write_text(
-        f"---\ntags: [audio, reasoning, distill]\nconfigs:\n- config_name: default\n  data_files: data/train.jsonl\n---\n\n"
-        f"# Kept traces of round {rd.index}\n\n{len(rows)} reasoning traces that passed distill's filter (correct, "
+        f"---\ntags: [audio, reasoning, distill]\nconfigs:\n- config_name: default\n"
+        f"  data_files: data/train.jsonl\n---\n\n"
+        f"# Kept traces of round {rd.index}\n\n"
+        f"{len(rows)} reasoning traces that passed distill's filter (correct, "
         f"well-formed, grounded in the audio), with {len(audio)} audio clips under `audio/`.\n"
     )
     ops = [

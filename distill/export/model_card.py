@@ -83,7 +83,8 @@ def render(cfg: Config, rd: RoundDir, export: dict, audio_items: int) -> str:
     ]
     if filt:
         lines.append(
-            f"- kept traces: {filt.get('kept')} (rejections: {json.dumps(filt.get('rejected_by_reason', {}))})"
+            f"- kept traces: {filt.get('kept')} "
+            f"(rejections: {json.dumps(filt.get('rejected_by_reason', {}))})"
         )
     if ground:
         lines.append(
@@ -100,7 +101,8 @@ def render(cfg: Config, rd: RoundDir, export: dict, audio_items: int) -> str:
     if evaluation:
         lines.append(
             f"Held-out accuracy {evaluation['accuracy']:.1%} on {evaluation['items']} items "
-            f"(well-formed {evaluation['format_rate']:.0%}); per family: {json.dumps(evaluation['per_family'])}."
+            f"(well-formed {evaluation['format_rate']:.0%}); "
+            f"per family: {json.dumps(evaluation['per_family'])}."
         )
     else:
         lines.append("Not evaluated yet.")

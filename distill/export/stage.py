@@ -77,9 +77,9 @@ def export_stage(
     atomic_write_json(rd.model_dir / EXPORT_MANIFEST, manifest)
     seconds = time.time() - start
     print(
-        f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM, generated {len(probes)} probe answers "
-        f"and agreed with transformers ({agreement['mean_abs_diff']} nats/token on {agreement['tokens']} tokens) "
-        f"in {seconds:.1f}s\nserve it with: {manifest['serve']}"
+        f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM, generated {len(probes)} "
+        f"probe answers and agreed with transformers ({agreement['mean_abs_diff']} nats/token on "
+        f"{agreement['tokens']} tokens) in {seconds:.1f}s\nserve it with: {manifest['serve']}"
     )
     return {
         "model_dir": str(rd.model_dir),
@@ -124,9 +124,10 @@ def gate(
     }
     if agreement["mean_abs_diff"] > cfg.export.max_logprob_diff:
         raise ExportGateError(
-            f"{model_dir}: vLLM and transformers disagree on the exported model: the probe answers' tokens differ "
-            f"by {agreement['mean_abs_diff']} nats on average (max {agreement['max_abs_diff']}, allowed "
-            f"{cfg.export.max_logprob_diff}); a weight or config is read differently by the two"
+            f"{model_dir}: vLLM and transformers disagree on the exported model: the probe answers' "
+            f"tokens differ by {agreement['mean_abs_diff']} nats on average "
+            f"(max {agreement['max_abs_diff']}, allowed {cfg.export.max_logprob_diff}); "
+            f"a weight or config is read differently by the two"
         )
     return [o.text for o in outs], agreement
 

@@ -34,7 +34,10 @@ SCRIPTS: dict[str, str] = {
     "cyrillic": "\u0400-\u04ff",
     "arabic": "\u0600-\u06ff",
     "devanagari": "\u0900-\u097f",
-    "cjk": "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef",
+    "cjk": (
+        "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f"
+        "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+    ),
     "hangul": "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af",
 }
 # A config's filter.allowed_scripts is checked against SCRIPT_NAMES (loading a config imports no filter code).
@@ -51,7 +54,8 @@ SELF_COGNITION = re.compile(
     r"'m not able to|don't|do not|have no (?:way|ability) to|lack the ability to|don't have the ability to|"
     r"do not have the ability to)(?: actually| directly| really)? (?:hear|listen)\b"
     r"|\bas an? (?:(?:text[- ]based|text|language|ai|large language|text-only) ){1,2}model\b"
-    r"|\bwithout (?:being able to )?(?:hearing|listening to) (?:the|this|any) (?:audio|clip|sound|recording)\b",
+    r"|\bwithout (?:being able to )?(?:hearing|listening to) "
+    r"(?:the|this|any) (?:audio|clip|sound|recording)\b",
     re.IGNORECASE,
 )
 # Runs that count as runaway whitespace (long needles: a string search skips through text faster).

@@ -39,10 +39,10 @@ class JudgeConfig:
     # Served model name ("": the first model the server lists).
     model: str = ""
     rubric: str = (
-        "You grade a step-by-step answer to a question about an audio clip. Give a high score only if the "
-        "reasoning is grounded in acoustic features actually heard (pitch, loudness, duration, rhythm, timbre, "
-        "noise, timing) rather than an imagined transcript, is logically coherent, and supports the final "
-        "answer. Reply with one line: 'Score: N' with N from 0 to 10."
+        "You grade a step-by-step answer to a question about an audio clip. Give a high score only if "
+        "the reasoning is grounded in acoustic features actually heard (pitch, loudness, duration, rhythm, "
+        "timbre, noise, timing) rather than an imagined transcript, is logically coherent, and supports the "
+        "final answer. Reply with one line: 'Score: N' with N from 0 to 10."
     )
     min_score: float = 6.0
     # vLLM servers only: constrain the reply to this regex (structured outputs), e.g. "Score: (10|[0-9])".

@@ -168,10 +168,10 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
             trace, result = traces[i], results[i]
             if i in kept_here and trace["trace_id"] in passed_over:
                 raise RuntimeError(
-                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground stage left "
-                    "unscored as one the selection would not keep; the filter or grounding settings changed since "
-                    "(or the LLM judge rejected others): delete grounding/ to measure again, or set "
-                    "grounding.score_traces=passing"
+                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground "
+                    "stage left unscored as one the selection would not keep; the filter or grounding "
+                    "settings changed since (or the LLM judge rejected others): delete grounding/ to "
+                    "measure again, or set grounding.score_traces=passing"
                 )
             failures = [r for r in result.values() if r is not None]
             failures_by_check.update(failures)

@@ -46,7 +46,8 @@ class GroundingConfig:
     probe_temperature: float = 1.0
     # An item is answerable from text when its counterfactual answers are right at chance + margin or more.
     text_solvable_margin: float = 0.3
-    # The traces of text-solvable items: "drop" them, "downweight" them in training, or "keep" them (flag only).
+    # The traces of text-solvable items: "drop" them, "downweight" them in training, or "keep" them
+    # (flag only).
     text_solvable: str = "downweight"
     text_solvable_weight: float = 0.25
     # Audio dependence: teacher-forced log-probability of each trace with the real audio minus with

@@ -47,8 +47,9 @@ class PrefixDonors:
     """Scored prompts whose log-probabilities can stand in for positions vLLM's prefix cache served
     in a later job: per audio input (its arrays, the same objects for the same content: that pins
     the content without hashing it), each scored prompt's token ids and its log-probability per
-    position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor ("filled") or
-    scored again without the cache ("rescored"), and prompt tokens the cache served ("reused")."""
+    position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor
+    ("filled") or scored again without the cache ("rescored"), and prompt tokens the cache served
+    ("reused")."""
 
     # Keyed by audio_key; each entry holds its audio, so its arrays' ids stay theirs.
     by_audio: dict[tuple[int, ...], list[tuple[list, list[int], list[float | None]]]] = field(

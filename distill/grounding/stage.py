@@ -79,7 +79,8 @@ def ground_stage(
         )
     print(
         f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
-        f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s; prefix cache: {timing['prefix_reused']} "
+        f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s; "
+        f"prefix cache: {timing['prefix_reused']} "
         f"prompt tokens reused, {timing['prefix_filled']} trace heads filled, {timing['prefix_rescored']} "
         "traces scored again)",
         flush=True,

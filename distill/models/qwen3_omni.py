@@ -49,15 +49,19 @@ TOKEN_ATTRIBUTES = {
 # which copies the Hub's template. Its generation prompt is "<|im_start|>assistant\n" alone: the
 # Thinking model writes "<think>\n" itself (distill pre-fills it, sample.generation_prefix); only
 # enable_thinking=False adds an empty think block. No default system prompt.
-CHAT_TEMPLATE = r"""{%- if tools %}
+CHAT_TEMPLATE = (
+    r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"""
+    r"""You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
     {%- for tool in tools %}
         {{- "\n" }}
         {{- tool | tojson }}
     {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments """
+    r"""within <tool_call></tool_call> XML tags:\n<tool_call>\n"""
+    r"""{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
 {%- else %}
     {%- if messages[0].role == 'system' %}
         {%- if messages[0].content is string %}
@@ -65,11 +69,13 @@ CHAT_TEMPLATE = r"""{%- if tools %}
         {%- else %}
             {%- for content in messages[0].content %}
                 {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {{- '<|im_start|>system\n' +"<|vision_start|><|image_pad|><|vision_end|>"+ '<|im_end|>\n' }}
+                    {{- '<|im_start|>system\n' """
+    r"""+"<|vision_start|><|image_pad|><|vision_end|>"+ '<|im_end|>\n' }}
                 {%- elif content.type == 'audio' or 'audio' in content or 'audio_url' in content %}
                     {{- '<|im_start|>system\n' +"<|audio_start|><|audio_pad|><|audio_end|>"+ '<|im_end|>\n' }}
                 {%- elif content.type == 'video' or 'video' in content %}
-                    {{- '<|im_start|>system\n' +"<|vision_start|><|video_pad|><|vision_end|>"+ '<|im_end|>\n' }}
+                    {{- '<|im_start|>system\n' """
+    r"""+"<|vision_start|><|video_pad|><|vision_end|>"+ '<|im_end|>\n' }}
                 {%- elif content.type == 'text' %}
                     {{- '<|im_start|>system\n' +content.text+ '<|im_end|>\n' }}
                 {%- endif %}
@@ -80,7 +86,9 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 {%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}
     {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and """
+    r"""not(message.content.startswith('<tool_response>') and """
+    r"""message.content.endswith('</tool_response>')) %}
         {%- set ns.multi_step_tool = false %}
         {%- set ns.last_query_index = index %}
     {%- endif %}
@@ -111,13 +119,15 @@ CHAT_TEMPLATE = r"""{%- if tools %}
             {%- set reasoning_content = message.reasoning_content %}
         {%- else %}
             {%- if '</think>' in content %}
-            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n')"""
+    r""".split('<think>')[-1].lstrip('\n') %}
             {%- set content = content.split('</think>')[-1].lstrip('\n') %}
         {%- endif %}
     {%- endif %}
     {%- if loop.index0 > ns.last_query_index %}
         {%- if loop.last or (not loop.last and reasoning_content) %}
-            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip("\n") + '\n</think>\n\n' + content.lstrip('\n') }}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip("\n") """
+    r"""+ '\n</think>\n\n' + content.lstrip('\n') }}
         {%- else %}
             {{- '<|im_start|>' + message.role + '\n' + content }}
         {%- endif %}
@@ -143,7 +153,8 @@ CHAT_TEMPLATE = r"""{%- if tools %}
     {%- endif %}
     {{- '<|im_end|>\n' }}
     {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}"""
+    r"""{{- '<|im_start|>user' }}{%- endif %}
         {{- '\n<tool_response>\n' }}
         {{- content }}
         {{- '\n</tool_response>' }}
@@ -152,9 +163,11 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+    {%- if enable_thinking is defined and enable_thinking is false %}"""
+    r"""{{- '<think>\n\n</think>\n\n' }}{%- endif %}
 {%- endif %}
 """
+)
 
 # Full-Omni modules distill never loads: the speech output side.
 SPEECH_PREFIXES = ("talker.", "code2wav.")

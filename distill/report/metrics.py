@@ -187,7 +187,8 @@ class WandbLogger:
 
     def log_round(self, rd: RoundDir, record: dict, run: RunDir, samples: int = 4) -> None:
         """Log a finished round once: its numbers, the report's charts of the run so far, and a table of
-        `samples` eval traces with their audio. A marker in the round directory remembers it across resumes."""
+        `samples` eval traces with their audio. A marker in the round directory remembers it across
+        resumes."""
         marker = rd.path / "wandb_logged"
         if self.wb is None or marker.exists():
             return

@@ -94,7 +94,8 @@ def sample_shard(
     todo = [job for job in jobs if job[0].id not in done]
     if done:
         print(
-            f"sample: {len(done)} item(s) of this shard already sampled ({partial.name}); asking for {len(todo)}"
+            f"sample: {len(done)} item(s) of this shard already sampled ({partial.name}); "
+            f"asking for {len(todo)}"
         )
     partial.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("a") as out, ThreadPoolExecutor(max_workers=cfg.sample.server.concurrency) as pool:
@@ -125,7 +126,8 @@ def sample_shard(
             for future in pending:
                 future.cancel()
             raise ServerSamplingError(
-                f"sampling from {client.base_url} failed on {failure}; {len(done)} of {len(jobs)} item(s) of this "
+                f"sampling from {client.base_url} failed on {failure}; "
+                f"{len(done)} of {len(jobs)} item(s) of this "
                 f"shard are saved in {partial}, and re-running the stage asks only for the rest"
             )
     close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)

@@ -54,7 +54,9 @@ def text_cot_rows(path: str | Path, tokenizer, system_prompt: str) -> list[dict]
                 "where": where,
                 "audio": None,
                 "prompt": chat_prompt(tokenizer, obj["question"], system_prompt, audio_items=0),
-                "completion": f"{THINK_OPEN}\n{obj['reasoning'].strip()}\n{THINK_CLOSE}\n{obj['answer'].strip()}",
+                "completion": (
+                    f"{THINK_OPEN}\n{obj['reasoning'].strip()}\n{THINK_CLOSE}\n{obj['answer'].strip()}"
+                ),
             }
         )
     return rows
