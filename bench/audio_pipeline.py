@@ -1,7 +1,8 @@
 """Benchmark: validate + decode + resample of a folder of audio files, first run and cached run,
 against plain soundfile-decode-per-use, all measured in this one run on the same files.
 
-    .venv/bin/python bench/audio_pipeline.py [--files 3000] [--workers 2] [--out bench/results/audio_pipeline.json]
+    .venv/bin/python bench/audio_pipeline.py [--files 3000] [--workers 2]
+        [--out bench/results/audio_pipeline.json]
 
 The files are written by the benchmark (WAV 44.1 kHz stereo, FLAC 22.05 kHz, WAV 16 kHz; 1-3 s).
 - baseline: what a stage does without the pipeline: sf.read, mix down, soxr to 16 kHz, every use.
@@ -90,23 +91,37 @@ def main() -> None:
             cache.get(item.audio, item.audio_sha256)
         t_cached = time.perf_counter() - start
         start = time.perf_counter()
-        rehashed = validate_records(read_source(manifest), AudioCache(folder / "cache", policy), workers=args.workers)
+        rehashed = validate_records(
+            read_source(manifest), AudioCache(folder / "cache", policy), workers=args.workers
+        )
         t_rehash = time.perf_counter() - start
         assert len(rehashed.items) == args.files
 
     n = args.files
     uses_per_round = 3
     result = {
-        "files": n, "workers": args.workers, "audio_minutes": round(report.audio_seconds / 60, 1),
+        "files": n,
+        "workers": args.workers,
+        "audio_minutes": round(report.audio_seconds / 60, 1),
         "machine": f"{platform.machine()}, {platform.python_version()}",
-        "items_per_s": {"baseline_plain_decode": round(n / t_plain, 1), "first_run_validate": round(n / t_first, 1),
-                        "cached_run": round(n / t_cached, 1), "cached_plus_hash": round(n / t_rehash, 1)},
-        "ratio_vs_baseline": {"first_run_validate": round(t_plain / t_first, 2),
-                              "cached_run": round(t_plain / t_cached, 2),
-                              "cached_plus_hash": round(t_plain / t_rehash, 2)},
+        "items_per_s": {
+            "baseline_plain_decode": round(n / t_plain, 1),
+            "first_run_validate": round(n / t_first, 1),
+            "cached_run": round(n / t_cached, 1),
+            "cached_plus_hash": round(n / t_rehash, 1),
+        },
+        "ratio_vs_baseline": {
+            "first_run_validate": round(t_plain / t_first, 2),
+            "cached_run": round(t_plain / t_cached, 2),
+            "cached_plus_hash": round(t_plain / t_rehash, 2),
+        },
         # A run of R rounds uses each file 3 times a round; the pipeline decodes it once.
-        "ratio_per_round_of_3_uses": {f"{r}_rounds": round(r * uses_per_round * t_plain / (
-            t_first + (r * uses_per_round - 1) * t_cached), 2) for r in (1, 2, 5)},
+        "ratio_per_round_of_3_uses": {
+            f"{r}_rounds": round(
+                r * uses_per_round * t_plain / (t_first + (r * uses_per_round - 1) * t_cached), 2
+            )
+            for r in (1, 2, 5)
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -47,10 +47,15 @@ def baseline_eval(cfg, items, model_dir: Path, llm) -> None:
         ev.generate(llm, [r for _, k, r in cf if k == kind], e.max_tokens)
     for b in e.thinking_budgets:
         outs = ev.generate(llm, base, b) if b else [None] * len(base)
-        conts = [e.force_answer if out is None else budget_continuation(out, b, ev.tokenizer, e.force_answer)
-                 for out in outs]
-        ev.generate(llm, [replace(r, prompt=r.prompt + c) for r, c in zip(base, conts, strict=True) if c],
-                    e.answer_max_tokens)
+        conts = [
+            e.force_answer if out is None else budget_continuation(out, b, ev.tokenizer, e.force_answer)
+            for out in outs
+        ]
+        ev.generate(
+            llm,
+            [replace(r, prompt=r.prompt + c) for r, c in zip(base, conts, strict=True) if c],
+            e.answer_max_tokens,
+        )
     if e.k:
         ev.generate(llm, base, e.max_tokens, e.temperature, e.top_p, n=e.k)
 
@@ -68,7 +73,9 @@ def time_both(cfg, data, model_dir: Path, repeats: int) -> dict:
 
     timings: dict[str, list[float]] = {"distill": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model"  # a copy without the export manifest: eval leaves a run's model card alone
+        model = (
+            Path(tmp) / "model"
+        )  # a copy without the export manifest: eval leaves a run's model card alone
         shutil.copytree(model_dir, model, ignore=shutil.ignore_patterns("distill_export.json"))
         scratch = RoundDir(Path(tmp), 1)
         scratch.path.mkdir()
@@ -88,10 +95,15 @@ def time_both(cfg, data, model_dir: Path, repeats: int) -> dict:
                 timings["baseline"].append(time.time() - t)
     best = {k: min(v) for k, v in timings.items()}
     return {
-        "items": len(data.eval), "max_tokens": cfg.eval.max_tokens, "k": cfg.eval.k, "budgets": cfg.eval.thinking_budgets,
-        "counterfactuals": list(cfg.eval.counterfactuals), "requests": stats["requests"],
+        "items": len(data.eval),
+        "max_tokens": cfg.eval.max_tokens,
+        "k": cfg.eval.k,
+        "budgets": cfg.eval.thinking_budgets,
+        "counterfactuals": list(cfg.eval.counterfactuals),
+        "requests": stats["requests"],
         "mean_greedy_tokens": stats["mean_tokens"],
-        "distill_seconds": round(best["distill"], 2), "baseline_seconds": round(best["baseline"], 2),
+        "distill_seconds": round(best["distill"], 2),
+        "baseline_seconds": round(best["baseline"], 2),
         "baseline_over_distill": round(best["baseline"] / best["distill"], 3),
         "all_runs": {k: [round(x, 2) for x in v] for k, v in timings.items()},
     }
@@ -103,10 +115,21 @@ def long_traces(out: Path, repeats: int) -> dict:
     from distill.core.rundir import RunDir
     from distill.loop import init_run_dir
 
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={out}", "run_name=long", "data.synthetic.train_items=8", "data.synthetic.eval_items=64",
-        "eval.max_tokens=512", "eval.budgets=[0,128,256,512]", "eval.k=0", "engine.max_model_len=1536",
-        "train.max_seq_len=1536", "cold_start.train.max_seq_len=1536"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={out}",
+            "run_name=long",
+            "data.synthetic.train_items=8",
+            "data.synthetic.eval_items=64",
+            "eval.max_tokens=512",
+            "eval.budgets=[0,128,256,512]",
+            "eval.k=0",
+            "engine.max_model_len=1536",
+            "train.max_seq_len=1536",
+            "cold_start.train.max_seq_len=1536",
+        ],
+    )
     data = init_run_dir(cfg, RunDir(cfg.run_dir))
     return time_both(cfg, data, Path(cfg.model.path), repeats)
 
@@ -125,22 +148,32 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     overrides = [f"output_dir={run_dir.parent}", f"run_name={run_dir.name}"]
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "distill.cli", "run", "configs/demo_cpu.yaml", *overrides], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", "configs/demo_cpu.yaml", *overrides], check=True
+    )
     loop_seconds = time.time() - t0
     run = RunDir(run_dir)
     shares = {}
     for rd in run.rounds():
         seconds = {s: v["seconds"] for s, v in rd.stats().items()}
-        shares[rd.index] = {"eval_seconds": seconds["eval"], "round_seconds": round(sum(seconds.values()), 2),
-                            "eval_share": round(seconds["eval"] / sum(seconds.values()), 4), "stages": seconds}
+        shares[rd.index] = {
+            "eval_seconds": seconds["eval"],
+            "round_seconds": round(sum(seconds.values()), 2),
+            "eval_share": round(seconds["eval"] / sum(seconds.values()), 4),
+            "stages": seconds,
+        }
     cfg = load_config(run.config)
     last = run.rounds()[-1]
-    demo = {"round": last.index, **time_both(cfg, prepare_data(cfg, run.data_dir), last.model_dir, args.repeats)}
+    demo = {
+        "round": last.index,
+        **time_both(cfg, prepare_data(cfg, run.data_dir), last.model_dir, args.repeats),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         long = long_traces(Path(tmp), args.repeats)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "run_dir": str(run_dir), "loop_seconds_this_call": round(loop_seconds, 1),
+        "run_dir": str(run_dir),
+        "loop_seconds_this_call": round(loop_seconds, 1),
         "eval_share_by_round": shares,
         "demo_last_round_eval": demo,
         "long_traces_eval": long,

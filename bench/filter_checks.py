@@ -59,8 +59,14 @@ def make_trace(rng: random.Random, index: int) -> dict:
     parts: list[str] = []
     size = 0
     while size < target_chars:
-        s = rng.choice(SENTENCES).format(a=rng.uniform(0, 3), b=rng.uniform(0.1, 2), f=rng.randint(100, 4000),
-                                         g=rng.randint(100, 4000), d=rng.randint(1, 20), t=rng.randint(60, 200))
+        s = rng.choice(SENTENCES).format(
+            a=rng.uniform(0, 3),
+            b=rng.uniform(0.1, 2),
+            f=rng.randint(100, 4000),
+            g=rng.randint(100, 4000),
+            d=rng.randint(1, 20),
+            t=rng.randint(60, 200),
+        )
         parts.append(s)
         size += len(s) + 1
     answer = rng.choice(["high", "low"])
@@ -83,8 +89,14 @@ def make_trace(rng: random.Random, index: int) -> dict:
         completion += "<|im_start|>user"
     finish = "length" if kind == 10 else "stop"
     reference = answer if kind % 5 else ("low" if answer == "high" else "high")
-    return {"completion": completion, "finish_reason": finish, "reference": reference, "choices": ["high", "low"],
-            "question": "Listen to the tone. Is its pitch high or low?", "reasoning_tokens": len(reasoning) // 4}
+    return {
+        "completion": completion,
+        "finish_reason": finish,
+        "reference": reference,
+        "choices": ["high", "low"],
+        "question": "Listen to the tone. Is its pitch high or low?",
+        "reasoning_tokens": len(reasoning) // 4,
+    }
 
 
 def baseline(traces: list[dict], n: int) -> tuple[float, int]:
@@ -124,13 +136,21 @@ def main() -> None:
     t_less = pipeline(traces, args.traces, tuple(args.without))[0] if args.without else None
     chars = sum(len(t["completion"]) for t in traces) / len(traces)
     result = {
-        "traces": args.traces, "distinct": args.distinct, "mean_chars": round(chars),
-        "mean_tokens_approx": round(chars / 4), "machine": f"{platform.machine()}, Python {platform.python_version()}",
-        "traces_per_s": {"baseline_regex": round(args.traces / t_base), "distill_rule_pipeline": round(args.traces / t_ours)},
+        "traces": args.traces,
+        "distinct": args.distinct,
+        "mean_chars": round(chars),
+        "mean_tokens_approx": round(chars / 4),
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "traces_per_s": {
+            "baseline_regex": round(args.traces / t_base),
+            "distill_rule_pipeline": round(args.traces / t_ours),
+        },
         "ratio_vs_baseline": round(t_base / t_ours, 2),
         **({f"traces_per_s_without_{'_'.join(args.without)}": round(args.traces / t_less)} if t_less else {}),
-        "kept_fraction": {"baseline_regex": round(kept_base / args.traces, 3),
-                          "distill_rule_pipeline": round(kept_ours / args.traces, 3)},
+        "kept_fraction": {
+            "baseline_regex": round(kept_base / args.traces, 3),
+            "distill_rule_pipeline": round(kept_ours / args.traces, 3),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -75,9 +75,13 @@ def timed(stage, *args):
     return out, round(time.time() - t0, 2)
 
 
-VARIANTS = {"distill": {}, "scored": {"real_logprobs": "scored"}, "free": {"probe_answers": "free"},
-            "no_prefix_reuse": {"reuse_prefix_cache": False},
-            "baseline": {"score_traces": "passing", "probe_items": "all"}}
+VARIANTS = {
+    "distill": {},
+    "scored": {"real_logprobs": "scored"},
+    "free": {"probe_answers": "free"},
+    "no_prefix_reuse": {"reuse_prefix_cache": False},
+    "baseline": {"score_traces": "passing", "probe_items": "all"},
+}
 REPEATS = 2
 
 
@@ -108,19 +112,28 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
             completions[name] = [t["completion"] for t in read_samples(rd, cfg.sample.num_shards)]
     out = {}
     for name, ground in grounds.items():
-        out[name] = {"sample_seconds": min(runs_s[name]["sample"]), "sample_runs_seconds": runs_s[name]["sample"],
-                     "ground_seconds": min(runs_s[name]["ground"]), "ground_runs_seconds": runs_s[name]["ground"],
-                     "probe_seconds": ground["probe_seconds"], "score_seconds": ground["score_seconds"],
-                     "items_probed": ground["items_probed"], "traces_scored": ground["traces_scored"],
-                     "traces_real_from_sampling": ground["traces_real_from_sampling"],
-                     "traces_passed_over": ground["traces_passed_over"], "grounding_gap": ground["grounding_gap"],
-                     "prefix_tokens_reused": ground["prefix_tokens_reused"],
-                     "prefix_heads_filled": ground["prefix_heads_filled"], "prefix_rescored": ground["prefix_rescored"]}
+        out[name] = {
+            "sample_seconds": min(runs_s[name]["sample"]),
+            "sample_runs_seconds": runs_s[name]["sample"],
+            "ground_seconds": min(runs_s[name]["ground"]),
+            "ground_runs_seconds": runs_s[name]["ground"],
+            "probe_seconds": ground["probe_seconds"],
+            "score_seconds": ground["score_seconds"],
+            "items_probed": ground["items_probed"],
+            "traces_scored": ground["traces_scored"],
+            "traces_real_from_sampling": ground["traces_real_from_sampling"],
+            "traces_passed_over": ground["traces_passed_over"],
+            "grounding_gap": ground["grounding_gap"],
+            "prefix_tokens_reused": ground["prefix_tokens_reused"],
+            "prefix_heads_filled": ground["prefix_heads_filled"],
+            "prefix_rescored": ground["prefix_rescored"],
+        }
     # Variants that sample alike are charged alike: the fastest sampling with log-probabilities
     # over plain sampling (noise in one variant's sampling is not charged to it alone).
     plain = out["scored"]["sample_seconds"]
-    with_logprobs = [n for n, o in variants.items()
-                     if o.get("real_logprobs", cfg.grounding.real_logprobs) == "sampled"]
+    with_logprobs = [
+        n for n, o in variants.items() if o.get("real_logprobs", cfg.grounding.real_logprobs) == "sampled"
+    ]
     extra = max(0.0, min((out[n]["sample_seconds"] for n in with_logprobs), default=plain) - plain)
     for name, v in out.items():
         charged = v["ground_seconds"] + (extra if name in with_logprobs else 0.0)
@@ -128,16 +141,38 @@ def measure(cfg, data, model: Path, runs: dict, engines, variants: dict) -> dict
         v["sampling_over_plain"] = round(v["sample_seconds"] / plain - 1, 4)
     traces = read_samples(runs["distill"].round(1), cfg.sample.num_shards)
     return {
-        "items": len(data.train), "traces": len(traces), "sampled_tokens": sum(t["num_tokens"] for t in traces),
+        "items": len(data.train),
+        "traces": len(traces),
+        "sampled_tokens": sum(t["num_tokens"] for t in traces),
         "same_traces_every_variant": len({tuple(c) for c in completions.values()}) == 1,
         **out,
-        **({"speedup_vs_baseline": round(out["baseline"]["ground_seconds"] / out["distill"]["ground_seconds"], 2)}
-           if "baseline" in out else {}),
-        **({"probe_speedup_vs_free": round(out["free"]["probe_seconds"] / out["distill"]["probe_seconds"], 2)}
-           if "free" in out else {}),
-        **({"score_speedup_vs_no_prefix_reuse": round(out["no_prefix_reuse"]["score_seconds"]
-                                                      / out["distill"]["score_seconds"], 2)}
-           if "no_prefix_reuse" in out else {}),
+        **(
+            {
+                "speedup_vs_baseline": round(
+                    out["baseline"]["ground_seconds"] / out["distill"]["ground_seconds"], 2
+                )
+            }
+            if "baseline" in out
+            else {}
+        ),
+        **(
+            {
+                "probe_speedup_vs_free": round(
+                    out["free"]["probe_seconds"] / out["distill"]["probe_seconds"], 2
+                )
+            }
+            if "free" in out
+            else {}
+        ),
+        **(
+            {
+                "score_speedup_vs_no_prefix_reuse": round(
+                    out["no_prefix_reuse"]["score_seconds"] / out["distill"]["score_seconds"], 2
+                )
+            }
+            if "no_prefix_reuse" in out
+            else {}
+        ),
         "prefix_reuse_ab": prefix_reuse_ab(cfg, data, model, runs["distill"].round(1), engines.get),
         "engine_starts_during_sample_and_ground": STARTS["count"] - starts,
     }
@@ -160,10 +195,16 @@ def prefix_reuse_ab(cfg, data, model: Path, rd, get_engine) -> dict:
             shutil.rmtree(rd.grounding_dir, ignore_errors=True)
             ground = ground_stage(vcfg, data.train, model, rd, get_engine)
             seconds.append(ground["score_seconds"])
-            counts[name] = {k: ground[k] for k in ("prefix_tokens_reused", "prefix_heads_filled", "prefix_rescored")}
+            counts[name] = {
+                k: ground[k] for k in ("prefix_tokens_reused", "prefix_heads_filled", "prefix_rescored")
+            }
     median = {name: sorted(v)[len(v) // 2] for name, v in runs.items()}
-    return {"score_runs_seconds": runs, "score_median_seconds": median, **counts["reuse"],
-            "score_speedup": round(median["no_reuse"] / median["reuse"], 3)}
+    return {
+        "score_runs_seconds": runs,
+        "score_median_seconds": median,
+        **counts["reuse"],
+        "score_speedup": round(median["no_reuse"] / median["reuse"], 3),
+    }
 
 
 def cold_caches(llm) -> None:
@@ -185,8 +226,12 @@ def warm_up(cfg, data, llm) -> None:
     tokenizer = load_tokenizer(cfg.model.path)
     item = data.train[0]
     audio = audio_cache(cfg).chunks(item.audio, item.audio_sha256)
-    score(llm, tokenizer, [ScoreJob(item_prompt(tokenizer, item, cfg.data.system_prompt, len(audio)), item.answer, audio)],
-          cfg.data.sample_rate)
+    score(
+        llm,
+        tokenizer,
+        [ScoreJob(item_prompt(tokenizer, item, cfg.data.system_prompt, len(audio)), item.answer, audio)],
+        cfg.data.sample_rate,
+    )
 
 
 def run_dirs(cfg) -> tuple:
@@ -206,10 +251,20 @@ def long_traces(out: Path) -> dict:
     from distill.config import load_config
     from distill.rollout.engine import EngineCache
 
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={out}", "run_name=long", "data.synthetic.train_items=64", "sample.max_tokens=512",
-        "sample.num_shards=1", "filter.checks=[]", "engine.max_model_len=2048",
-        "train.max_seq_len=2048", "cold_start.train.max_seq_len=2048"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={out}",
+            "run_name=long",
+            "data.synthetic.train_items=64",
+            "sample.max_tokens=512",
+            "sample.num_shards=1",
+            "filter.checks=[]",
+            "engine.max_model_len=2048",
+            "train.max_seq_len=2048",
+            "cold_start.train.max_seq_len=2048",
+        ],
+    )
     data, dirs = run_dirs(cfg)
     with EngineCache(cfg.engine, cfg.seed) as engines:
         warm_up(cfg, data, engines.get(cfg.model.path))
@@ -237,8 +292,13 @@ def main() -> None:
     engine_module.open_engine = counting_open_engine
     with tempfile.TemporaryDirectory() as tmp:
         results = {"long": long_traces(Path(tmp)), "demo": demo_round(Path(tmp))}
-    result = {"bench": "grounding_cost", "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "target_share": 0.25, **results}
+    result = {
+        "bench": "grounding_cost",
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "target_share": 0.25,
+        **results,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

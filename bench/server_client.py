@@ -13,7 +13,8 @@ below as the baseline), on the same requests in the same run.
   every choice is max_tokens long and every client asks for the same work. The requests go as
   sample_shard sends them, `concurrency` at a time from a thread pool; the clients take turns,
   `rounds` times in rotating order after `warmup` batches each; each client's median round and
-  its best are reported (the best is the steadier on a shared machine). Every batch has tones of its own (no run reuses what the server cached for another).
+  its best are reported (the best is the steadier on a shared machine). Every batch has tones of its
+  own (no run reuses what the server cached for another).
   The server's own count of the tokens it generated (/metrics vllm:generation_tokens_total) is
   checked against what the clients asked for.
 - stub: the same requests to a stand-in endpoint on localhost that answers each with a fixed chat
@@ -85,8 +86,10 @@ class HttpxChatClient:
             response.raise_for_status()
             return response.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
-            raise RuntimeError(f"cannot list the models of {self.base_url} ({exc}); is the server up? "
-                               "Name the model in the config to skip the lookup") from None
+            raise RuntimeError(
+                f"cannot list the models of {self.base_url} ({exc}); is the server up? "
+                "Name the model in the config to skip the lookup"
+            ) from None
 
     def old_chat(self, body: dict) -> ChatReply:
         """POST /chat/completions (with "model" added), retrying what a retry may fix."""
@@ -150,12 +153,22 @@ class SdkCreateChatClient:
 
         self.inner = ChatClient(endpoint)
         self.known = set(inspect.signature(Completions.create).parameters) - {
-            "self", "model", "stream", "extra_headers", "extra_query", "extra_body", "timeout"}
+            "self",
+            "model",
+            "stream",
+            "extra_headers",
+            "extra_query",
+            "extra_body",
+            "timeout",
+        }
 
     def chat(self, body: dict) -> dict:
         raw = self.inner.client.chat.completions.with_raw_response.create(
-            model=self.inner.model, **{k: v for k, v in body.items() if k in self.known},
-            extra_body={k: v for k, v in body.items() if k not in self.known}, extra_headers=self.inner.headers)
+            model=self.inner.model,
+            **{k: v for k, v in body.items() if k in self.known},
+            extra_body={k: v for k, v in body.items() if k not in self.known},
+            extra_headers=self.inner.headers,
+        )
         return json.loads(raw.http_response.text)
 
     def close(self) -> None:
@@ -178,14 +191,23 @@ def run_async(endpoint: ServerConfig, model: str, bodies: list[dict], concurrenc
     from openai import AsyncOpenAI, Omit
 
     async def main() -> tuple[float, int]:
-        client = AsyncOpenAI(base_url=endpoint.base_url, api_key="unused", timeout=endpoint.timeout_s, max_retries=0,
-                             default_headers={"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()})
+        client = AsyncOpenAI(
+            base_url=endpoint.base_url,
+            api_key="unused",
+            timeout=endpoint.timeout_s,
+            max_retries=0,
+            default_headers={"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()},
+        )
         gate = asyncio.Semaphore(concurrency)
 
         async def one(body: dict) -> dict:
             async with gate:
-                text = await client.post("/chat/completions", cast_to=str, body={"model": model, **body},
-                                         options={"headers": {"Authorization": Omit()}})
+                text = await client.post(
+                    "/chat/completions",
+                    cast_to=str,
+                    body={"model": model, **body},
+                    options={"headers": {"Authorization": Omit()}},
+                )
                 return json.loads(text)
 
         start = time.perf_counter()
@@ -206,7 +228,9 @@ def requests(n_items: int, n: int, max_tokens: int, batch: int = 0) -> list[dict
     for i in range(n_items):
         t = np.arange(2 * rate) / rate
         tone = (0.3 * np.sin(2 * np.pi * (300 + 7 * i + 0.5 * batch) * t)).astype(np.float32)
-        item = Item(id=f"b{i}", audio="-", question="Is the tone high or low?", answer="high", choices=["high", "low"])
+        item = Item(
+            id=f"b{i}", audio="-", question="Is the tone high or low?", answer="high", choices=["high", "low"]
+        )
         bodies.append({**item_body(cfg, item, [tone], seed=i), "ignore_eos": True})
     return bodies
 
@@ -219,8 +243,11 @@ def generation_tokens(base_url: str) -> float | None:
         text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
     except httpx.HTTPError:
         return None
-    values = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("vllm:generation_tokens_total")]
+    values = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    ]
     return sum(values) if values else None
 
 
@@ -228,10 +255,28 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     """As tests/serving.py starts its servers."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                             "--port", str(port), "--host", "127.0.0.1", "--kv-cache-memory-bytes", str(256 << 20),
-                             "--enforce-eager", "--served-model-name", "teacher", "--max-model-len", "1024"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--kv-cache-memory-bytes",
+            str(256 << 20),
+            "--enforce-eager",
+            "--served-model-name",
+            "teacher",
+            "--max-model-len",
+            "1024",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 300
     while True:
         if proc.poll() is not None:
@@ -250,15 +295,30 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
 def stub_endpoint(n: int, max_tokens: int) -> tuple[ThreadingHTTPServer, str]:
     """A stand-in chat endpoint: a fixed reply with n choices of max_tokens words, at once."""
     text = " ".join(["tone"] * max_tokens)
-    reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "teacher",
-                        "choices": [{"index": j, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "length"} for j in range(n)],
-                        "usage": {"prompt_tokens": 100, "completion_tokens": n * max_tokens,
-                                  "total_tokens": 100 + n * max_tokens}}).encode()
+    reply = json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "teacher",
+            "choices": [
+                {"index": j, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                for j in range(n)
+            ],
+            "usage": {
+                "prompt_tokens": 100,
+                "completion_tokens": n * max_tokens,
+                "total_tokens": 100 + n * max_tokens,
+            },
+        }
+    ).encode()
 
     # One write per answer, no Nagle: a head and a body written apart wait out the client's delayed ACK.
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-              + f"Content-Length: {len(reply)}\r\n\r\n".encode() + reply)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(reply)}\r\n\r\n".encode()
+        + reply
+    )
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as vLLM's server
@@ -277,12 +337,21 @@ def stub_endpoint(n: int, max_tokens: int) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_port}/v1"
 
 
-def compare(endpoint: ServerConfig, batches: Callable[[int], list[dict]], concurrency: int, rounds: int,
-            with_async: bool, warmup: int) -> dict:
+def compare(
+    endpoint: ServerConfig,
+    batches: Callable[[int], list[dict]],
+    concurrency: int,
+    rounds: int,
+    with_async: bool,
+    warmup: int,
+) -> dict:
     """Each client's `rounds` over a batch of requests, the clients taking turns (their order
     rotating), after `warmup` batches each; batch k = batches(k), a new one for every run."""
-    clients = {"httpx_old": HttpxChatClient(endpoint), "openai_sdk_new": SdkChatClient(endpoint),
-               "openai_sdk_typed_create": SdkCreateChatClient(endpoint)}
+    clients = {
+        "httpx_old": HttpxChatClient(endpoint),
+        "openai_sdk_new": SdkChatClient(endpoint),
+        "openai_sdk_typed_create": SdkCreateChatClient(endpoint),
+    }
     model = clients["httpx_old"].model
     names = [*clients, *(["openai_sdk_async"] * with_async)]
 
@@ -298,7 +367,7 @@ def compare(endpoint: ServerConfig, batches: Callable[[int], list[dict]], concur
             k += 1
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             runs[name].append(run(name, batches(k)))
             k += 1
     for client in clients.values():
@@ -309,10 +378,12 @@ def compare(endpoint: ServerConfig, batches: Callable[[int], list[dict]], concur
         assert len(tokens) == 1, f"{name}: the rounds generated different token counts {tokens}"
         secs = [s for s, _ in rs]
         count = tokens.pop()
-        result[name] = {"tokens_per_s": round(count / statistics.median(secs), 1),
-                        "tokens_per_s_best_round": round(count / min(secs), 1),
-                        "requests_per_s": round(len(batches(0)) / statistics.median(secs), 1),
-                        "round_seconds": [round(s, 3) for s in secs]}
+        result[name] = {
+            "tokens_per_s": round(count / statistics.median(secs), 1),
+            "tokens_per_s_best_round": round(count / min(secs), 1),
+            "requests_per_s": round(len(batches(0)) / statistics.median(secs), 1),
+            "round_seconds": [round(s, 3) for s in secs],
+        }
     for name in names[1:]:
         short = name.removeprefix("openai_sdk_")
         for key, label in (("tokens_per_s", ""), ("tokens_per_s_best_round", "_best_round")):
@@ -322,14 +393,18 @@ def compare(endpoint: ServerConfig, batches: Callable[[int], list[dict]], concur
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a model folder vLLM serves (default: a tiny model built in a temp folder)")
+    ap.add_argument(
+        "--model", help="a model folder vLLM serves (default: a tiny model built in a temp folder)"
+    )
     ap.add_argument("--items", type=int, default=32, help="requests per round on the vLLM server")
     ap.add_argument("--n", type=int, default=2, help="choices per request (sample.n)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches per client first")
-    ap.add_argument("--stub-requests", type=int, default=400, help="requests per round on the stand-in endpoint")
+    ap.add_argument(
+        "--stub-requests", type=int, default=400, help="requests per round on the stand-in endpoint"
+    )
     ap.add_argument("--no-async", action="store_true", help="skip the AsyncOpenAI variant")
     ap.add_argument("--out", default="bench/results/server_client.json")
     args = ap.parse_args()
@@ -340,18 +415,33 @@ def main() -> None:
     bodies = requests(args.items, args.n, args.max_tokens)
     result: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-                   f"openai {openai.__version__}",
+        f"openai {openai.__version__}",
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "request": {"n": args.n, "max_tokens": args.max_tokens, "ignore_eos": True, "audio_seconds": 2,
-                    "body_bytes": len(json.dumps(bodies[0])), "concurrency": args.concurrency,
-                    "rounds": args.rounds, "warmup_rounds": args.warmup},
+        "request": {
+            "n": args.n,
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+            "audio_seconds": 2,
+            "body_bytes": len(json.dumps(bodies[0])),
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "warmup_rounds": args.warmup,
+        },
     }
 
     server, url = stub_endpoint(args.n, args.max_tokens)
     stub_bodies = [bodies[i % len(bodies)] for i in range(args.stub_requests)]
-    result["stub"] = {"requests_per_round": len(stub_bodies),
-                      **compare(ServerConfig(base_url=url, model="teacher"), lambda k: stub_bodies,
-                                args.concurrency, args.rounds, not args.no_async, args.warmup)}
+    result["stub"] = {
+        "requests_per_round": len(stub_bodies),
+        **compare(
+            ServerConfig(base_url=url, model="teacher"),
+            lambda k: stub_bodies,
+            args.concurrency,
+            args.rounds,
+            not args.no_async,
+            args.warmup,
+        ),
+    }
     server.shutdown()
     print(json.dumps(result["stub"], indent=2), flush=True)
 
@@ -382,10 +472,13 @@ def main() -> None:
             proc.wait(timeout=60)
     clients = 3 + (not args.no_async)
     asked = clients * (args.rounds + args.warmup) * len(bodies) * args.n * args.max_tokens
-    result["vllm"] = {"requests_per_round": len(bodies), **vllm,
-                      "server_generation_tokens": None if before is None else after - before,
-                      "tokens_asked": asked,
-                      "server_tokens_per_s_whole_run": None if before is None else round((after - before) / seconds, 1)}
+    result["vllm"] = {
+        "requests_per_round": len(bodies),
+        **vllm,
+        "server_generation_tokens": None if before is None else after - before,
+        "tokens_asked": asked,
+        "server_tokens_per_s_whole_run": None if before is None else round((after - before) / seconds, 1),
+    }
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["ratio_new_over_old"] = vllm["ratio_new_over_old"]
     result["ratio_new_over_old_best_round"] = vllm["ratio_new_over_old_best_round"]

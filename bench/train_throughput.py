@@ -15,8 +15,8 @@ sigma 0.9 (seed 0), clipped to [20, 600] tokens and to what fits train.max_seq_l
 Settings, each its own process with the same threads (all cores, split between ranks), the same rows,
 the same train section (micro batch 8, learning rate, warmup, clipping, seed, audio encoder frozen) and
 the same number of samples (`--epochs`); mid-run checkpoints and wandb are off in all:
-- baseline_hf_trainer: `transformers.Trainer`, one process, CPU, the model's own loss from `labels`, batches of
-  8 rows in random order right-padded to the longest row (what most users and frameworks run).
+- baseline_hf_trainer: `transformers.Trainer`, one process, CPU, the model's own loss from `labels`,
+  batches of 8 rows in random order right-padded to the longest row (what most users and frameworks run).
   Rows are tokenized by distill's SFTDataset, so both sides train on identical token sequences.
 - hf_trainer_group_by_length (reference): the same Trainer with train_sampling_strategy=group_by_length,
   the one flag a Trainer user has against padding.
@@ -83,12 +83,26 @@ ZERO2_SETTING = {"distill_zero2": ["train.zero_stage=2", "train.num_processes=2"
 
 def bench_config(work: Path, items: int, epochs: float, family: str) -> Config:
     """The demo config, pointed at `work`, with the settings every run shares (single process, CPU,
-    full precision, no step cap, no mid-run checkpoints, no wandb). 'no' is quoted: YAML reads a bare no as false."""
-    return load_config(REPO / "configs/demo_cpu.yaml", [
-        f"output_dir={work}", "run_name=bench", f"model.tiny.family={family}",
-        f"data.synthetic.train_items={items}", "data.synthetic.eval_items=8",
-        f"train.epochs={epochs}", "train.max_steps=0", "train.save_steps=0", "train.device=cpu",
-        "train.mixed_precision='no'", "train.zero_stage=0", "train.num_processes=1", "wandb.mode=disabled"])
+    full precision, no step cap, no mid-run checkpoints, no wandb). 'no' is quoted: YAML reads a bare
+    no as false."""
+    return load_config(
+        REPO / "configs/demo_cpu.yaml",
+        [
+            f"output_dir={work}",
+            "run_name=bench",
+            f"model.tiny.family={family}",
+            f"data.synthetic.train_items={items}",
+            "data.synthetic.eval_items=8",
+            f"train.epochs={epochs}",
+            "train.max_steps=0",
+            "train.save_steps=0",
+            "train.device=cpu",
+            "train.mixed_precision='no'",
+            "train.zero_stage=0",
+            "train.num_processes=1",
+            "wandb.mode=disabled",
+        ],
+    )
 
 
 def reasoning_text(rng: np.random.Generator, target: int, word_tokens) -> str:
@@ -96,8 +110,12 @@ def reasoning_text(rng: np.random.Generator, target: int, word_tokens) -> str:
     words: list[str] = []
     count = 0
     while count < target:
-        sentence = rng.choice(SENTENCES).format(f=rng.integers(100, 4000), g=rng.integers(100, 4000),
-                                                a=rng.uniform(0.05, 0.8), d=rng.integers(1, 20))
+        sentence = rng.choice(SENTENCES).format(
+            f=rng.integers(100, 4000),
+            g=rng.integers(100, 4000),
+            a=rng.uniform(0.05, 0.8),
+            d=rng.integers(1, 20),
+        )
         for word in sentence.split():
             words.append(word)
             count += word_tokens(word)
@@ -130,8 +148,11 @@ def write_rows(cfg: Config, traces_per_item: int, path: Path) -> dict:
     # Each prompt's length in tokens (audio placeholders expanded) bounds its traces' reasoning.
     probe = SFTDataset([{**b, "completion": prefix} for b in bases], processor, clips, max_len, 1.0, prefix)
     # Lengths and texts from separate generators, so the lengths are exactly the seeded lognormal draws.
-    targets = iter(np.random.default_rng(0).lognormal(np.log(REASONING_MEDIAN), REASONING_SIGMA,
-                                                      len(bases) * traces_per_item))
+    targets = iter(
+        np.random.default_rng(0).lognormal(
+            np.log(REASONING_MEDIAN), REASONING_SIGMA, len(bases) * traces_per_item
+        )
+    )
     rng = np.random.default_rng(1)
     rows, reasoning_lens = [], []
     for i, (base, item) in enumerate(zip(bases, data.train, strict=True)):
@@ -143,21 +164,39 @@ def write_rows(cfg: Config, traces_per_item: int, path: Path) -> dict:
             reasoning = reasoning_text(rng, target, word_tokens)
             completion = f"{prefix}{reasoning}{tail}"
             reasoning_lens.append(count(reasoning))
-            rows.append({"id": f"{base['id']}-t{k}", "audio": base["audio"], "audio_sha256": base["audio_sha256"],
-                         "prompt": base["prompt"], "completion": completion, "weight": 1.0})
+            rows.append(
+                {
+                    "id": f"{base['id']}-t{k}",
+                    "audio": base["audio"],
+                    "audio_sha256": base["audio_sha256"],
+                    "prompt": base["prompt"],
+                    "completion": completion,
+                    "weight": 1.0,
+                }
+            )
     # Tokenized as training sees them (SFTDataset refuses a row longer than max_seq_len).
     seq_lens = SFTDataset(rows, processor, clips, max_len, 1.0, prefix).lengths
     atomic_write_jsonl(path, rows)
 
     def pct(values: list[int]) -> dict:
         p10, p50, p90 = np.percentile(values, [10, 50, 90])
-        return {"p10": round(p10), "p50": round(p50), "p90": round(p90), "max": max(values),
-                "mean": round(float(np.mean(values)), 1)}
+        return {
+            "p10": round(p10),
+            "p50": round(p50),
+            "p90": round(p90),
+            "max": max(values),
+            "mean": round(float(np.mean(values)), 1),
+        }
 
-    return {"rows": len(rows), "items": len(bases), "traces_per_item": traces_per_item,
-            "reasoning_distribution": f"lognormal(median={REASONING_MEDIAN}, sigma={REASONING_SIGMA}) tokens, "
-                                      f"seed 0, clipped to [{REASONING_MIN}, {REASONING_MAX}] and max_seq_len",
-            "reasoning_tokens": pct(reasoning_lens), "sequence_tokens": pct(seq_lens)}
+    return {
+        "rows": len(rows),
+        "items": len(bases),
+        "traces_per_item": traces_per_item,
+        "reasoning_distribution": f"lognormal(median={REASONING_MEDIAN}, sigma={REASONING_SIGMA}) tokens, "
+        f"seed 0, clipped to [{REASONING_MIN}, {REASONING_MAX}] and max_seq_len",
+        "reasoning_tokens": pct(reasoning_lens),
+        "sequence_tokens": pct(seq_lens),
+    }
 
 
 def run_env(cfg: Config, processes: int) -> dict[str, str]:
@@ -173,10 +212,21 @@ def run_baseline(cfg: Config, config_path: Path, rows: Path, out: Path, sampling
     its train_sampling_strategy ("random": the baseline)."""
     spec = out / "spec.json"
     out.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps({"config": str(config_path), "data": str(rows), "model": cfg.model.path,
-                                "out": str(out), "sampling": sampling}))
+    spec.write_text(
+        json.dumps(
+            {
+                "config": str(config_path),
+                "data": str(rows),
+                "model": cfg.model.path,
+                "out": str(out),
+                "sampling": sampling,
+            }
+        )
+    )
     start = time.time()
-    subprocess.run([sys.executable, __file__, "--baseline-worker", str(spec)], env=run_env(cfg, 1), check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--baseline-worker", str(spec)], env=run_env(cfg, 1), check=True
+    )
     result = json.loads((out / "result.json").read_text())
     return {**result, "processes": 1, "process_seconds": round(time.time() - start, 1)}
 
@@ -201,16 +251,24 @@ def baseline_worker(spec_path: Path) -> None:
     model = family.load_for_training(spec["model"], torch.float32, "sdpa")
     family.audio_tower(model).requires_grad_(False)
     rows = load_rows([spec["data"]])
-    dataset = SFTDataset(rows, processor, audio_cache(cfg), tcfg.max_seq_len, 1.0, cfg.sample.generation_prefix,
-                         partial(family.serving_audio, extractor))
+    dataset = SFTDataset(
+        rows,
+        processor,
+        audio_cache(cfg),
+        tcfg.max_seq_len,
+        1.0,
+        cfg.sample.generation_prefix,
+        partial(family.serving_audio, extractor),
+    )
 
     def collate(batch: list[dict]) -> dict:
         """Right-pad to the batch's longest row; the model computes its loss from labels."""
         longest = max(len(x["input_ids"]) for x in batch)
 
         def pad(key: str, value: int) -> torch.Tensor:
-            return torch.stack([torch.nn.functional.pad(x[key], (0, longest - len(x[key])), value=value)
-                                for x in batch])
+            return torch.stack(
+                [torch.nn.functional.pad(x[key], (0, longest - len(x[key])), value=value) for x in batch]
+            )
 
         def frames(key: str) -> torch.Tensor:
             """One audio input of every row, zero-padded to the widest (a processor that pads to the
@@ -219,8 +277,12 @@ def baseline_worker(spec_path: Path) -> None:
             return torch.cat([torch.nn.functional.pad(x[key], (0, width - x[key].shape[-1])) for x in batch])
 
         audio = [key for key in batch[0] if key not in ("input_ids", "labels", "attention_mask")]
-        return {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE),
-                "attention_mask": pad("attention_mask", 0), **{k: frames(k) for k in audio}}
+        return {
+            "input_ids": pad("input_ids", pad_id),
+            "labels": pad("labels", IGNORE),
+            "attention_mask": pad("attention_mask", 0),
+            **{k: frames(k) for k in audio},
+        }
 
     class PlainDataset(torch.utils.data.Dataset):
         """SFTDataset's samples as the model's own inputs, without distill's loss weights."""
@@ -232,8 +294,12 @@ def baseline_worker(spec_path: Path) -> None:
             sample = dataset[i]
             ids = torch.tensor(sample.input_ids)
             # Audio inputs as the model's processor makes them (padded to 30 s per chunk), per row.
-            return {"input_ids": ids, "labels": torch.tensor(sample.labels), "attention_mask": torch.ones_like(ids),
-                    **family.processor_audio_inputs(extractor, sample.audio)}
+            return {
+                "input_ids": ids,
+                "labels": torch.tensor(sample.labels),
+                "attention_mask": torch.ones_like(ids),
+                **family.processor_audio_inputs(extractor, sample.audio),
+            }
 
     counts = {"tokens": 0, "padded_tokens": 0, "samples": 0}
     clock: dict[str, float] = {}
@@ -253,20 +319,33 @@ def baseline_worker(spec_path: Path) -> None:
             clock["seconds"] = time.time() - clock["start"]
 
     args = TrainingArguments(
-        output_dir=str(Path(spec["out"]) / "trainer"), use_cpu=True, report_to=[], save_strategy="no",
-        per_device_train_batch_size=tcfg.micro_batch_size, num_train_epochs=tcfg.epochs,
-        learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps, lr_scheduler_type="cosine",
-        weight_decay=tcfg.weight_decay, max_grad_norm=tcfg.max_grad_norm, seed=tcfg.seed,
+        output_dir=str(Path(spec["out"]) / "trainer"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=tcfg.micro_batch_size,
+        num_train_epochs=tcfg.epochs,
+        learning_rate=tcfg.learning_rate,
+        warmup_steps=tcfg.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=tcfg.weight_decay,
+        max_grad_norm=tcfg.max_grad_norm,
+        seed=tcfg.seed,
         train_sampling_strategy=spec["sampling"],
         remove_unused_columns=False,  # the collator needs the audio features
     )
-    trainer = CountingTrainer(model=model, args=args, train_dataset=PlainDataset(), data_collator=collate,
-                              callbacks=[Clock()])
+    trainer = CountingTrainer(
+        model=model, args=args, train_dataset=PlainDataset(), data_collator=collate, callbacks=[Clock()]
+    )
     trainer.train()
     seconds = clock["seconds"]
-    result = {**counts, "steps": trainer.state.global_step, "seconds": round(seconds, 2),
-              "tokens_per_s": round(counts["tokens"] / seconds, 1),
-              "padding_share": round(1 - counts["tokens"] / counts["padded_tokens"], 4)}
+    result = {
+        **counts,
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(counts["tokens"] / seconds, 1),
+        "padding_share": round(1 - counts["tokens"] / counts["padded_tokens"], 4),
+    }
     (Path(spec["out"]) / "result.json").write_text(json.dumps(result) + "\n")
 
 
@@ -279,11 +358,18 @@ def run_distill(cfg: Config, config_path: Path, rows: Path, out: Path, overrides
     subprocess.run(cmd, env=run_env(cfg, tcfg.num_processes), check=True)
     summary = json.loads((out / "final" / "train_summary.json").read_text())
     padded = summary.get("padded_tokens")
-    return {"tokens": summary["tokens"], "padded_tokens": padded, "steps": summary["steps"],
-            "seconds": summary["seconds"], "tokens_per_s": summary["tokens_per_s"],
-            "padding_share": round(1 - summary["tokens"] / padded, 4) if padded else None,
-            "processes": tcfg.num_processes, "overrides": overrides, "encoder_cache": summary.get("encoder_cache"),
-            "process_seconds": round(time.time() - start, 1)}
+    return {
+        "tokens": summary["tokens"],
+        "padded_tokens": padded,
+        "steps": summary["steps"],
+        "seconds": summary["seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "padding_share": round(1 - summary["tokens"] / padded, 4) if padded else None,
+        "processes": tcfg.num_processes,
+        "overrides": overrides,
+        "encoder_cache": summary.get("encoder_cache"),
+        "process_seconds": round(time.time() - start, 1),
+    }
 
 
 def bench(work: Path, args: argparse.Namespace) -> dict:
@@ -299,7 +385,10 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
     config_path.write_text(to_yaml(cfg))
     runners: dict[str, Callable[[], dict]] = {
         "baseline_hf_trainer": partial(run_baseline, cfg, config_path, rows, work / "baseline", "random"),
-        "hf_trainer_group_by_length": partial(run_baseline, cfg, config_path, rows, work / "grouped", "group_by_length")}
+        "hf_trainer_group_by_length": partial(
+            run_baseline, cfg, config_path, rows, work / "grouped", "group_by_length"
+        ),
+    }
     for name, overrides in (DISTILL_SETTINGS | (ZERO2_SETTING if args.zero2 else {})).items():
         runners[name] = partial(run_distill, cfg, config_path, rows, work / name, overrides)
     load_before = os.getloadavg()[0]
@@ -316,31 +405,56 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
     t = cfg.train
     return {
         "bench": "train_throughput",
-        "machine": {"cores": CORES,
-                    "platform": f"{platform.machine()}, Python {platform.python_version()}",
-                    # Other work on the machine slows any setting it overlaps: read the figures with these.
-                    "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}},
+        "machine": {
+            "cores": CORES,
+            "platform": f"{platform.machine()}, Python {platform.python_version()}",
+            # Other work on the machine slows any setting it overlaps: read the figures with these.
+            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        },
         "repeats": args.repeats,
-        "model": {"family": cfg.model.tiny.family, "audio_d_model": cfg.model.tiny.audio_d_model, "audio_layers": cfg.model.tiny.audio_layers,
-                  "text_hidden": cfg.model.tiny.text_hidden, "text_layers": cfg.model.tiny.text_layers},
-        "train": {"micro_batch_size": t.micro_batch_size, "epochs": t.epochs, "learning_rate": t.learning_rate,
-                  "max_seq_len": t.max_seq_len, "audio_encoder": "frozen"},
-        "data": data, "target_ratio": TARGET_RATIO, "settings": settings,
-        "ratio_vs_baseline": {name: round(s["tokens_per_s"] / base, 2) for name, s in settings.items()
-                              if name != "baseline_hf_trainer"},
+        "model": {
+            "family": cfg.model.tiny.family,
+            "audio_d_model": cfg.model.tiny.audio_d_model,
+            "audio_layers": cfg.model.tiny.audio_layers,
+            "text_hidden": cfg.model.tiny.text_hidden,
+            "text_layers": cfg.model.tiny.text_layers,
+        },
+        "train": {
+            "micro_batch_size": t.micro_batch_size,
+            "epochs": t.epochs,
+            "learning_rate": t.learning_rate,
+            "max_seq_len": t.max_seq_len,
+            "audio_encoder": "frozen",
+        },
+        "data": data,
+        "target_ratio": TARGET_RATIO,
+        "settings": settings,
+        "ratio_vs_baseline": {
+            name: round(s["tokens_per_s"] / base, 2)
+            for name, s in settings.items()
+            if name != "baseline_hf_trainer"
+        },
     }
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'setting':34} {'tokens/s':>9} {'ratio':>6} {'padding':>8} {'seconds':>8} {'tokens':>8} {'steps':>6}")
+    print(
+        f"\n{'setting':34} {'tokens/s':>9} {'ratio':>6} {'padding':>8} {'seconds':>8} {'tokens':>8} "
+        f"{'steps':>6}"
+    )
     for name, s in result["settings"].items():
         ratio = result["ratio_vs_baseline"].get(name, 1.0)
         pad = "n/a" if s["padding_share"] is None else f"{s['padding_share']:.1%}"
-        print(f"{name:34} {s['tokens_per_s']:9.0f} {ratio:6.2f} {pad:>8} {s['seconds']:8.1f} {s['tokens']:8d} "
-              f"{s['steps']:6d}")
+        print(
+            f"{name:34} {s['tokens_per_s']:9.0f} {ratio:6.2f} {pad:>8} {s['seconds']:8.1f} {s['tokens']:8d} "
+            f"{s['steps']:6d}"
+        )
     d = result["data"]
-    print(f"rows {d['rows']} ({d['items']} items x {d['traces_per_item']}); reasoning tokens {d['reasoning_tokens']}; "
-          f"target ratio {result['target_ratio']}")
+    print(
+        f"rows {d['rows']} ({d['items']} items x {d['traces_per_item']}); "
+        f"reasoning tokens {d['reasoning_tokens']}; "
+        f"target ratio {result['target_ratio']}"
+    )
 
 
 def main() -> None:
@@ -348,10 +462,16 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64, help="synthetic items (audio clips and prompts)")
     ap.add_argument("--traces-per-item", type=int, default=4)
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=2, help="runs of every setting (round-robin); the fastest counts")
-    ap.add_argument("--family", default=TinyModelConfig.family, help="model family of the tiny model (distill/models)")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="runs of every setting (round-robin); the fastest counts"
+    )
+    ap.add_argument(
+        "--family", default=TinyModelConfig.family, help="model family of the tiny model (distill/models)"
+    )
     ap.add_argument("--zero2", action="store_true", help="also time a 2-rank DeepSpeed ZeRO-2 run of distill")
-    ap.add_argument("--work", help="work folder (model, data, runs; reused when given); default: a temp folder")
+    ap.add_argument(
+        "--work", help="work folder (model, data, runs; reused when given); default: a temp folder"
+    )
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     ap.add_argument("--baseline-worker", help=argparse.SUPPRESS)  # internal: the baseline's own process
     args = ap.parse_args()

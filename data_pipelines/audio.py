@@ -73,8 +73,12 @@ def _truncation_note(extra: str) -> str | None:
     return None
 
 
-def decode_audio(source: str | Path | bytes, name: str | Path | None = None, max_seconds: float = math.inf,
-                 truncate: bool = False) -> tuple[np.ndarray, int]:
+def decode_audio(
+    source: str | Path | bytes,
+    name: str | Path | None = None,
+    max_seconds: float = math.inf,
+    truncate: bool = False,
+) -> tuple[np.ndarray, int]:
     """Decode a file path or raw file bytes to (mono float32, native rate), checking it is whole.
 
     Audio longer than `max_seconds` is refused before it is read (or, with `truncate`, only its
@@ -91,8 +95,9 @@ def decode_audio(source: str | Path | bytes, name: str | Path | None = None, max
             rate, declared = f.samplerate, f.frames
             limit = int(max_seconds * rate) if math.isfinite(max_seconds) else None
             if limit is not None and declared > limit and not truncate:
-                raise AudioError(name, "too_long", f"{declared / rate:.2f} s is longer than the {max_seconds:g} s "
-                                                   "allowed")
+                raise AudioError(
+                    name, "too_long", f"{declared / rate:.2f} s is longer than the {max_seconds:g} s allowed"
+                )
             wanted = min(declared, limit) if limit is not None else declared
             data = f.read(frames=wanted if declared > 0 else -1, dtype="float32", always_2d=True)
     except AudioError:
@@ -107,8 +112,9 @@ def decode_audio(source: str | Path | bytes, name: str | Path | None = None, max
         raise AudioError(name, "empty", "zero-length audio")
     if limit is not None and data.shape[0] > limit:  # a header that did not declare its length
         if not truncate:
-            raise AudioError(name, "too_long", f"{data.shape[0] / rate:.2f} s is longer than the {max_seconds:g} s "
-                                               "allowed")
+            raise AudioError(
+                name, "too_long", f"{data.shape[0] / rate:.2f} s is longer than the {max_seconds:g} s allowed"
+            )
         data = data[:limit]
     mono = data.mean(axis=1)
     if not np.isfinite(mono).all():
@@ -116,7 +122,9 @@ def decode_audio(source: str | Path | bytes, name: str | Path | None = None, max
     return mono, rate
 
 
-def prepare_audio(source: str | Path | bytes, policy: AudioPolicy, name: str | Path | None = None) -> np.ndarray:
+def prepare_audio(
+    source: str | Path | bytes, policy: AudioPolicy, name: str | Path | None = None
+) -> np.ndarray:
     """Decode, check and resample `source` to `policy.sample_rate`, applying the length policy.
 
     Raises AudioError (see decode_audio) or with reason low_rate or silent.
@@ -128,11 +136,16 @@ def prepare_audio(source: str | Path | bytes, policy: AudioPolicy, name: str | P
         mono, rate = decode_audio(source, name, limit, truncate=policy.long_audio == "truncate")
     except AudioError as exc:
         if exc.reason == "too_long":  # name the setting that decides
-            raise AudioError(name, exc.reason, f"{exc.detail} (data.audio.long_audio={policy.long_audio})") from None
+            raise AudioError(
+                name, exc.reason, f"{exc.detail} (data.audio.long_audio={policy.long_audio})"
+            ) from None
         raise
     if rate < policy.min_sample_rate:
-        raise AudioError(name, "low_rate", f"sample rate {rate} Hz is below data.audio.min_sample_rate="
-                                           f"{policy.min_sample_rate}")
+        raise AudioError(
+            name,
+            "low_rate",
+            f"sample rate {rate} Hz is below data.audio.min_sample_rate={policy.min_sample_rate}",
+        )
     if float(np.abs(mono).max()) <= policy.silence_peak:  # after truncation: what the model would hear
         raise AudioError(name, "silent", f"silence only (peak {float(np.abs(mono).max()):.2e})")
     if rate != policy.sample_rate:

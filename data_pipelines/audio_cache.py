@@ -53,8 +53,12 @@ class AudioCache:
         data = Path(path).read_bytes()
         actual = hashlib.sha256(data).hexdigest()
         if sha256 and actual != sha256:
-            raise AudioError(path, "changed", f"the file changed since it was validated (sha256 {sha256[:12]}, now "
-                                              f"{actual[:12]}); validate the data again (a new run)")
+            raise AudioError(
+                path,
+                "changed",
+                f"the file changed since it was validated (sha256 {sha256[:12]}, now "
+                f"{actual[:12]}); validate the data again (a new run)",
+            )
         audio = self._read(self.entry(actual)) if self.root is not None else None
         if audio is not None:
             self.hits += 1

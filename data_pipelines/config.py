@@ -94,38 +94,57 @@ def validate(data: DataConfig) -> None:
     from data_pipelines.synthetic import ANSWER_FORMATS, FAMILIES, family_available
 
     syn, audio = data.synthetic, data.audio
-    check_choices("data.synthetic", syn, {"difficulty": DIFFICULTIES, "cold_start_difficulty": (0, *DIFFICULTIES),
-                                          "answer_format": ANSWER_FORMATS})
+    check_choices(
+        "data.synthetic",
+        syn,
+        {
+            "difficulty": DIFFICULTIES,
+            "cold_start_difficulty": (0, *DIFFICULTIES),
+            "answer_format": ANSWER_FORMATS,
+        },
+    )
     check_choices("data.audio", audio, {"long_audio": LONG_AUDIO_POLICIES})
     check_positive("data", data, ("sample_rate",))
     check_positive("data.synthetic", syn, ("train_items", "eval_items"))
-    check_positive("data.audio", audio, ("max_seconds", "chunk_seconds", "max_chunks", "min_sample_rate", "workers"))
+    check_positive(
+        "data.audio", audio, ("max_seconds", "chunk_seconds", "max_chunks", "min_sample_rate", "workers")
+    )
     check_non_negative("data", data, ("mix_items",))
     check_non_negative("data.audio", audio, ("silence_peak",))
     if not syn.families:
         raise ConfigError("data.synthetic.families: give at least one family")
     if data.cold_start_manifest and not (data.train_manifest or data.train_mix):
-        raise ConfigError("data.cold_start_manifest: needs data.train_manifest (or data.train_mix) and "
-                          "data.eval_manifest too")
+        raise ConfigError(
+            "data.cold_start_manifest: needs data.train_manifest (or data.train_mix) and "
+            "data.eval_manifest too"
+        )
     if data.train_manifest and data.train_mix:
         raise ConfigError("data.train_manifest and data.train_mix: give one or the other")
     if bool(data.train_manifest or data.train_mix) != bool(data.eval_manifest):
-        raise ConfigError("data.train_manifest (or data.train_mix) and data.eval_manifest: give both or neither")
+        raise ConfigError(
+            "data.train_manifest (or data.train_mix) and data.eval_manifest: give both or neither"
+        )
     if data.mix_items and not data.train_mix:
         raise ConfigError("data.mix_items: needs data.train_mix")
     for i, src in enumerate(data.train_mix):
         if src.format not in FORMATS:
-            raise ConfigError(f"data.train_mix[{i}].format={src.format!r}: must be one of {', '.join(FORMATS)}")
+            raise ConfigError(
+                f"data.train_mix[{i}].format={src.format!r}: must be one of {', '.join(FORMATS)}"
+            )
         if src.weight <= 0:
             raise ConfigError(f"data.train_mix[{i}].weight={src.weight!r}: must be positive")
     if audio.long_audio == "chunk" and audio.chunk_seconds > audio.max_seconds:
-        raise ConfigError(f"data.audio.chunk_seconds={audio.chunk_seconds}: must be at most "
-                          f"data.audio.max_seconds={audio.max_seconds}")
+        raise ConfigError(
+            f"data.audio.chunk_seconds={audio.chunk_seconds}: must be at most "
+            f"data.audio.max_seconds={audio.max_seconds}"
+        )
     for name in syn.families:
         if name not in FAMILIES:
             raise ConfigError(
                 f"data.synthetic.families: unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})"
             )
         if not data.train_manifest and not data.train_mix and not family_available(name):
-            raise ConfigError(f"data.synthetic.families: {name!r} needs espeak-ng, which is not installed "
-                              "(apt-get install espeak-ng)")
+            raise ConfigError(
+                f"data.synthetic.families: {name!r} needs espeak-ng, which is not installed "
+                "(apt-get install espeak-ng)"
+            )

@@ -91,7 +91,7 @@ def store_audio_bytes(data: bytes, fmt: str, out_dir: Path) -> tuple[str, str]:
 
 def _inline_audio(value: dict, where: str, inline_dir: Path | None) -> tuple[str, str]:
     if set(value) - {"data", "format"} or not isinstance(value.get("data"), str):
-        raise ManifestError(where, "inline 'audio' must be {\"data\": <base64>, \"format\": \"wav\"}")
+        raise ManifestError(where, 'inline \'audio\' must be {"data": <base64>, "format": "wav"}')
     if inline_dir is None:
         raise ManifestError(where, "inline audio needs a folder to be written to (none was given)")
     try:
@@ -103,8 +103,9 @@ def _inline_audio(value: dict, where: str, inline_dir: Path | None) -> tuple[str
     except ManifestError as exc:
         raise ManifestError(where, exc.detail) from None
     except OSError as exc:
-        raise ManifestError(where, f"cannot write the inline audio to {inline_dir} ({exc.strerror})",
-                            "unreadable") from None
+        raise ManifestError(
+            where, f"cannot write the inline audio to {inline_dir} ({exc.strerror})", "unreadable"
+        ) from None
 
 
 def parse_item(obj: object, where: str, base_dir: Path, inline_dir: Path | None = None) -> Item:
@@ -115,7 +116,9 @@ def parse_item(obj: object, where: str, base_dir: Path, inline_dir: Path | None 
         raise ManifestError(where, f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version", SCHEMA_VERSION)
     if version not in READABLE_VERSIONS:
-        raise ManifestError(where, f"schema_version {version!r} is not supported (readable: {READABLE_VERSIONS})")
+        raise ManifestError(
+            where, f"schema_version {version!r} is not supported (readable: {READABLE_VERSIONS})"
+        )
     known = set(Item.__dataclass_fields__) | {"schema_version"}
     unknown = sorted(set(obj) - known)
     if unknown:
@@ -131,11 +134,16 @@ def parse_item(obj: object, where: str, base_dir: Path, inline_dir: Path | None 
         fields["audio"], audio_sha256 = _inline_audio(fields["audio"], where, inline_dir)
     for key in (*_REQUIRED, "answer"):
         if not isinstance(fields.get(key), str) or not fields[key].strip():
-            raise ManifestError(where, f"field {key!r} is missing or not a non-empty string",
-                                "missing_field" if key not in fields else "malformed")
+            raise ManifestError(
+                where,
+                f"field {key!r} is missing or not a non-empty string",
+                "missing_field" if key not in fields else "malformed",
+            )
     item = Item(**{**fields, "audio_sha256": audio_sha256})
     choices = item.choices
-    if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+    if choices is not None and (
+        not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
+    ):
         raise ManifestError(where, "'choices' must be a list of strings")
     for key in _OPTIONAL_STRINGS:
         if getattr(item, key) is not None and not isinstance(getattr(item, key), str):
@@ -147,8 +155,9 @@ def parse_item(obj: object, where: str, base_dir: Path, inline_dir: Path | None 
     if item.category not in CATEGORIES:
         raise ManifestError(where, f"category {item.category!r} not in {CATEGORIES}")
     if item.choices is not None and item.answer not in item.choices:
-        raise ManifestError(where, f"answer {item.answer!r} is not one of the choices {item.choices}",
-                            "answer_not_in_choices")
+        raise ManifestError(
+            where, f"answer {item.answer!r} is not one of the choices {item.choices}", "answer_not_in_choices"
+        )
     audio = Path(item.audio)
     item.audio = str(audio if audio.is_absolute() else (base_dir / audio).resolve())
     return item
@@ -165,7 +174,9 @@ def read_manifest(path: str | Path) -> list[Item]:
             where = f"{path}:{lineno}"
             item = parse_item(obj, where, path.parent, path.parent / "audio")
             if item.id in seen:
-                raise ManifestError(where, f"duplicate id {item.id!r} (first on line {seen[item.id]})", "duplicate_id")
+                raise ManifestError(
+                    where, f"duplicate id {item.id!r} (first on line {seen[item.id]})", "duplicate_id"
+                )
             seen[item.id] = lineno
             items.append(item)
     except ManifestError:

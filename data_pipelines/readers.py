@@ -61,11 +61,19 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_dict.json").exists():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-            raise ManifestError(str(path), f"a DatasetDict with splits {', '.join(splits)}: give one split's folder "
-                                f"(e.g. {path / splits[0]})" if splits else "an empty DatasetDict", "unreadable_source")
+            raise ManifestError(
+                str(path),
+                f"a DatasetDict with splits {', '.join(splits)}: give one split's folder "
+                f"(e.g. {path / splits[0]})"
+                if splits
+                else "an empty DatasetDict",
+                "unreadable_source",
+            )
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return "hf_disk"
-        raise ManifestError(str(path), "a folder that is not a `datasets` save_to_disk folder", "unreadable_source")
+        raise ManifestError(
+            str(path), "a folder that is not a `datasets` save_to_disk folder", "unreadable_source"
+        )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet"
@@ -75,19 +83,27 @@ def detect_format(path: Path) -> str:
         with path.open(encoding="utf-8-sig", errors="replace") as handle:
             head = handle.read(4096).lstrip()
         return "mmau" if head.startswith("[") else "jsonl"
-    raise ManifestError(str(path), f"cannot tell the format from the name; give one of {FORMATS[1:]}",
-                        "unreadable_source")
+    raise ManifestError(
+        str(path), f"cannot tell the format from the name; give one of {FORMATS[1:]}", "unreadable_source"
+    )
 
 
-def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | None = None,
-                audio_root: str | Path | None = None, inline_dir: str | Path | None = None) -> Iterator[Record]:
+def read_source(
+    path: str | Path,
+    fmt: str = "auto",
+    fields: dict[str, str] | None = None,
+    audio_root: str | Path | None = None,
+    inline_dir: str | Path | None = None,
+) -> Iterator[Record]:
     """Yield the Records of one source. A missing or unreadable source raises ManifestError."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(str(path), "source does not exist", "unreadable_source")
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS[1:]:
-        raise ManifestError(str(path), f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", "unreadable_source")
+        raise ManifestError(
+            str(path), f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", "unreadable_source"
+        )
     # Relative audio paths start at audio_root, else beside the file (or the datasets folder).
     root = Path(audio_root) if audio_root else path.parent
     inline = Path(inline_dir) if inline_dir else root / "audio"
@@ -102,7 +118,9 @@ def read_source(path: str | Path, fmt: str = "auto", fields: dict[str, str] | No
             yield Record(where, error=obj)
             continue
         try:
-            yield Record(where, fields=map_fields(obj, fields or {}, root, inline, where, f"{prefix}-{index}"))
+            yield Record(
+                where, fields=map_fields(obj, fields or {}, root, inline, where, f"{prefix}-{index}")
+            )
         except ManifestError as exc:
             yield Record(where, error=exc.detail, reason=exc.reason)
 
@@ -124,8 +142,11 @@ def _jsonl(path: Path) -> Iterator[Record]:
             except json.JSONDecodeError as exc:
                 yield Record(where, error=f"not valid JSON ({exc.msg})")
                 continue
-            yield Record(where, fields=obj) if isinstance(obj, dict) else Record(
-                where, error=f"expected a JSON object, got {type(obj).__name__}")
+            yield (
+                Record(where, fields=obj)
+                if isinstance(obj, dict)
+                else Record(where, error=f"expected a JSON object, got {type(obj).__name__}")
+            )
 
 
 def _json_list(path: Path) -> Iterator[tuple[str, dict | str]]:
@@ -134,8 +155,9 @@ def _json_list(path: Path) -> Iterator[tuple[str, dict | str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ManifestError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                            "unreadable_source") from None
+        raise ManifestError(
+            str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})", "unreadable_source"
+        ) from None
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):
@@ -198,16 +220,22 @@ def _audio_path(value, root: Path, inline: Path) -> tuple[str, str | None]:
 
             rate = value.get("sampling_rate")
             if not isinstance(rate, int) or rate <= 0:
-                raise ManifestError("", f"audio array without a valid sampling_rate ({rate!r})", "bad_audio_column")
+                raise ManifestError(
+                    "", f"audio array without a valid sampling_rate ({rate!r})", "bad_audio_column"
+                )
             buf = io.BytesIO()
             sf.write(buf, np.asarray(value["array"], dtype=np.float32), rate, format="WAV", subtype="FLOAT")
             return store_audio_bytes(buf.getvalue(), "wav", inline)
         if value.get("path"):
             return _audio_path(value["path"], root, inline)
-    raise ManifestError("", f"no usable audio in the audio column ({type(value).__name__})", "bad_audio_column")
+    raise ManifestError(
+        "", f"no usable audio in the audio column ({type(value).__name__})", "bad_audio_column"
+    )
 
 
-def map_fields(obj: dict, fields: dict[str, str], root: Path, inline: Path, where: str, default_id: str) -> dict:
+def map_fields(
+    obj: dict, fields: dict[str, str], root: Path, inline: Path, where: str, default_id: str
+) -> dict:
     """A foreign record's fields in the item schema (difficulty words -> 1..3, task -> category)."""
     out: dict = {}
     for field in ALIASES:
@@ -217,7 +245,9 @@ def map_fields(obj: dict, fields: dict[str, str], root: Path, inline: Path, wher
     row_id = out.get("id")
     out["id"] = str(row_id) if row_id is not None else default_id
     if "audio" not in out:
-        raise ManifestError(where, "no audio column (give the column in the source's `fields`)", "missing_field")
+        raise ManifestError(
+            where, "no audio column (give the column in the source's `fields`)", "missing_field"
+        )
     out["audio"], sha = _audio_path(out["audio"], root, inline)
     if sha:
         out["audio_sha256"] = sha

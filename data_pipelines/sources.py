@@ -50,23 +50,37 @@ def mix(pools: list[list[Item]], weights: list[float], total: int, seed: int, na
     out: list[Item] = []
     for pool, quota, name, weight in zip(pools, quotas, names, weights, strict=True):
         if quota > len(pool):
-            raise MixError(f"{name}: the mix needs {quota} items at weight {weight:g} but the source has only "
-                           f"{len(pool)} valid items; lower data.mix_items or this source's weight")
+            raise MixError(
+                f"{name}: the mix needs {quota} items at weight {weight:g} but the source has only "
+                f"{len(pool)} valid items; lower data.mix_items or this source's weight"
+            )
         out += [pool[i] for i in sorted(rng.choice(len(pool), size=quota, replace=False))]
     return [out[i] for i in rng.permutation(len(out))] if len(pools) > 1 else out
 
 
-def validate_source(src: Source, cache: AudioCache, inline_dir: Path, workers: int = 1,
-                    seen: dict[str, str] | None = None) -> ValidationReport:
+def validate_source(
+    src: Source, cache: AudioCache, inline_dir: Path, workers: int = 1, seen: dict[str, str] | None = None
+) -> ValidationReport:
     """Read and validate one source (raises ManifestError only when the source itself is unreadable)."""
     records = read_source(src.path, src.format, src.fields, src.audio_root or None, inline_dir)
     base_dir = Path(src.audio_root) if src.audio_root else None
-    return validate_records(records, cache, base_dir=base_dir, inline_dir=inline_dir, workers=workers, seen=seen)
+    return validate_records(
+        records, cache, base_dir=base_dir, inline_dir=inline_dir, workers=workers, seen=seen
+    )
 
 
-def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: Path, *, total: int = 0,
-                seed: int = 0, strict: bool = False, workers: int = 1,
-                held_out_from: list[Item] | None = None) -> list[Item]:
+def build_split(
+    name: str,
+    sources: list[Source],
+    cache: AudioCache,
+    data_dir: Path,
+    *,
+    total: int = 0,
+    seed: int = 0,
+    strict: bool = False,
+    workers: int = 1,
+    held_out_from: list[Item] | None = None,
+) -> list[Item]:
     """The validated, mixed items of split `name`, written to `data_dir/<name>.jsonl` (and the
     rejects to `data_dir/rejects/<name>.jsonl`, counts to `data_dir/stats/<name>.json`) on the
     first call; later calls read the manifest back. Items that have the audio and question of an
@@ -75,13 +89,16 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
     stats_path = data_dir / "stats" / f"{name}.json"
     # What the split is built from: a resume (even one whose config was never saved) must not
     # reuse a split built from other sources or audio settings.
-    recipe = hashlib.sha256(repr(([dataclasses.astuple(s) for s in sources], cache.policy.key(), total, seed))
-                            .encode()).hexdigest()[:16]
+    recipe = hashlib.sha256(
+        repr(([dataclasses.astuple(s) for s in sources], cache.policy.key(), total, seed)).encode()
+    ).hexdigest()[:16]
     if manifest.exists():
         built = read_json(stats_path).get("recipe") if stats_path.exists() else recipe
         if built != recipe:
-            raise MixError(f"{manifest}: built from other sources or audio settings than the config now gives; "
-                           f"delete {data_dir} (or use a new run_name) to rebuild it")
+            raise MixError(
+                f"{manifest}: built from other sources or audio settings than the config now gives; "
+                f"delete {data_dir} (or use a new run_name) to rebuild it"
+            )
         return read_manifest(manifest)
     inline_dir = data_dir / "audio"
     seen: dict[str, str] = {}  # ids are unique across the sources of a split
@@ -91,10 +108,15 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
         for rep in reports:
             leaked = [it for it in rep.items if (it.audio_sha256, it.question) in trained]
             rep.items = [it for it in rep.items if (it.audio_sha256, it.question) not in trained]
-            rep.rejects += [Reject(it.source, "in_train", "the same audio and question are in the train split",
-                                   it.id) for it in leaked]
-    rejects = [{**r.to_json(), "source": src.path} for src, rep in zip(sources, reports, strict=True)
-               for r in rep.rejects]
+            rep.rejects += [
+                Reject(it.source, "in_train", "the same audio and question are in the train split", it.id)
+                for it in leaked
+            ]
+    rejects = [
+        {**r.to_json(), "source": src.path}
+        for src, rep in zip(sources, reports, strict=True)
+        for r in rep.rejects
+    ]
     atomic_write_jsonl(data_dir / "rejects" / f"{name}.jsonl", rejects)
     for src, rep in zip(sources, reports, strict=True):
         print(rep.summary(f"data {name} <- {src.path}"), flush=True)
@@ -106,11 +128,23 @@ def build_split(name: str, sources: list[Source], cache: AudioCache, data_dir: P
     empty = [src.path for src, rep in zip(sources, reports, strict=True) if not rep.items]
     if empty:
         raise MixError(f"{', '.join(empty)}: no valid items (see {data_dir / 'rejects' / f'{name}.jsonl'})")
-    items = mix([r.items for r in reports], [s.weight for s in sources], total, seed, [s.path for s in sources])
+    items = mix(
+        [r.items for r in reports], [s.weight for s in sources], total, seed, [s.path for s in sources]
+    )
     chosen = {it.id for it in items}
-    stats = {"items": len(items), "recipe": recipe, "sources": [
-        {"path": s.path, **r.stats(), "weight": s.weight, "mixed_in": sum(it.id in chosen for it in r.items)}
-        for s, r in zip(sources, reports, strict=True)]}
+    stats = {
+        "items": len(items),
+        "recipe": recipe,
+        "sources": [
+            {
+                "path": s.path,
+                **r.stats(),
+                "weight": s.weight,
+                "mixed_in": sum(it.id in chosen for it in r.items),
+            }
+            for s, r in zip(sources, reports, strict=True)
+        ],
+    }
     atomic_write_json(stats_path, stats)
     write_manifest(manifest, items)  # last: its presence means the split is complete
     return items

@@ -55,21 +55,30 @@ class ValidationReport:
         return dict(Counter(r.reason for r in self.rejects).most_common())
 
     def stats(self) -> dict:
-        return {"items": len(self.items), "rejected": len(self.rejects), "rejected_by_reason": self.by_reason(),
-                "audio_hours": round(self.audio_seconds / 3600, 4), "seconds": round(self.seconds, 2)}
+        return {
+            "items": len(self.items),
+            "rejected": len(self.rejects),
+            "rejected_by_reason": self.by_reason(),
+            "audio_hours": round(self.audio_seconds / 3600, 4),
+            "seconds": round(self.seconds, 2),
+        }
 
     def summary(self, name: str) -> str:
         rate = (len(self.items) + len(self.rejects)) / max(self.seconds, 1e-9)
         reasons = f" {self.by_reason()}" if self.rejects else ""
-        return (f"{name}: {len(self.items)} items valid, {len(self.rejects)} rejected{reasons} "
-                f"({self.audio_seconds / 60:.1f} min of audio) in {self.seconds:.1f}s ({rate:.0f} items/s)")
+        return (
+            f"{name}: {len(self.items)} items valid, {len(self.rejects)} rejected{reasons} "
+            f"({self.audio_seconds / 60:.1f} min of audio) in {self.seconds:.1f}s ({rate:.0f} items/s)"
+        )
 
     def raise_if_strict(self, strict: bool, name: str) -> None:
         if strict and self.rejects:
             first = "\n  ".join(str(r) for r in self.rejects[:5])
             more = f"\n  ... and {len(self.rejects) - 5} more" if len(self.rejects) > 5 else ""
-            raise ValidationError(f"{name}: {len(self.rejects)} bad item(s) with strict validation "
-                                  f"(data.strict=true):\n  {first}{more}")
+            raise ValidationError(
+                f"{name}: {len(self.rejects)} bad item(s) with strict validation "
+                f"(data.strict=true):\n  {first}{more}"
+            )
 
 
 def _check_audio(item: Item, where: str, cache: AudioCache) -> tuple[Item, float] | Reject:
@@ -84,9 +93,14 @@ def _check_audio(item: Item, where: str, cache: AudioCache) -> tuple[Item, float
     return item, len(audio) / cache.policy.sample_rate
 
 
-def validate_records(records: Iterable[Record], cache: AudioCache, base_dir: Path | None = None,
-                     inline_dir: Path | None = None, workers: int = 1,
-                     seen: dict[str, str] | None = None) -> ValidationReport:
+def validate_records(
+    records: Iterable[Record],
+    cache: AudioCache,
+    base_dir: Path | None = None,
+    inline_dir: Path | None = None,
+    workers: int = 1,
+    seen: dict[str, str] | None = None,
+) -> ValidationReport:
     """Check records against the schema, for duplicate ids, and their audio; never raises for a
     bad item. `base_dir` resolves relative audio paths of distill manifests (default: the
     record's own folder); `workers` threads decode audio in parallel; `seen` (id -> where) carries
@@ -104,20 +118,33 @@ def validate_records(records: Iterable[Record], cache: AudioCache, base_dir: Pat
             item = parse_item(rec.fields, rec.where, folder, inline_dir or folder / "audio")
         except ManifestError as exc:
             item_id = rec.fields.get("id") if isinstance(rec.fields, dict) else None
-            report.rejects.append(Reject(rec.where, exc.reason, exc.detail, None if item_id is None else str(item_id)))
+            report.rejects.append(
+                Reject(rec.where, exc.reason, exc.detail, None if item_id is None else str(item_id))
+            )
             continue
         item.source = item.source or rec.where
         if item.id in seen:
-            report.rejects.append(Reject(rec.where, "duplicate_id", f"duplicate id {item.id!r} (first at "
-                                                                    f"{seen[item.id]})", item.id))
+            report.rejects.append(
+                Reject(
+                    rec.where, "duplicate_id", f"duplicate id {item.id!r} (first at {seen[item.id]})", item.id
+                )
+            )
             continue
         seen[item.id] = rec.where
         parsed.append((item, rec.where))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         checks = pool.map(lambda p: _check_audio(p[0], p[1], cache), parsed)
         # A bar only where it helps: thousands of files take a while, a handful do not.
-        results = list(tqdm(checks, total=len(parsed), desc="validate audio", unit="item", mininterval=1.0,
-                            disable=len(parsed) < PROGRESS_FROM))
+        results = list(
+            tqdm(
+                checks,
+                total=len(parsed),
+                desc="validate audio",
+                unit="item",
+                mininterval=1.0,
+                disable=len(parsed) < PROGRESS_FROM,
+            )
+        )
     for result in results:
         if isinstance(result, Reject):
             report.rejects.append(result)

@@ -19,9 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("config")
     p_run.add_argument("overrides", nargs="*", help="key=value config overrides")
 
-    p_stage = sub.add_parser("stage", help="run stages of one round (e.g. a Slurm array task sampling a shard)")
-    p_stage.add_argument("stage", type=stage_list, help=f"one of {', '.join(STAGE_NAMES)}, or several in order "
-                                                        "joined by commas (export,eval: one engine for both)")
+    p_stage = sub.add_parser(
+        "stage", help="run stages of one round (e.g. a Slurm array task sampling a shard)"
+    )
+    p_stage.add_argument(
+        "stage",
+        type=stage_list,
+        help=f"one of {', '.join(STAGE_NAMES)}, or several in order "
+        "joined by commas (export,eval: one engine for both)",
+    )
     p_stage.add_argument("config")
     p_stage.add_argument("--round", type=int, required=True)
     p_stage.add_argument("overrides", nargs="*")
@@ -30,43 +36,71 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
     p_eval.add_argument("overrides", nargs="*", help="eval.key=value overrides (e.g. eval.k=8)")
 
-    p_export = sub.add_parser("export", help="export a trained round: its model directory for vLLM and the hub, "
-                                              "the gate, the model card, the serve command (export.* overrides allowed)")
+    p_export = sub.add_parser(
+        "export",
+        help="export a trained round: its model directory for vLLM and the hub, "
+        "the gate, the model card, the serve command (export.* overrides allowed)",
+    )
     p_export.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
     p_export.add_argument("overrides", nargs="*", help="export.key=value overrides (e.g. export.probes=8)")
 
     p_report = sub.add_parser("report", help="write a self-contained HTML report of a run")
     p_report.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
     p_report.add_argument("--out", default="", help="output file (default: RUN_DIR/report.html)")
-    p_report.add_argument("--samples", type=int, default=3, help="sample traces shown per round, with their audio")
+    p_report.add_argument(
+        "--samples", type=int, default=3, help="sample traces shown per round, with their audio"
+    )
 
     p_status = sub.add_parser("status", help="where a run stands: stages, shards, the running stage's ETA")
     p_status.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
 
     p_slurm = sub.add_parser("slurm", help="run the loop as Slurm jobs")
     slurm_sub = p_slurm.add_subparsers(dest="slurm_command", required=True)
-    p_submit = slurm_sub.add_parser("submit", help="submit the missing jobs of rounds up to --rounds, chained "
-                                                   "with afterok (re-run it after a failure: only what is missing goes)")
+    p_submit = slurm_sub.add_parser(
+        "submit",
+        help="submit the missing jobs of rounds up to --rounds, chained "
+        "with afterok (re-run it after a failure: only what is missing goes)",
+    )
     p_submit.add_argument("config")
     p_submit.add_argument("--rounds", type=int, required=True)
-    p_submit.add_argument("--dry-run", action="store_true", help="print the plan and the scripts, submit nothing")
-    p_submit.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. slurm.partition=gpu)")
+    p_submit.add_argument(
+        "--dry-run", action="store_true", help="print the plan and the scripts, submit nothing"
+    )
+    p_submit.add_argument(
+        "overrides", nargs="*", help="key=value config overrides (e.g. slurm.partition=gpu)"
+    )
 
     p_push = sub.add_parser("push", help="upload a round's exported model (and kept traces) to the HF Hub")
     p_push.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
-    p_push.add_argument("--repo-id", required=True, help="model repository; the round goes to branch round-NNN")
-    p_push.add_argument("--dataset-repo-id", default="", help="also push the kept traces and their audio here")
-    p_push.add_argument("--public", action="store_true", help="create new repositories public (default: private)")
-    p_push.add_argument("--dry-run", action="store_true", help="print the files and the branch, upload nothing")
+    p_push.add_argument(
+        "--repo-id", required=True, help="model repository; the round goes to branch round-NNN"
+    )
+    p_push.add_argument(
+        "--dataset-repo-id", default="", help="also push the kept traces and their audio here"
+    )
+    p_push.add_argument(
+        "--public", action="store_true", help="create new repositories public (default: private)"
+    )
+    p_push.add_argument(
+        "--dry-run", action="store_true", help="print the files and the branch, upload nothing"
+    )
 
-    p_tiny = sub.add_parser("make-tiny-model", help="build a tiny random model of a supported family that vLLM loads")
+    p_tiny = sub.add_parser(
+        "make-tiny-model", help="build a tiny random model of a supported family that vLLM loads"
+    )
     p_tiny.add_argument("out")
-    p_tiny.add_argument("--family", default=TinyModelConfig.family, help="model family (distill/models): %(default)s")
+    p_tiny.add_argument(
+        "--family", default=TinyModelConfig.family, help="model family (distill/models): %(default)s"
+    )
 
-    p_data = sub.add_parser("data", help="check or convert item sources (JSONL, MMAU JSON, datasets, parquet)")
+    p_data = sub.add_parser(
+        "data", help="check or convert item sources (JSONL, MMAU JSON, datasets, parquet)"
+    )
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
-    for name, text in (("validate", "report every bad item (file, line, reason); exit 1 if any"),
-                       ("import", "convert a source to a distill JSONL manifest, setting bad items aside")):
+    for name, text in (
+        ("validate", "report every bad item (file, line, reason); exit 1 if any"),
+        ("import", "convert a source to a distill JSONL manifest, setting bad items aside"),
+    ):
         p = data_sub.add_parser(name, help=text)
         p.add_argument("source", help="manifest .jsonl, MMAU-style .json, save_to_disk folder or .parquet")
         if name == "import":
@@ -75,12 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--rejects", help="also write the rejects as JSONL here")
         p.add_argument("--format", default="auto", help="auto, jsonl, mmau, hf_disk or parquet")
-        p.add_argument("--audio-root", default="", help="folder relative audio paths start from (default: the "
-                                                         "source's folder)")
-        p.add_argument("--field", action="append", default=[], metavar="ITEM_FIELD=COLUMN",
-                       help="map a column the readers do not know (e.g. --field question=prompt_text)")
+        p.add_argument(
+            "--audio-root",
+            default="",
+            help="folder relative audio paths start from (default: the source's folder)",
+        )
+        p.add_argument(
+            "--field",
+            action="append",
+            default=[],
+            metavar="ITEM_FIELD=COLUMN",
+            help="map a column the readers do not know (e.g. --field question=prompt_text)",
+        )
         p.add_argument("--config", help="config whose data.audio policy and data.sample_rate apply")
-        p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.audio.max_seconds=10)")
+        p.add_argument(
+            "overrides", nargs="*", help="key=value config overrides (e.g. data.audio.max_seconds=10)"
+        )
     return parser
 
 
@@ -95,8 +139,9 @@ def data_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--field {bad[0]!r}: expected ITEM_FIELD=COLUMN")
     overrides = [*args.overrides, *(["data.strict=true"] if getattr(args, "strict", False) else [])]
     data = load_data_config(args.config, overrides)
-    source = Source(args.source, args.format, fields=dict(f.split("=", 1) for f in args.field),
-                    audio_root=args.audio_root)
+    source = Source(
+        args.source, args.format, fields=dict(f.split("=", 1) for f in args.field), audio_root=args.audio_root
+    )
     if args.data_command == "validate":
         return validate_command(data, source, Path(args.rejects) if args.rejects else None)
     return import_command(data, source, Path(args.out))
@@ -107,7 +152,9 @@ def stage_list(value: str) -> list[str]:
     stages = value.split(",")
     bad = [x for x in stages if x not in STAGE_NAMES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad)} (known: {', '.join(STAGE_NAMES)})")
+        raise argparse.ArgumentTypeError(
+            f"unknown stage(s) {', '.join(bad)} (known: {', '.join(STAGE_NAMES)})"
+        )
     return stages
 
 
@@ -156,8 +203,10 @@ def engine_command(args: argparse.Namespace) -> int:
         rd = round_dir_arg(args.round_dir)
         bad = [o for o in args.overrides if not o.startswith(f"{args.command}.")]
         if bad:
-            raise ConfigError(f"{bad[0]}: distill {args.command} takes {args.command}.* overrides only (the rest is "
-                              "the run's)")
+            raise ConfigError(
+                f"{bad[0]}: distill {args.command} takes {args.command}.* overrides only (the rest is "
+                "the run's)"
+            )
         cfg = load_config(rd.path.parent / "config.yaml", args.overrides)
         run = loop.RunDir(rd.path.parent)
         if args.command == "eval":

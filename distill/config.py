@@ -149,31 +149,47 @@ def _validate(cfg: Config) -> None:
 
     max_model_len = cfg.engine.max_model_len
     if cfg.sample.backend == "server" and cfg.grounding.enabled:
-        raise ConfigError("sample.backend=server with grounding.enabled: grounding scores traces with the round's "
-                          "model in an offline vLLM engine, which a served-only model does not have; set "
-                          "grounding.enabled=false")
+        raise ConfigError(
+            "sample.backend=server with grounding.enabled: grounding scores traces with the round's "
+            "model in an offline vLLM engine, which a served-only model does not have; set "
+            "grounding.enabled=false"
+        )
     for section, tcfg in (("train", cfg.train), ("cold_start.train", cfg.cold_start.train)):
         if tcfg.max_seq_len < max_model_len:
             # A sampled trace fills up to max_model_len; a shorter training window would cut it.
-            raise ConfigError(f"{section}.max_seq_len={tcfg.max_seq_len}: must be >= engine.max_model_len="
-                              f"{max_model_len}")
+            raise ConfigError(
+                f"{section}.max_seq_len={tcfg.max_seq_len}: must be >= engine.max_model_len={max_model_len}"
+            )
         if tcfg.num_processes % cfg.slurm.train_nodes:
-            raise ConfigError(f"{section}.num_processes={tcfg.num_processes}: must be a multiple of "
-                              f"slurm.train_nodes={cfg.slurm.train_nodes} (the same number of processes on every "
-                              "node)")
-    for key, tokens in (("sample.max_tokens", cfg.sample.max_tokens), ("eval.max_tokens", cfg.eval.max_tokens)):
+            raise ConfigError(
+                f"{section}.num_processes={tcfg.num_processes}: must be a multiple of "
+                f"slurm.train_nodes={cfg.slurm.train_nodes} (the same number of processes on every "
+                "node)"
+            )
+    for key, tokens in (
+        ("sample.max_tokens", cfg.sample.max_tokens),
+        ("eval.max_tokens", cfg.eval.max_tokens),
+    ):
         if tokens >= max_model_len:
-            raise ConfigError(f"{key}={tokens}: must be below engine.max_model_len={max_model_len}, which also holds "
-                              "the prompt and audio tokens")
+            raise ConfigError(
+                f"{key}={tokens}: must be below engine.max_model_len={max_model_len}, which also holds "
+                "the prompt and audio tokens"
+            )
     if cfg.grounding.enabled and cfg.grounding.probe_max_tokens >= max_model_len:
-        raise ConfigError(f"grounding.probe_max_tokens={cfg.grounding.probe_max_tokens}: must be below "
-                          f"engine.max_model_len={max_model_len}")
+        raise ConfigError(
+            f"grounding.probe_max_tokens={cfg.grounding.probe_max_tokens}: must be below "
+            f"engine.max_model_len={max_model_len}"
+        )
     answered = cfg.eval.max_tokens + cfg.eval.answer_max_tokens
     if answered >= max_model_len:
-        raise ConfigError(f"eval.max_tokens + eval.answer_max_tokens = {answered}: must be below "
-                          f"engine.max_model_len={max_model_len} (a budget-cut trace is answered after its reasoning)")
+        raise ConfigError(
+            f"eval.max_tokens + eval.answer_max_tokens = {answered}: must be below "
+            f"engine.max_model_len={max_model_len} (a budget-cut trace is answered after its reasoning)"
+        )
     if cfg.sample.skip_solved and "correct" not in cfg.filter.checks:
-        raise ConfigError("sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)")
+        raise ConfigError(
+            "sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)"
+        )
 
 
 def _validate_slurm(sl: SlurmConfig) -> None:
@@ -182,7 +198,9 @@ def _validate_slurm(sl: SlurmConfig) -> None:
     for key in ("time_sample", "time_filter", "time_train", "time_eval"):
         value = getattr(sl, key)
         if not re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", value):
-            raise ConfigError(f"slurm.{key}={value!r}: not a Slurm time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+            raise ConfigError(
+                f"slurm.{key}={value!r}: not a Slurm time limit (minutes, H:MM:SS or D-HH:MM:SS)"
+            )
     bad = [a for a in sl.extra_args if not a.startswith("-")]
     if bad:
         raise ConfigError(f"slurm.extra_args: {bad[0]!r} is not an sbatch option (e.g. --constraint=h100)")
@@ -194,10 +212,16 @@ def _validate_slurm(sl: SlurmConfig) -> None:
 # its own, and the train section's hold for the cold start's train section too.
 RESUMABLE_CHANGES = frozenset(
     f"{section}.{key}"
-    for section, keys in (("loop", ("rounds",)), ("wandb", ("mode", "project")), ("data", DATA_RESUMABLE),
-                          ("sample", SAMPLE_RESUMABLE), ("grounding", GROUNDING_RESUMABLE),
-                          ("filter", FILTER_RESUMABLE), ("train", TRAIN_RESUMABLE),
-                          ("cold_start.train", TRAIN_RESUMABLE))
+    for section, keys in (
+        ("loop", ("rounds",)),
+        ("wandb", ("mode", "project")),
+        ("data", DATA_RESUMABLE),
+        ("sample", SAMPLE_RESUMABLE),
+        ("grounding", GROUNDING_RESUMABLE),
+        ("filter", FILTER_RESUMABLE),
+        ("train", TRAIN_RESUMABLE),
+        ("cold_start.train", TRAIN_RESUMABLE),
+    )
     for key in keys
 )
 # Whole sections a resume may change: where and how jobs are scheduled.

@@ -30,9 +30,15 @@ from distill.models.registry import family_of
 
 def audio_policy(data: DataConfig) -> AudioPolicy:
     a = data.audio
-    return AudioPolicy(sample_rate=data.sample_rate, max_seconds=a.max_seconds, long_audio=a.long_audio,
-                       chunk_seconds=a.chunk_seconds, max_chunks=a.max_chunks, min_sample_rate=a.min_sample_rate,
-                       silence_peak=a.silence_peak)
+    return AudioPolicy(
+        sample_rate=data.sample_rate,
+        max_seconds=a.max_seconds,
+        long_audio=a.long_audio,
+        chunk_seconds=a.chunk_seconds,
+        max_chunks=a.max_chunks,
+        min_sample_rate=a.min_sample_rate,
+        silence_peak=a.silence_peak,
+    )
 
 
 def audio_cache(cfg: Config) -> AudioCache:
@@ -59,26 +65,37 @@ def check_model_audio(cfg: Config, model_dir: Path) -> None:
     fe = config.get("feature_extractor", config)
     rate = fe.get("sampling_rate")
     if rate and rate != cfg.data.sample_rate:
-        raise ConfigError(f"data.sample_rate={cfg.data.sample_rate}: the model's feature extractor ({path}) takes "
-                          f"{rate} Hz; set data.sample_rate={rate}")
+        raise ConfigError(
+            f"data.sample_rate={cfg.data.sample_rate}: the model's feature extractor ({path}) takes "
+            f"{rate} Hz; set data.sample_rate={rate}"
+        )
     a = cfg.data.audio
-    item_key, item_seconds = ("data.audio.chunk_seconds", a.chunk_seconds) if a.long_audio == "chunk" else (
-        "data.audio.max_seconds", a.max_seconds)
+    item_key, item_seconds = (
+        ("data.audio.chunk_seconds", a.chunk_seconds)
+        if a.long_audio == "chunk"
+        else ("data.audio.max_seconds", a.max_seconds)
+    )
     family = family_of(model_dir)
     limit = family.max_item_seconds(fe)
     if item_seconds > limit:
-        raise ConfigError(f"{item_key}={item_seconds:g}: {family.title} ({path}) reads at most {limit:g} s per audio "
-                          f"item and would cut the rest silently; use at most {limit:g}, or data.audio.long_audio=chunk")
+        raise ConfigError(
+            f"{item_key}={item_seconds:g}: {family.title} ({path}) reads at most {limit:g} s per audio "
+            f"item and would cut the rest silently; use at most {limit:g}, or data.audio.long_audio=chunk"
+        )
     items = max_audio_items(cfg.data)
     if family.max_audio_items is not None and items > family.max_audio_items:
-        raise ConfigError(f"data.audio.max_chunks={items}: {family.title} takes at most {family.max_audio_items} audio "
-                          "item(s) per prompt; lower it")
+        raise ConfigError(
+            f"data.audio.max_chunks={items}: {family.title} takes at most {family.max_audio_items} audio "
+            "item(s) per prompt; lower it"
+        )
     per_item = family.audio_tokens_per_item(item_seconds, fe)
     budget = max(cfg.sample.max_tokens, cfg.eval.max_tokens + cfg.eval.answer_max_tokens)
     if items * per_item + budget >= cfg.engine.max_model_len:
-        raise ConfigError(f"engine.max_model_len={cfg.engine.max_model_len}: {items} audio item(s) of up to "
-                          f"{per_item} tokens each plus {budget} new tokens do not fit; raise it or lower "
-                          "data.audio.max_chunks")
+        raise ConfigError(
+            f"engine.max_model_len={cfg.engine.max_model_len}: {items} audio item(s) of up to "
+            f"{per_item} tokens each plus {budget} new tokens do not fit; raise it or lower "
+            "data.audio.max_chunks"
+        )
 
 
 @dataclass
@@ -107,8 +124,16 @@ def prepare_benchmarks(cfg: Config, data_dir: Path, train: list[Item]) -> dict[s
     cache = audio_cache(cfg)
     for bench in cfg.eval.benchmarks:
         source = Source(bench.path, bench.format, fields=dict(bench.fields), audio_root=bench.audio_root)
-        items = build_split(f"benchmark-{bench.name}", [source], cache=cache, data_dir=data_dir,
-                            strict=cfg.data.strict, workers=cfg.data.audio.workers, seed=cfg.seed, held_out_from=train)
+        items = build_split(
+            f"benchmark-{bench.name}",
+            [source],
+            cache=cache,
+            data_dir=data_dir,
+            strict=cfg.data.strict,
+            workers=cfg.data.audio.workers,
+            seed=cfg.seed,
+            held_out_from=train,
+        )
         out[bench.name] = items[: bench.max_items or None]
     return out
 
@@ -117,13 +142,24 @@ def prepare_splits(cfg: Config, data_dir: Path) -> Datasets:
     """The train, eval and cold-start splits."""
     d = cfg.data
     cache = audio_cache(cfg)
-    common = {"cache": cache, "data_dir": data_dir, "strict": d.strict, "workers": d.audio.workers, "seed": cfg.seed}
+    common = {
+        "cache": cache,
+        "data_dir": data_dir,
+        "strict": d.strict,
+        "workers": d.audio.workers,
+        "seed": cfg.seed,
+    }
     if d.train_manifest or d.train_mix:
-        train_sources = [Source(s.path, s.format, s.weight, dict(s.fields), s.audio_root) for s in d.train_mix] \
-            or _source(d.train_manifest)
+        train_sources = [
+            Source(s.path, s.format, s.weight, dict(s.fields), s.audio_root) for s in d.train_mix
+        ] or _source(d.train_manifest)
         train = build_split("train", train_sources, total=d.mix_items, **common)
         evals = build_split("eval", _source(d.eval_manifest), held_out_from=train, **common)
-        cold = build_split("cold_start", _source(d.cold_start_manifest), **common) if d.cold_start_manifest else train
+        cold = (
+            build_split("cold_start", _source(d.cold_start_manifest), **common)
+            if d.cold_start_manifest
+            else train
+        )
         return Datasets(train, evals, cold)
     syn = d.synthetic
     splits = {"train": (syn.train_items, syn.difficulty), "eval": (syn.eval_items, syn.difficulty)}
@@ -133,11 +169,19 @@ def prepare_splits(cfg: Config, data_dir: Path) -> Datasets:
     for split, (n, difficulty) in splits.items():
         generated = data_dir / "synthetic" / f"{split}.jsonl"
         if not (data_dir / f"{split}.jsonl").exists() and not generated.exists():
-            write_manifest(generated, generate_split(data_dir, split, syn.families, n, syn.seed, difficulty,
-                                                     d.sample_rate, syn.answer_format))
+            write_manifest(
+                generated,
+                generate_split(
+                    data_dir, split, syn.families, n, syn.seed, difficulty, d.sample_rate, syn.answer_format
+                ),
+            )
         # Synthetic audio goes through the same validation (and cache) as any other source.
-        items[split] = build_split(split, _source(str(generated)), held_out_from=items.get("train") if split == "eval"
-                                   else None, **common)
+        items[split] = build_split(
+            split,
+            _source(str(generated)),
+            held_out_from=items.get("train") if split == "eval" else None,
+            **common,
+        )
     return Datasets(items["train"], items["eval"], items.get("cold_start", items["train"]))
 
 
@@ -171,5 +215,8 @@ def import_command(data: DataConfig, source: Source, out: Path) -> int:
     if not report.items:
         raise ValueError(f"{source.path}: no valid items (see {rejects})")
     write_manifest(out, report.items)
-    print(report.summary(f"import {source.path} -> {out}") + (f"; rejects in {rejects}" if report.rejects else ""))
+    print(
+        report.summary(f"import {source.path} -> {out}")
+        + (f"; rejects in {rejects}" if report.rejects else "")
+    )
     return 0

@@ -49,7 +49,8 @@ def check_resume(cfg: Config, run: RunDir) -> None:
         changed = [k for k in config_diff(saved, cfg) if not resumable(k)]
         if changed:
             raise ConfigError(
-                f"{run.config}: this run was started with a different config; changed key(s): {', '.join(changed)}. "
+                f"{run.config}: this run was started with a different config; "
+                f"changed key(s): {', '.join(changed)}. "
                 "Use a new run_name, or revert those keys to resume."
             )
 
@@ -58,7 +59,9 @@ def ensure_base_model(cfg: Config) -> Path:
     path = Path(cfg.model.path)
     if not (path / "config.json").exists():
         if not cfg.model.build_tiny:
-            raise FileNotFoundError(f"model.path={path}: no model there (set model.build_tiny=true for a tiny one)")
+            raise FileNotFoundError(
+                f"model.path={path}: no model there (set model.build_tiny=true for a tiny one)"
+            )
         print(f"model: building a tiny random {family_named(cfg.model.tiny.family).title} at {path}")
         build_tiny_model(path, cfg.model.tiny)
     return path
@@ -70,8 +73,10 @@ def input_model(cfg: Config, run: RunDir, index: int) -> Path:
         return Path(cfg.model.path)
     prev = run.round(index - 1)
     if not prev.is_done("export"):
-        raise RuntimeError(f"round {index} needs round {index - 1}'s exported model, but {prev.path} is at "
-                           f"stage {prev.last_stage()!r}")
+        raise RuntimeError(
+            f"round {index} needs round {index - 1}'s exported model, but {prev.path} is at "
+            f"stage {prev.last_stage()!r}"
+        )
     return prev.model_dir
 
 
@@ -102,7 +107,9 @@ def run_stage(cfg: Config, run: RunDir, index: int, stage: str, data: Datasets, 
         return execute_stage(cfg, run, rd, stage_named(stage), data, engines)
 
 
-def execute_stage(cfg: Config, run: RunDir, rd: RoundDir, stage: Stage, data: Datasets, engines: EngineCache) -> bool:
+def execute_stage(
+    cfg: Config, run: RunDir, rd: RoundDir, stage: Stage, data: Datasets, engines: EngineCache
+) -> bool:
     """The work of one stage, then its stats and marker; False while other shards or nodes owe their part."""
     start = time.time()
     print(f"\n== round {rd.index}: {stage.name} ==", flush=True)
@@ -119,7 +126,9 @@ def evaluate_round(cfg: Config, run: RunDir, index: int) -> dict:
     its eval.json, stats and the run's metrics are rewritten. The round must have passed export."""
     rd = run.round(index)
     if not rd.is_done("export"):
-        raise StageOrderError(f"{rd.path}: eval needs the exported model (last finished stage: {rd.last_stage()!r})")
+        raise StageOrderError(
+            f"{rd.path}: eval needs the exported model (last finished stage: {rd.last_stage()!r})"
+        )
     with unit_lock(run.path, RUN_UNIT, exclusive=False), unit_lock(run.path, f"{rd.path.name}.eval"):
         data = prepare_data(cfg, run.data_dir)
         start = time.time()
@@ -156,7 +165,9 @@ def run_round(cfg: Config, run: RunDir, index: int, data: Datasets, engines: Eng
 
 
 def wandb_logger(cfg: Config, run: RunDir) -> WandbLogger:
-    return WandbLogger(run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return WandbLogger(
+        run, cfg.wandb.mode, cfg.wandb.project, config=OmegaConf.to_container(OmegaConf.structured(cfg))
+    )
 
 
 def finish_round(cfg: Config, run: RunDir, rd: RoundDir, logger: WandbLogger | None = None) -> None:
@@ -186,7 +197,10 @@ def run_stages(cfg: Config, index: int, stages: list[str]) -> bool:
         with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
             for stage in stages:
                 done = run_stage(cfg, run, index, stage, data, engines)
-                print(f"round {index} {stage}: {'done' if done else 'this part done; other shards or nodes owe theirs'}")
+                print(
+                    f"round {index} {stage}: "
+                    f"{'done' if done else 'this part done; other shards or nodes owe theirs'}"
+                )
                 if not done:
                     return False
         if "eval" in stages:

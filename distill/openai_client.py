@@ -41,8 +41,10 @@ def wav_base64(audio: np.ndarray, sample_rate: int) -> str:
 
 def audio_parts(audio: np.ndarray, sample_rate: int, chunk_seconds: float = MAX_CHUNK_SECONDS) -> list[dict]:
     """`input_audio` content parts of a waveform, cut into pieces of at most `chunk_seconds`."""
-    return [{"type": "input_audio", "input_audio": {"data": wav_base64(piece, sample_rate), "format": "wav"}}
-            for piece in split_chunks(audio, int(chunk_seconds * sample_rate))]
+    return [
+        {"type": "input_audio", "input_audio": {"data": wav_base64(piece, sample_rate), "format": "wav"}}
+        for piece in split_chunks(audio, int(chunk_seconds * sample_rate))
+    ]
 
 
 @dataclass
@@ -68,8 +70,13 @@ class ChatClient:
         key = os.environ.get(endpoint.api_key_env, "")
         # Per request, so that it overrides any Authorization of OPENAI_CUSTOM_HEADERS; no key, no header.
         self.headers = {"Authorization": f"Bearer {key}" if key else Omit()}
-        self.client = OpenAI(base_url=self.base_url, api_key=key or "unused", timeout=endpoint.timeout_s,
-                             max_retries=0, default_headers={"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()})
+        self.client = OpenAI(
+            base_url=self.base_url,
+            api_key=key or "unused",
+            timeout=endpoint.timeout_s,
+            max_retries=0,
+            default_headers={"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()},
+        )
         try:
             self.model = endpoint.model or self._first_model()
         except BaseException:
@@ -82,8 +89,10 @@ class ChatClient:
         try:
             return self.client.models.list(extra_headers=self.headers).data[0].id
         except (openai.OpenAIError, AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise RuntimeError(f"cannot list the models of {self.base_url} ({exc}); is the server up? "
-                               "Name the model in the config to skip the lookup") from None
+            raise RuntimeError(
+                f"cannot list the models of {self.base_url} ({exc}); is the server up? "
+                "Name the model in the config to skip the lookup"
+            ) from None
 
     def chat(self, body: dict) -> ChatReply:
         """POST /chat/completions (with "model" added), retrying what a retry may fix.
@@ -101,8 +110,9 @@ class ChatClient:
         reason = "error"
         for attempt in range(1, self.retries + 2):
             try:
-                text = self.client.post("/chat/completions", cast_to=str, body=body,
-                                        options={"headers": self.headers})
+                text = self.client.post(
+                    "/chat/completions", cast_to=str, body=body, options={"headers": self.headers}
+                )
                 try:
                     return ChatReply(json.loads(text), None, attempt, text[:500])
                 except ValueError:

@@ -36,15 +36,30 @@ from distill.core.stages import Stage, round_stages, stage_named
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "launch" / "templates"
 # Slurm states of a job that has not ended (squeue --states=all reports ended ones for MinJobAge).
-ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
-                           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"})
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "CONFIGURING",
+        "COMPLETING",
+        "REQUEUED",
+        "RESIZING",
+        "SUSPENDED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+    }
+)
 # A pending job whose dependency failed never runs (unless the cluster cancels it itself).
 NEVER = "DependencyNeverSatisfied"
 
 
 @dataclass
 class Job:
-    """One job of the plan: the stages it runs for one round, the shards of an array job, and what it waits for."""
+    """One job of the plan: the stages it runs for one round, the shards of an array job, and what it
+    waits for."""
 
     round: int
     kind: str  # sample, ground, filter, train, eval
@@ -99,10 +114,17 @@ def queue_states(job_ids: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     if not job_ids:
         return {}
     try:
-        done = subprocess.run(["squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"],
-                              capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            ["squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     except FileNotFoundError:
-        raise RuntimeError("squeue not found: distill slurm needs the Slurm client commands on PATH") from None
+        raise RuntimeError(
+            "squeue not found: distill slurm needs the Slurm client commands on PATH"
+        ) from None
     if done.returncode != 0:
         raise RuntimeError(f"squeue failed: {done.stderr.strip()}")
     wanted = set(job_ids)
@@ -204,15 +226,22 @@ def render(template: str, fields: dict[str, str], source: Path) -> str:
     does not know is an error (a typo would otherwise submit a broken script)."""
     unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", template)) - fields.keys())
     if unknown:
-        raise ValueError(f"{source}: unknown template field(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+        raise ValueError(
+            f"{source}: unknown template field(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})"
+        )
     return re.sub(r"\{\{(\w+)\}\}", lambda m: fields[m.group(1)], template)
 
 
 def sbatch_options(cfg: Config, gpus: int) -> str:
     sl = cfg.slurm
-    opts = [f"--partition={sl.partition}" if sl.partition else "", f"--account={sl.account}" if sl.account else "",
-            f"--qos={sl.qos}" if sl.qos else "", f"--mem={sl.mem}" if sl.mem else "",
-            f"--gpus-per-node={gpus}" if gpus else "", *sl.extra_args]
+    opts = [
+        f"--partition={sl.partition}" if sl.partition else "",
+        f"--account={sl.account}" if sl.account else "",
+        f"--qos={sl.qos}" if sl.qos else "",
+        f"--mem={sl.mem}" if sl.mem else "",
+        f"--gpus-per-node={gpus}" if gpus else "",
+        *sl.extra_args,
+    ]
     return "\n".join(f"#SBATCH {o}" for o in opts if o)
 
 
@@ -224,8 +253,16 @@ def script(cfg: Config, run: RunDir, job: Job) -> str:
     multi_node = any(s.multi_node for s in stages)
     name = "train.sbatch" if multi_node else "stage.sbatch"
     python = sl.python or sys.executable
-    command = [python, "-m", "distill.cli", "stage", ",".join(job.stages), str(run.config.resolve()),
-               "--round", str(job.round)]
+    command = [
+        python,
+        "-m",
+        "distill.cli",
+        "stage",
+        ",".join(job.stages),
+        str(run.config.resolve()),
+        "--round",
+        str(job.round),
+    ]
     shard = " sample.shard_index=$SLURM_ARRAY_TASK_ID" if job.shards is not None else ""
     logs = (run.path / "slurm" / "logs").resolve()
     fields = {
@@ -236,9 +273,14 @@ def script(cfg: Config, run: RunDir, job: Job) -> str:
         "nodes": str(sl.train_nodes),
         "workdir": str(Path.cwd()),
         # Training takes every GPU of its nodes; a vLLM engine (sampling, grounding, eval) runs on one.
-        "sbatch_options": sbatch_options(cfg, sl.gpus_per_node if multi_node else
-                                         min(1, sl.gpus_per_node) if any(s.engine and s.enabled(cfg) for s in stages)
-                                         else 0),
+        "sbatch_options": sbatch_options(
+            cfg,
+            sl.gpus_per_node
+            if multi_node
+            else min(1, sl.gpus_per_node)
+            if any(s.engine and s.enabled(cfg) for s in stages)
+            else 0,
+        ),
         "setup": "\n".join(sl.setup),
         "main_process_port": str(sl.main_process_port),
         "command": shlex.join(command) + shard,
@@ -272,11 +314,16 @@ def submit(cfg: Config, run: RunDir, rounds: int, dry_run: bool = False) -> list
     planned = plan(cfg, run, rounds, queued)
     cancel = [*doomed, *planned.cancel]
     kept = {key: [q for q in qs if q.job_id not in cancel] for key, qs in queued.items()}
-    lines = [f"queued from an earlier submission: {key} job {', '.join(q.job_id for q in qs)}"
-             for key, qs in sorted(kept.items()) if qs]
+    lines = [
+        f"queued from an earlier submission: {key} job {', '.join(q.job_id for q in qs)}"
+        for key, qs in sorted(kept.items())
+        if qs
+    ]
     if cancel:
-        lines.append(f"{'would cancel' if dry_run else 'cancelled'} job(s) {', '.join(cancel)}: they wait for jobs "
-                     "that failed or are being replaced")
+        lines.append(
+            f"{'would cancel' if dry_run else 'cancelled'} job(s) {', '.join(cancel)}: they wait for jobs "
+            "that failed or are being replaced"
+        )
         if not dry_run:
             subprocess.run(["scancel", *cancel], capture_output=True, check=False)
     if not planned.jobs:
@@ -295,14 +342,28 @@ def submit(cfg: Config, run: RunDir, rounds: int, dry_run: bool = False) -> list
         atomic_write_text(path, text)
         done = subprocess.run(["sbatch", *args, str(path)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"sbatch {path} failed: {done.stderr.strip()} (jobs submitted before it: "
-                               f"{', '.join(ids.values()) or 'none'}; run the same command again to continue)")
+            raise RuntimeError(
+                f"sbatch {path} failed: {done.stderr.strip()} (jobs submitted before it: "
+                f"{', '.join(ids.values()) or 'none'}; run the same command again to continue)"
+            )
         job.job_id = done.stdout.strip().split(";")[0]
         ids[job.key] = job.job_id
         with jobs_file(run).open("a") as handle:  # appended job by job: a failure midway loses nothing
-            handle.write(json.dumps({"key": job.key, "job_id": job.job_id, "round": job.round, "kind": job.kind,
-                                     "stages": job.stages, "shards": job.shards, "script": str(path),
-                                     "submitted": time.time()}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "key": job.key,
+                        "job_id": job.job_id,
+                        "round": job.round,
+                        "kind": job.kind,
+                        "stages": job.stages,
+                        "shards": job.shards,
+                        "script": str(path),
+                        "submitted": time.time(),
+                    }
+                )
+                + "\n"
+            )
         lines.append(f"submitted {describe(job)} as job {job.job_id}")
     return lines
 

@@ -79,11 +79,16 @@ def train_progress(rd: RoundDir, now: float) -> str:
     text = f"step {step}/{total}, loss {lines[-1]['loss']:.4f}"
     # Seconds per step from this process's log (elapsed_s restarts when a resumed stage starts).
     timed = [r for r in lines if "elapsed_s" in r]
-    run_start = max((i for i in range(1, len(timed)) if timed[i]["elapsed_s"] < timed[i - 1]["elapsed_s"]), default=0)
+    run_start = max(
+        (i for i in range(1, len(timed)) if timed[i]["elapsed_s"] < timed[i - 1]["elapsed_s"]), default=0
+    )
     timed = timed[run_start:]
     if len(timed) >= 2 and step < total:
         per_step = (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"]) / (timed[-1]["step"] - timed[0]["step"])
-        text += f", {per_step:.2f} s/step, ETA {_duration(per_step * (total - step) - (now - log.stat().st_mtime))}"
+        text += (
+            f", {per_step:.2f} s/step, "
+            f"ETA {_duration(per_step * (total - step) - (now - log.stat().st_mtime))}"
+        )
     return text
 
 
@@ -96,9 +101,14 @@ def round_status(run: RunDir, rd: RoundDir, shards: int, now: float) -> list[str
     lines = [head]
     ev = stats.get("eval")
     if ev:
-        lines.append(f"  held-out accuracy {ev['accuracy']:.1%}" +
-                     (f", maj@{ev['k']} {ev['majority_accuracy']:.1%}" if ev.get("majority_accuracy") is not None
-                      else ""))
+        lines.append(
+            f"  held-out accuracy {ev['accuracy']:.1%}"
+            + (
+                f", maj@{ev['k']} {ev['majority_accuracy']:.1%}"
+                if ev.get("majority_accuracy") is not None
+                else ""
+            )
+        )
     if len(done) == len(rd.stages):
         return lines
     stage = stage_named(rd.stages[len(done)])
@@ -124,8 +134,12 @@ def run_status(run_dir: Path) -> str:
     first = 0 if saved.cold_start.enabled else 1
     now = time.time()
     rounds = run.rounds()
-    lines = [(f"run {run.path}: {len(rounds)} of {rounds_wanted + 1 - first} round(s) started "
-              f"(loop.rounds={rounds_wanted})")]
+    lines = [
+        (
+            f"run {run.path}: {len(rounds)} of {rounds_wanted + 1 - first} round(s) started "
+            f"(loop.rounds={rounds_wanted})"
+        )
+    ]
     for rd in rounds:
         lines.extend(round_status(run, rd, shards, now))
     if not rounds or (rounds[-1].is_done("eval") and rounds[-1].index < rounds_wanted):
@@ -138,4 +152,3 @@ def run_status(run_dir: Path) -> str:
     if jobs:
         lines += ["Slurm jobs (RUN/slurm/jobs.jsonl):", *jobs]
     return "\n".join(lines)
-

@@ -48,8 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, nargs="+", help="SFT rows (JSONL: audio, prompt, completion)")
     p.add_argument("--model", required=True, help="initial model directory")
     p.add_argument("--out", required=True, help="output folder; the checkpoint lands in OUT/final")
-    p.add_argument("--section", default="train", choices=["train", "cold_start.train"],
-                   help="which TrainConfig of the config to use")
+    p.add_argument(
+        "--section",
+        default="train",
+        choices=["train", "cold_start.train"],
+        help="which TrainConfig of the config to use",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
 
@@ -81,7 +85,9 @@ class Setup:
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """Every rank's micro batches of an epoch, padded to whole optimizer steps."""
         tcfg, world = self.tcfg, self.accelerator.num_processes
-        batches = plan_epoch(self.dataset.lengths, tcfg.micro_batch_size, tcfg.seed, epoch, tcfg.group_by_length)
+        batches = plan_epoch(
+            self.dataset.lengths, tcfg.micro_batch_size, tcfg.seed, epoch, tcfg.group_by_length
+        )
         return pad_plan(batches, world, tcfg.grad_accum)
 
 
@@ -100,9 +106,18 @@ def set_up(args: argparse.Namespace, cfg: Config, tcfg: TrainConfig) -> Setup:
 
     processor = AutoProcessor.from_pretrained(args.model)
     cache = audio_cache(cfg)
-    rows, mix_stats = build_mix(load_rows(args.data), list(tcfg.mix), cfg, processor.tokenizer, cache, tcfg.seed)
-    dataset = SFTDataset(rows, processor, cache, tcfg.max_seq_len, tcfg.answer_loss_weight,
-                         cfg.sample.generation_prefix, partial(family.serving_audio, processor.feature_extractor))
+    rows, mix_stats = build_mix(
+        load_rows(args.data), list(tcfg.mix), cfg, processor.tokenizer, cache, tcfg.seed
+    )
+    dataset = SFTDataset(
+        rows,
+        processor,
+        cache,
+        tcfg.max_seq_len,
+        tcfg.answer_loss_weight,
+        cfg.sample.generation_prefix,
+        partial(family.serving_audio, processor.feature_extractor),
+    )
     attention = attention_implementation(tcfg, accelerator.device.type == "cuda")
     # flash-attention keeps samples apart only in a batch of one row (varlen over its sequences):
     # a micro batch packs into a single row there; under a mask, into rows of max_seq_len.
@@ -115,16 +130,42 @@ def set_up(args: argparse.Namespace, cfg: Config, tcfg: TrainConfig) -> Setup:
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
     # What a saved state belongs to: resuming it under another plan would train other batches.
-    plan = {"world": world, "micro_batch_size": tcfg.micro_batch_size, "grad_accum": tcfg.grad_accum,
-            "seed": tcfg.seed, "total_steps": total_steps, "group_by_length": tcfg.group_by_length,
-            "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
+    plan = {
+        "world": world,
+        "micro_batch_size": tcfg.micro_batch_size,
+        "grad_accum": tcfg.grad_accum,
+        "seed": tcfg.seed,
+        "total_steps": total_steps,
+        "group_by_length": tcfg.group_by_length,
+        "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+    }
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_count = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3 loads them partitioned
+    trainable_count = sum(
+        getattr(p, "ds_numel", p.numel()) for p in trainable
+    )  # ZeRO-3 loads them partitioned
     model, optimizer, scheduler = prepare_optimizer(accelerator, model, trainable, tcfg, total_steps)
-    return Setup(args, tcfg, Path(args.out), accelerator, family, rows, mix_stats, dataset, model, optimizer,
-                 scheduler, trainable, trainable_count, attention, use_packing(tcfg, attention), capacity,
-                 processor.tokenizer.pad_token_id, plan, steps_per_epoch)
+    return Setup(
+        args,
+        tcfg,
+        Path(args.out),
+        accelerator,
+        family,
+        rows,
+        mix_stats,
+        dataset,
+        model,
+        optimizer,
+        scheduler,
+        trainable,
+        trainable_count,
+        attention,
+        use_packing(tcfg, attention),
+        capacity,
+        processor.tokenizer.pad_token_id,
+        plan,
+        steps_per_epoch,
+    )
 
 
 @dataclass
@@ -145,8 +186,12 @@ def train(s: Setup, step: int) -> Progress:
     from tqdm import tqdm
 
     accelerator, tcfg, out, plan = s.accelerator, s.tcfg, s.out, s.plan
-    rank, world, accum, total_steps = accelerator.process_index, accelerator.num_processes, tcfg.grad_accum, \
-        plan["total_steps"]
+    rank, world, accum, total_steps = (
+        accelerator.process_index,
+        accelerator.num_processes,
+        tcfg.grad_accum,
+        plan["total_steps"],
+    )
     main_proc, device = accelerator.is_main_process, accelerator.device
     log_path = out / "log.jsonl"
     if main_proc:
@@ -164,11 +209,18 @@ def train(s: Setup, step: int) -> Progress:
             batch = collate([s.dataset[i] for i in mine[index]], s.pad_id, s.packing, s.capacity)
             normalizer = step_normalizer(padded, s.dataset.target_weights, index // accum, world, accum)
             with accelerator.accumulate(s.model):
-                loss = s.model(**{k: batch[k].to(device) for k in ("input_ids", "position_ids", "labels", "weights",
-                                                                   "row_weights")},
-                               attention_mask=None if batch["attention_mask"] is None
-                               else batch["attention_mask"].to(device),
-                               audio=batch["audio"], audio_keys=batch["audio_keys"], normalizer=normalizer)
+                loss = s.model(
+                    **{
+                        k: batch[k].to(device)
+                        for k in ("input_ids", "position_ids", "labels", "weights", "row_weights")
+                    },
+                    attention_mask=None
+                    if batch["attention_mask"] is None
+                    else batch["attention_mask"].to(device),
+                    audio=batch["audio"],
+                    audio_keys=batch["audio_keys"],
+                    normalizer=normalizer,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg.zero_stage == 0 and tcfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(s.trainable, tcfg.max_grad_norm)  # DeepSpeed clips itself
@@ -183,12 +235,23 @@ def train(s: Setup, step: int) -> Progress:
             lr = s.optimizer.param_groups[0]["lr"]
             s.scheduler.step()
             # Each micro batch's loss is its share of the step's loss, scaled by world x accum.
-            progress.loss = accelerator.reduce(torch.stack(losses).sum(), reduction="sum").item() / (world * accum)
+            progress.loss = accelerator.reduce(torch.stack(losses).sum(), reduction="sum").item() / (
+                world * accum
+            )
             losses.clear()
             if main_proc:
                 with log_path.open("a") as handle:
-                    handle.write(json.dumps({"step": progress.step, "loss": progress.loss, "lr": lr,
-                                             "elapsed_s": round(time.time() - start, 3)}) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "step": progress.step,
+                                "loss": progress.loss,
+                                "lr": lr,
+                                "elapsed_s": round(time.time() - start, 3),
+                            }
+                        )
+                        + "\n"
+                    )
             bar.set_postfix(loss=f"{progress.loss:.4f}")
             bar.update(1)
             if tcfg.save_steps and progress.step % tcfg.save_steps == 0 and progress.step < total_steps:
@@ -205,8 +268,10 @@ def save(s: Setup, progress: Progress) -> None:
     accelerator, tcfg, out = s.accelerator, s.tcfg, s.out
     encoder_cache = accelerator.unwrap_model(s.model).cache
     hits, misses = (encoder_cache.hits, encoder_cache.misses) if encoder_cache else (0, 0)
-    counts = accelerator.reduce(torch.tensor([progress.tokens, progress.positions, hits, misses],
-                                             device=accelerator.device), reduction="sum")
+    counts = accelerator.reduce(
+        torch.tensor([progress.tokens, progress.positions, hits, misses], device=accelerator.device),
+        reduction="sum",
+    )
     tokens, positions, hits, misses = (int(x) for x in counts)
     state = accelerator.get_state_dict(s.model)  # a collective under ZeRO-3: every rank takes part
     if not accelerator.is_main_process:
@@ -221,22 +286,37 @@ def save(s: Setup, progress: Progress) -> None:
     s.family.save(inner, tmp, state)
     elapsed, loss = progress.seconds, progress.loss
     summary = {
-        "model": s.args.model, "data": s.args.data, "steps": progress.step,
-        "resumed_from_step": progress.resumed_at or None, "rows": len(s.rows), "mix": s.mix_stats,
+        "model": s.args.model,
+        "data": s.args.data,
+        "steps": progress.step,
+        "resumed_from_step": progress.resumed_at or None,
+        "rows": len(s.rows),
+        "mix": s.mix_stats,
         # tokens, seconds and the cache counts cover this process's run (after a resume: its part).
-        "tokens": tokens, "padded_tokens": positions, "padding_share": round(1 - tokens / max(positions, 1), 4),
-        "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "final_loss": loss,
-        "processes": accelerator.num_processes, "zero_stage": tcfg.zero_stage,
-        "offload_optimizer": tcfg.offload_optimizer, "optimizer": basic_optimizer_name(s.optimizer),
-        "packing": s.packing, "attention": s.attention, "lora": tcfg.lora.enabled,
-        "mixed_precision": mixed_precision(tcfg), "trainable_parameters": s.trainable_count,
+        "tokens": tokens,
+        "padded_tokens": positions,
+        "padding_share": round(1 - tokens / max(positions, 1), 4),
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+        "final_loss": loss,
+        "processes": accelerator.num_processes,
+        "zero_stage": tcfg.zero_stage,
+        "offload_optimizer": tcfg.offload_optimizer,
+        "optimizer": basic_optimizer_name(s.optimizer),
+        "packing": s.packing,
+        "attention": s.attention,
+        "lora": tcfg.lora.enabled,
+        "mixed_precision": mixed_precision(tcfg),
+        "trainable_parameters": s.trainable_count,
         "encoder_cache": {"hits": hits, "misses": misses} if encoder_cache else None,
     }
     (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tmp.rename(out / "final")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    print(f"train: {progress.step} steps, {len(s.rows)} rows, {tokens} tokens in {elapsed:.1f}s "
-          f"({summary['tokens_per_s']} tok/s, {summary['padding_share']:.1%} padding), final loss {loss}")
+    print(
+        f"train: {progress.step} steps, {len(s.rows)} rows, {tokens} tokens in {elapsed:.1f}s "
+        f"({summary['tokens_per_s']} tok/s, {summary['padding_share']:.1%} padding), final loss {loss}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,7 +350,11 @@ if __name__ == "__main__":
     except Exception as exc:
         if not lost_peers(exc):
             raise
-        print(f"train: rank {os.environ.get('RANK', '?')} lost contact with the other ranks and stops: "
-              f"{str(exc).splitlines()[0]}\nAnother rank died or hangs (its output says why); a rank waits for "
-              "its peers at most train.collective_timeout_s seconds.", file=sys.stderr, flush=True)
+        print(
+            f"train: rank {os.environ.get('RANK', '?')} lost contact with the other ranks and stops: "
+            f"{str(exc).splitlines()[0]}\nAnother rank died or hangs (its output says why); a rank waits for "
+            "its peers at most train.collective_timeout_s seconds.",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)  # the process group's destructors would wait on the lost peers

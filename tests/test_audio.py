@@ -47,8 +47,10 @@ def bad_files(folder: Path) -> dict[str, Path]:
 POLICY = AudioPolicy(sample_rate=RATE, max_seconds=2.0)
 
 
-@pytest.mark.parametrize("reason", ["unreadable", "truncated", "empty", "nonfinite", "silent", "low_rate",
-                                    "too_long", "missing_file"])
+@pytest.mark.parametrize(
+    "reason",
+    ["unreadable", "truncated", "empty", "nonfinite", "silent", "low_rate", "too_long", "missing_file"],
+)
 def test_each_bad_file_is_rejected_with_its_reason(tmp_path, reason):
     path = bad_files(tmp_path)[reason]
     with pytest.raises(AudioError) as err:

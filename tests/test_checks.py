@@ -31,7 +31,9 @@ def test_check_format(text, reason):
 
 
 def test_min_reasoning_chars():
-    assert check_format(split_trace("<think>ab</think>high"), min_reasoning_chars=3) == "format:empty_reasoning"
+    assert (
+        check_format(split_trace("<think>ab</think>high"), min_reasoning_chars=3) == "format:empty_reasoning"
+    )
     assert check_format(split_trace("<think>abc</think>high"), min_reasoning_chars=3) is None
 
 
@@ -111,7 +113,9 @@ def test_check_language_allows_the_question_scripts():
 def test_check_degeneration():
     from distill.filter.checks import check_degeneration
 
-    prose = " ".join(f"step {i}: the tone near {100 + i} Hz is compared with the boundary." for i in range(40))
+    prose = " ".join(
+        f"step {i}: the tone near {100 + i} Hz is compared with the boundary." for i in range(40)
+    )
     assert check_degeneration(f"<think>\n{prose}\n</think>\nhigh") is None
     loop = "<think>\nThe tone is high. " + "I think the tone is high, so " * 30 + "\n</think>\nhigh"
     assert check_degeneration(loop) == "degenerate:loop"
@@ -152,15 +156,34 @@ def test_check_self_cognition(text, flagged):
 @pytest.mark.parametrize(
     ("text", "reference", "choices", "reason"),
     [
-        ("<think>\nThe tone is near 900 Hz, so the pitch is high.\n</think>\nhigh", "high", ["high", "low"], None),
-        ("<think>\nThe tone is near 900 Hz, so the pitch is high.\n</think>\nlow", "high", ["high", "low"],
-         "format:disagree"),
+        (
+            "<think>\nThe tone is near 900 Hz, so the pitch is high.\n</think>\nhigh",
+            "high",
+            ["high", "low"],
+            None,
+        ),
+        (
+            "<think>\nThe tone is near 900 Hz, so the pitch is high.\n</think>\nlow",
+            "high",
+            ["high", "low"],
+            "format:disagree",
+        ),
         ("<think>\nNot low at all; the pitch is high.\n</think>\nA", "high", ["high", "low"], None),
-        ("<think>\nIt sounds like something.\n</think>\nhigh", "high", ["high", "low"], None),  # names nothing
+        (
+            "<think>\nIt sounds like something.\n</think>\nhigh",
+            "high",
+            ["high", "low"],
+            None,
+        ),  # names nothing
         ("<think>\nI count 4 onsets in 1.2 s.\n</think>\n4", "4", None, None),
         ("<think>\nI count 4 onsets in 1.2 s.\n</think>\n3", "4", None, "format:disagree"),
         ("<think>\nA dog, I think.\n</think>\ncat", "cat", None, None),  # free text: not judged
-        ("<think>\nSo the answer is very low.\n</think>\nvery low", "very low", ["low", "very low", "high"], None),
+        (
+            "<think>\nSo the answer is very low.\n</think>\nvery low",
+            "very low",
+            ["low", "very low", "high"],
+            None,
+        ),
         ("<think>\nThe tone is at 1,200 Hz.\n</think>\n1200 Hz", "1200 Hz", None, None),
         ("<think>\nIt lasts 500 ms.\n</think>\n0.5 s", "0.5 s", None, None),
     ],
@@ -175,9 +198,13 @@ def test_check_agreement(text, reference, choices, reason):
 def test_check_correct_with_tag_tolerance_and_verifier():
     from distill.filter.answers import Tolerance
 
-    assert check_correct(extract_answer("<think>x</think>\n<answer>0.5 s</answer>", "answer"), "500 ms") is None
-    assert check_correct(extract_answer("<think>x</think>\n<answer>445 Hz</answer>", "answer"), "440 Hz") \
+    assert (
+        check_correct(extract_answer("<think>x</think>\n<answer>0.5 s</answer>", "answer"), "500 ms") is None
+    )
+    assert (
+        check_correct(extract_answer("<think>x</think>\n<answer>445 Hz</answer>", "answer"), "440 Hz")
         == "answer:wrong"
+    )
     assert check_correct("445 Hz", "440 Hz", tol=Tolerance(rel_tol=0.05)) is None
     seen = []
 
@@ -198,7 +225,12 @@ def test_judge_reply_parsing():
 
 
 def test_split_trace_fast_path_agrees_with_the_exact_one():
-    for text in ["<think>I overthink> it</think>B", GOOD, "<think>a</think>b</think>c", " <think>x</think> y"]:
+    for text in [
+        "<think>I overthink> it</think>B",
+        GOOD,
+        "<think>a</think>b</think>c",
+        " <think>x</think> y",
+    ]:
         exact = split_trace(text)
         if text.count("<") == 2:  # the only case in which the filter takes the fast path
             assert split_trace(text, tags_unique=True) == exact, text

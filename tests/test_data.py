@@ -39,12 +39,24 @@ def test_prepare_audio_rejects_garbage(tmp_path):
     [
         ("{not json", "not valid JSON"),
         ('{"id": "a", "audio": "x.wav", "question": "q"}', "no reference answer"),
-        ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "c", "choices": ["a", "b"]}', "not one of the choices"),
+        (
+            '{"id": "a", "audio": "x.wav", "question": "q", "answer": "c", "choices": ["a", "b"]}',
+            "not one of the choices",
+        ),
         ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "colour": 1}', "unknown field"),
-        ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "schema_version": 9}', "schema_version"),
-        ('[1, 2]', "expected a JSON object"),
-        ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "choices": "abc"}', "list of strings"),
-        ('{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "reasoning": "no tags"}', "'reasoning' must"),
+        (
+            '{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "schema_version": 9}',
+            "schema_version",
+        ),
+        ("[1, 2]", "expected a JSON object"),
+        (
+            '{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "choices": "abc"}',
+            "list of strings",
+        ),
+        (
+            '{"id": "a", "audio": "x.wav", "question": "q", "answer": "a", "reasoning": "no tags"}',
+            "'reasoning' must",
+        ),
     ],
 )
 def test_manifest_errors_name_file_and_line(tmp_path, line, reason):

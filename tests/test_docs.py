@@ -36,7 +36,18 @@ SEPARATORS = {"&&", "||", ";", "|", "&"}
 PYTHON = re.compile(r"(^|/)python(3(\.\d+)?)?$")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 # Backticked text that is not a config key although it starts like one (file names).
-FILE_SUFFIXES = (".json", ".jsonl", ".yaml", ".py", ".md", ".html", ".txt", ".sbatch", ".jinja", ".safetensors")
+FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".yaml",
+    ".py",
+    ".md",
+    ".html",
+    ".txt",
+    ".sbatch",
+    ".jinja",
+    ".safetensors",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +149,7 @@ def without_brackets(tokens: list[str]) -> list[str]:
 
 # --- the config schema --------------------------------------------------------------------------
 
+
 @functools.cache
 def schema() -> dict:
     """Config keys as a nested dict; a dict-valued field (its own keys are free) maps to None."""
@@ -164,7 +176,7 @@ def key_problem(key: str) -> str | None:
         if node is None:  # inside a dict-valued field: any key
             return None
         if node == "leaf" or part not in node:
-            return f"{'.'.join(parts[:i + 1])} is not a config key"
+            return f"{'.'.join(parts[: i + 1])} is not a config key"
         node = node[part]
     return None  # a leaf, or a whole group (`train.lora`)
 
@@ -186,10 +198,14 @@ def override_keys(tokens: list[str]) -> list[str]:
 
 # --- what each kind of command must satisfy -----------------------------------------------------
 
+
 def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
+    return subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 # `distill WORDS --help` for every subcommand the docs name, all in one fresh process (one
@@ -239,15 +255,21 @@ def script_options(script: str) -> set[str]:
     """The option strings a script's argparse parser declares (read from its source: the benchmarks'
     imports take seconds, which a --help would pay for each)."""
     tree = ast.parse((REPO / script).read_text(), script)
-    return {arg.value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
-            for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)}
+    return {
+        arg.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+    }
 
 
 @functools.cache
 def dev_sh_cases() -> set[str]:
     text = (REPO / "scripts" / "dev.sh").read_text()
-    body = text[text.index('case "$cmd" in'):text.index("esac")]
+    body = text[text.index('case "$cmd" in') : text.index("esac")]
     cases = set()
     for m in re.finditer(r"^\s*([a-z][a-z|-]*)\)", body, re.MULTILINE):
         cases.update(m.group(1).split("|"))
@@ -298,7 +320,9 @@ def check_segment(cmd: Command, tokens: list[str]) -> list[str]:
         problems += check_distill(cmd, args)
     elif prog == "scripts/dev.sh":
         if not args or args[0] not in dev_sh_cases():
-            problems.append(f"{cmd.where}: scripts/dev.sh has no case {args[:1]} (it has {sorted(dev_sh_cases())})")
+            problems.append(
+                f"{cmd.where}: scripts/dev.sh has no case {args[:1]} (it has {sorted(dev_sh_cases())})"
+            )
     elif PYTHON.search(prog) and args and args[0].endswith(".py"):
         script = args[0]
         if script.startswith(REPO_DIRS) and (REPO / script).is_file():
@@ -338,6 +362,7 @@ def test_every_command_runs_as_written(cmd: Command):
 
 
 # --- links, config keys in the text, references from the code -----------------------------------
+
 
 def prose(text: str) -> str:
     """The text without fenced blocks and inline code."""
@@ -388,7 +413,9 @@ def names_code(span: str) -> bool:
     if (package / f"{second}.py").is_file():
         return True
     for module in (package.with_suffix(".py"), package / "__init__.py"):
-        if module.is_file() and re.search(rf"^(def|class) {second}\b|^{second}\b\s*[:=]", module.read_text(), re.MULTILINE):
+        if module.is_file() and re.search(
+            rf"^(def|class) {second}\b|^{second}\b\s*[:=]", module.read_text(), re.MULTILINE
+        ):
             return True
     return False
 
@@ -399,8 +426,12 @@ def test_config_keys_named_in_the_text_exist(doc: Path):
     problems = []
     for span in set(re.findall(r"`([^`\n]+)`", text)):
         m = re.fullmatch(r"([a-z_]+(?:\.[a-z0-9_]+)+)(=.*)?", span)
-        if (not m or m.group(1).split(".")[0] not in schema() or is_placeholder(m.group(1))
-                or m.group(1).endswith(FILE_SUFFIXES)):
+        if (
+            not m
+            or m.group(1).split(".")[0] not in schema()
+            or is_placeholder(m.group(1))
+            or m.group(1).endswith(FILE_SUFFIXES)
+        ):
             continue
         if (why := key_problem(m.group(1))) and not names_code(m.group(1)):
             problems.append(f"{rel(doc)}: `{span}`: {why}")
@@ -409,9 +440,15 @@ def test_config_keys_named_in_the_text_exist(doc: Path):
 
 def test_docs_named_in_the_code_exist():
     problems = []
-    for path in [*REPO.glob("distill/**/*.py"), *REPO.glob("data_pipelines/**/*.py"), *REPO.glob("bench/*.py"),
-                 *REPO.glob("configs/*.yaml"), *REPO.glob("scripts/*"), *REPO.glob("launch/**/*"),
-                 REPO / "pyproject.toml"]:
+    for path in [
+        *REPO.glob("distill/**/*.py"),
+        *REPO.glob("data_pipelines/**/*.py"),
+        *REPO.glob("bench/*.py"),
+        *REPO.glob("configs/*.yaml"),
+        *REPO.glob("scripts/*"),
+        *REPO.glob("launch/**/*"),
+        REPO / "pyproject.toml",
+    ]:
         if not path.is_file():
             continue
         text = path.read_text(errors="replace")

@@ -25,24 +25,47 @@ pytestmark = pytest.mark.e2e
 # Small but real: the cold start must teach the format well enough that round 1's filter keeps
 # traces (a round that keeps none stops the loop with an error, as it should).
 TINY_RUN = [
-    "data.synthetic.train_items=12", "data.synthetic.eval_items=8", "sample.n=4", "sample.max_tokens=48",
-    "sample.temperature=0.7", "sample.num_shards=3", "eval.max_tokens=48", "eval.budgets=[0,16,48]", "eval.k=2",
-    "cold_start.train.epochs=100", "cold_start.train.max_steps=60", "cold_start.train.micro_batch_size=4",
-    "cold_start.train.learning_rate=2e-3", "train.epochs=10", "train.max_steps=2", "train.micro_batch_size=2",
+    "data.synthetic.train_items=12",
+    "data.synthetic.eval_items=8",
+    "sample.n=4",
+    "sample.max_tokens=48",
+    "sample.temperature=0.7",
+    "sample.num_shards=3",
+    "eval.max_tokens=48",
+    "eval.budgets=[0,16,48]",
+    "eval.k=2",
+    "cold_start.train.epochs=100",
+    "cold_start.train.max_steps=60",
+    "cold_start.train.micro_batch_size=4",
+    "cold_start.train.learning_rate=2e-3",
+    "train.epochs=10",
+    "train.max_steps=2",
+    "train.micro_batch_size=2",
     "loop.rounds=2",
 ]
 
 
 def run_command(out: Path, *overrides: str, config: str | Path = "configs/demo_cpu.yaml") -> list[str]:
-    return [sys.executable, "-m", "distill.cli", "run", str(config), f"output_dir={out}", *TINY_RUN, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "distill.cli",
+        "run",
+        str(config),
+        f"output_dir={out}",
+        *TINY_RUN,
+        *overrides,
+    ]
 
 
-def distill_run(out: Path, *overrides: str, config: str | Path = "configs/demo_cpu.yaml",
-                **popen) -> subprocess.Popen:
+def distill_run(
+    out: Path, *overrides: str, config: str | Path = "configs/demo_cpu.yaml", **popen
+) -> subprocess.Popen:
     """Start `distill run`; its output goes to a file (a pipe nobody reads would fill and block it)."""
     log = (out / "run.log").open("a")
-    proc = subprocess.Popen(run_command(out, *overrides, config=config), stdout=log, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+    proc = subprocess.Popen(
+        run_command(out, *overrides, config=config), stdout=log, stderr=subprocess.STDOUT, text=True, **popen
+    )
     proc.log_path = out / "run.log"  # type: ignore[attr-defined]
     return proc
 
@@ -64,11 +87,15 @@ def traces(round_dir: Path) -> list[dict]:
 
 def outcome(run: Path) -> dict:
     """What a finished run produced, round by round: weights, kept traces, loss, held-out accuracy."""
-    return {rd.name: {"weights": read_json(rd / "model" / "distill_export.json")["weights_sha256"],
-                      "kept": read_json(rd / "stats" / "filter.json")["kept"],
-                      "final_loss": read_json(rd / "stats" / "train.json")["final_loss"],
-                      "accuracy": read_json(rd / "eval.json")["accuracy"]}
-            for rd in sorted(run.glob("round_*"))}
+    return {
+        rd.name: {
+            "weights": read_json(rd / "model" / "distill_export.json")["weights_sha256"],
+            "kept": read_json(rd / "stats" / "filter.json")["kept"],
+            "final_loss": read_json(rd / "stats" / "train.json")["final_loss"],
+            "accuracy": read_json(rd / "eval.json")["accuracy"],
+        }
+        for rd in sorted(run.glob("round_*"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +132,20 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
         assert list(ev["budgets"]) == ["0", "16", "48"] and ev["budgets"]["48"] >= ev["accuracy"]
         assert set(ev["grounding"]["gap_by_kind"]) == {"silence", "swap"}
         # A budget costs an answer only where it cut the trace; the others keep their own answer.
-        cut = sum(1 for a in answers for b in (0, 16, 48) if a["reasoning_tokens"] is None or a["reasoning_tokens"] > b)
+        cut = sum(
+            1
+            for a in answers
+            for b in (0, 16, 48)
+            if a["reasoning_tokens"] is None or a["reasoning_tokens"] > b
+        )
         assert ev["requests"]["budget_answers"] == cut and ev["requests"]["samples"] == 8 * 2
         assert all(list(a["budgets"]) == ["0", "16", "48"] and len(a["samples"]) == 2 for a in answers)
         for f in ("chat_template.jinja", "tokenizer.json", "processor_config.json", "config.json"):
             assert (rd / "model" / f).exists(), f
         # The gate held vLLM to transformers; the card gained the held-out numbers after eval.
-        assert export["agreement"]["mean_abs_diff"] < 0.05 and export["serve"].startswith(shlex.join(serve_launcher()))
+        assert export["agreement"]["mean_abs_diff"] < 0.05 and export["serve"].startswith(
+            shlex.join(serve_launcher())
+        )
         assert f"Held-out accuracy {ev['accuracy']:.1%}" in (rd / "model" / "README.md").read_text()
     assert len(set(hashes.values())) == 3, "every round must train new weights"
     for i in (1, 2):
@@ -132,7 +166,9 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
         ground = read_json(run / f"round_{i:03d}" / "stats" / "ground.json")
         assert ground["items"] == 12 and set(ground["probe_accuracy"]) == {"real", "silence", "noise", "swap"}
         assert len(list((run / f"round_{i:03d}" / "grounding").glob("shard-*-of-00003.jsonl"))) == 3
-        assert all(r["checks"]["audio_dependence"] == "pass" and r["grounding"]["dependence"] >= 0 for r in kept)
+        assert all(
+            r["checks"]["audio_dependence"] == "pass" and r["grounding"]["dependence"] >= 0 for r in kept
+        )
         assert ground["traces_scored"] == len(kept) + sum("grounding" in r for r in rejected)
     # The LR schedule advances once per optimizer step, whatever the number of ranks.
     from distill.config import load_config
@@ -169,9 +205,18 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
     # clip) rewrites its numbers, not the run's config.
     config_before = (run / "config.yaml").read_text()
     bench = benchmark_file(tmp_path)
-    done = subprocess.run([*cli, "eval", str(run / "round_002"), "eval.budgets=[0,8]", "eval.k=0",
-                           f"eval.benchmarks=[{{name: mmau-mini, path: {bench}, format: mmau}}]"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            *cli,
+            "eval",
+            str(run / "round_002"),
+            "eval.budgets=[0,8]",
+            "eval.k=0",
+            f"eval.benchmarks=[{{name: mmau-mini, path: {bench}, format: mmau}}]",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ev = read_json(run / "round_002" / "eval.json")
     assert list(ev["budgets"]) == ["0", "8"] and "pass_at" not in ev
@@ -180,7 +225,9 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
     b = ev["benchmarks"]["mmau-mini"]
     bench_rows = list(read_jsonl(run / "round_002" / "eval_benchmarks" / "mmau-mini.jsonl"))
     assert b["items"] == len(bench_rows) == 3 and set(b["per_category"]) == {"sound"}
-    for r in bench_rows:  # an answer naming one option exactly is right by MMAU's matching iff it is the reference
+    for r in (
+        bench_rows
+    ):  # an answer naming one option exactly is right by MMAU's matching iff it is the reference
         line = r["completion"].rsplit("</think>", 1)[-1].strip().lower()
         if line in r["choices"]:
             assert r["mmau_correct"] == (line == r["reference"]), r
@@ -197,7 +244,9 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
     serve = read_json(r2 / "stats" / "export.json")["serve"]
     weights = weights_hash(r2 / "model")
     done = subprocess.run([*cli, "export", str(r2)], capture_output=True, text=True)
-    assert done.returncode == 0 and "exported already" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 and "exported already" in done.stdout, (
+        done.stdout[-3000:] + done.stderr[-3000:]
+    )
     assert done.stdout.strip().endswith(f"serve it with: {serve}")
     bad = subprocess.run([*cli, "export", str(r2), "eval.k=2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "export.* overrides only" in bad.stderr
@@ -222,8 +271,11 @@ def run_processes(out: Path, token: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
         try:
-            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and \
-                    (str(out) in " ".join(p.cmdline()) or p.environ().get(OWNER_ENV) == token):
+            if (
+                p.pid != os.getpid()
+                and p.status() != psutil.STATUS_ZOMBIE
+                and (str(out) in " ".join(p.cmdline()) or p.environ().get(OWNER_ENV) == token)
+            ):
                 found.append(p)
         except psutil.Error:
             continue
@@ -283,7 +335,9 @@ def test_a_killed_run_leaves_no_process_and_resumes_to_the_uninterrupted_result(
     wait_for_training(first, train)
     token = read_record(run / "locks" / "run.lock")["token"]
     assert run_processes(tmp_path, token)
-    status = subprocess.run([sys.executable, "-m", "distill.cli", "status", str(run)], capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "status", str(run)], capture_output=True, text=True
+    )
     assert f"  run: PID {first.pid} on {socket.gethostname()}" in status.stdout, status.stdout + status.stderr
     assert f"  round_000.train: PID {first.pid}" in status.stdout
 
@@ -299,7 +353,9 @@ def test_a_killed_run_leaves_no_process_and_resumes_to_the_uninterrupted_result(
     alone_kill = gone_after_kill(tmp_path, token)
     written = files(run)
     time.sleep(3)
-    assert files(run) == written and not (train / "final").exists(), "a process wrote after distill was killed"
+    assert files(run) == written and not (train / "final").exists(), (
+        "a process wrote after distill was killed"
+    )
 
     before = len(output(resumed))
     log = finish(distill_run(tmp_path, saves))[before:]
@@ -314,9 +370,18 @@ def benchmark_file(tmp_path: Path) -> Path:
     from data_pipelines.synthetic import generate_split
 
     items = generate_split(tmp_path / "mmau", "eval", ["pitch_level"], 3, 5, 1, 16000)
-    rows = [{"id": f"mmau-{i}", "audio_id": str(it.audio).split("mmau/", 1)[1], "question": it.question,
-             "choices": it.choices, "answer": it.answer, "task": "sound", "sub-category": "pitch"}
-            for i, it in enumerate(items)]
+    rows = [
+        {
+            "id": f"mmau-{i}",
+            "audio_id": str(it.audio).split("mmau/", 1)[1],
+            "question": it.question,
+            "choices": it.choices,
+            "answer": it.answer,
+            "task": "sound",
+            "sub-category": "pitch",
+        }
+        for i, it in enumerate(items)
+    ]
     rows.append({**rows[0], "id": "mmau-gone", "audio_id": "audio/nowhere.wav"})
     path = tmp_path / "mmau" / "test-mini.json"
     path.write_text(json.dumps(rows, indent=1))
@@ -337,28 +402,59 @@ def mixed_sources_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     write_manifest(src / "eval.jsonl", generate_split(src, "eval", ["pitch_level"], 8, 0, 1, 16000))
     write_wav(src / "audio" / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)
     lines = [json.dumps(it.to_json()) for it in good[:8]]
-    lines += ["{not json", json.dumps({**good[0].to_json(), "id": "gone", "audio": "audio/nowhere.wav"}),
-              json.dumps({**good[0].to_json(), "id": "quiet", "audio": "audio/silence.wav"})]
+    lines += [
+        "{not json",
+        json.dumps({**good[0].to_json(), "id": "gone", "audio": "audio/nowhere.wav"}),
+        json.dumps({**good[0].to_json(), "id": "quiet", "audio": "audio/silence.wav"}),
+    ]
     (src / "a.jsonl").write_text("\n".join(lines) + "\n")
-    mmau = [{"id": it.id, "audio_id": it.audio, "question": it.question, "choices": it.choices,
-             "answer": it.answer, "task": "sound", "difficulty": "easy", "reasoning": it.reasoning} for it in good[8:]]
+    mmau = [
+        {
+            "id": it.id,
+            "audio_id": it.audio,
+            "question": it.question,
+            "choices": it.choices,
+            "answer": it.answer,
+            "task": "sound",
+            "difficulty": "easy",
+            "reasoning": it.reasoning,
+        }
+        for it in good[8:]
+    ]
     mmau.append({**mmau[0], "id": "no-such-choice", "answer": "medium"})
     text = json.dumps(mmau, indent=1)
     (src / "b.json").write_text(text)
     last_object_line = [i + 1 for i, line in enumerate(text.splitlines()) if line == " {"][-1]
     cfg = OmegaConf.load("configs/demo_cpu.yaml")
-    cfg.data = {"train_mix": [{"path": str(src / "a.jsonl"), "weight": 2}, {"path": str(src / "b.json"), "weight": 1}],
-                "eval_manifest": str(src / "eval.jsonl")}
+    cfg.data = {
+        "train_mix": [
+            {"path": str(src / "a.jsonl"), "weight": 2},
+            {"path": str(src / "b.json"), "weight": 1},
+        ],
+        "eval_manifest": str(src / "eval.jsonl"),
+    }
     # The rounds' SFT data: kept traces plus text chain of thought and direct-answer audio items.
-    cot = [{"question": f"What is {i} plus {i}?", "reasoning": f"{i} and {i} make {2 * i}.", "answer": str(2 * i)}
-           for i in range(5)]
+    cot = [
+        {
+            "question": f"What is {i} plus {i}?",
+            "reasoning": f"{i} and {i} make {2 * i}.",
+            "answer": str(2 * i),
+        }
+        for i in range(5)
+    ]
     (src / "cot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cot))
     write_manifest(src / "direct.jsonl", good[:4])
-    cfg.train.mix = [{"kind": "text_cot", "path": str(src / "cot.jsonl"), "weight": 0.5},
-                     {"kind": "direct_audio", "path": str(src / "direct.jsonl"), "weight": 0.25}]
+    cfg.train.mix = [
+        {"kind": "text_cot", "path": str(src / "cot.jsonl"), "weight": 0.5},
+        {"kind": "direct_audio", "path": str(src / "direct.jsonl"), "weight": 0.25},
+    ]
     OmegaConf.save(cfg, tmp_path / "mixed.yaml")
-    bad = {f"{src / 'a.jsonl'}:9": "malformed", f"{src / 'a.jsonl'}:10": "missing_file",
-           f"{src / 'a.jsonl'}:11": "silent", f"{src / 'b.json'}:{last_object_line}": "answer_not_in_choices"}
+    bad = {
+        f"{src / 'a.jsonl'}:9": "malformed",
+        f"{src / 'a.jsonl'}:10": "missing_file",
+        f"{src / 'a.jsonl'}:11": "silent",
+        f"{src / 'b.json'}:{last_object_line}": "answer_not_in_choices",
+    }
     return tmp_path / "mixed.yaml", bad
 
 
@@ -370,8 +466,13 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     samples = run / "round_001" / "samples"
     # ZeRO-3 here (ZeRO-2 above): its gathered 16-bit weights must export to a model vLLM loads;
     # the rounds train LoRA adapters, merged at export.
-    overrides = ("train.zero_stage=3", "cold_start.train.zero_stage=3", "train.lora.enabled=true", "train.lora.r=8",
-                 "loop.rounds=1")
+    overrides = (
+        "train.zero_stage=3",
+        "cold_start.train.zero_stage=3",
+        "train.lora.enabled=true",
+        "train.lora.r=8",
+        "loop.rounds=1",
+    )
     proc = distill_run(tmp_path, *overrides, config=config, start_new_session=True)
     deadline = time.time() + 480
     while not list(samples.glob("shard-*.jsonl")):
@@ -398,7 +499,8 @@ def test_interrupted_after_sampling_resumes_without_redoing_work(tmp_path):
     assert (run / "round_001" / "STAGE").read_text().strip() == "eval" and not (run / "round_002").exists()
     summary = read_json(run / "round_001" / "stats" / "train.json")
     assert summary["zero_stage"] == 3 and summary["lora"] and summary["encoder_cache"] is None
-    # Round 1 continues from the cold start's model on its kept traces, mixed with the extra data at its weights.
+    # Round 1 continues from the cold start's model on its kept traces, mixed with the extra data at
+    # its weights.
     assert Path(summary["model"]) == run / "round_000" / "model"
     assert summary["data"] == [str(run / "round_001" / "filtered.jsonl")]
     kept = len(list(read_jsonl(run / "round_001" / "filtered.jsonl")))
@@ -432,10 +534,18 @@ def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model, capfd):
     from distill.models.tokens import load_tokenizer
     from distill.rollout.engine import EngineCache, generate, item_request
 
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={tmp_path}", f"model.path={tiny_model}", "data.audio.long_audio=chunk",
-        "data.audio.max_chunks=2", "engine.max_model_len=2048", "train.max_seq_len=2048",
-        "cold_start.train.max_seq_len=2048"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"model.path={tiny_model}",
+            "data.audio.long_audio=chunk",
+            "data.audio.max_chunks=2",
+            "engine.max_model_len=2048",
+            "train.max_seq_len=2048",
+            "cold_start.train.max_seq_len=2048",
+        ],
+    )
     rate = cfg.data.sample_rate
     t = np.arange(40 * rate) / rate
     write_wav(tmp_path / "long.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
@@ -448,11 +558,17 @@ def test_chunked_long_audio_runs_in_vllm(tmp_path, tiny_model, capfd):
         (out,) = generate(llm, [request], 0.0, 1.0, 8)
         # The step budget reaches vLLM, which sizes its encoder cache by it (configs/demo_cpu.yaml).
         scheduler = llm.llm_engine.vllm_config.scheduler_config
-        assert scheduler.max_num_batched_tokens == scheduler.encoder_cache_size == cfg.engine.max_num_batched_tokens
+        assert (
+            scheduler.max_num_batched_tokens
+            == scheduler.encoder_cache_size
+            == cfg.engine.max_num_batched_tokens
+        )
         assert llm.llm_engine.vllm_config.cache_config.block_size == cfg.engine.block_size == 32
         # On CPU the engine runs in this process (engine.process=auto): no engine process started,
         # and the switch that told vLLM so is not left for the processes this one starts.
-        assert not [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name() or "Engine" in p.name()]
+        assert not [
+            p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name() or "Engine" in p.name()
+        ]
         assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == before
     assert out.num_tokens > 0
     assert "torch.set_num_threads" not in capfd.readouterr().err  # vLLM's warning per request, filtered

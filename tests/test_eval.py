@@ -23,7 +23,10 @@ def test_pass_at_k_is_the_unbiased_estimate():
 
 def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():
     assert majority_vote(["option 0", "option 1", "option 1"], [True, False, False]) is False
-    assert majority_vote(["option 0", None, None, "option 1", "option 0"], [True, False, False, False, True]) is True
+    assert (
+        majority_vote(["option 0", None, None, "option 1", "option 0"], [True, False, False, False, True])
+        is True
+    )
     assert majority_vote(["option 1", "option 0"], [False, True]) is False  # a tie: the first answer wins
     assert majority_vote([None, None], [False, False]) is False
 
@@ -33,7 +36,11 @@ def test_answer_keys_make_equivalent_answers_vote_together():
     assert answer_key("B", "low", choices) == answer_key("it is low", "low", choices) == "option 1"
     assert answer_key("not high", "low", choices) is None  # names nothing
     assert answer_key("0.5 s", "500 ms") == answer_key("500 ms", "500 ms")
-    assert answer_key("Yeah", "yes") == "yes" and answer_key("nope", "yes") == "no" and answer_key("maybe", "yes") is None
+    assert (
+        answer_key("Yeah", "yes") == "yes"
+        and answer_key("nope", "yes") == "no"
+        and answer_key("maybe", "yes") is None
+    )
     assert answer_key("A Violin!", "violin") == "violin" and answer_key(None, "violin") is None
 
 
@@ -43,13 +50,21 @@ def test_mmau_match_is_the_benchmarks_string_match():
     assert not mmau_match("Woman", "a man or a woman", choices)  # a word only a wrong option has
     assert not mmau_match("Woman", "", choices)
     # Words shared with the right option do not count against it.
-    assert mmau_match("Electric guitar", "an electric guitar", ["Electric guitar", "Acoustic guitar", "Piano"])
-    assert not mmau_match("Electric guitar", "acoustic guitar", ["Electric guitar", "Acoustic guitar", "Piano"])
+    assert mmau_match(
+        "Electric guitar", "an electric guitar", ["Electric guitar", "Acoustic guitar", "Piano"]
+    )
+    assert not mmau_match(
+        "Electric guitar", "acoustic guitar", ["Electric guitar", "Acoustic guitar", "Piano"]
+    )
 
 
 def test_inverted_scaling_is_flagged_only_beyond_the_margin():
     assert inverted_scaling({0: 0.5, 32: 0.7, 64: 0.55}, 0.05) == {
-        "from_budget": 32, "from_accuracy": 0.7, "to_budget": 64, "to_accuracy": 0.55}
+        "from_budget": 32,
+        "from_accuracy": 0.7,
+        "to_budget": 64,
+        "to_accuracy": 0.55,
+    }
     assert inverted_scaling({0: 0.5, 32: 0.7, 64: 0.68}, 0.05) is None
     assert inverted_scaling({0: 0.5, 32: 0.6, 64: 0.7}, 0.0) is None
     assert inverted_scaling({64: 0.7}, 0.0) is None
@@ -60,12 +75,19 @@ def test_trace_stats_count_each_failure():
     traces = [
         {"reasoning_tokens": 10, "finish_reason": "stop", "checks": ok},
         {"reasoning_tokens": 30, "finish_reason": "stop", "checks": {**ok, "language": "language:script"}},
-        {"reasoning_tokens": None, "finish_reason": "length", "checks": {**ok, "format": "format:think_block",
-                                                                       "degeneration": "degenerate:loop"}},
+        {
+            "reasoning_tokens": None,
+            "finish_reason": "length",
+            "checks": {**ok, "format": "format:think_block", "degeneration": "degenerate:loop"},
+        },
         {"reasoning_tokens": 20, "finish_reason": "stop", "checks": ok},
     ]
     stats = trace_stats(traces)
-    assert stats["traces"] == 4 and stats["reasoning_tokens"]["n"] == 3 and stats["reasoning_tokens"]["p50"] == 20
+    assert (
+        stats["traces"] == 4
+        and stats["reasoning_tokens"]["n"] == 3
+        and stats["reasoning_tokens"]["p50"] == 20
+    )
     assert stats["truncated_rate"] == stats["format_error_rate"] == stats["degeneration_rate"] == 0.25
     assert stats["language_drift_rate"] == 0.25
 
@@ -91,15 +113,18 @@ def test_budget_cut_keeps_the_first_tokens_and_forces_the_answer(tiny_model):
     assert budget_continuation(uncounted, close - 1, tok, force) == tok.decode(ids[: close - 1]) + force
 
 
-@pytest.mark.parametrize("override, message", [
-    ("eval.budgets=[64,0]", "increasing order"),
-    ("eval.budgets=[0,256]", "above eval.max_tokens"),
-    ("eval.counterfactuals=[echo]", "unknown counterfactual"),
-    ("eval.force_answer=Answer", "must close the reasoning"),
-    ("eval.k=-1", "must be >= 0"),
-    ("eval.answer_max_tokens=2000", "engine.max_model_len"),
-    ("eval.benchmarks=[{name: mmau, path: /nonexistent.json}]", "no such file"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.budgets=[64,0]", "increasing order"),
+        ("eval.budgets=[0,256]", "above eval.max_tokens"),
+        ("eval.counterfactuals=[echo]", "unknown counterfactual"),
+        ("eval.force_answer=Answer", "must close the reasoning"),
+        ("eval.k=-1", "must be >= 0"),
+        ("eval.answer_max_tokens=2000", "engine.max_model_len"),
+        ("eval.benchmarks=[{name: mmau, path: /nonexistent.json}]", "no such file"),
+    ],
+)
 def test_bad_eval_settings_fail_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo_cpu.yaml", [override, "eval.temperature=0.5"])
@@ -111,26 +136,45 @@ def test_greedy_eval_with_several_samples_needs_a_temperature():
 
 
 def test_summary_gives_the_curve_the_gap_and_pass_at_k():
-    cfg = load_config("configs/demo_cpu.yaml", ["eval.k=4", "eval.budgets=[0,32,64]", "eval.counterfactuals=[silence,swap]"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml", ["eval.k=4", "eval.budgets=[0,32,64]", "eval.counterfactuals=[silence,swap]"]
+    )
     checks = {"format": None, "language": None, "degeneration": None, "correct": None}
 
     def row(correct, budgets, cf, samples, category="pitch"):
-        return {"correct": correct, "checks": {**checks, "correct": None if correct else "answer:wrong"},
-                "num_tokens": 10, "reasoning_tokens": 8, "finish_reason": "stop", "family": "pitch_level",
-                "category": category, "budgets": dict(zip(("0", "32", "64"), budgets)), "counterfactual": cf,
-                "samples": samples, "majority": sum(samples) > 2}
+        return {
+            "correct": correct,
+            "checks": {**checks, "correct": None if correct else "answer:wrong"},
+            "num_tokens": 10,
+            "reasoning_tokens": 8,
+            "finish_reason": "stop",
+            "family": "pitch_level",
+            "category": category,
+            "budgets": dict(zip(("0", "32", "64"), budgets)),
+            "counterfactual": cf,
+            "samples": samples,
+            "majority": sum(samples) > 2,
+        }
 
-    rows = [row(True, (False, True, True), {"silence": False, "swap": False}, [True, True, True, False]),
-            row(True, (True, True, False), {"silence": True}, [False, False, False, False], "loudness"),
-            row(False, (False, False, False), {"silence": False, "swap": True}, [True, False, False, False])]
+    rows = [
+        row(True, (False, True, True), {"silence": False, "swap": False}, [True, True, True, False]),
+        row(True, (True, True, False), {"silence": True}, [False, False, False, False], "loudness"),
+        row(False, (False, False, False), {"silence": False, "swap": True}, [True, False, False, False]),
+    ]
     stats = summarize(cfg, [None] * 3, rows, [])
     assert stats["accuracy"] == 0.6667 and stats["per_category"] == {"loudness": 1.0, "pitch": 0.5}
     assert stats["budgets"] == {"0": 0.3333, "32": 0.6667, "64": 0.3333}
     assert stats["inverted_scaling"]["from_budget"] == 32 and stats["inverted_scaling"]["to_budget"] == 64
     g = stats["grounding"]
     assert g["by_kind"]["silence"] == {"accuracy": 0.3333, "real_accuracy": 0.6667, "items": 3}
-    assert g["by_kind"]["swap"] == {"accuracy": 0.5, "real_accuracy": 0.5, "items": 2}  # only items with a partner
-    assert g["gap_by_kind"] == {"silence": 0.3333, "swap": 0.0} and g["gap"] == 0.1667  # from counts, not rounded shares
+    assert g["by_kind"]["swap"] == {
+        "accuracy": 0.5,
+        "real_accuracy": 0.5,
+        "items": 2,
+    }  # only items with a partner
+    assert (
+        g["gap_by_kind"] == {"silence": 0.3333, "swap": 0.0} and g["gap"] == 0.1667
+    )  # from counts, not rounded shares
     assert set(stats["pass_at"]) == {"1", "2", "4"} and stats["pass_at"]["4"] == 0.6667
     assert stats["pass_at"]["1"] == round((0.75 + 0 + 0.25) / 3, 4) and stats["majority_accuracy"] == 0.3333
 
@@ -144,9 +188,17 @@ def test_counterfactual_requests_are_what_they_claim(tmp_path, tiny_model):
     from distill.grounding.counterfactual import bank_length
     from distill.loop import init_run_dir
 
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={tmp_path}", f"model.path={tiny_model}", "model.build_tiny=false",
-        "data.synthetic.train_items=2", "data.synthetic.eval_items=4", "eval.counterfactuals=[silence,swap]"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"model.path={tiny_model}",
+            "model.build_tiny=false",
+            "data.synthetic.train_items=2",
+            "data.synthetic.eval_items=4",
+            "eval.counterfactuals=[silence,swap]",
+        ],
+    )
     data = init_run_dir(cfg, RunDir(cfg.run_dir))
     ev = Evaluator(cfg, tiny_model)
     base = [ev.request(it) for it in data.eval]
@@ -160,9 +212,19 @@ def test_counterfactual_requests_are_what_they_claim(tmp_path, tiny_model):
             assert not any(chunk.any() for chunk in request.audio)
             assert [c.size for c in request.audio] == [bank_length(c.size, step) for c in base[i].audio]
         else:  # another item's recording, one whose answer differs
-            partner = [j for j, r in enumerate(base) if len(r.audio) == len(request.audio) and all(
-                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(r.audio, request.audio, strict=True))]
+            partner = [
+                j
+                for j, r in enumerate(base)
+                if len(r.audio) == len(request.audio)
+                and all(
+                    a.shape == b.shape and np.array_equal(a, b)
+                    for a, b in zip(r.audio, request.audio, strict=True)
+                )
+            ]
             assert partner and partner[0] != i and answers[partner[0]] != answers[i]
         # The same question, with one audio placeholder per chunk of the audio it now carries.
-        assert request.prompt == item_prompt(ev.tokenizer, data.eval[i], cfg.data.system_prompt,
-                                             len(request.audio)) + cfg.sample.generation_prefix
+        assert (
+            request.prompt
+            == item_prompt(ev.tokenizer, data.eval[i], cfg.data.system_prompt, len(request.audio))
+            + cfg.sample.generation_prefix
+        )

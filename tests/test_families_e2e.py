@@ -23,8 +23,14 @@ pytestmark = pytest.mark.e2e
 
 # The cold start trains everything (LoRA alone does not teach a random model the format in a few
 # steps); round 1 trains LoRA adapters under ZeRO-3, which the export merges.
-FAMILY_RUN = ["loop.rounds=1", "cold_start.train.zero_stage=2", "cold_start.train.num_processes=2",
-              "train.zero_stage=3", "train.num_processes=2", "train.lora.enabled=true"]
+FAMILY_RUN = [
+    "loop.rounds=1",
+    "cold_start.train.zero_stage=2",
+    "cold_start.train.num_processes=2",
+    "train.zero_stage=3",
+    "train.num_processes=2",
+    "train.lora.enabled=true",
+]
 
 
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES if f.name != "qwen2_audio"])
@@ -32,8 +38,10 @@ def test_a_family_runs_the_loop_and_its_engines_agree(tmp_path, family):
     log = finish(distill_run(tmp_path, f"model.tiny.family={family}", *FAMILY_RUN), timeout=900)
     run = tmp_path / "demo_cpu"
     cold, first = run / "round_000", run / "round_001"
-    assert read_json(run / "base_model" / "config.json")["model_type"] in \
-        next(f for f in FAMILIES if f.name == family).model_types
+    assert (
+        read_json(run / "base_model" / "config.json")["model_type"]
+        in next(f for f in FAMILIES if f.name == family).model_types
+    )
     cold_export = read_json(cold / "model" / "distill_export.json")
     assert cold_export["gate"] == "passed"
     cold_summary = read_json(cold / "train" / "final" / "train_summary.json")
@@ -53,8 +61,11 @@ def test_a_family_runs_the_loop_and_its_engines_agree(tmp_path, family):
     trace = traces(first)[0]
     model = first / "model"
     audio = audio_cache(cfg).chunks(trace["audio"], trace["audio_sha256"])
-    job = ScoreJob(trace["prompt"] + cfg.sample.generation_prefix,
-                   trace["completion"].removeprefix(cfg.sample.generation_prefix), audio)
+    job = ScoreJob(
+        trace["prompt"] + cfg.sample.generation_prefix,
+        trace["completion"].removeprefix(cfg.sample.generation_prefix),
+        audio,
+    )
     # In float32: in bf16 (vLLM's "auto" on a CPU with native bf16) a token whose router scores
     # nearly tie picks other experts in an MoE model, and its log-probability moves by whole nats.
     with EngineCache(replace(cfg.engine, dtype="float32"), cfg.seed) as engines:

@@ -19,10 +19,14 @@ QUESTION = "What is the sound?"
 COMPLETION = "<think>\nnear 900 Hz\n</think>\nhigh<|im_end|>\n"
 # What nvidia/audio-flamingo-3-hf's chat template renders for these messages (the form pinned by
 # transformers' tests/models/audioflamingo3/test_processing_audioflamingo3.py::test_chat_template).
-PUBLISHED_PROMPT = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<sound>{QUESTION}<|im_end|>\n"
-                    "<|im_start|>assistant\n")
-MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [
-    {"type": "audio", "audio": "clip"}, {"type": "text", "text": QUESTION}]}]
+PUBLISHED_PROMPT = (
+    f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<sound>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": QUESTION}]},
+]
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -65,8 +69,9 @@ def reference_logits(model, processor, audio: np.ndarray) -> tuple[torch.Tensor,
         return enc["input_ids"][0], model(**enc).logits[0]
 
 
-def family_logits(model, ids: torch.Tensor, encoded: list[torch.Tensor],
-                  positions: torch.Tensor) -> torch.Tensor:
+def family_logits(
+    model, ids: torch.Tensor, encoded: list[torch.Tensor], positions: torch.Tensor
+) -> torch.Tensor:
     """Logits of one row through the family's methods, as distill's training forward runs them
     (no attention mask: packed samples are told apart by their positions restarting at 0)."""
     with torch.no_grad():
@@ -74,8 +79,9 @@ def family_logits(model, ids: torch.Tensor, encoded: list[torch.Tensor],
         slots = (ids == model.config.audio_token_id)[None, :, None]
         embeds = embeds.masked_scatter(slots, FAMILY.project(model, torch.cat(encoded)))
         position_ids = FAMILY.position_ids(positions[None])
-        hidden = FAMILY.decoder(model)(inputs_embeds=embeds, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
+        hidden = FAMILY.decoder(model)(
+            inputs_embeds=embeds, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return FAMILY.lm_head(model)(hidden)[0]
 
 
@@ -146,8 +152,12 @@ def test_save_and_load_round_trip(tiny_af3, reference, tmp_path):
     FAMILY.save(reference, tmp_path, state)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert {"audio_tower.conv1.weight", "multi_modal_projector.linear_1.weight",
-            "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"} <= keys
+    assert {
+        "audio_tower.conv1.weight",
+        "multi_modal_projector.linear_1.weight",
+        "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight",
+    } <= keys
     assert not any(k.startswith(("model.", "lm_head.", "language_model.model.model.")) for k in keys)
     loaded = FAMILY.load_for_training(tmp_path, torch.float32, "sdpa").state_dict()
     assert loaded.keys() == state.keys()
@@ -169,5 +179,7 @@ def test_vllm_serves_the_saved_model_with_the_same_logprobs(tiny_af3, reference,
     assert gap.max().item() < 1e-4  # another clip moves some by 2e-2
     # FAMILY.max_audio_items: vLLM caps the limit asked (2) at the one audio item AF3 supports.
     with pytest.raises(VLLMValidationError, match=f"At most {FAMILY.max_audio_items} audio"):
-        llm.generate([{"prompt": "<sound><sound>", "multi_modal_data": {"audio": [(CLIPS[0], 16000)] * 2}}],
-                     SamplingParams(max_tokens=1))
+        llm.generate(
+            [{"prompt": "<sound><sound>", "multi_modal_data": {"audio": [(CLIPS[0], 16000)] * 2}}],
+            SamplingParams(max_tokens=1),
+        )

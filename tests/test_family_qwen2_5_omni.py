@@ -20,13 +20,17 @@ QUESTION = "What is the sound?"
 COMPLETION = "<think>\nnear 900 Hz\n</think>\nhigh<|im_end|>\n"
 AUDIO = {"type": "audio", "audio": "clip"}
 # What the template published with Qwen/Qwen2.5-Omni-7B renders for system + user(audio, text).
-PUBLISHED_PROMPT = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>"
-                    f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+PUBLISHED_PROMPT = (
+    f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>"
+    f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 def messages(n_audio: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [AUDIO] * n_audio + [{"type": "text", "text": QUESTION}]}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": [AUDIO] * n_audio + [{"type": "text", "text": QUESTION}]},
+    ]
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -60,7 +64,10 @@ def reference(tiny_omni):
 
 
 def prompt_text(processor, n_audio: int) -> str:
-    return processor.apply_chat_template(messages(n_audio), tokenize=False, add_generation_prompt=True) + COMPLETION
+    return (
+        processor.apply_chat_template(messages(n_audio), tokenize=False, add_generation_prompt=True)
+        + COMPLETION
+    )
 
 
 def processed(processor, audio: list[np.ndarray]):
@@ -74,14 +81,17 @@ def reference_forward(model, processor, audio: list[np.ndarray]):
         return enc, model(**enc).logits[0]
 
 
-def family_logits(model, ids: torch.Tensor, encoded: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+def family_logits(
+    model, ids: torch.Tensor, encoded: list[torch.Tensor], positions: torch.Tensor
+) -> torch.Tensor:
     """Logits of one row through the family's methods, as distill's training forward runs them."""
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids[None])
         slots = (ids == model.config.audio_token_id)[None, :, None]
         embeds = embeds.masked_scatter(slots, FAMILY.project(model, torch.cat(encoded)))
-        hidden = FAMILY.decoder(model)(inputs_embeds=embeds, position_ids=FAMILY.position_ids(positions[None]),
-                                       use_cache=False).last_hidden_state
+        hidden = FAMILY.decoder(model)(
+            inputs_embeds=embeds, position_ids=FAMILY.position_ids(positions[None]), use_cache=False
+        ).last_hidden_state
         return FAMILY.lm_head(model)(hidden)[0]
 
 
@@ -96,14 +106,22 @@ def test_the_tiny_model_reloads_with_the_published_template_and_tokens(tiny_omni
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_omni)
     assert isinstance(processor, Qwen2_5OmniProcessor)
-    published = tokenizer.apply_chat_template(messages(1), chat_template=CHAT_TEMPLATE, tokenize=False,
-                                              add_generation_prompt=True)
+    published = tokenizer.apply_chat_template(
+        messages(1), chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
     assert published == PUBLISHED_PROMPT
     assert processor.apply_chat_template(messages(1), tokenize=False, add_generation_prompt=True) == published
     assert tokenizer.apply_chat_template(messages(1), tokenize=False, add_generation_prompt=True) == published
     assert FAMILY.audio_token(processor) == "<|AUDIO|>"
-    assert set(FAMILY.markup_tokens(tokenizer)) == {"<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|IMAGE|>",
-                                                    "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>"}
+    assert set(FAMILY.markup_tokens(tokenizer)) == {
+        "<|AUDIO|>",
+        "<|audio_bos|>",
+        "<|audio_eos|>",
+        "<|IMAGE|>",
+        "<|VIDEO|>",
+        "<|vision_bos|>",
+        "<|vision_eos|>",
+    }
     ids = tokenizer(COMPLETION, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\nnear 900 Hz\n</think>\nhigh\n"
     config = AutoConfig.from_pretrained(tiny_omni)
@@ -120,23 +138,31 @@ def test_parts_cover_the_trainable_model_and_lora_reaches_only_the_language_mode
     names = [n for n, _ in reference.named_parameters()]
     owners = {n: part_of(FAMILY, n) for n in names}
     assert all((owner is None) == n.startswith("visual.") for n, owner in owners.items())
-    assert {n for n, owner in owners.items() if owner == "projector"} == {"audio_tower.proj.weight",
-                                                                         "audio_tower.proj.bias"}
+    assert {n for n, owner in owners.items() if owner == "projector"} == {
+        "audio_tower.proj.weight",
+        "audio_tower.proj.bias",
+    }
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     wrapped = [n for n, _ in reference.named_modules() if re.fullmatch(FAMILY.lora_target(projections), n)]
     assert len(wrapped) == reference.config.text_config.num_hidden_layers * len(projections)
     assert all(n.startswith("model.layers.") for n in wrapped)
-    peft_model = get_peft_model(FAMILY.reference_model(tiny_omni),
-                                LoraConfig(r=2, target_modules=FAMILY.lora_target(projections)))
-    lora = {n.removeprefix("base_model.model.").split(".lora_A")[0] for n, _ in peft_model.named_modules()
-            if n.endswith("lora_A")}
+    peft_model = get_peft_model(
+        FAMILY.reference_model(tiny_omni), LoraConfig(r=2, target_modules=FAMILY.lora_target(projections))
+    )
+    lora = {
+        n.removeprefix("base_model.model.").split(".lora_A")[0]
+        for n, _ in peft_model.named_modules()
+        if n.endswith("lora_A")
+    }
     assert lora == set(wrapped)
 
 
 def test_features_are_the_processors_real_frames(processor):
     fe = processor.feature_extractor
     features, mask = FAMILY.features(fe, CLIPS)
-    full = fe(CLIPS, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    full = fe(
+        CLIPS, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt"
+    )
     lengths = full["attention_mask"].sum(-1)
     assert features.shape[-1] == int(lengths.max()) < full["input_features"].shape[-1] == 3000
     assert torch.equal(mask.sum(-1), lengths)
@@ -158,8 +184,9 @@ def test_the_training_forward_is_the_thinkers_own(reference, processor):
     own = reference.get_audio_features(enc["input_features"], enc["feature_attention_mask"]).last_hidden_state
     assert torch.equal(FAMILY.project(reference, torch.cat(encoded)), own)
     # Audio-only prompts: transformers' M-RoPE positions are sequential in all three rows.
-    rope, _ = reference.get_rope_index(enc["input_ids"], None, None, enc["attention_mask"], False,
-                                       enc["feature_attention_mask"].sum(-1))
+    rope, _ = reference.get_rope_index(
+        enc["input_ids"], None, None, enc["attention_mask"], False, enc["feature_attention_mask"].sum(-1)
+    )
     assert torch.equal(rope, torch.arange(len(ids)).expand(3, 1, -1))
     got = family_logits(reference, ids, encoded, torch.arange(len(ids)))
     assert (got - expected).abs().max().item() < 1e-5
@@ -168,8 +195,12 @@ def test_the_training_forward_is_the_thinkers_own(reference, processor):
 def test_packed_samples_equal_each_alone(reference, processor):
     encoded = encoded_clips(reference, processor)
     rows = [processed(processor, [audio])["input_ids"][0] for audio in CLIPS]
-    alone = [family_logits(reference, ids, [item], torch.arange(len(ids))) for ids, item in zip(rows, encoded)]
-    packed = family_logits(reference, torch.cat(rows), encoded, torch.cat([torch.arange(len(ids)) for ids in rows]))
+    alone = [
+        family_logits(reference, ids, [item], torch.arange(len(ids))) for ids, item in zip(rows, encoded)
+    ]
+    packed = family_logits(
+        reference, torch.cat(rows), encoded, torch.cat([torch.arange(len(ids)) for ids in rows])
+    )
     assert (torch.cat(alone) - packed).abs().max().item() < 1e-5
 
 
@@ -177,7 +208,9 @@ def test_save_and_load_round_trip(reference, tmp_path):
     state = {k: v + 0.25 for k, v in reference.state_dict().items()}
     FAMILY.save(reference, tmp_path, state)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_omni" and config["architectures"] == ["Qwen2_5OmniForConditionalGeneration"]
+    assert config["model_type"] == "qwen2_5_omni" and config["architectures"] == [
+        "Qwen2_5OmniForConditionalGeneration"
+    ]
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = f.keys()
     assert all(k.startswith("thinker.") for k in keys)
@@ -202,7 +235,9 @@ def test_tied_embeddings_are_saved_under_embed_tokens(reference, tmp_path):
     assert torch.equal(loaded.lm_head.weight, tied.model.embed_tokens.weight)
 
 
-def test_loading_reads_shards_skips_speech_weights_and_refuses_a_partial_thinker(tiny_omni, reference, tmp_path):
+def test_loading_reads_shards_skips_speech_weights_and_refuses_a_partial_thinker(
+    tiny_omni, reference, tmp_path
+):
     from huggingface_hub import save_torch_state_dict
 
     state = FAMILY.checkpoint_state_dict(reference.state_dict())

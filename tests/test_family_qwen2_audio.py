@@ -21,11 +21,20 @@ def test_tokenizer_keeps_think_tags_when_skipping_special_tokens(tiny_model):
 
 
 def test_checkpoint_state_dict_renames_only_known_prefixes():
-    sd = {"model.language_model.norm.weight": 1, "lm_head.weight": 2, "model.audio_tower.x": 3,
-          "model.multi_modal_projector.linear.bias": 4, "audio_tower.conv1.bias": 5}
-    assert Qwen2Audio().checkpoint_state_dict(sd) == {"language_model.model.norm.weight": 1, "language_model.lm_head.weight": 2,
-                                      "audio_tower.x": 3, "multi_modal_projector.linear.bias": 4,
-                                      "audio_tower.conv1.bias": 5}
+    sd = {
+        "model.language_model.norm.weight": 1,
+        "lm_head.weight": 2,
+        "model.audio_tower.x": 3,
+        "model.multi_modal_projector.linear.bias": 4,
+        "audio_tower.conv1.bias": 5,
+    }
+    assert Qwen2Audio().checkpoint_state_dict(sd) == {
+        "language_model.model.norm.weight": 1,
+        "language_model.lm_head.weight": 2,
+        "audio_tower.x": 3,
+        "multi_modal_projector.linear.bias": 4,
+        "audio_tower.conv1.bias": 5,
+    }
 
 
 def test_make_tiny_model_cli_builds_once_and_never_overwrites(tmp_path, capsys):
@@ -34,6 +43,7 @@ def test_make_tiny_model_cli_builds_once_and_never_overwrites(tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["make-tiny-model", str(out)]) == 0
     assert {"model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert main(["make-tiny-model", str(out)]) == 1
     assert "not empty" in capsys.readouterr().err

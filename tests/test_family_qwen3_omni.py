@@ -22,16 +22,20 @@ COMPLETION = "<think>\nnear 900 Hz\n</think>\nhigh<|im_end|>\n"
 AUDIO = {"type": "audio", "audio": "clip"}
 # What the template published with Qwen/Qwen3-Omni-30B-A3B-Thinking renders for system + user(audio,
 # text): no "<think>" in the generation prompt (the model writes it; distill pre-fills it).
-PUBLISHED_PROMPT = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
-                    f"<|audio_start|><|audio_pad|><|audio_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+PUBLISHED_PROMPT = (
+    f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    f"<|audio_start|><|audio_pad|><|audio_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # What LoRA must exclude beside the family's target regex (peft rewrites the regex for this model type).
 TOWERS = r"(?:audio_tower|visual)\..*"
 
 
 def messages(n_audio: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [AUDIO] * n_audio + [{"type": "text", "text": QUESTION}]}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": [AUDIO] * n_audio + [{"type": "text", "text": QUESTION}]},
+    ]
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -81,16 +85,18 @@ def reference_forward(model, processor, audio: list[np.ndarray]):
         return enc, model(**enc).logits[0]
 
 
-def family_logits(model, ids: torch.Tensor, encoded: list[torch.Tensor],
-                  positions: torch.Tensor) -> torch.Tensor:
+def family_logits(
+    model, ids: torch.Tensor, encoded: list[torch.Tensor], positions: torch.Tensor
+) -> torch.Tensor:
     """Logits of one row through the family's methods, as distill's training forward runs them."""
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids[None])
         slots = (ids == model.config.audio_token_id)[None, :, None]
         embeds = embeds.masked_scatter(slots, FAMILY.project(model, torch.cat(encoded)))
         decoder = FAMILY.decoder(model)
-        hidden = decoder(inputs_embeds=embeds, position_ids=FAMILY.position_ids(positions[None]),
-                         use_cache=False).last_hidden_state
+        hidden = decoder(
+            inputs_embeds=embeds, position_ids=FAMILY.position_ids(positions[None]), use_cache=False
+        ).last_hidden_state
         return FAMILY.lm_head(model)(hidden)[0]
 
 
@@ -113,13 +119,21 @@ def test_the_tiny_model_reloads_with_the_published_template_and_tokens(tiny_omni
     assert tokenizer.chat_template == processor.chat_template == CHAT_TEMPLATE
     for render in (processor.apply_chat_template, tokenizer.apply_chat_template):
         assert render(messages(1), tokenize=False, add_generation_prompt=True) == PUBLISHED_PROMPT
-    no_thinking = tokenizer.apply_chat_template(messages(1), tokenize=False, add_generation_prompt=True,
-                                                enable_thinking=False)
+    no_thinking = tokenizer.apply_chat_template(
+        messages(1), tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert no_thinking == PUBLISHED_PROMPT + "<think>\n\n</think>\n\n"
     assert FAMILY.audio_token(processor) == "<|audio_pad|>"
     assert set(FAMILY.markup_tokens(tokenizer)) == {
-        "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<|vision_start|>", "<|vision_end|>",
-        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"}
+        "<|audio_start|>",
+        "<|audio_end|>",
+        "<|audio_pad|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    }
     ids = tokenizer(COMPLETION, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\nnear 900 Hz\n</think>\nhigh\n"
     config = AutoConfig.from_pretrained(tiny_omni)
@@ -127,7 +141,7 @@ def test_the_tiny_model_reloads_with_the_published_template_and_tokens(tiny_omni
     assert config.model_type in FAMILY.model_types and not config.enable_audio_output
     assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
     assert text.rope_parameters["mrope_interleaved"] and text.num_experts > text.num_experts_per_tok > 1
-    assert vision.image_size // vision.patch_size == int(vision.num_position_embeddings ** 0.5)
+    assert vision.image_size // vision.patch_size == int(vision.num_position_embeddings**0.5)
     assert vision.apply_vit_abs_pos_embed
 
 
@@ -136,13 +150,19 @@ def lora_targets(model) -> list[str]:
 
 
 def attention_projections(model) -> set[str]:
-    return {f"model.layers.{i}.self_attn.{p}" for i in range(model.config.text_config.num_hidden_layers)
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    return {
+        f"model.layers.{i}.self_attn.{p}"
+        for i in range(model.config.text_config.num_hidden_layers)
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
 
 
 def adapted(peft_model) -> set[str]:
-    return {n.removeprefix("base_model.model.").split(".lora_A")[0] for n, _ in peft_model.named_modules()
-            if n.endswith("lora_A")}
+    return {
+        n.removeprefix("base_model.model.").split(".lora_A")[0]
+        for n, _ in peft_model.named_modules()
+        if n.endswith("lora_A")
+    }
 
 
 def test_parts_cover_the_trainable_model_and_lora_scope_names_only_attention(reference):
@@ -226,8 +246,9 @@ def test_the_training_forward_is_the_thinkers_own(reference, processor):
     assert torch.equal(torch.cat(encoded), own)
     assert [len(e) for e in encoded] == [17, 35]  # 13 per full second, then the rest's share
     # Audio-only prompts: transformers' M-RoPE positions are sequential in all three rows.
-    rope, _ = reference.get_rope_index(enc["input_ids"], None, None, enc["attention_mask"], False,
-                                       enc["feature_attention_mask"].sum(-1))
+    rope, _ = reference.get_rope_index(
+        enc["input_ids"], None, None, enc["attention_mask"], False, enc["feature_attention_mask"].sum(-1)
+    )
     assert torch.equal(rope, torch.arange(len(ids)).expand(3, 1, -1).float())
     got = family_logits(reference, ids, encoded, torch.arange(len(ids)))
     assert (got - expected).abs().max().item() < 1e-5
@@ -236,8 +257,9 @@ def test_the_training_forward_is_the_thinkers_own(reference, processor):
 def test_packed_samples_equal_each_alone(reference, processor):
     encoded = encoded_clips(reference, processor)
     rows = [processed(processor, [audio])["input_ids"][0] for audio in CLIPS]
-    alone = [family_logits(reference, ids, [item], torch.arange(len(ids)))
-             for ids, item in zip(rows, encoded)]
+    alone = [
+        family_logits(reference, ids, [item], torch.arange(len(ids))) for ids, item in zip(rows, encoded)
+    ]
     positions = torch.cat([torch.arange(len(ids)) for ids in rows])
     packed = family_logits(reference, torch.cat(rows), encoded, positions)
     assert (torch.cat(alone) - packed).abs().max().item() < 1e-5
@@ -266,25 +288,38 @@ def test_save_and_load_round_trip_with_experts_split_per_expert(reference, tmp_p
 
 def test_expert_split_inverts_transformers_fusion():
     mlp = "model.layers.3.mlp."
-    experts = {mlp + "experts.gate_up_proj": torch.randn(4, 6, 5),
-               mlp + "experts.down_proj": torch.randn(4, 5, 3), mlp + "gate.weight": torch.randn(4, 5)}
+    experts = {
+        mlp + "experts.gate_up_proj": torch.randn(4, 6, 5),
+        mlp + "experts.down_proj": torch.randn(4, 5, 3),
+        mlp + "gate.weight": torch.randn(4, 5),
+    }
     split = split_experts(experts)
     assert split[mlp + "gate.weight"] is experts[mlp + "gate.weight"] and len(split) == 13
-    fused = torch.stack([torch.cat([split[f"{mlp}experts.{e}.gate_proj.weight"],
-                                    split[f"{mlp}experts.{e}.up_proj.weight"]]) for e in range(4)])
+    fused = torch.stack(
+        [
+            torch.cat(
+                [split[f"{mlp}experts.{e}.gate_proj.weight"], split[f"{mlp}experts.{e}.up_proj.weight"]]
+            )
+            for e in range(4)
+        ]
+    )
     down = torch.stack([split[f"{mlp}experts.{e}.down_proj.weight"] for e in range(4)])
     assert torch.equal(fused, experts[mlp + "experts.gate_up_proj"])
     assert torch.equal(down, experts[mlp + "experts.down_proj"])
 
 
 def test_loading_reads_shards_fused_experts_skips_speech_weights_and_refuses_a_partial_thinker(
-        tiny_omni, reference, tmp_path):
+    tiny_omni, reference, tmp_path
+):
     from huggingface_hub import save_torch_state_dict
 
     split = FAMILY.checkpoint_state_dict(reference.state_dict())
     fused = {"thinker." + k: v for k, v in reference.state_dict().items()}
-    layouts = {"sharded": {**split, "talker.codec_head.weight": torch.zeros(2)}, "fused": fused,
-               "partial": {k: v for k, v in split.items() if ".experts.3." not in k}}
+    layouts = {
+        "sharded": {**split, "talker.codec_head.weight": torch.zeros(2)},
+        "fused": fused,
+        "partial": {k: v for k, v in split.items() if ".experts.3." not in k},
+    }
     for name, weights in layouts.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text((tiny_omni / "config.json").read_text())

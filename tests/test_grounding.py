@@ -59,10 +59,16 @@ def test_swap_takes_another_items_audio_with_another_answer():
     items = [item(i, "high" if i % 3 else "low") for i in range(9)]
     partners = swap_partners(items, seed=0)
     assert set(partners) == {it.id for it in items}
-    assert all(p.id != i and p.answer != next(it for it in items if it.id == i).answer for i, p in partners.items())
+    assert all(
+        p.id != i and p.answer != next(it for it in items if it.id == i).answer for i, p in partners.items()
+    )
     # Deterministic and independent of the order the split lists its items in.
-    assert {k: v.id for k, v in swap_partners(items[::-1], seed=0).items()} == {k: v.id for k, v in partners.items()}
-    assert {k: v.id for k, v in swap_partners(items, seed=1).items()} != {k: v.id for k, v in partners.items()}
+    assert {k: v.id for k, v in swap_partners(items[::-1], seed=0).items()} == {
+        k: v.id for k, v in partners.items()
+    }
+    assert {k: v.id for k, v in swap_partners(items, seed=1).items()} != {
+        k: v.id for k, v in partners.items()
+    }
     # One answer everywhere: still another item; one item: nothing to swap with.
     same = swap_partners([item(i, "high") for i in range(3)], seed=0)
     assert all(p.id != i for i, p in same.items())
@@ -84,8 +90,16 @@ def test_text_solvable_means_right_without_audio_well_above_chance():
     assert answer_options("440", None) is None and answer_options("yes please", None) is None
     assert chance("Yes", None) == 0.5 and chance("440", None) == 0.0
     tally = ProbeTally()
-    for kind, right in [("real", True), ("real", True), ("silence", True), ("silence", True), ("noise", True),
-                        ("noise", False), ("swap", True), ("swap", True)]:
+    for kind, right in [
+        ("real", True),
+        ("real", True),
+        ("silence", True),
+        ("silence", True),
+        ("noise", True),
+        ("noise", False),
+        ("swap", True),
+        ("swap", True),
+    ]:
         tally.add(kind, right)
     assert tally.accuracy("real") == 1.0 and tally.accuracy("noise") == 0.5 and tally.accuracy("swap") == 1.0
     assert tally.counterfactual_accuracy() == 5 / 6
@@ -102,16 +116,19 @@ def test_text_solvable_means_right_without_audio_well_above_chance():
     assert text_solvable(free, chance("440", None), 0.3)  # a free answer right half the time unheard
 
 
-@pytest.mark.parametrize(("reasoning", "min_terms", "expected"), [
-    ("The tone sits near 830 Hz, above the midpoint.", 1, None),
-    ("The PITCH is steady and it is LOUD.", 2, None),
-    ("Near 830 Hz.", 2, "lexical:no_acoustic_terms"),
-    ("The speaker says the word high, so the answer is high.", 1, "lexical:transcript_only"),
-    ("It is probably high.", 1, "lexical:no_acoustic_terms"),
-    ("The feedback loop suggests it.", 1, "lexical:no_acoustic_terms"),  # " db" needs a word start
-    ("音高大约在830赫兹。", 1, None),
-    (None, 1, None),  # no think block: the format check's business
-])
+@pytest.mark.parametrize(
+    ("reasoning", "min_terms", "expected"),
+    [
+        ("The tone sits near 830 Hz, above the midpoint.", 1, None),
+        ("The PITCH is steady and it is LOUD.", 2, None),
+        ("Near 830 Hz.", 2, "lexical:no_acoustic_terms"),
+        ("The speaker says the word high, so the answer is high.", 1, "lexical:transcript_only"),
+        ("It is probably high.", 1, "lexical:no_acoustic_terms"),
+        ("The feedback loop suggests it.", 1, "lexical:no_acoustic_terms"),  # " db" needs a word start
+        ("音高大约在830赫兹。", 1, None),
+        (None, 1, None),  # no think block: the format check's business
+    ],
+)
 def test_acoustic_terms_check(reasoning, min_terms, expected):
     acoustic = (*EN, "音高", "赫兹")
     assert check_acoustic_terms(reasoning, acoustic, TRANSCRIPT, min_terms) == expected
@@ -170,7 +187,7 @@ def test_completion_tokens_line_up_with_the_prompt_and_split_at_think(tiny_model
     completion = "<think>\nnear 830 Hz, so high\n</think>\nhigh"
     ids, reasoning = completion_tokens(tok, prompt, completion)
     whole = tok(prompt + completion, add_special_tokens=False)["input_ids"]
-    assert whole[-len(ids):] == ids and tok.decode(ids) == completion
+    assert whole[-len(ids) :] == ids and tok.decode(ids) == completion
     assert tok.decode(ids[:reasoning]).endswith("</think>") and tok.decode(ids[reasoning:]).strip() == "high"
     ids2, reasoning2 = completion_tokens(tok, prompt, "<think>\nno end")
     assert reasoning2 == len(ids2)
@@ -190,10 +207,16 @@ def test_grounding_config_is_checked():
     with pytest.raises(ConfigError, match="grounding.probe_temperature=0 with grounding.probe_samples=2"):
         load_config("configs/demo_cpu.yaml", ["grounding.probe_temperature=0"])
     # An answer held to the options cannot reason first: a probe with reasoning answers freely.
-    with pytest.raises(ConfigError, match="grounding.probe_answers=options with grounding.probe_prefix='<think>"):
+    with pytest.raises(
+        ConfigError, match="grounding.probe_answers=options with grounding.probe_prefix='<think>"
+    ):
         load_config("configs/demo_cpu.yaml", ["grounding.probe_prefix=<think>"])
-    assert load_config("configs/demo_cpu.yaml", ["grounding.probe_prefix=<think>",
-                                                 "grounding.probe_answers=free"]).grounding.probe_answers == "free"
+    assert (
+        load_config(
+            "configs/demo_cpu.yaml", ["grounding.probe_prefix=<think>", "grounding.probe_answers=free"]
+        ).grounding.probe_answers
+        == "free"
+    )
     with pytest.raises(ConfigError, match="grounding.probe_answers"):
         load_config("configs/demo_cpu.yaml", ["grounding.probe_answers=letters"])
     with pytest.raises(ConfigError, match="filter.lexical.acoustic_terms.en: an empty term"):
@@ -210,42 +233,72 @@ GOOD = "<think>\nnear 900 Hz, above 500 Hz\n</think>\nhigh"
 def write_round(tmp_path, tiny_model, *overrides):
     """A sampled round of three items with hand-written grounding rows: "t" is answerable from text,
     "d" has one trace that does not depend on the audio, one that was never scored."""
-    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", "sample.num_shards=1",
-                                                "filter.keep_per_prompt=4", *overrides])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [f"output_dir={tmp_path}", "sample.num_shards=1", "filter.keep_per_prompt=4", *overrides],
+    )
     rd = RunDir(cfg.run_dir).round(1)
-    traces = [{"trace_id": f"{i}#{j}", "item_id": i, "sample_index": j, "audio": "a.wav", "prompt": "p",
-               "completion": GOOD, "finish_reason": "stop", "reference": "high", "choices": ["high", "low"],
-               "category": "sound"} for i in ("t", "d", "g") for j in range(2)]
+    traces = [
+        {
+            "trace_id": f"{i}#{j}",
+            "item_id": i,
+            "sample_index": j,
+            "audio": "a.wav",
+            "prompt": "p",
+            "completion": GOOD,
+            "finish_reason": "stop",
+            "reference": "high",
+            "choices": ["high", "low"],
+            "category": "sound",
+        }
+        for i in ("t", "d", "g")
+        for j in range(2)
+    ]
     atomic_write_jsonl(rd.shard_path(0, 1), traces)
 
     def row(item_id, solvable, deps):
-        return {"item_id": item_id, "category": "sound", "model_sha256": "x", "text_solvable": solvable,
-                "probe": {"real": [2, 2], "silence": [2 if solvable else 0, 2]},
-                "traces": {f"{item_id}#{j}": {"dependence": d, "answer_dependence": 1.0}
-                           for j, d in enumerate(deps) if d is not None}}
+        return {
+            "item_id": item_id,
+            "category": "sound",
+            "model_sha256": "x",
+            "text_solvable": solvable,
+            "probe": {"real": [2, 2], "silence": [2 if solvable else 0, 2]},
+            "traces": {
+                f"{item_id}#{j}": {"dependence": d, "answer_dependence": 1.0}
+                for j, d in enumerate(deps)
+                if d is not None
+            },
+        }
 
-    atomic_write_jsonl(rd.grounding_path(0, 1), [row("t", True, [0.2, 0.3]), row("d", False, [-0.1, 0.4]),
-                                                 row("g", False, [0.5, None])])
+    atomic_write_jsonl(
+        rd.grounding_path(0, 1),
+        [row("t", True, [0.2, 0.3]), row("d", False, [-0.1, 0.4]), row("g", False, [0.5, None])],
+    )
     return cfg, rd
 
 
 @pytest.mark.parametrize("policy", ["drop", "downweight", "keep"])
 def test_filter_applies_text_solvable_policy_and_dependence_threshold(tmp_path, tiny_model, policy):
-    cfg, rd = write_round(tmp_path, tiny_model, f"grounding.text_solvable={policy}",
-                          "grounding.text_solvable_weight=0.25")
+    cfg, rd = write_round(
+        tmp_path, tiny_model, f"grounding.text_solvable={policy}", "grounding.text_solvable_weight=0.25"
+    )
     stats = filter_stage(cfg, rd, tiny_model)
     kept = {t["trace_id"]: t for t in read_jsonl(rd.filtered)}
     rejected = {t["trace_id"]: t["rejected_because"] for t in read_jsonl(rd.rejected)}
     assert rejected["d#0"] == ["grounding:audio_independent"]
     assert rejected["g#1"] == ["grounding:unscored"]  # a passing trace must have been measured
     assert {"d#1", "g#0"} <= kept.keys() and "weight" not in kept["d#1"]
-    assert kept["d#1"]["grounding"]["dependence"] == 0.4 and kept["d#1"]["checks"]["audio_dependence"] == "pass"
+    assert (
+        kept["d#1"]["grounding"]["dependence"] == 0.4 and kept["d#1"]["checks"]["audio_dependence"] == "pass"
+    )
     if policy == "drop":
         assert rejected["t#0"] == rejected["t#1"] == ["grounding:text_solvable"]
     else:
         assert kept["t#0"]["text_solvable"] is True
         assert kept["t#0"].get("weight") == (0.25 if policy == "downweight" else None)
-    assert stats["text_solvable_traces"] == 2 and stats["text_solvable_kept"] == (0 if policy == "drop" else 2)
+    assert stats["text_solvable_traces"] == 2 and stats["text_solvable_kept"] == (
+        0 if policy == "drop" else 2
+    )
     assert stats["dependence_rejected"]["n"] == (3 if policy == "drop" else 1)
     assert stats["dependence_kept"]["p50"] >= 0.3 and stats["acoustic_terms_rate"] == 1.0
 
@@ -275,14 +328,27 @@ def test_swap_partners_with_the_same_answer_are_not_probed_and_lone_items_not_sc
 def test_filter_needs_every_grounding_shard(tmp_path, tiny_model):
     cfg, rd = write_round(tmp_path, tiny_model)
     rd.grounding_path(0, 1).unlink()
-    with pytest.raises(FileNotFoundError, match=r"grounding shard\(s\) \[0\] of 1 missing; run the ground stage"):
+    with pytest.raises(
+        FileNotFoundError, match=r"grounding shard\(s\) \[0\] of 1 missing; run the ground stage"
+    ):
         filter_stage(cfg, rd, tiny_model)
 
 
 def answer_trace(item_id, j, answer, hz):
-    return {"trace_id": f"{item_id}#{j}", "item_id": item_id, "sample_index": j, "audio": "a.wav", "prompt": "p",
-            "completion": f"<think>\nnear {hz} Hz, {'above' if answer == 'high' else 'below'} 500 Hz\n</think>\n{answer}",
-            "finish_reason": "stop", "reference": "high", "choices": ["high", "low"], "category": "sound"}
+    return {
+        "trace_id": f"{item_id}#{j}",
+        "item_id": item_id,
+        "sample_index": j,
+        "audio": "a.wav",
+        "prompt": "p",
+        "completion": (
+            f"<think>\nnear {hz} Hz, {'above' if answer == 'high' else 'below'} 500 Hz\n</think>\n{answer}"
+        ),
+        "finish_reason": "stop",
+        "reference": "high",
+        "choices": ["high", "low"],
+        "category": "sound",
+    }
 
 
 @pytest.mark.parametrize("policy", ["first", "shortest", "diverse"])
@@ -291,15 +357,29 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
     then keeps exactly what it keeps when every passing trace is scored."""
     from distill.grounding.stage import GroundingContext
 
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={tmp_path}", "sample.num_shards=1", "filter.keep_per_prompt=2", f"filter.keep_policy={policy}",
-        "filter.pass_rate_max=0.9", "grounding.score_traces=keepable"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "sample.num_shards=1",
+            "filter.keep_per_prompt=2",
+            f"filter.keep_policy={policy}",
+            "filter.pass_rate_max=0.9",
+            "grounding.score_traces=keepable",
+        ],
+    )
     # a: 6 of 8 right, only two of those (a#6, a#7) depend on the audio (more scoring passes);
     # b: 7 of 8 right; c: always right, outside the pass-rate band (nothing to score).
-    answers = {"a": ["low", "high", "high", "high", "low", "high", "high", "high"],
-               "b": ["high"] * 7 + ["low"], "c": ["high"] * 8}
-    traces = [answer_trace(i, j, a, 600 + 37 * j + (j % 3) * 1000) for i, row in answers.items()
-              for j, a in enumerate(row)]
+    answers = {
+        "a": ["low", "high", "high", "high", "low", "high", "high", "high"],
+        "b": ["high"] * 7 + ["low"],
+        "c": ["high"] * 8,
+    }
+    traces = [
+        answer_trace(i, j, a, 600 + 37 * j + (j % 3) * 1000)
+        for i, row in answers.items()
+        for j, a in enumerate(row)
+    ]
     deps = {t["trace_id"]: 0.5 for t in traces} | {"a#1": -0.2, "a#2": -0.1, "a#3": -0.4, "a#5": -0.3}
     by_item = {i: [t for t in traces if t["item_id"] == i] for i in answers}
     ctx = GroundingContext(cfg, [item(i, "high") for i in range(3)], tiny_model)
@@ -309,17 +389,31 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
 
     def fake_score(batch, inputs, llm, records, cache_counts):  # the engine's scores, fixed per trace
         batches.append([t["trace_id"] for t in batch])
-        records.update({t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in batch})
+        records.update(
+            {t["trace_id"]: {"dependence": deps[t["trace_id"]], "answer_dependence": 1.0} for t in batch}
+        )
 
     ctx.score_batch = fake_score
 
     def kept_by_filter(records, passed_over, run):
         rd = RunDir(str(tmp_path / run)).round(1)
         atomic_write_jsonl(rd.shard_path(0, 1), traces)
-        atomic_write_jsonl(rd.grounding_path(0, 1), [
-            {"item_id": i, "model_sha256": "x", "text_solvable": False, "probe": {}, "passed_over": passed_over.get(i, []),
-             "traces": {t["trace_id"]: records[t["trace_id"]] for t in by_item[i] if t["trace_id"] in records}}
-            for i in answers])
+        atomic_write_jsonl(
+            rd.grounding_path(0, 1),
+            [
+                {
+                    "item_id": i,
+                    "model_sha256": "x",
+                    "text_solvable": False,
+                    "probe": {},
+                    "passed_over": passed_over.get(i, []),
+                    "traces": {
+                        t["trace_id"]: records[t["trace_id"]] for t in by_item[i] if t["trace_id"] in records
+                    },
+                }
+                for i in answers
+            ],
+        )
         filter_stage(cfg, rd, tiny_model)
         return {t["trace_id"] for t in read_jsonl(rd.filtered)}
 
@@ -330,7 +424,8 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
     assert not any(tid.startswith("c#") for tid in records)  # out of band: nothing scored
     assert len(records) < 13 and len(batches) >= 2  # 13 pass the rules; a's rejections asked for more
     assert set(records) | {t for ids in passed_over.values() for t in ids} | {
-        t["trace_id"] for t in traces if t["completion"].endswith("low") or t["item_id"] == "c"} == set(deps)
+        t["trace_id"] for t in traces if t["completion"].endswith("low") or t["item_id"] == "c"
+    } == set(deps)
 
     # Settings changed between the two stages: the filter would keep an unscored trace, and says so.
     cfg.filter.keep_per_prompt = 3
@@ -353,8 +448,11 @@ def test_keepable_scoring_scores_only_what_the_filter_keeps_and_keeps_the_same(t
         assert [r["text_solvable"] for r in rows] == [i in expected for i in answers]  # right under silence
         stats = summarize(rows, ["silence"])
         assert stats["items_probed"] == len(expected) and stats["text_solvable_share"] == 1.0
-        assert stats["text_solvable_by_category"]["other"] == {"items": 3, "probed": len(expected),
-                                                               "text_solvable": len(expected)}
+        assert stats["text_solvable_by_category"]["other"] == {
+            "items": 3,
+            "probed": len(expected),
+            "text_solvable": len(expected),
+        }
 
 
 def test_the_real_audio_logprob_from_sampling_splits_where_scoring_splits(tiny_model):
@@ -367,10 +465,14 @@ def test_the_real_audio_logprob_from_sampling_splits_where_scoring_splits(tiny_m
     prompt, completion = "<|im_start|>assistant\n<think>\n", "near 900 Hz\n</think>\nhigh"
     ids, reasoning = completion_tokens(tokenizer, prompt, completion)
     lps = tuple(-0.1 * (k + 1) for k in range(len(ids)))
-    record = logprob_record(Completion(completion, len(ids), "stop", token_ids=tuple(ids), logprobs=lps),
-                            think_close_token_id(tokenizer))
+    record = logprob_record(
+        Completion(completion, len(ids), "stop", token_ids=tuple(ids), logprobs=lps),
+        think_close_token_id(tokenizer),
+    )
     assert record["reasoning_tokens"] == reasoning < len(ids)  # through </think>, as scoring splits the text
     sums = sampled_logprob({"sampled_logprob": record, "token_ids": ids})
-    assert sums.reasoning == pytest.approx(sum(lps[:reasoning])) and sums.answer == pytest.approx(sum(lps[reasoning:]))
+    assert sums.reasoning == pytest.approx(sum(lps[:reasoning])) and sums.answer == pytest.approx(
+        sum(lps[reasoning:])
+    )
     assert (sums.reasoning_tokens, sums.answer_tokens) == (reasoning, len(ids) - reasoning)
     assert sampled_logprob({"token_ids": ids}) is None  # e.g. sampled from a server: scored instead

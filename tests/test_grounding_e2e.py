@@ -27,15 +27,26 @@ from distill.rollout.sample import logprob_record, sample_stage
 
 pytestmark = pytest.mark.e2e
 
-SMALL = ["data.synthetic.train_items=6", "data.synthetic.eval_items=2", "sample.n=2", "sample.max_tokens=24",
-         "sample.num_shards=2", "grounding.score_traces=all", "grounding.probe_items=all",
-         "grounding.score_against=[silence,noise,swap]", "grounding.probe_samples=3", "model.build_tiny=false",
-         # every other item asks without its options: probes answer both ways
-         "data.synthetic.answer_format=mixed"]
+SMALL = [
+    "data.synthetic.train_items=6",
+    "data.synthetic.eval_items=2",
+    "sample.n=2",
+    "sample.max_tokens=24",
+    "sample.num_shards=2",
+    "grounding.score_traces=all",
+    "grounding.probe_items=all",
+    "grounding.score_against=[silence,noise,swap]",
+    "grounding.probe_samples=3",
+    "model.build_tiny=false",
+    # every other item asks without its options: probes answer both ways
+    "data.synthetic.answer_format=mixed",
+]
 
 
 def sampled_round(tmp_path, model, *overrides):
-    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}", *SMALL, *overrides])
+    cfg = load_config(
+        "configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}", *SMALL, *overrides]
+    )
     run = RunDir(cfg.run_dir)
     return cfg, init_run_dir(cfg, run), run.round(1)
 
@@ -61,25 +72,45 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         prompt, completion = trace["prompt"] + "<think>\n", trace["completion"].removeprefix("<think>\n")
         step = round(cfg.grounding.bank_seconds * cfg.data.sample_rate)
         silent, hissed = silence(real, step), noise(real, cfg.seed, step)
-        by_vllm = score(llm, tokenizer, [ScoreJob(prompt, completion, a) for a in (real, silent, hissed)],
-                        cfg.data.sample_rate)
+        by_vllm = score(
+            llm,
+            tokenizer,
+            [ScoreJob(prompt, completion, a) for a in (real, silent, hissed)],
+            cfg.data.sample_rate,
+        )
         # The ground stage scores the sampled tokens themselves.
-        by_ids = score(llm, tokenizer, [ScoreJob(prompt, completion, a, trace["token_ids"]) for a in (real, silent, hissed)],
-                       cfg.data.sample_rate)
+        by_ids = score(
+            llm,
+            tokenizer,
+            [ScoreJob(prompt, completion, a, trace["token_ids"]) for a in (real, silent, hissed)],
+            cfg.data.sample_rate,
+        )
         # Scorings that read the prefix cache score the same. The trace taken three times over is
         # longer than a block, so the cache also serves the head of the trace: the scoring without
         # the cache left it there, so of three jobs that hear one silence array, the first has no
         # donor and is scored again, and the next two take the head from it; one that hears
         # equal silence from other arrays is scored again.
         long_ids = trace["token_ids"] * 3
-        fresh = score(llm, tokenizer, [ScoreJob(prompt, completion, silent, long_ids)], cfg.data.sample_rate)[0]
+        fresh = score(llm, tokenizer, [ScoreJob(prompt, completion, silent, long_ids)], cfg.data.sample_rate)[
+            0
+        ]
         counts = Counter()
-        reused = score(llm, tokenizer, [ScoreJob(prompt, completion, a, long_ids, reuse_prefix=True)
-                                        for a in (silent, silent, silent, [c.copy() for c in silent])],
-                       cfg.data.sample_rate, counts)
+        reused = score(
+            llm,
+            tokenizer,
+            [
+                ScoreJob(prompt, completion, a, long_ids, reuse_prefix=True)
+                for a in (silent, silent, silent, [c.copy() for c in silent])
+            ],
+            cfg.data.sample_rate,
+            counts,
+        )
         # The eval's thinking-budget curve cuts the full greedy trace at each budget: that is the
         # greedy trace of that budget only if greedy decoding is prefix-consistent. It is here.
-        requests = [Request(prompt, real, cfg.data.sample_rate, 0), Request(prompt, silent, cfg.data.sample_rate, 0)]
+        requests = [
+            Request(prompt, real, cfg.data.sample_rate, 0),
+            Request(prompt, silent, cfg.data.sample_rate, 0),
+        ]
         full, short = generate(llm, requests, 0.0, 1.0, 24), generate(llm, requests, 0.0, 1.0, 6)
         assert [f.token_ids[:6] for f in full] == [s.token_ids for s in short]
         # Sampling returns its tokens' log-probabilities, and they are the teacher-forced ones of
@@ -90,8 +121,12 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         # With log-probabilities the text is decoded by distill, not vLLM: the same as vLLM's, even
         # for a random model's byte soup (characters split across tokens, cut at the end).
         plain = generate(llm, many_requests, 1.0, 1.0, 24, think_close_token_id(tokenizer))
-        forced = score(llm, tokenizer, [ScoreJob(prompt, o.text, real, list(o.token_ids)) for o in many],
-                       cfg.data.sample_rate)
+        forced = score(
+            llm,
+            tokenizer,
+            [ScoreJob(prompt, o.text, real, list(o.token_ids)) for o in many],
+            cfg.data.sample_rate,
+        )
         retokenized = sum(completion_tokens(tokenizer, prompt, o.text)[0] != list(o.token_ids) for o in many)
 
     # 1. vLLM's teacher-forced log-probabilities are a real forward pass: transformers agrees, to
@@ -107,10 +142,13 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
     assert abs(by_vllm[0].total - hf["real"].sum()) < 0.25 * audio_effect
     assert abs(by_vllm[1].total - hf["silence"].sum()) < 0.25 * audio_effect
 
-    assert [(o.text, o.token_ids, o.finish_reason) for o in many] == \
-        [(o.text, o.token_ids, o.finish_reason) for o in plain]
+    assert [(o.text, o.token_ids, o.finish_reason) for o in many] == [
+        (o.text, o.token_ids, o.finish_reason) for o in plain
+    ]
     assert any(tokenizer.decode(o.token_ids) != o.text for o in plain)  # the cases stream_text is for
-    assert all(len(o.logprobs) == o.num_tokens == len(lp.reasoning) + len(lp.answer) for o, lp in zip(many, forced))
+    assert all(
+        len(o.logprobs) == o.num_tokens == len(lp.reasoning) + len(lp.answer) for o, lp in zip(many, forced)
+    )
     for o, lp in zip(many, forced, strict=True):
         assert abs(sum(o.logprobs) - lp.total) < 0.25 * audio_effect
         assert logprob_record(o, think_close_token_id(tokenizer))["reasoning_tokens"] == len(lp.reasoning)
@@ -133,8 +171,9 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
     for kind, lp in (("silence", by_ids[1]), ("noise", by_ids[2])):
         expected = (sum(by_ids[0].reasoning) - sum(lp.reasoning)) / n
         assert record["against"][kind]["reasoning"] == pytest.approx(expected, abs=tol)
-        assert record["against"][kind]["answer"] == pytest.approx(sum(by_ids[0].answer) - sum(lp.answer),
-                                                                  abs=tol * n)
+        assert record["against"][kind]["answer"] == pytest.approx(
+            sum(by_ids[0].answer) - sum(lp.answer), abs=tol * n
+        )
     assert record["dependence"] == min(a["reasoning"] for a in record["against"].values())
     assert record["logprob"] == pytest.approx(by_ids[0].total, abs=tol * n)
 
@@ -153,7 +192,9 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         assert isinstance(row["text_solvable"], bool)
     # The random model never generated an audio token (sampling bans them: the engine would read one
     # as a slot for audio), so every trace was scored.
-    assert not any(tok in t["completion"] for t in traces for tok in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"))
+    assert not any(
+        tok in t["completion"] for t in traces for tok in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+    )
     scored = {tid for row in rows.values() for tid in row["traces"]}
     assert scored == {t["trace_id"] for t in traces} and stats["traces_scored"] == len(traces)
     real_acc, cf_acc = stats["probe_accuracy"]["real"], stats["counterfactual_accuracy"]
@@ -174,8 +215,11 @@ def audio_blind_copy(model_dir, out):
     state = load_file(weights)
     zeroed = [k for k in state if "multi_modal_projector" in k]
     assert zeroed
-    save_file({k: torch.zeros_like(v) if k in zeroed else v for k, v in state.items()}, weights,
-              metadata={"format": "pt"})
+    save_file(
+        {k: torch.zeros_like(v) if k in zeroed else v for k, v in state.items()},
+        weights,
+        metadata={"format": "pt"},
+    )
     return out
 
 
@@ -183,7 +227,9 @@ def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_mode
     blind = audio_blind_copy(tiny_model, tmp_path / "blind")
     # Default thresholds; exact-length silence and noise, so their token positions match the clip's;
     # the real audio scored by a teacher-forced pass too (the test above covers the sampled side).
-    cfg, data, rd = sampled_round(tmp_path, blind, "grounding.bank_seconds=0", "grounding.real_logprobs=scored")
+    cfg, data, rd = sampled_round(
+        tmp_path, blind, "grounding.bank_seconds=0", "grounding.real_logprobs=scored"
+    )
     with EngineCache(cfg.engine, cfg.seed) as engines:
         sample_stage(cfg, data.train, blind, rd, engines.get)
         # An array task grounds its own shard and leaves the stage open; a plain run does the rest.
@@ -197,10 +243,15 @@ def test_traces_that_do_not_depend_on_the_audio_are_filtered(tmp_path, tiny_mode
     records = [r for row in read_grounding(rd, 2).values() for r in row["traces"].values()]
     assert all(r["real_logprob"] == "scored" for r in records)
     assert all(abs(r["against"][k]["reasoning"]) < 1e-4 for r in records for k in ("silence", "noise"))
-    assert abs(stats["dependence"]["p10"]) < 2e-3 and abs(stats["dependence"]["p90"]) < cfg.grounding.min_dependence
+    assert (
+        abs(stats["dependence"]["p10"]) < 2e-3
+        and abs(stats["dependence"]["p90"]) < cfg.grounding.min_dependence
+    )
     fstats = filter_stage(replace(cfg), rd, blind)
     traces = list(read_jsonl(rd.rejected))
     scored = [t for t in traces if "grounding" in t]
-    assert fstats["failures_by_check"]["grounding:audio_independent"] == len(scored) == stats["dependence"]["n"]
+    assert (
+        fstats["failures_by_check"]["grounding:audio_independent"] == len(scored) == stats["dependence"]["n"]
+    )
     assert all("grounding:audio_independent" in t["rejected_because"] for t in scored)
     assert not list(read_jsonl(rd.filtered)) and fstats["dependence_kept"] is None

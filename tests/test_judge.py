@@ -26,8 +26,17 @@ TRACE = "<think>\nThe tone holds near 900 Hz, above the 500 Hz boundary, so it i
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     port = free_port()
-    proc = start_server(tiny_model, port, tmp_path_factory.mktemp("serve") / "serve.log", "--served-model-name",
-                        "judge", "--max-model-len", "2048", "--limit-mm-per-prompt", '{"audio": 2}')
+    proc = start_server(
+        tiny_model,
+        port,
+        tmp_path_factory.mktemp("serve") / "serve.log",
+        "--served-model-name",
+        "judge",
+        "--max-model-len",
+        "2048",
+        "--limit-mm-per-prompt",
+        '{"audio": 2}',
+    )
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(timeout=60)
@@ -65,26 +74,49 @@ def test_timeouts_are_retried_with_backoff(server):
 def test_client_errors_are_not_retried_and_a_gone_server_is(server):
     waits = []
     verdict = Judge(JudgeConfig(base_url=server, model="no-such-model"), sleep=waits.append).score(
-        "Q?", TRACE, None, 16000)
+        "Q?", TRACE, None, 16000
+    )
     assert verdict.reason == "judge:http_404" and verdict.attempts == 1 and waits == []
     gone = f"http://127.0.0.1:{free_port()}/v1"
-    verdict = Judge(JudgeConfig(base_url=gone, model="judge", retries=1, backoff_s=0.1), sleep=waits.append).score(
-        "Q?", TRACE, None, 16000)
+    verdict = Judge(
+        JudgeConfig(base_url=gone, model="judge", retries=1, backoff_s=0.1), sleep=waits.append
+    ).score("Q?", TRACE, None, 16000)
     assert (verdict.reason, verdict.attempts) == ("judge:error", 2) and waits == [0.1]
     with pytest.raises(RuntimeError, match="cannot list the models"):
         Judge(JudgeConfig(base_url=gone))
 
 
 def test_filter_stage_with_the_judge(server, tmp_path, tiny_model):
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={tmp_path}", "sample.num_shards=1", "filter.judge.enabled=true", "grounding.enabled=false",
-        f"filter.judge.base_url={server}", "filter.judge.score_regex='Score: [0-9]'", "filter.judge.min_score=0",
-        "filter.reward_weights={correct: 0.5, format: 0.0, judge: 0.5}"])  # merged: format set to 0
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "sample.num_shards=1",
+            "filter.judge.enabled=true",
+            "grounding.enabled=false",
+            f"filter.judge.base_url={server}",
+            "filter.judge.score_regex='Score: [0-9]'",
+            "filter.judge.min_score=0",
+            "filter.reward_weights={correct: 0.5, format: 0.0, judge: 0.5}",
+        ],
+    )  # merged: format set to 0
     write_wav(tmp_path / "a.wav", tone(), 16000)
-    rows = [{"trace_id": f"a#{j}", "item_id": "a", "sample_index": j, "audio": str(tmp_path / "a.wav"),
-             "question": "Is the tone high or low?", "prompt": "p", "completion": text, "finish_reason": "stop",
-             "reference": "high", "choices": ["high", "low"], "lineage": {}}
-            for j, text in enumerate([TRACE, TRACE.replace("high", "low")])]
+    rows = [
+        {
+            "trace_id": f"a#{j}",
+            "item_id": "a",
+            "sample_index": j,
+            "audio": str(tmp_path / "a.wav"),
+            "question": "Is the tone high or low?",
+            "prompt": "p",
+            "completion": text,
+            "finish_reason": "stop",
+            "reference": "high",
+            "choices": ["high", "low"],
+            "lineage": {},
+        }
+        for j, text in enumerate([TRACE, TRACE.replace("high", "low")])
+    ]
     rd = RunDir(cfg.run_dir).round(1)
     atomic_write_jsonl(rd.shard_path(0, 1), rows)
     stats = filter_stage(cfg, rd, tiny_model)

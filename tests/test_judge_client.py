@@ -11,8 +11,13 @@ import pytest
 from distill.filter.config import JudgeConfig
 from distill.filter.judge import Judge
 
-REPLIES = [b'{"choices": null}', b"[1]", b'{"choices": [{"message": null}]}', b"not json",
-           b'{"choices": [{"message": {"content": "Score: 7"}}]}']
+REPLIES = [
+    b'{"choices": null}',
+    b"[1]",
+    b'{"choices": [{"message": null}]}',
+    b"not json",
+    b'{"choices": [{"message": {"content": "Score: 7"}}]}',
+]
 
 
 @pytest.fixture

@@ -18,8 +18,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("data_pipelines",),  # items, readers, audio, synthetic tasks: need the core at most
     ("distill.models",),  # model families: the only place model-family facts live
     # each section's config beside its stage, then the schema that joins them
-    ("distill.rollout.config", "distill.grounding.config", "distill.filter.config", "distill.training.config",
-     "distill.export.config", "distill.eval.config"),
+    (
+        "distill.rollout.config",
+        "distill.grounding.config",
+        "distill.filter.config",
+        "distill.training.config",
+        "distill.export.config",
+        "distill.eval.config",
+    ),
     ("distill.config",),
     ("distill.data", "distill.openai_client"),  # the run's datasets; the OpenAI-compatible client
     ("distill.rollout",),  # sample
@@ -48,7 +54,9 @@ def layer(module: str) -> int | None:
     best: tuple[int, int] | None = None
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                best is None or len(prefix) > best[1]
+            ):
                 best = (i, len(prefix))
     return None if best is None else best[0]
 
@@ -136,8 +144,12 @@ def test_every_module_has_a_layer():
 
 def test_imports_point_down_the_data_flow():
     edges = graph()
-    upward = sorted(f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
-                    for a, targets in edges.items() for b in targets if layer(b) > layer(a))
+    upward = sorted(
+        f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+        for a, targets in edges.items()
+        for b in targets
+        if layer(b) > layer(a)
+    )
     assert not upward, "\n".join(upward)
 
 

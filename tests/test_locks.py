@@ -18,8 +18,11 @@ from distill.core.locks import RUN_UNIT, LockHeld, read_record, unit_lock, unit_
 from tests.test_processes import token_of
 
 
-def hold(run_dir, unit: str, exclusive: bool = True, child: bool = False) -> tuple[subprocess.Popen, int | None]:
-    """Another process holding `unit` (owning a sleeping child with `child`); returns it and the child's PID."""
+def hold(
+    run_dir, unit: str, exclusive: bool = True, child: bool = False
+) -> tuple[subprocess.Popen, int | None]:
+    """Another process holding `unit` (owning a sleeping child with `child`); returns it and the
+    child's PID."""
     code = textwrap.dedent(f"""
         import subprocess, sys, time
         from pathlib import Path
@@ -39,7 +42,9 @@ def hold(run_dir, unit: str, exclusive: bool = True, child: bool = False) -> tup
     return proc, int(words[1]) if len(words) > 1 else None
 
 
-def test_a_second_writer_is_refused_with_the_holders_pid_and_host_then_takes_over_a_killed_one(tmp_path, capsys):
+def test_a_second_writer_is_refused_with_the_holders_pid_and_host_then_takes_over_a_killed_one(
+    tmp_path, capsys
+):
     holder, child = hold(tmp_path, RUN_UNIT, child=True)
     try:
         start = time.monotonic()
@@ -47,7 +52,10 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_host_then_takes_ove
             pass
         assert time.monotonic() - start < 1  # at once, not after a wait
         text = str(refused.value)
-        assert f"PID {holder.pid} on {socket.gethostname()}" in text and str(tmp_path / "locks" / "run.lock") in text
+        assert (
+            f"PID {holder.pid} on {socket.gethostname()}" in text
+            and str(tmp_path / "locks" / "run.lock") in text
+        )
         # A shared holder (a stage job) is refused by an exclusive one as well.
         with pytest.raises(LockHeld), unit_lock(tmp_path, RUN_UNIT, exclusive=False):
             pass
@@ -88,7 +96,10 @@ def test_parts_of_a_stage_run_side_by_side_and_the_whole_excludes_them(tmp_path)
     try:
         with unit_locks(tmp_path, stage, "shard-00001-of-00002"):
             pass
-        with pytest.raises(LockHeld, match=f"PID {holder.pid} on "), unit_locks(tmp_path, stage, "shard-00000-of-00002"):
+        with (
+            pytest.raises(LockHeld, match=f"PID {holder.pid} on "),
+            unit_locks(tmp_path, stage, "shard-00000-of-00002"),
+        ):
             pass
         # The whole stage's writer is refused, and told who writes the parts.
         with pytest.raises(LockHeld) as refused, unit_locks(tmp_path, stage):
@@ -114,6 +125,7 @@ def test_a_process_refused_a_part_keeps_nothing_locked(tmp_path):
 
 def test_a_filesystem_without_flock_warns_once_and_goes_on(tmp_path, monkeypatch, capsys):
     """Some Lustre mounts have no flock; a stand-in for one (none can be mounted here)."""
+
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 

@@ -19,8 +19,17 @@ def test_resume_refuses_changed_config_but_allows_more_rounds(tmp_path, tiny_mod
     run = RunDir(cfg.run_dir)
     init_run_dir(cfg, run)
     # grounding.real_logprobs may change on resume (runs started before it defaulted to "sampled" go on).
-    init_run_dir(cfg_for(tmp_path, *small, "loop.rounds=5", "data.audio.workers=1", "filter.judge.concurrency=2",
-                         "grounding.real_logprobs=scored"), run)
+    init_run_dir(
+        cfg_for(
+            tmp_path,
+            *small,
+            "loop.rounds=5",
+            "data.audio.workers=1",
+            "filter.judge.concurrency=2",
+            "grounding.real_logprobs=scored",
+        ),
+        run,
+    )
     assert "rounds: 5" in run.config.read_text()
     with pytest.raises(ConfigError, match="changed key\\(s\\): sample.n, train.learning_rate"):
         init_run_dir(cfg_for(tmp_path, *small, "sample.n=3", "train.learning_rate=0.1"), run)
@@ -32,8 +41,15 @@ def test_failed_setup_saves_no_config(tmp_path, tiny_model):
     with pytest.raises(FileNotFoundError, match="nowhere: no model there"):
         init_run_dir(bad, run)
     assert not run.config.exists()
-    init_run_dir(cfg_for(tmp_path, f"model.path={tiny_model}", "data.synthetic.train_items=2",
-                         "data.synthetic.eval_items=2"), run)  # the corrected config is accepted
+    init_run_dir(
+        cfg_for(
+            tmp_path,
+            f"model.path={tiny_model}",
+            "data.synthetic.train_items=2",
+            "data.synthetic.eval_items=2",
+        ),
+        run,
+    )  # the corrected config is accepted
     assert run.config.exists()
 
 
@@ -53,8 +69,12 @@ def test_sample_seeds_are_stable_and_distinct():
 
 
 def test_synthetic_data_written_once(tmp_path):
-    cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2",
-                  "data.synthetic.cold_start_difficulty=0")
+    cfg = cfg_for(
+        tmp_path,
+        "data.synthetic.train_items=4",
+        "data.synthetic.eval_items=2",
+        "data.synthetic.cold_start_difficulty=0",
+    )
     run = RunDir(cfg.run_dir)
     data = prepare_data(cfg, run.data_dir)
     assert len(data.train) == 4 and len(data.eval) == 2 and data.cold_start is data.train
@@ -79,8 +99,20 @@ def test_cli_takes_overrides_after_options(tmp_path, capsys):
     from distill.cli import main
 
     # A bad value in an override placed after --round must reach the config check.
-    assert main(["stage", "sample", "configs/demo_cpu.yaml", "--round", "1", f"output_dir={tmp_path}",
-                 "sample.n=0"]) == 2
+    assert (
+        main(
+            [
+                "stage",
+                "sample",
+                "configs/demo_cpu.yaml",
+                "--round",
+                "1",
+                f"output_dir={tmp_path}",
+                "sample.n=0",
+            ]
+        )
+        == 2
+    )
     assert "sample.n=0: must be positive" in capsys.readouterr().err
 
 
@@ -110,18 +142,29 @@ def test_stage_needs_the_previous_one(tmp_path):
 
 
 def test_cold_start_curriculum_gets_its_own_items(tmp_path):
-    cfg = cfg_for(tmp_path, "data.synthetic.train_items=4", "data.synthetic.eval_items=2",
-                  "data.synthetic.difficulty=3", "data.synthetic.cold_start_difficulty=1")
+    cfg = cfg_for(
+        tmp_path,
+        "data.synthetic.train_items=4",
+        "data.synthetic.eval_items=2",
+        "data.synthetic.difficulty=3",
+        "data.synthetic.cold_start_difficulty=1",
+    )
     data = prepare_data(cfg, RunDir(cfg.run_dir).data_dir)
     assert {i.difficulty for i in data.cold_start} == {1} and {i.difficulty for i in data.train} == {3}
     assert not {i.id for i in data.cold_start} & {i.id for i in data.train}
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("data.sample_rate=8000", "data.sample_rate=8000: the model's feature extractor .* takes 16000 Hz"),
-    ("data.audio.max_seconds=40", "data.audio.max_seconds=40: Qwen2-Audio .* reads at most 30 s per audio item"),
-    ("data.audio.long_audio=chunk", "engine.max_model_len=1024: 4 audio item\\(s\\) of up to 750 tokens"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.sample_rate=8000", "data.sample_rate=8000: the model's feature extractor .* takes 16000 Hz"),
+        (
+            "data.audio.max_seconds=40",
+            "data.audio.max_seconds=40: Qwen2-Audio .* reads at most 30 s per audio item",
+        ),
+        ("data.audio.long_audio=chunk", "engine.max_model_len=1024: 4 audio item\\(s\\) of up to 750 tokens"),
+    ],
+)
 def test_audio_settings_the_model_cannot_take_fail_before_any_work(tmp_path, tiny_model, override, message):
     from distill.data import check_model_audio
 
@@ -155,7 +198,10 @@ def test_student_init_continue_or_restart_from_base(tmp_path, cold_start):
     assert train_inputs(cfg, run, 3, model) == (model, [run.round(3).filtered])
     base = cfg_for(tmp_path, "train.init=base", f"cold_start.enabled={cold_start}")
     first = 0 if cold_start else 1
-    assert train_inputs(base, run, 3, model) == (Path(base.model.path), [run.round(i).filtered for i in range(first, 4)])
+    assert train_inputs(base, run, 3, model) == (
+        Path(base.model.path),
+        [run.round(i).filtered for i in range(first, 4)],
+    )
     assert train_inputs(base, run, 0, model) == (model, [run.round(0).filtered])  # the cold start itself
 
 
@@ -167,7 +213,9 @@ def test_each_job_locks_the_part_it_writes(monkeypatch, tmp_path):
     for var in ("SLURM_ARRAY_TASK_ID", "SLURM_NNODES", "DISTILL_MAIN_PROCESS_IP"):
         monkeypatch.delenv(var, raising=False)
     whole = cfg_for(tmp_path, "sample.num_shards=4")
-    assert [stage_part(whole, s) for s in ("sample", "ground", "filter", "train", "export", "eval")] == [None] * 6
+    assert [stage_part(whole, s) for s in ("sample", "ground", "filter", "train", "export", "eval")] == [
+        None
+    ] * 6
     one = cfg_for(tmp_path, "sample.num_shards=4", "sample.shard_index=2")
     assert stage_part(one, "sample") == stage_part(one, "ground") == "shard-00002-of-00004"
     assert stage_part(cfg_for(tmp_path, "sample.num_shards=1", "sample.shard_index=0"), "sample") is None

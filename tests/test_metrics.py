@@ -22,15 +22,35 @@ def test_round_records_and_table_come_from_stage_stats(tmp_path):
     r0.mark_done("train", {"steps": 5, "final_loss": 0.5, "seconds": 20.0})
     r1 = run.round(1)
     r1.mark_done("sample", {"model_sha256": "abc", "seconds": 3.0})
-    r1.mark_done("ground", {"grounding_gap": 0.375, "grounding_gap_by_kind": {"silence": 0.5}, "text_solvable_share": 0.25,
-                            "seconds": 0.6})
-    r1.mark_done("filter", {"traces": 16, "kept": 4, "kept_fraction": 0.25, "sample_accuracy": 0.5,
-                            "rejected_by_reason": {"answer:wrong": 10, "format:think_block": 2}, "prompts": 4,
-                            "prompts_out_of_band": 1, "by_category": {"sound": {"kept": 4}}, "seconds": 0.2,
-                            "dependence_kept": {"n": 4, "mean": 0.1, "p10": 0.0, "p50": 0.12, "p90": 0.2}})
+    r1.mark_done(
+        "ground",
+        {
+            "grounding_gap": 0.375,
+            "grounding_gap_by_kind": {"silence": 0.5},
+            "text_solvable_share": 0.25,
+            "seconds": 0.6,
+        },
+    )
+    r1.mark_done(
+        "filter",
+        {
+            "traces": 16,
+            "kept": 4,
+            "kept_fraction": 0.25,
+            "sample_accuracy": 0.5,
+            "rejected_by_reason": {"answer:wrong": 10, "format:think_block": 2},
+            "prompts": 4,
+            "prompts_out_of_band": 1,
+            "by_category": {"sound": {"kept": 4}},
+            "seconds": 0.2,
+            "dependence_kept": {"n": 4, "mean": 0.1, "p10": 0.0, "p50": 0.12, "p90": 0.2},
+        },
+    )
     records = write_run_metrics(run)
     assert [r["round"] for r in records] == [0, 1]
-    assert records[1]["sampled_from_sha256"] == "abc" and records[1]["rejected_by_reason"]["answer:wrong"] == 10
+    assert (
+        records[1]["sampled_from_sha256"] == "abc" and records[1]["rejected_by_reason"]["answer:wrong"] == 10
+    )
     assert records[1]["prompts_in_band"] == 3 and records[1]["rejected_by_category"] == {"sound": {"kept": 4}}
     assert round_record(r1)["stage"] == "filter" and records[0]["train_loss"] == 0.5
     assert run.metrics.read_text().count("\n") == 2

@@ -21,7 +21,9 @@ def _rows(prefix: str, n: int) -> list[dict]:
 
 
 def _write_lines(path, lines: list) -> None:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
+    path.write_text(
+        "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8"
+    )
 
 
 @pytest.fixture
@@ -67,15 +69,21 @@ def test_mix_rows_refuses_an_empty_source_with_weight():
         mix_rows(_rows("t", 10), [("empty_one", [], 0.5)], seed=0)
 
 
-@pytest.mark.parametrize(("bad", "reason"), [
-    ('["not", "an", "object"]', "expected a JSON object"),
-    ({"question": "q", "answer": "a"}, "field 'reasoning' is missing"),
-    ({"question": "q", "reasoning": 3, "answer": "a"}, "field 'reasoning' is missing or not a non-empty string"),
-    ({"question": " ", "reasoning": "r", "answer": "a"}, "field 'question' is missing"),
-    ({"question": "q", "reasoning": "r <think> r", "answer": "a"}, "field 'reasoning' contains <think>"),
-    ({"question": "q", "reasoning": "r </think> a", "answer": "a"}, "field 'reasoning' contains"),
-    ({"id": "same", "question": "q", "reasoning": "r", "answer": "a"}, "duplicate id 'same'"),
-])
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ('["not", "an", "object"]', "expected a JSON object"),
+        ({"question": "q", "answer": "a"}, "field 'reasoning' is missing"),
+        (
+            {"question": "q", "reasoning": 3, "answer": "a"},
+            "field 'reasoning' is missing or not a non-empty string",
+        ),
+        ({"question": " ", "reasoning": "r", "answer": "a"}, "field 'question' is missing"),
+        ({"question": "q", "reasoning": "r <think> r", "answer": "a"}, "field 'reasoning' contains <think>"),
+        ({"question": "q", "reasoning": "r </think> a", "answer": "a"}, "field 'reasoning' contains"),
+        ({"id": "same", "question": "q", "reasoning": "r", "answer": "a"}, "duplicate id 'same'"),
+    ],
+)
 def test_text_cot_bad_rows_name_file_and_line(tmp_path, tokenizer, bad, reason):
     path = tmp_path / "cot.jsonl"
     _write_lines(path, [{"id": "same", "question": "q", "reasoning": "r", "answer": "a"}, bad])
@@ -85,8 +93,13 @@ def test_text_cot_bad_rows_name_file_and_line(tmp_path, tokenizer, bad, reason):
 
 def test_text_cot_rows_are_text_only(tmp_path, tokenizer):
     path = tmp_path / "cot.jsonl"
-    _write_lines(path, [{"question": "What is 2+3?", "reasoning": " 2 plus 3 is 5. ", "answer": "5"},
-                        {"id": "given", "question": "q", "reasoning": "r", "answer": "a"}])
+    _write_lines(
+        path,
+        [
+            {"question": "What is 2+3?", "reasoning": " 2 plus 3 is 5. ", "answer": "5"},
+            {"id": "given", "question": "q", "reasoning": "r", "answer": "a"},
+        ],
+    )
     rows = text_cot_rows(path, tokenizer, "sys")
     assert [r["id"] for r in rows] == ["cot-1", "given"]
     assert rows[0]["audio"] is None and AUDIO not in rows[0]["prompt"]
@@ -136,10 +149,18 @@ def test_direct_audio_rows_name_bad_items(tmp_path, tokenizer):
 
 def test_build_mix_reads_each_kind_under_its_name(tmp_path, tokenizer):
     write_manifest(tmp_path / "direct.jsonl", _audio_items(tmp_path))
-    _write_lines(tmp_path / "cot.jsonl", [{"question": f"q{i}", "reasoning": "r", "answer": "a"} for i in range(5)])
+    _write_lines(
+        tmp_path / "cot.jsonl", [{"question": f"q{i}", "reasoning": "r", "answer": "a"} for i in range(5)]
+    )
     cfg = Config(run_name="r", output_dir=str(tmp_path / "runs"))
-    mix = [MixSourceConfig("text_cot", str(tmp_path / "cot.jsonl"), 0.5),
-           MixSourceConfig("direct_audio", str(tmp_path / "direct.jsonl"), 0.3)]
+    mix = [
+        MixSourceConfig("text_cot", str(tmp_path / "cot.jsonl"), 0.5),
+        MixSourceConfig("direct_audio", str(tmp_path / "direct.jsonl"), 0.3),
+    ]
     rows, stats = build_mix(_rows("t", 10), mix, cfg, tokenizer, _chunking_cache(tmp_path), seed=0)
-    assert Counter(r["source"] for r in rows) == {"traces": 10, "text_cot:cot.jsonl": 5, "direct_audio:direct.jsonl": 3}
+    assert Counter(r["source"] for r in rows) == {
+        "traces": 10,
+        "text_cot:cot.jsonl": 5,
+        "direct_audio:direct.jsonl": 3,
+    }
     assert stats["total"] == 18

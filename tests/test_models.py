@@ -30,23 +30,30 @@ def test_an_unsupported_family_is_named_with_the_supported_ones(tiny_model, tmp_
     model = copy_of(tiny_model, tmp_path, model_type="whisper")
     with pytest.raises(ConfigError) as refused:
         check_model_dir(model)
-    assert str(refused.value) == (f"model.path: {model / 'config.json'} has model_type 'whisper', which distill "
-                                  f"does not train; supported: {supported()}")
+    assert str(refused.value) == (
+        f"model.path: {model / 'config.json'} has model_type 'whisper', which distill "
+        f"does not train; supported: {supported()}"
+    )
     assert "qwen2_audio (Qwen2-Audio)" in supported()
 
 
 def test_a_server_only_model_is_refused_with_the_way_to_use_it(tiny_model, tmp_path):
     model = copy_of(tiny_model, tmp_path, model_type="step_audio_2")
-    with pytest.raises(ConfigError, match="Step-Audio 2 .* no transformers class and no upstream vLLM .*"
-                                          "sample.backend=server"):
+    with pytest.raises(
+        ConfigError,
+        match="Step-Audio 2 .* no transformers class and no upstream vLLM .*sample.backend=server",
+    ):
         check_model_dir(model)
 
 
-@pytest.mark.parametrize(("remove", "message"), [
-    (["config.json"], "no config.json in"),
-    (["processor_config.json"], "has no processor"),
-    (["chat_template.jinja"], "has no chat template"),
-])
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        (["config.json"], "no config.json in"),
+        (["processor_config.json"], "has no processor"),
+        (["chat_template.jinja"], "has no chat template"),
+    ],
+)
 def test_a_model_directory_without_what_the_loop_reads_is_refused(tiny_model, tmp_path, remove, message):
     model = copy_of(tiny_model, tmp_path)
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
@@ -68,8 +75,9 @@ def test_a_chat_template_in_the_tokenizer_config_counts(tiny_model, tmp_path):
 
 def test_the_run_refuses_the_model_before_any_work(tiny_model, tmp_path):
     model = copy_of(tiny_model, tmp_path, model_type="gemma3n")
-    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}",
-                                                "model.build_tiny=false"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"model.path={model}", "model.build_tiny=false"]
+    )
     with pytest.raises(ConfigError, match="model_type 'gemma3n'"):
         init_run_dir(cfg, RunDir(cfg.run_dir))
     assert not cfg.run_dir.exists()  # no data built, no config saved
@@ -86,12 +94,30 @@ def family_facts() -> list[str]:
     for family in FAMILIES:
         facts.update(family.model_types)
         module = importlib.import_module(type(family).__module__)
-        facts.update(name for name in re.findall(r"\b([A-Z]\w+(?:ForConditionalGeneration|Processor|Config|Model))\b",
-                                                 inspect.getsource(module)) if hasattr(transformers, name))
-        facts.update(re.findall(r"<\|?[A-Za-z_]*(?:audio|AUDIO|sound)[A-Za-z_]*\|?>", inspect.getsource(module)))
+        facts.update(
+            name
+            for name in re.findall(
+                r"\b([A-Z]\w+(?:ForConditionalGeneration|Processor|Config|Model))\b",
+                inspect.getsource(module),
+            )
+            if hasattr(transformers, name)
+        )
+        facts.update(
+            re.findall(r"<\|?[A-Za-z_]*(?:audio|AUDIO|sound)[A-Za-z_]*\|?>", inspect.getsource(module))
+        )
     # Shared by every family: the tokenizer and generation config classes, Whisper's features.
-    return sorted(facts - {"PreTrainedTokenizerFast", "GenerationConfig", "WhisperFeatureExtractor", "PreTrainedModel",
-                           "AutoConfig", "AutoProcessor", "AutoModel"})
+    return sorted(
+        facts
+        - {
+            "PreTrainedTokenizerFast",
+            "GenerationConfig",
+            "WhisperFeatureExtractor",
+            "PreTrainedModel",
+            "AutoConfig",
+            "AutoProcessor",
+            "AutoModel",
+        }
+    )
 
 
 def test_no_module_outside_distill_models_names_a_family():
@@ -136,14 +162,24 @@ def test_audio_a_family_cannot_take_is_refused_naming_the_key(tmp_path):
     from distill.models.registry import build_tiny_model
 
     af3 = build_tiny_model(tmp_path / "af3", TinyModelConfig(family="audio_flamingo3"))
-    base = [f"output_dir={tmp_path}", f"model.path={af3}", "model.build_tiny=false", "engine.max_model_len=2048",
-            "train.max_seq_len=2048", "cold_start.train.max_seq_len=2048"]
+    base = [
+        f"output_dir={tmp_path}",
+        f"model.path={af3}",
+        "model.build_tiny=false",
+        "engine.max_model_len=2048",
+        "train.max_seq_len=2048",
+        "cold_start.train.max_seq_len=2048",
+    ]
 
     def cfg(*overrides):
         return load_config("configs/demo_cpu.yaml", [*base, *overrides])
 
     check_model_audio(cfg("data.audio.max_seconds=60"), af3)  # AF3 reads long audio itself, in windows
-    with pytest.raises(ConfigError, match="data.audio.max_chunks=4: Audio Flamingo 3 takes at most 1 audio item"):
+    with pytest.raises(
+        ConfigError, match="data.audio.max_chunks=4: Audio Flamingo 3 takes at most 1 audio item"
+    ):
         check_model_audio(cfg("data.audio.long_audio=chunk", "data.audio.max_chunks=4"), af3)
-    with pytest.raises(ConfigError, match="data.audio.max_seconds=700: Audio Flamingo 3 .* reads at most 600 s"):
+    with pytest.raises(
+        ConfigError, match="data.audio.max_seconds=700: Audio Flamingo 3 .* reads at most 600 s"
+    ):
         check_model_audio(cfg("data.audio.max_seconds=700"), af3)

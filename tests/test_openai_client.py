@@ -50,15 +50,26 @@ def endpoint():
 
 def test_requests_carry_vllm_fields_and_only_the_configured_key(endpoint, monkeypatch):
     # The SDK's own variables must not reach another endpoint.
-    for name, value in [("OPENAI_API_KEY", "sk-other"), ("OPENAI_ORG_ID", "org-other"),
-                        ("OPENAI_PROJECT_ID", "proj-other"), ("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer x")]:
+    for name, value in [
+        ("OPENAI_API_KEY", "sk-other"),
+        ("OPENAI_ORG_ID", "org-other"),
+        ("OPENAI_PROJECT_ID", "proj-other"),
+        ("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer x"),
+    ]:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("DISTILL_SERVER_API_KEY", raising=False)
     client = ChatClient(ServerConfig(base_url=endpoint["url"] + "/"))
     assert client.model == "served" and client.base_url == endpoint["url"]
-    body = {"messages": [{"role": "user", "content": "q"}], "n": 2, "seed": 7, "max_tokens": 4,
-            "continue_final_message": True, "add_generation_prompt": False, "stop_token_ids": [3],
-            "structured_outputs": {"regex": "Score: [0-9]"}}
+    body = {
+        "messages": [{"role": "user", "content": "q"}],
+        "n": 2,
+        "seed": 7,
+        "max_tokens": 4,
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "stop_token_ids": [3],
+        "structured_outputs": {"regex": "Score: [0-9]"},
+    }
     reply = client.chat(body)
     assert reply.reason is None and reply.attempts == 1 and reply.body == json.loads(REPLY)
     monkeypatch.setenv("DISTILL_JUDGE_API_KEY", "judge-key")
@@ -71,15 +82,20 @@ def test_requests_carry_vllm_fields_and_only_the_configured_key(endpoint, monkey
     assert lower[2]["authorization"] == "Bearer judge-key"
 
 
-@pytest.mark.parametrize("codes, reason, attempts, waits", [
-    ([503, 429], None, 3, [0.5, 1.0]),  # 5xx and 429 are retried, then answered
-    ([500, 500, 500], "http_500", 3, [0.5, 1.0]),
-    ([400], "http_400", 1, []),  # a bad request stays bad
-])
+@pytest.mark.parametrize(
+    "codes, reason, attempts, waits",
+    [
+        ([503, 429], None, 3, [0.5, 1.0]),  # 5xx and 429 are retried, then answered
+        ([500, 500, 500], "http_500", 3, [0.5, 1.0]),
+        ([400], "http_400", 1, []),  # a bad request stays bad
+    ],
+)
 def test_what_is_retried(endpoint, codes, reason, attempts, waits):
     endpoint["status"] = list(codes)
     sleeps = []
-    client = ChatClient(JudgeConfig(base_url=endpoint["url"], model="m", retries=2, backoff_s=0.5), sleeps.append)
+    client = ChatClient(
+        JudgeConfig(base_url=endpoint["url"], model="m", retries=2, backoff_s=0.5), sleeps.append
+    )
     reply = client.chat({"messages": []})
     assert (reply.reason, reply.attempts, sleeps) == (reason, attempts, waits)
     assert (reply.body is None) == (reason is not None)

@@ -93,8 +93,14 @@ def sft(tiny_model, tmp_path_factory):
     rows[1]["completion"] = "<think>\nA longer trace: the pitch rises, then a steady tone.\n</think>\nhigh"
     rows[2]["weight"] = 0.25
     # A text-only row (text chain of thought from a mix) packed beside audio rows.
-    rows.append({"id": "text", "audio": None, "prompt": rows[0]["prompt"].split("<|audio_bos|>")[0] + "Say hi.",
-                 "completion": "<think>\nGreeting.\n</think>\nhi"})
+    rows.append(
+        {
+            "id": "text",
+            "audio": None,
+            "prompt": rows[0]["prompt"].split("<|audio_bos|>")[0] + "Say hi.",
+            "completion": "<think>\nGreeting.\n</think>\nhi",
+        }
+    )
     return processor, SFTDataset(rows, processor, cache, 1024, 2.0, "<think>\n")
 
 
@@ -104,8 +110,17 @@ def audio_lm(tiny_model, processor, cache_mb=0, **train):
 
 
 def loss_of(model: AudioLM, batch, normalizer=None) -> torch.Tensor:
-    return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], batch["audio"],
-                 batch["audio_keys"], batch["labels"], batch["weights"], batch["row_weights"], normalizer)
+    return model(
+        batch["input_ids"],
+        batch["position_ids"],
+        batch["attention_mask"],
+        batch["audio"],
+        batch["audio_keys"],
+        batch["labels"],
+        batch["weights"],
+        batch["row_weights"],
+        normalizer,
+    )
 
 
 def test_training_forward_matches_the_models_own_forward(tiny_model, sft):
@@ -114,15 +129,21 @@ def test_training_forward_matches_the_models_own_forward(tiny_model, sft):
     processor, ds = sft
     model = audio_lm(tiny_model, processor)
     row = ds.rows[0]
-    enc = processor(text=[row["prompt"] + "<think>\n"], audio=ds.chunks(row), sampling_rate=16000,
-                    return_tensors="pt")
+    enc = processor(
+        text=[row["prompt"] + "<think>\n"], audio=ds.chunks(row), sampling_rate=16000, return_tensors="pt"
+    )
     sample = ds[0]
     n = enc["input_ids"].shape[1]
     assert sample.input_ids[:n] == enc["input_ids"][0].tolist()
     with torch.no_grad():
         theirs = model.hf(**enc).logits
-        ours = model.logits(torch.tensor([sample.input_ids]), torch.arange(len(sample.input_ids))[None], None,
-                            sample.audio, sample.audio_keys)
+        ours = model.logits(
+            torch.tensor([sample.input_ids]),
+            torch.arange(len(sample.input_ids))[None],
+            None,
+            sample.audio,
+            sample.audio_keys,
+        )
     assert torch.allclose(ours[0, :n], theirs[0], atol=1e-5)
 
 
@@ -223,7 +244,6 @@ def test_lora_wraps_only_the_language_model_and_merges_like_peft(tiny_model, sft
     plain.hf.load_state_dict(merged)
     with torch.no_grad():
         assert torch.isclose(loss_of(plain, batch), with_adapters, rtol=1e-5)
-
 
 
 @pytest.mark.e2e  # a minute or more on 2 CPU cores

@@ -14,22 +14,29 @@ from distill.core.processes import OWNER_ENV, owned_by
 
 # A child in a session of its own (as torchrun starts training ranks), which starts a grandchild
 # in yet another session; each prints its PID.
-DESCENDANTS = textwrap.dedent("""
+DESCENDANTS = textwrap.dedent(
+    """
     import subprocess, sys, time
     sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
     child = subprocess.Popen([sys.executable, "-c", f"import subprocess, time; "
-                              f"p = subprocess.Popen({sleeper!r}, start_new_session=True); print(p.pid, flush=True); "
+                              f"p = subprocess.Popen({sleeper!r}, start_new_session=True); """
+    """print(p.pid, flush=True); "
                               f"time.sleep(600)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
     grandchild = int(child.stdout.readline())
     print(child.pid, grandchild, flush=True)
-""")
+"""
+)
 
 
 def start_owner(body: str) -> tuple[subprocess.Popen, list[int]]:
     """A Python process that starts DESCENDANTS inside owning_processes(), then runs `body`."""
-    code = "from distill.core.processes import owning_processes\nwith owning_processes():\n" + \
-        textwrap.indent(DESCENDANTS + body, "    ")
-    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    code = (
+        "from distill.core.processes import owning_processes\nwith owning_processes():\n"
+        + textwrap.indent(DESCENDANTS + body, "    ")
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     return owner, [int(x) for x in owner.stdout.readline().split()]
 
 
@@ -46,7 +53,9 @@ def gone_within(pids: list[int], seconds: float) -> float | None:
     """Seconds until every process of `pids` has ended (None: not within `seconds`)."""
     start = time.monotonic()
     while time.monotonic() - start < seconds:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         if not alive:
             return time.monotonic() - start
         time.sleep(0.02)

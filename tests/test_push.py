@@ -20,12 +20,22 @@ from distill.rollout.engine import EXPORT_MANIFEST, weights_hash
 def round_dir(tmp_path, tiny_model):
     rd = RunDir(tmp_path / "run").round(2)
     shutil.copytree(tiny_model, rd.model_dir)
-    (rd.model_dir / EXPORT_MANIFEST).write_text(json.dumps({"weights_sha256": weights_hash(rd.model_dir),
-                                                            "gate": "passed"}))
+    (rd.model_dir / EXPORT_MANIFEST).write_text(
+        json.dumps({"weights_sha256": weights_hash(rd.model_dir), "gate": "passed"})
+    )
     (rd.model_dir / "README.md").write_text("# run, round 2\n")
     items = generate_split(tmp_path / "items", "train", ["pitch_level"], 2, 0, 1, 16000)
-    rows = [{"id": f"{it.id}#{j}", "audio": it.audio, "audio_sha256": f"sha{i}", "prompt": "p",
-             "completion": "<think>\nlow pitch\n</think>\nlow"} for i, it in enumerate(items) for j in range(2)]
+    rows = [
+        {
+            "id": f"{it.id}#{j}",
+            "audio": it.audio,
+            "audio_sha256": f"sha{i}",
+            "prompt": "p",
+            "completion": "<think>\nlow pitch\n</think>\nlow",
+        }
+        for i, it in enumerate(items)
+        for j in range(2)
+    ]
     rd.filtered.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rd
 
@@ -36,9 +46,14 @@ def test_model_plan_is_the_exported_folder_on_the_rounds_branch(round_dir, monke
     assert (plan.repo_id, plan.repo_type, plan.revision) == ("me/student", "model", "round-002")
     files = {op.path_in_repo: op for op in plan.operations}
     assert set(files) == {p.name for p in round_dir.model_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "README.md", "chat_template.jinja", EXPORT_MANIFEST} <= set(files)
+    assert {"model.safetensors", "config.json", "README.md", "chat_template.jinja", EXPORT_MANIFEST} <= set(
+        files
+    )
     weights = round_dir.model_dir / "model.safetensors"
-    assert files["model.safetensors"].upload_info.sha256.hex() == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (
+        files["model.safetensors"].upload_info.sha256.hex()
+        == hashlib.sha256(weights.read_bytes()).hexdigest()
+    )
     assert "hf_do_not_leak_this" not in plan.describe() + plan.commit_message
     # Only a model that passed the export gate goes out.
     (round_dir.model_dir / EXPORT_MANIFEST).write_text(json.dumps({"weights_sha256": "x", "gate": "pending"}))
@@ -63,6 +78,7 @@ def test_push_creates_repo_and_branch_then_commits_the_plan(round_dir):
             def record(*args, **kwargs):
                 calls.append((name, args, kwargs))
                 return type("Info", (), {"commit_url": "https://hub/commit/1"})()
+
             return record
 
     plan = model_plan(round_dir, "me/student")
@@ -74,11 +90,30 @@ def test_push_creates_repo_and_branch_then_commits_the_plan(round_dir):
 
 
 def test_cli_dry_run_prints_the_plan(round_dir):
-    done = subprocess.run([sys.executable, "-m", "distill.cli", "push", str(round_dir.path), "--repo-id", "me/s",
-                           "--dataset-repo-id", "me/t", "--dry-run"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "push",
+            str(round_dir.path),
+            "--repo-id",
+            "me/s",
+            "--dataset-repo-id",
+            "me/t",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "model me/s@round-002" in done.stdout and "model.safetensors" in done.stdout
     assert "dataset me/t@round-002" in done.stdout and "audio/sha0.wav" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "distill.cli", "push", str(round_dir.path.parent), "--repo-id", "x"],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "push", str(round_dir.path.parent), "--repo-id", "x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 1 and "not a round directory" in bad.stderr

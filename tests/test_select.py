@@ -16,10 +16,13 @@ BASE = "the first tone is near {} hertz and the second near {} hertz so the seco
 
 def test_pass_rate_band_drops_whole_prompts():
     texts = ["a", "b", "c", "d"]
-    inside = select(texts, [0, 1], correct=2, total=4, keep=4, policy="first", band=(0.25, 0.75), near_duplicate=0.8)
+    inside = select(
+        texts, [0, 1], correct=2, total=4, keep=4, policy="first", band=(0.25, 0.75), near_duplicate=0.8
+    )
     assert inside.kept == [0, 1] and inside.in_band
-    solved = select(texts, [0, 1, 2, 3], correct=4, total=4, keep=4, policy="first", band=(0.25, 0.75),
-                    near_duplicate=0.8)
+    solved = select(
+        texts, [0, 1, 2, 3], correct=4, total=4, keep=4, policy="first", band=(0.25, 0.75), near_duplicate=0.8
+    )
     assert solved.kept == [] and not solved.in_band
     assert solved.dropped == dict.fromkeys(range(4), "prompt:pass_rate")
 
@@ -60,8 +63,11 @@ def test_item_decision_indexes_traces_in_sample_order():
 def test_grounded_results_and_dependence():
     rules = {"format": None, "correct": None}
     drop, down = GroundingConfig(text_solvable="drop"), GroundingConfig(text_solvable="downweight")
-    assert grounded_results(rules, True, drop) == {**rules, "text_solvable": "grounding:text_solvable",
-                                                   "audio_dependence": None}
+    assert grounded_results(rules, True, drop) == {
+        **rules,
+        "text_solvable": "grounding:text_solvable",
+        "audio_dependence": None,
+    }
     assert grounded_results(rules, True, down)["text_solvable"] is None
     assert grounded_results(rules, False, drop)["text_solvable"] is None
     g = GroundingConfig(min_dependence=0.05, min_answer_dependence=None)

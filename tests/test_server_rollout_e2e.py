@@ -25,12 +25,25 @@ def serve(model, port, log_path):
 
 def test_server_sampling_resumes_a_shard_after_the_server_goes_away(tmp_path, tiny_model):
     port = free_port()
-    cfg = load_config("configs/demo_cpu.yaml", [
-        f"output_dir={tmp_path}", f"model.path={tiny_model}", "data.synthetic.train_items=12",
-        "data.synthetic.eval_items=4", "sample.n=2", "sample.max_tokens=32", "sample.num_shards=2",
-        "sample.backend=server", f"sample.server.base_url=http://127.0.0.1:{port}/v1", "sample.server.concurrency=1",
-        "sample.server.retries=1", "sample.server.backoff_s=0.2", "sample.server.timeout_s=30",
-        "grounding.enabled=false"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"model.path={tiny_model}",
+            "data.synthetic.train_items=12",
+            "data.synthetic.eval_items=4",
+            "sample.n=2",
+            "sample.max_tokens=32",
+            "sample.num_shards=2",
+            "sample.backend=server",
+            f"sample.server.base_url=http://127.0.0.1:{port}/v1",
+            "sample.server.concurrency=1",
+            "sample.server.retries=1",
+            "sample.server.backoff_s=0.2",
+            "sample.server.timeout_s=30",
+            "grounding.enabled=false",
+        ],
+    )
     data = init_run_dir(cfg, RunDir(cfg.run_dir))
     rd = RunDir(cfg.run_dir).round(1)
     first = serve(tiny_model, port, tmp_path / "a.log")

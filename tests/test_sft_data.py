@@ -34,7 +34,9 @@ def test_dataset_masks_prompt_and_weights_answer(tiny_model, tmp_path):
     items = generate_split(tmp_path, "train", ["pitch_level"], 2, 0, 1, 16000)
     cache = AudioCache(tmp_path / "cache", AudioPolicy())
     rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys", cache)
-    ds = SFTDataset(rows, processor, cache, max_seq_len=1024, answer_loss_weight=3.0, generation_prefix="<think>\n")
+    ds = SFTDataset(
+        rows, processor, cache, max_seq_len=1024, answer_loss_weight=3.0, generation_prefix="<think>\n"
+    )
     ex = ds[0]
     tok = processor.tokenizer
     ids, labels, weights = (torch.tensor(x) for x in (ex.input_ids, ex.labels, ex.weights))
@@ -88,7 +90,9 @@ def test_row_weight_scales_the_loss_of_its_row_only():
     weights = torch.ones(2, 4)
     full = weighted_loss(logits, IDENTITY, labels, weights)
     # A batch of down-weighted rows is not renormalized back to full strength ...
-    assert torch.isclose(weighted_loss(logits, IDENTITY, labels, weights, per_token([0.25, 0.25], 4)), 0.25 * full)
+    assert torch.isclose(
+        weighted_loss(logits, IDENTITY, labels, weights, per_token([0.25, 0.25], 4)), 0.25 * full
+    )
     # ... and a zero-weight row contributes nothing to the gradient.
     logits.requires_grad_(True)
     weighted_loss(logits, IDENTITY, labels, weights, per_token([1.0, 0.0], 4)).backward()
@@ -145,5 +149,7 @@ def test_a_row_training_cannot_take_is_named_by_file_and_line(tiny_model, tmp_pa
     rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), "sys", cache)
     rows[1]["completion"] = "<think>\n" + "steady tone " * 200 + "\n</think>\nhigh"
     atomic_write_jsonl(tmp_path / "kept.jsonl", rows)
-    with pytest.raises(ValueError, match=r"kept\.jsonl:2: SFT row '.*': \d+ prompt \+ \d+ completion tokens exceed"):
+    with pytest.raises(
+        ValueError, match=r"kept\.jsonl:2: SFT row '.*': \d+ prompt \+ \d+ completion tokens exceed"
+    ):
         SFTDataset(load_rows([tmp_path / "kept.jsonl"]), processor, cache, 256, 1.0, "<think>\n")

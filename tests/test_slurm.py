@@ -18,8 +18,9 @@ SHARDS = 3
 
 
 def config(tmp_path, *overrides):
-    return load_config("configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"sample.num_shards={SHARDS}",
-                                                 *overrides])
+    return load_config(
+        "configs/demo_cpu.yaml", [f"output_dir={tmp_path}", f"sample.num_shards={SHARDS}", *overrides]
+    )
 
 
 def finish(rd, *stages):
@@ -35,10 +36,27 @@ def test_a_fresh_run_chains_every_job_of_every_round(tmp_path):
     cfg = config(tmp_path)
     jobs = plan(cfg, RunDir(cfg.run_dir), 2, {}).jobs
     assert [j.key for j in jobs] == [
-        "r000-filter", "r000-train", "r000-eval",
-        "r001-sample", "r001-ground", "r001-filter", "r001-train", "r001-eval",
-        "r002-sample", "r002-ground", "r002-filter", "r002-train", "r002-eval"]
-    assert [j.after_ok for j in jobs[:5]] == [[], ["r000-filter"], ["r000-train"], ["r000-eval"], ["r001-sample"]]
+        "r000-filter",
+        "r000-train",
+        "r000-eval",
+        "r001-sample",
+        "r001-ground",
+        "r001-filter",
+        "r001-train",
+        "r001-eval",
+        "r002-sample",
+        "r002-ground",
+        "r002-filter",
+        "r002-train",
+        "r002-eval",
+    ]
+    assert [j.after_ok for j in jobs[:5]] == [
+        [],
+        ["r000-filter"],
+        ["r000-train"],
+        ["r000-eval"],
+        ["r001-sample"],
+    ]
     assert jobs[3].shards == jobs[4].shards == [0, 1, 2] and jobs[3].stages == ["sample"]
     assert jobs[2].stages == ["export", "eval"] and jobs[5].shards is None
 
@@ -46,8 +64,12 @@ def test_a_fresh_run_chains_every_job_of_every_round(tmp_path):
 def test_without_grounding_the_filter_job_runs_the_ground_stage(tmp_path):
     cfg = config(tmp_path, "grounding.enabled=false", "cold_start.enabled=false")
     jobs = plan(cfg, RunDir(cfg.run_dir), 1, {}).jobs
-    assert [(j.kind, j.stages) for j in jobs] == [("sample", ["sample"]), ("filter", ["ground", "filter"]),
-                                                   ("train", ["train"]), ("eval", ["export", "eval"])]
+    assert [(j.kind, j.stages) for j in jobs] == [
+        ("sample", ["sample"]),
+        ("filter", ["ground", "filter"]),
+        ("train", ["train"]),
+        ("eval", ["export", "eval"]),
+    ]
 
 
 def test_resubmission_asks_only_for_what_is_missing(tmp_path):
@@ -78,7 +100,13 @@ def test_queued_jobs_are_waited_for_unless_a_job_before_them_is_replaced(tmp_pat
     sample, ground = planned.jobs[0], planned.jobs[1]
     assert sample.shards == [1] and ground.after_ok == ["r001-sample"] and ground.after_any == ["41"]
     # The queued training job waits for a chain that is being replaced: it is cancelled and replanned.
-    assert [j.key for j in planned.jobs] == ["r001-sample", "r001-ground", "r001-filter", "r001-train", "r001-eval"]
+    assert [j.key for j in planned.jobs] == [
+        "r001-sample",
+        "r001-ground",
+        "r001-filter",
+        "r001-train",
+        "r001-eval",
+    ]
     assert planned.cancel == ["44"]
     # Every missing shard covered by live tasks: no new array, the grounding waits for the old one.
     planned = plan(cfg, run, 1, {"r001-sample": [Queued("41", {0, 1, 2})]})
@@ -95,14 +123,25 @@ def test_sbatch_options_and_dependencies(tmp_path):
     cfg = config(tmp_path, "slurm.array_parallel=2")
     job = Job(1, "ground", ["ground"], [1, 2], after_ok=["r001-sample"], after_any=["41"])
     assert sbatch_args(cfg, job, {"r001-sample": "57"}) == [
-        "--parsable", "--array=1,2%2", "--dependency=afterok:57,afterany:41"]
+        "--parsable",
+        "--array=1,2%2",
+        "--dependency=afterok:57,afterany:41",
+    ]
     assert describe(job) == "r001-ground: ground shards 1,2 after afterok:r001-sample, afterany:41"
 
 
 def test_scripts_carry_the_config_and_the_job_shape(tmp_path):
-    cfg = config(tmp_path, "slurm.partition=gpu", "slurm.account=audio", "slurm.gpus_per_node=8",
-                 "slurm.train_nodes=2", "train.num_processes=16", "slurm.setup=[source .venv/bin/activate]",
-                 "slurm.extra_args=[--exclusive]", "slurm.time_train=2-00:00:00")
+    cfg = config(
+        tmp_path,
+        "slurm.partition=gpu",
+        "slurm.account=audio",
+        "slurm.gpus_per_node=8",
+        "slurm.train_nodes=2",
+        "train.num_processes=16",
+        "slurm.setup=[source .venv/bin/activate]",
+        "slurm.extra_args=[--exclusive]",
+        "slurm.time_train=2-00:00:00",
+    )
     run = RunDir(cfg.run_dir)
     sample = script(cfg, run, Job(1, "sample", ["sample"], [0, 2]))
     # A vLLM engine runs on one GPU; training takes every GPU of its nodes.
@@ -113,7 +152,10 @@ def test_scripts_carry_the_config_and_the_job_shape(tmp_path):
     train = script(cfg, run, Job(1, "train", ["train"]))
     assert "#SBATCH --nodes=2" in train and "#SBATCH --time=2-00:00:00" in train
     assert "#SBATCH --gpus-per-node=8" in train
-    assert "srun --ntasks-per-node=1 --cpus-per-task=\"$SLURM_CPUS_PER_TASK\" --kill-on-bad-exit=1" in train and "DISTILL_MAIN_PROCESS_IP" in train
+    assert (
+        'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1' in train
+        and "DISTILL_MAIN_PROCESS_IP" in train
+    )
     # The filter needs no GPU; export + eval run in one job (one engine).
     filt = script(cfg, run, Job(1, "filter", ["filter"]))
     assert "--gpus-per-node" not in filt
@@ -125,40 +167,67 @@ def test_a_template_field_distill_does_not_know_fails(tmp_path):
         render("#SBATCH --nodes={{nodez}}", {"nodes": "2"}, Path("custom.sbatch"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("slurm.time_train=forever", "not a Slurm time limit"),
-    ("slurm.train_nodes=3", "must be a multiple of slurm.train_nodes=3"),
-    ("slurm.extra_args=[exclusive]", "not an sbatch option"),
-    ("slurm.template_dir=/nonexistent", "no such folder"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("slurm.time_train=forever", "not a Slurm time limit"),
+        ("slurm.train_nodes=3", "must be a multiple of slurm.train_nodes=3"),
+        ("slurm.extra_args=[exclusive]", "not an sbatch option"),
+        ("slurm.template_dir=/nonexistent", "no such folder"),
+    ],
+)
 def test_bad_slurm_settings_fail_before_any_work(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, override)
 
 
 def test_multi_node_training_command_from_the_job_environment(tmp_path):
-    env = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "DISTILL_MAIN_PROCESS_IP": "node-a",
-           "DISTILL_MAIN_PROCESS_PORT": "29512"}
+    env = {
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "DISTILL_MAIN_PROCESS_IP": "node-a",
+        "DISTILL_MAIN_PROCESS_PORT": "29512",
+    }
     machines = machines_from_env(env)
     assert machines == Machines(2, 1, "node-a", 29512)
     assert machines_from_env({"SLURM_NNODES": "2"}) == Machines()  # not a distill training job script
     tcfg = config(tmp_path, "train.num_processes=16").train
     cmd = train_command(tcfg, Path("c.yaml"), [Path("f.jsonl")], Path("m"), Path("o"), "train", machines)
     line = " ".join(cmd)
-    assert ("--num_processes 16 --num_machines 2" in line and "--machine_rank 1 --main_process_ip node-a "
-            "--main_process_port 29512" in line and "--deepspeed_multinode_launcher standard" in line)
+    assert (
+        "--num_processes 16 --num_machines 2" in line
+        and "--machine_rank 1 --main_process_ip node-a --main_process_port 29512" in line
+        and "--deepspeed_multinode_launcher standard" in line
+    )
     with pytest.raises(ValueError, match="does not split evenly over 3 nodes"):
         train_command(tcfg, Path("c.yaml"), [], Path("m"), Path("o"), "train", Machines(3, 0, "a", 1))
 
 
 def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "distill.cli", "slurm", "submit", "configs/demo_cpu.yaml",
-                           "--rounds", "1", "--dry-run", f"output_dir={tmp_path}", "data.synthetic.train_items=4",
-                           "data.synthetic.eval_items=2", "cold_start.enabled=false"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "slurm",
+            "submit",
+            "configs/demo_cpu.yaml",
+            "--rounds",
+            "1",
+            "--dry-run",
+            f"output_dir={tmp_path}",
+            "data.synthetic.train_items=4",
+            "data.synthetic.eval_items=2",
+            "cold_start.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "# r001-sample: sample shards 0,1,2,3" in done.stdout and "#SBATCH --job-name=distill-demo_cpu-r001-train" \
-        in done.stdout
+    assert (
+        "# r001-sample: sample shards 0,1,2,3" in done.stdout
+        and "#SBATCH --job-name=distill-demo_cpu-r001-train" in done.stdout
+    )
     assert "# sbatch --parsable --dependency=afterok:r001-train r001-eval.sbatch" in done.stdout
     assert not (tmp_path / "demo_cpu").exists()  # a dry run writes nothing: no data, no config, no jobs
 

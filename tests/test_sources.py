@@ -48,8 +48,10 @@ def test_jsonl_with_every_kind_of_bad_line(tmp_path):
         manifest_line(id="inline", audio={"data": inline, "format": "wav"}),
         manifest_line(id="bad-b64", audio={"data": "%%%", "format": "wav"}),
         json.dumps({"id": "no-question", "audio": "audio/ok.wav", "answer": "x"}),
-        *(manifest_line(id=f"bad-{reason}", audio=str(path.relative_to(tmp_path)))
-          for reason, path in sorted(bad.items())),
+        *(
+            manifest_line(id=f"bad-{reason}", audio=str(path.relative_to(tmp_path)))
+            for reason, path in sorted(bad.items())
+        ),
     ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -57,8 +59,12 @@ def test_jsonl_with_every_kind_of_bad_line(tmp_path):
     assert [it.id for it in report.items] == ["good", "inline"]
     got = {(r.where, r.reason) for r in report.rejects}
     expected = {
-        (f"{path}:2", "malformed"), (f"{path}:3", "missing_answer"), (f"{path}:4", "answer_not_in_choices"),
-        (f"{path}:5", "duplicate_id"), (f"{path}:7", "malformed"), (f"{path}:8", "missing_field"),
+        (f"{path}:2", "malformed"),
+        (f"{path}:3", "missing_answer"),
+        (f"{path}:4", "answer_not_in_choices"),
+        (f"{path}:5", "duplicate_id"),
+        (f"{path}:7", "malformed"),
+        (f"{path}:8", "missing_field"),
     }
     for offset, reason in enumerate(sorted(bad)):
         expected.add((f"{path}:{9 + offset}", reason))
@@ -77,12 +83,32 @@ def test_jsonl_with_every_kind_of_bad_line(tmp_path):
 def test_mmau_json_reports_the_line_of_each_object(tmp_path):
     write_wav(tmp_path / "test-mini-audios" / "a.wav", tone(0.5), RATE)
     objs = [
-        {"id": "m1", "audio_id": "./test-mini-audios/a.wav", "question": "Which instrument?",
-         "choices": ["piano", "violin"], "answer": "violin", "dataset": "x", "task": "music",
-         "difficulty": "hard", "sub-category": "Instrument Identification"},
-        {"id": "m2", "audio_id": "./test-mini-audios/a.wav", "question": "Q", "choices": ["a", "b"],
-         "answer": "c", "task": "sound"},
-        {"id": "m3", "audio_id": "./test-mini-audios/gone.wav", "question": "Q", "answer": "a", "task": "speech"},
+        {
+            "id": "m1",
+            "audio_id": "./test-mini-audios/a.wav",
+            "question": "Which instrument?",
+            "choices": ["piano", "violin"],
+            "answer": "violin",
+            "dataset": "x",
+            "task": "music",
+            "difficulty": "hard",
+            "sub-category": "Instrument Identification",
+        },
+        {
+            "id": "m2",
+            "audio_id": "./test-mini-audios/a.wav",
+            "question": "Q",
+            "choices": ["a", "b"],
+            "answer": "c",
+            "task": "sound",
+        },
+        {
+            "id": "m3",
+            "audio_id": "./test-mini-audios/gone.wav",
+            "question": "Q",
+            "answer": "a",
+            "task": "speech",
+        },
     ]
     text = "[\n" + ",\n".join(json.dumps(o, indent=2) for o in objs) + "\n]\n"
     path = tmp_path / "mmau-test-mini.json"
@@ -90,7 +116,12 @@ def test_mmau_json_reports_the_line_of_each_object(tmp_path):
     report = validate_records(read_source(path), cache(tmp_path))
     (item,) = report.items
     assert (item.id, item.category, item.family, item.difficulty, item.choices) == (
-        "m1", "music", "Instrument Identification", 3, ["piano", "violin"])
+        "m1",
+        "music",
+        "Instrument Identification",
+        3,
+        ["piano", "violin"],
+    )
     starts = [text.count("\n", 0, text.index(json.dumps(o, indent=2))) + 1 for o in objs]
     assert starts[0] == 2 and item.source == f"{path}:2"
     lines = {r.reason: r.where for r in report.rejects}
@@ -106,8 +137,11 @@ def test_mmau_json_with_a_broken_element(tmp_path):
 
 def hf_rows(tmp_path) -> dict:
     return {
-        "audio": [{"bytes": wav_bytes(hz=300), "path": "a.wav"}, {"bytes": None, "path": str(tmp_path / "x.flac")},
-                  {"bytes": b"garbage", "path": "g.wav"}],
+        "audio": [
+            {"bytes": wav_bytes(hz=300), "path": "a.wav"},
+            {"bytes": None, "path": str(tmp_path / "x.flac")},
+            {"bytes": b"garbage", "path": "g.wav"},
+        ],
         "question": ["Is it low?", "Is it high?", "?"],
         "answer": ["yes", "no", "yes"],
         "options": [["yes", "no"], ["yes", "no"], ["yes", "no"]],
@@ -139,7 +173,9 @@ def test_dataset_dict_folder_names_its_splits_and_numeric_ids_are_text(tmp_path)
     with pytest.raises(ManifestError, match="a DatasetDict with splits test, train: give one split's folder"):
         list(read_source(tmp_path / "dd"))
     write_wav(tmp_path / "a.wav", tone(0.5), RATE)
-    (tmp_path / "n.jsonl").write_text(json.dumps({"id": 7, "audio": "a.wav", "question": "How many?", "answer": 3}))
+    (tmp_path / "n.jsonl").write_text(
+        json.dumps({"id": 7, "audio": "a.wav", "question": "How many?", "answer": 3})
+    )
     (item,) = validate_records(read_source(tmp_path / "n.jsonl"), cache(tmp_path)).items
     assert (item.id, item.answer) == ("7", "3")
 
@@ -148,10 +184,14 @@ def test_parquet_with_arrays_and_a_field_map(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({
-        "clip": [{"array": tone(0.5, 8000).tolist(), "sampling_rate": 8000}],
-        "prompt_text": ["How many beeps?"], "gold": ["3"], "uid": ["u1"],
-    })
+    table = pa.table(
+        {
+            "clip": [{"array": tone(0.5, 8000).tolist(), "sampling_rate": 8000}],
+            "prompt_text": ["How many beeps?"],
+            "gold": ["3"],
+            "uid": ["u1"],
+        }
+    )
     pq.write_table(table, tmp_path / "t.parquet")
     fields = {"audio": "clip", "question": "prompt_text", "answer": "gold"}
     report = validate_records(read_source(tmp_path / "t.parquet", fields=fields), cache(tmp_path))
@@ -162,13 +202,20 @@ def test_parquet_with_arrays_and_a_field_map(tmp_path):
 
 def test_minified_json_without_ids_bom_and_non_utf8(tmp_path):
     write_wav(tmp_path / "a.wav", tone(0.5), RATE)
-    objs = [{"audio_id": "a.wav", "question": "q", "answer": "x"}, {"audio_id": "a.wav", "question": "q2", "answer": "y"}]
+    objs = [
+        {"audio_id": "a.wav", "question": "q", "answer": "x"},
+        {"audio_id": "a.wav", "question": "q2", "answer": "y"},
+    ]
     (tmp_path / "one_line.json").write_text(json.dumps(objs), encoding="utf-8-sig")  # a BOM, all on line 1
     report = validate_records(read_source(tmp_path / "one_line.json"), cache(tmp_path))
     assert [it.question for it in report.items] == ["q", "q2"] and not report.rejects
     assert len({it.id for it in report.items}) == 2
-    (tmp_path / "m.jsonl").write_bytes(manifest_line(id="ok", audio="a.wav").encode() + b"\n"
-                                       + '{"id": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    (tmp_path / "m.jsonl").write_bytes(
+        manifest_line(id="ok", audio="a.wav").encode()
+        + b"\n"
+        + '{"id": "caf\u00e9"}'.encode("latin-1")
+        + b"\n"
+    )
     records = list(read_source(tmp_path / "m.jsonl"))
     assert records[1].where == f"{tmp_path / 'm.jsonl'}:2" and "not UTF-8" in records[1].error
 
@@ -177,10 +224,18 @@ def test_audio_root_and_odd_inline_format(tmp_path):
     write_wav(tmp_path / "clips" / "a.wav", tone(0.5), RATE)
     (tmp_path / "lists").mkdir()
     inline = base64.b64encode(wav_bytes()).decode()
-    (tmp_path / "lists" / "m.jsonl").write_text(manifest_line(id="a", audio="a.wav") + "\n"
-                                                + manifest_line(id="b", audio={"data": inline, "format": "a/b"}) + "\n")
-    report = build_split("x", [Source(str(tmp_path / "lists" / "m.jsonl"), audio_root=str(tmp_path / "clips"))],
-                         cache(tmp_path), tmp_path / "data")
+    (tmp_path / "lists" / "m.jsonl").write_text(
+        manifest_line(id="a", audio="a.wav")
+        + "\n"
+        + manifest_line(id="b", audio={"data": inline, "format": "a/b"})
+        + "\n"
+    )
+    report = build_split(
+        "x",
+        [Source(str(tmp_path / "lists" / "m.jsonl"), audio_root=str(tmp_path / "clips"))],
+        cache(tmp_path),
+        tmp_path / "data",
+    )
     assert [it.id for it in report] == ["a"]
     (reject,) = [json.loads(x) for x in (tmp_path / "data" / "rejects" / "x.jsonl").read_text().splitlines()]
     assert reject["where"].endswith("m.jsonl:2") and "not a file extension" in reject["message"]
@@ -213,10 +268,17 @@ def test_mix_holds_the_weights():
 
 def test_build_split_writes_manifest_rejects_and_stats_once(tmp_path):
     write_wav(tmp_path / "ok.wav", tone(0.5), RATE)
-    (tmp_path / "a.jsonl").write_text("\n".join(manifest_line(id=f"a{i}", audio="ok.wav") for i in range(6)) + "\n")
-    (tmp_path / "b.jsonl").write_text(manifest_line(id="a0", audio="ok.wav") + "\n"  # duplicate across sources
-                                      + manifest_line(id="b1", audio="ok.wav") + "\n"
-                                      + manifest_line(id="b2", audio="ok.wav") + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(manifest_line(id=f"a{i}", audio="ok.wav") for i in range(6)) + "\n"
+    )
+    (tmp_path / "b.jsonl").write_text(
+        manifest_line(id="a0", audio="ok.wav")
+        + "\n"  # duplicate across sources
+        + manifest_line(id="b1", audio="ok.wav")
+        + "\n"
+        + manifest_line(id="b2", audio="ok.wav")
+        + "\n"
+    )
     data = tmp_path / "run" / "data"
     sources = [Source(str(tmp_path / "a.jsonl"), weight=2.0), Source(str(tmp_path / "b.jsonl"), weight=1.0)]
     got = build_split("train", sources, cache(tmp_path), data, total=6)
@@ -224,16 +286,22 @@ def test_build_split_writes_manifest_rejects_and_stats_once(tmp_path):
     rejects = [json.loads(x) for x in (data / "rejects" / "train.jsonl").read_text().splitlines()]
     assert [(r["where"], r["reason"]) for r in rejects] == [(f"{tmp_path / 'b.jsonl'}:1", "duplicate_id")]
     stats = json.loads((data / "stats" / "train.json").read_text())
-    assert [(s["path"], s["mixed_in"]) for s in stats["sources"]] == [(str(tmp_path / "a.jsonl"), 4),
-                                                                      (str(tmp_path / "b.jsonl"), 2)]
+    assert [(s["path"], s["mixed_in"]) for s in stats["sources"]] == [
+        (str(tmp_path / "a.jsonl"), 4),
+        (str(tmp_path / "b.jsonl"), 2),
+    ]
     assert read_manifest(data / "train.jsonl") == got
     again = build_split("train", sources, cache(tmp_path), data, total=6)  # resume: read back, no work
     assert again == got
     with pytest.raises(MixError, match="built from other sources or audio settings"):
         build_split("train", sources[:1], cache(tmp_path), data, total=6)
     # An eval item with a train item's audio and question is not held out: rejected.
-    (tmp_path / "e.jsonl").write_text(manifest_line(id="e1", audio="ok.wav") + "\n"
-                                      + manifest_line(id="e2", audio="ok.wav", question="Another question?") + "\n")
+    (tmp_path / "e.jsonl").write_text(
+        manifest_line(id="e1", audio="ok.wav")
+        + "\n"
+        + manifest_line(id="e2", audio="ok.wav", question="Another question?")
+        + "\n"
+    )
     evals = build_split("eval", [Source(str(tmp_path / "e.jsonl"))], cache(tmp_path), data, held_out_from=got)
     assert [i.id for i in evals] == ["e2"]
     assert json.loads((data / "rejects" / "eval.jsonl").read_text())["reason"] == "in_train"
@@ -245,8 +313,14 @@ def test_cli_data_validate_and_import(tmp_path, capsys):
     write_wav(tmp_path / "ok.wav", tone(0.5), RATE)
     write_wav(tmp_path / "quiet.wav", np.zeros(RATE, dtype=np.float32), RATE)
     src = tmp_path / "in.json"
-    src.write_text(json.dumps([{"id": "1", "audio_id": "ok.wav", "question": "q", "answer": "a"},
-                               {"id": "2", "audio_id": "quiet.wav", "question": "q", "answer": "a"}]))
+    src.write_text(
+        json.dumps(
+            [
+                {"id": "1", "audio_id": "ok.wav", "question": "q", "answer": "a"},
+                {"id": "2", "audio_id": "quiet.wav", "question": "q", "answer": "a"},
+            ]
+        )
+    )
     assert main(["data", "validate", str(src)]) == 1
     out = capsys.readouterr().out
     assert f"rejected {src}:1: silent: silence only" in out and "1 items valid, 1 rejected" in out

@@ -86,10 +86,19 @@ def f0_hz(audio):
 def test_family_is_deterministic_and_splits_differ(family):
     a = make_example(family, "train", 3, seed=7, difficulty=2, sample_rate=SR)
     b = make_example(family, "train", 3, seed=7, difficulty=2, sample_rate=SR)
-    others = [make_example(family, split, 3, seed=7, difficulty=2, sample_rate=SR) for split in ("eval", "cold_start")]
+    others = [
+        make_example(family, split, 3, seed=7, difficulty=2, sample_rate=SR)
+        for split in ("eval", "cold_start")
+    ]
     assert np.array_equal(a.audio, b.audio)
     assert (a.question, a.free_question, a.choices, a.answer, a.reasoning, a.transcript) == (
-        b.question, b.free_question, b.choices, b.answer, b.reasoning, b.transcript)
+        b.question,
+        b.free_question,
+        b.choices,
+        b.answer,
+        b.reasoning,
+        b.transcript,
+    )
     for c in others:
         assert not np.array_equal(a.audio[:1000], c.audio[:1000])
 
@@ -131,10 +140,12 @@ def test_pitch_families_keep_their_items():
     # The demo relies on these exact items: a change to the generators must not move them.
     assert make_example("pitch_level", "train", 0, 0, 2, SR).reasoning == (
         "<think>\nThe tone holds a steady pitch near 830 Hz. That is above the 500 Hz midpoint, "
-        "so the pitch is high.\n</think>\nhigh")
+        "so the pitch is high.\n</think>\nhigh"
+    )
     assert make_example("higher_of_two", "train", 1, 0, 2, SR).reasoning == (
         "<think>\nThe first tone is near 530 Hz and the second near 1010 Hz. "
-        "The second tone has the higher frequency.\n</think>\nsecond")
+        "The second tone has the higher frequency.\n</think>\nsecond"
+    )
 
 
 @pytest.mark.parametrize("difficulty", DIFFICULTIES)
@@ -156,7 +167,8 @@ def test_louder_of_two_answer_matches_the_sound(difficulty):
         # Pitch is no cue: the louder tone is as often lower as higher (checked over the batch below).
     pitch_agrees = [
         (dominant_hz(ex.audio[: len(ex.audio) // 2], SR) > dominant_hz(ex.audio[len(ex.audio) // 2 :], SR))
-        == (ex.answer == "first") for ex in examples("louder_of_two", difficulty, n=40)
+        == (ex.answer == "first")
+        for ex in examples("louder_of_two", difficulty, n=40)
     ]
     assert 0.25 < np.mean(pitch_agrees) < 0.75
 
@@ -217,7 +229,9 @@ def test_spoken_pitch_conflict_without_espeak_says_how_to_install(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
     assert not family_available(SPEECH)
     assert family_available("pitch_level") and not family_available("no_such_family")
-    with pytest.raises(SynthesizerMissingError, match=r"needs espeak-ng \(apt-get install espeak-ng\)") as err:
+    with pytest.raises(
+        SynthesizerMissingError, match=r"needs espeak-ng \(apt-get install espeak-ng\)"
+    ) as err:
         make_example(SPEECH, "train", 0, 0, 1, SR)
     assert isinstance(err.value, RuntimeError)
     texts = corpus(n_per_family=3)  # the tokenizer corpus never needs the synthesizer
@@ -260,5 +274,6 @@ def test_generate_split_items_roundtrip_through_manifest(tmp_path, family):
     write_manifest(tmp_path / "m.jsonl", items)
     back = read_manifest(tmp_path / "m.jsonl")
     assert [(b.question, b.choices, b.answer, b.category, b.transcript) for b in back] == [
-        (it.question, it.choices, it.answer, it.category, it.transcript) for it in items]
+        (it.question, it.choices, it.answer, it.category, it.transcript) for it in items
+    ]
     assert all(it.category == ("speech" if family == SPEECH else "sound") for it in items)

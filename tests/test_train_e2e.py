@@ -25,14 +25,24 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("train_e2e")]
 def setup(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     """A run config and 24 SFT rows of varied lengths (two traces per item, as kept traces are)."""
     tmp = tmp_path_factory.mktemp("train")
-    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={tmp}", f"model.path={tiny_model}",
-                                                 "train.micro_batch_size=4", "train.epochs=2", "train.warmup_steps=1"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={tmp}",
+            f"model.path={tiny_model}",
+            "train.micro_batch_size=4",
+            "train.epochs=2",
+            "train.warmup_steps=1",
+        ],
+    )
     config = tmp / "config.yaml"
     config.write_text(to_yaml(cfg))
     items = generate_split(tmp, "train", ["pitch_level", "higher_of_two"], 12, 0, 1, 16000)
     rows = cold_start_rows(items, load_tokenizer(str(tiny_model)), cfg.data.system_prompt, audio_cache(cfg))
-    traces = [{**r, "completion": r["completion"].replace("\n</think>", " The tone is steady." * k + "\n</think>")}
-              for k, r in enumerate(rows + rows)]
+    traces = [
+        {**r, "completion": r["completion"].replace("\n</think>", " The tone is steady." * k + "\n</think>")}
+        for k, r in enumerate(rows + rows)
+    ]
     data = tmp / "kept.jsonl"
     atomic_write_jsonl(data, traces)
     return config, data
@@ -44,7 +54,9 @@ def start(setup, tiny_model, out: Path, *overrides: str) -> subprocess.Popen:
     cmd = train_command(tcfg, config, [data], tiny_model, out, "train") + list(overrides)
     out.mkdir(parents=True, exist_ok=True)
     log = (out.parent / f"{out.name}.log").open("a")
-    return subprocess.Popen(cmd, env=train_env(tcfg), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=train_env(tcfg), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def train(setup, tiny_model, out: Path, *overrides: str) -> dict:
@@ -57,8 +69,13 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(setup, tiny_model, tmp
     """Killed after its first saved state, the stage resumes from it and ends with the very
     weights and losses of a run that was never interrupted: the batch position, the optimizer and
     schedule, and every rank's RNG (LoRA dropout draws from it) come back."""
-    knobs = ("train.save_steps=2", "train.grad_accum=2", "train.epochs=3", "train.lora.enabled=true",
-             "train.lora.dropout=0.1")
+    knobs = (
+        "train.save_steps=2",
+        "train.grad_accum=2",
+        "train.epochs=3",
+        "train.lora.enabled=true",
+        "train.lora.dropout=0.1",
+    )
     whole = train(setup, tiny_model, tmp_path / "whole", *knobs)
     assert whole["steps"] == 6 and whole["processes"] == 2 and whole["zero_stage"] == 2 and whole["lora"]
     assert not (tmp_path / "whole" / "checkpoints").exists()  # the final checkpoint replaces them
@@ -66,7 +83,11 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(setup, tiny_model, tmp
     cut = tmp_path / "cut"
     proc = start(setup, tiny_model, cut, *knobs)
     deadline = time.time() + 240
-    while not list(cut.glob("checkpoints/step-*/progress.json")) and proc.poll() is None and time.time() < deadline:
+    while (
+        not list(cut.glob("checkpoints/step-*/progress.json"))
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.05)
     # torchrun starts its workers in their own process groups: kill the whole tree.
     tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
@@ -77,9 +98,13 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(setup, tiny_model, tmp
     resumed = train(setup, tiny_model, cut, *knobs)
     assert resumed["resumed_from_step"] in (2, 4)
 
-    a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "whole" / "final" / "model.safetensors"),
+        load_file(cut / "final" / "model.safetensors"),
+    )
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
     def losses(path):  # what was trained, not how long it took (elapsed_s is wall-clock time)
         return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in read_jsonl(path)]
 
@@ -89,7 +114,10 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(setup, tiny_model, tmp
     (cut / "checkpoints" / "step-00000002").mkdir(parents=True)
     (cut / "checkpoints" / "step-00000002" / "progress.json").write_text('{"step": 2, "micro_batch_size": 4}')
     proc = start(setup, tiny_model, cut, *knobs)
-    assert proc.wait(timeout=300) != 0 and "saved under another training plan" in (tmp_path / "cut.log").read_text()
+    assert (
+        proc.wait(timeout=300) != 0
+        and "saved under another training plan" in (tmp_path / "cut.log").read_text()
+    )
 
 
 def test_frozen_encoder_is_saved_unchanged_with_the_optimizer_offloaded(setup, tiny_model, tmp_path):
@@ -98,10 +126,15 @@ def test_frozen_encoder_is_saved_unchanged_with_the_optimizer_offloaded(setup, t
     lives in CPU memory here: DeepSpeed's CPU Adam (its op is compiled on first use)."""
     summary = train(setup, tiny_model, tmp_path / "run", "train.max_steps=2", "train.offload_optimizer=true")
     assert summary["optimizer"] == "DeepSpeedCPUAdam" and summary["steps"] == 2
-    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    before, after = (
+        load_file(tiny_model / "model.safetensors"),
+        load_file(tmp_path / "run" / "final" / "model.safetensors"),
+    )
     encoder = [k for k in before if k.startswith("audio_tower.")]
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
-    assert not torch.equal(before["multi_modal_projector.linear.weight"], after["multi_modal_projector.linear.weight"])
+    assert not torch.equal(
+        before["multi_modal_projector.linear.weight"], after["multi_modal_projector.linear.weight"]
+    )
     assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
 
 
@@ -115,8 +148,11 @@ def test_a_rank_whose_peer_hangs_exits_with_a_message(setup, tiny_model, tmp_pat
     while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()) and time.time() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
-    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
-             if "train.py" in " ".join(p.cmdline())}
+    ranks = {
+        p.environ().get("RANK"): p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "train.py" in " ".join(p.cmdline())
+    }
     message = "train: rank 0 lost contact with the other ranks and stops: "
     try:
         ranks["1"].suspend()

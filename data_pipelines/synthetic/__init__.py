@@ -28,8 +28,15 @@ from data_pipelines.synthetic.timing import count_events, longer_of_two, tempo
 from data_pipelines.synthetic.tones import higher_of_two, pitch_level
 
 __all__ = [
-    "ANSWER_FORMATS", "FAMILIES", "SPLITS", "Example", "SynthesizerMissingError", "corpus", "family_available",
-    "generate_split", "make_example",
+    "ANSWER_FORMATS",
+    "FAMILIES",
+    "SPLITS",
+    "Example",
+    "SynthesizerMissingError",
+    "corpus",
+    "family_available",
+    "generate_split",
+    "make_example",
 ]
 
 Family = Callable[[np.random.Generator, int, int], Example]
@@ -66,7 +73,9 @@ def _rng(family: str, split: str, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], family_code, index])
 
 
-def make_example(family: str, split: str, index: int, seed: int, difficulty: int, sample_rate: int) -> Example:
+def make_example(
+    family: str, split: str, index: int, seed: int, difficulty: int, sample_rate: int
+) -> Example:
     """The `index`-th example of `family` in `split`; a pure function of its arguments."""
     return FAMILIES[family](_rng(family, split, index, seed), difficulty, sample_rate)
 
@@ -102,9 +111,16 @@ def generate_split(
         free = answer_format == "free" or (answer_format == "mixed" and index % 2 == 1)
         items.append(
             Item(
-                id=item_id, audio=str(wav.resolve()), question=ex.free_question if free else ex.question,
-                answer=ex.answer, choices=None if free else ex.choices, category=ex.category, family=family,
-                difficulty=difficulty, reasoning=ex.reasoning, transcript=ex.transcript,
+                id=item_id,
+                audio=str(wav.resolve()),
+                question=ex.free_question if free else ex.question,
+                answer=ex.answer,
+                choices=None if free else ex.choices,
+                category=ex.category,
+                family=family,
+                difficulty=difficulty,
+                reasoning=ex.reasoning,
+                transcript=ex.transcript,
             )
         )
     return items

@@ -42,4 +42,3 @@ def rounded_hz(freq: float) -> int:
 def think(evidence: str, answer: str) -> str:
     """A cold-start trace: the acoustic evidence inside <think>, then the answer as the last line."""
     return f"<think>\n{evidence}\n</think>\n{answer}"
-

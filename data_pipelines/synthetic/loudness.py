@@ -25,7 +25,9 @@ def louder_of_two(rng: np.random.Generator, difficulty: int, sample_rate: int) -
     a1, a2 = (loud, quiet) if first_louder else (quiet, loud)
     seconds = rng.uniform(0.4, 0.6)  # both tones last the same: duration is no cue
     # 500-1500 Hz, where equal-loudness contours are nearly flat: pitch does not change loudness.
-    tones = [sine(rng.uniform(500, 1500), seconds, sample_rate, a, rng.uniform(0, 2 * np.pi)) for a in (a1, a2)]
+    tones = [
+        sine(rng.uniform(500, 1500), seconds, sample_rate, a, rng.uniform(0, 2 * np.pi)) for a in (a1, a2)
+    ]
     parts = two_in_a_row(rng, tones[0], tones[1], sample_rate, edge=(0.05, 0.15), gap=(0.2, 0.3))
     answer = "first" if first_louder else "second"
     l1, l2 = _dbfs(a1), _dbfs(a2)

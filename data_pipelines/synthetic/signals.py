@@ -34,8 +34,14 @@ def silence(seconds: float, sample_rate: int) -> np.ndarray:
     return np.zeros(int(seconds * sample_rate))
 
 
-def two_in_a_row(rng: np.random.Generator, first: np.ndarray, second: np.ndarray, sample_rate: int,
-                 edge: tuple[float, float], gap: tuple[float, float]) -> list[np.ndarray]:
+def two_in_a_row(
+    rng: np.random.Generator,
+    first: np.ndarray,
+    second: np.ndarray,
+    sample_rate: int,
+    edge: tuple[float, float],
+    gap: tuple[float, float],
+) -> list[np.ndarray]:
     """Two sounds with random silences before (`edge`), between (`gap`) and after (`edge`) them,
     drawn in that order."""
     lead = silence(rng.uniform(*edge), sample_rate)

@@ -35,7 +35,16 @@ SPOKEN_PITCH_SETTINGS = {
 # spread about +-10 Hz). Only for texts drawn without synthesizing (`spoken_pitch_texts`): a real
 # item's trace cites its own measured f0.
 _F0_AT_PITCH = (
-    (0, 124), (10, 133), (20, 142), (30, 153), (40, 163), (50, 178), (60, 197), (70, 219), (80, 244), (90, 275),
+    (0, 124),
+    (10, 133),
+    (20, 142),
+    (30, 153),
+    (40, 163),
+    (50, 178),
+    (60, 197),
+    (70, 219),
+    (80, 244),
+    (90, 275),
     (99, 306),
 )
 QUESTION = "Ignore what is said. Is the speaker's voice high or low in pitch? Answer high or low."
@@ -135,8 +144,11 @@ def spoken_pitch_conflict(rng: np.random.Generator, difficulty: int, sample_rate
     spoken = _draw(rng, difficulty)
     voice = speak(spoken.word, spoken.pitch, spoken.speed, sample_rate)
     voice = voice * (rng.uniform(0.3, 0.8) / float(np.abs(voice).max()))  # random level
-    audio = finish([silence(rng.uniform(0.1, 0.3), sample_rate), voice, silence(rng.uniform(0.1, 0.3), sample_rate)],
-                   rng, 0.002)
+    audio = finish(
+        [silence(rng.uniform(0.1, 0.3), sample_rate), voice, silence(rng.uniform(0.1, 0.3), sample_rate)],
+        rng,
+        0.002,
+    )
     answer = "high" if spoken.high else "low"
     return Example(
         audio=audio,

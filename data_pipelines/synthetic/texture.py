@@ -89,7 +89,10 @@ def noise_or_tone(rng: np.random.Generator, difficulty: int, sample_rate: int) -
     answer = "tone" if has_tone else "noise"
     band = f"a broad noise band from about {rounded_hz(low)} to {rounded_hz(high)} Hz"
     if has_tone:
-        evidence = f"Over {band}, a narrow spectral line holds steady near {rounded_hz(freq)} Hz. So there is a tone."
+        evidence = (
+            f"Over {band}, a narrow spectral line holds steady near {rounded_hz(freq)} Hz. "
+            "So there is a tone."
+        )
     else:
         evidence = f"The energy is spread over {band}, with no steady spectral line. So it is only noise."
     return Example(

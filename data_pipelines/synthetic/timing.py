@@ -24,9 +24,15 @@ class CountLevel:
 COUNT_EVENTS_BEEPS = (2, 6)  # inclusive range of the number of beeps
 COUNT_EVENTS_CHOICES = range(1, 8)  # the four choices are drawn from these numbers
 COUNT_EVENTS_LEVELS = {
-    1: CountLevel(beep_s=(0.10, 0.14), gap_s=(0.22, 0.30), amplitude=(0.5, 0.6), semitones=0, noise_std=0.003),
-    2: CountLevel(beep_s=(0.07, 0.11), gap_s=(0.12, 0.18), amplitude=(0.3, 0.8), semitones=4, noise_std=0.015),
-    3: CountLevel(beep_s=(0.05, 0.08), gap_s=(0.06, 0.10), amplitude=(0.25, 0.8), semitones=12, noise_std=0.03),
+    1: CountLevel(
+        beep_s=(0.10, 0.14), gap_s=(0.22, 0.30), amplitude=(0.5, 0.6), semitones=0, noise_std=0.003
+    ),
+    2: CountLevel(
+        beep_s=(0.07, 0.11), gap_s=(0.12, 0.18), amplitude=(0.3, 0.8), semitones=4, noise_std=0.015
+    ),
+    3: CountLevel(
+        beep_s=(0.05, 0.08), gap_s=(0.06, 0.10), amplitude=(0.25, 0.8), semitones=12, noise_std=0.03
+    ),
 }
 # Minimum duration ratio of the longer to the shorter tone of `longer_of_two`, per difficulty.
 LONGER_OF_TWO_RATIO = {1: 2.0, 2: 1.5, 3: 1.2}
@@ -54,7 +60,9 @@ def count_events(rng: np.random.Generator, difficulty: int, sample_rate: int) ->
     parts = [silence(lead, sample_rate)]
     for seconds, after in zip(beeps, [*gaps, trail]):
         freq = base_hz * 2 ** (rng.uniform(-level.semitones, level.semitones) / 12)
-        parts.append(sine(freq, seconds, sample_rate, rng.uniform(*level.amplitude), rng.uniform(0, 2 * np.pi)))
+        parts.append(
+            sine(freq, seconds, sample_rate, rng.uniform(*level.amplitude), rng.uniform(0, 2 * np.pi))
+        )
         parts.append(silence(after, sample_rate))
     others = rng.choice([c for c in COUNT_EVENTS_CHOICES if c != k], size=3, replace=False)
     choices = [str(c) for c in sorted([k, *others.tolist()])]
@@ -107,8 +115,12 @@ def tempo(rng: np.random.Generator, difficulty: int, sample_rate: int) -> Exampl
     lead = rng.uniform(0.1, 0.25)
     n_clicks = int((2.7 - lead) / interval) + 1  # as many as fit in 2.7 s: 3 even at 50 BPM
     # One timbre and level per train, random across items: only the spacing tells the tempo.
-    one = click(rng.uniform(800, min(3000, 0.4 * sample_rate)), rng.uniform(0.003, 0.01), sample_rate,
-                rng.uniform(0.3, 0.9))
+    one = click(
+        rng.uniform(800, min(3000, 0.4 * sample_rate)),
+        rng.uniform(0.003, 0.01),
+        sample_rate,
+        rng.uniform(0.3, 0.9),
+    )
     audio = silence(lead + (n_clicks - 1) * interval + len(one) / sample_rate + 0.1, sample_rate)
     for i in range(n_clicks):
         start = int((lead + i * interval) * sample_rate)

@@ -90,9 +90,15 @@ def live_holders(directory: Path, prefix: str) -> list[tuple[str, dict]]:
 def _own_record(unit: str) -> dict:
     import psutil
 
-    return {"unit": unit, "pid": os.getpid(), "host": socket.gethostname(),
-            "created": psutil.Process().create_time(), "since": time.time(),
-            "command": " ".join(["distill", *sys.argv[1:]])[:300], "token": os.environ.get(OWNER_ENV, "")}
+    return {
+        "unit": unit,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "created": psutil.Process().create_time(),
+        "since": time.time(),
+        "command": " ".join(["distill", *sys.argv[1:]])[:300],
+        "token": os.environ.get(OWNER_ENV, ""),
+    }
 
 
 def _take_over(unit: str, record: dict) -> None:
@@ -100,7 +106,10 @@ def _take_over(unit: str, record: dict) -> None:
     if record.get("host") == socket.gethostname() and record.get("token"):
         ended = end_owned(record["token"])
         if ended:
-            print(f"lock: {unit}: ended {len(ended)} process(es) it had left running: {', '.join(ended)}", flush=True)
+            print(
+                f"lock: {unit}: ended {len(ended)} process(es) it had left running: {', '.join(ended)}",
+                flush=True,
+            )
 
 
 def _refusal(path: Path, unit: str, exclusive: bool) -> LockHeld:
@@ -108,12 +117,17 @@ def _refusal(path: Path, unit: str, exclusive: bool) -> LockHeld:
     if record is not None and record_alive(record):
         who = describe(record)
     else:  # held shared by the parts' writers: name them
-        parts = [f"{u} by {describe(r)}" for u, r in live_holders(path.parent, "" if unit == RUN_UNIT else unit + ".")
-                 if u != unit]
+        parts = [
+            f"{u} by {describe(r)}"
+            for u, r in live_holders(path.parent, "" if unit == RUN_UNIT else unit + ".")
+            if u != unit
+        ]
         who = "; ".join(parts) if parts else "another distill process"
     what = "exclusively" if exclusive else "shared"
-    return LockHeld(f"{path}: {unit} is being written by {who}; this process needed it {what}. Wait for that "
-                    "process to finish, or end it and re-run (a killed holder's lock is taken over)")
+    return LockHeld(
+        f"{path}: {unit} is being written by {who}; this process needed it {what}. Wait for that "
+        "process to finish, or end it and re-run (a killed holder's lock is taken over)"
+    )
 
 
 @contextmanager
@@ -133,8 +147,12 @@ def unit_lock(run_dir: Path, unit: str, exclusive: bool = True) -> Iterator[None
             if exc.errno not in UNSUPPORTED:
                 raise
             if not _warned:
-                print(f"lock: {path.parent}: this filesystem has no flock ({exc.strerror}); distill cannot "
-                      "refuse a second writer of a run here", file=sys.stderr, flush=True)
+                print(
+                    f"lock: {path.parent}: this filesystem has no flock ({exc.strerror}); distill cannot "
+                    "refuse a second writer of a run here",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 _warned = True
             yield
             return

@@ -111,8 +111,12 @@ def owning_processes() -> Iterator[str]:
     global _watcher
     token = f"{os.getpid()}-{secrets.token_hex(6)}"
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
-    _watcher = subprocess.Popen([sys.executable, "-m", "distill.core.processes", str(os.getpid()), token],
-                                stdin=subprocess.PIPE, env=env, start_new_session=True)
+    _watcher = subprocess.Popen(
+        [sys.executable, "-m", "distill.core.processes", str(os.getpid()), token],
+        stdin=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     _watchers.append(_watcher)
     before = os.environ.get(OWNER_ENV)
     os.environ[OWNER_ENV] = token
@@ -159,8 +163,12 @@ def watch(owner: int, token: str) -> int:
     ended = end_owned(token, adopted, exclude=owner)
     if ended:
         try:
-            print(f"distill: process {owner} has ended; ended {len(ended)} process(es) it had started: "
-                  f"{', '.join(ended)}", file=sys.stderr, flush=True)
+            print(
+                f"distill: process {owner} has ended; ended {len(ended)} process(es) it had started: "
+                f"{', '.join(ended)}",
+                file=sys.stderr,
+                flush=True,
+            )
         except OSError:  # the owner's terminal or log may be gone with it
             pass
     return 0

@@ -10,14 +10,6 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 
-
-
-
-
-
-
-
-
 def reasoning_split(token_ids, think_close_id: int | None) -> int:
     """Where audio dependence splits a completion's tokens into reasoning and answer: after the
     last `</think>` token, or at the end without one (grounding/scoring.py). Not eval's

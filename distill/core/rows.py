@@ -117,7 +117,9 @@ def read_samples(rd: RoundDir, count: int, shards: list[int] | None = None) -> l
     shards = list(range(count)) if shards is None else shards
     missing = rd.missing_shards(rd.shard_path, count, shards)
     if missing:
-        raise FileNotFoundError(f"{rd.path}: sample shard(s) {missing} of {count} missing; run the sample stage")
+        raise FileNotFoundError(
+            f"{rd.path}: sample shard(s) {missing} of {count} missing; run the sample stage"
+        )
     rows: list[SampleRow] = []
     for i in shards:
         rows.extend(read_jsonl(rd.shard_path(i, count)))  # type: ignore[arg-type]
@@ -128,5 +130,7 @@ def read_grounding(rd: RoundDir, count: int) -> dict[str, GroundingRow]:
     """item id -> grounding row, over all shards of a round; raises if a shard is missing."""
     missing = rd.missing_shards(rd.grounding_path, count)
     if missing:
-        raise FileNotFoundError(f"{rd.path}: grounding shard(s) {missing} of {count} missing; run the ground stage")
+        raise FileNotFoundError(
+            f"{rd.path}: grounding shard(s) {missing} of {count} missing; run the ground stage"
+        )
     return {row["item_id"]: row for i in range(count) for row in read_jsonl(rd.grounding_path(i, count))}  # type: ignore[misc]

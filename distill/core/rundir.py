@@ -65,7 +65,9 @@ class RoundDir:
         return self.shard_file("grounding", shard, count)
 
     @staticmethod
-    def missing_shards(path_of: Callable[[int, int], Path], count: int, shards: list[int] | None = None) -> list[int]:
+    def missing_shards(
+        path_of: Callable[[int, int], Path], count: int, shards: list[int] | None = None
+    ) -> list[int]:
         """The shards (all `count`, or just `shards`) whose file `path_of(shard, count)` is not on
         disk: rd.shard_path for samples, rd.grounding_path for grounding."""
         return [i for i in (range(count) if shards is None else shards) if not path_of(i, count).exists()]
@@ -90,11 +92,15 @@ class RoundDir:
     def require_before(self, stage: str) -> None:
         """Raise unless `stage` belongs to this round and the stage before it is finished."""
         if stage not in self.stages:
-            raise StageOrderError(f"round {self.index} has no {stage!r} stage (its stages: {', '.join(self.stages)})")
+            raise StageOrderError(
+                f"round {self.index} has no {stage!r} stage (its stages: {', '.join(self.stages)})"
+            )
         i = self.stages.index(stage)
         if i > 0 and not self.is_done(self.stages[i - 1]):
-            raise StageOrderError(f"{self.path}: stage {stage!r} needs {self.stages[i - 1]!r} finished first "
-                                  f"(last finished: {self.last_stage()!r})")
+            raise StageOrderError(
+                f"{self.path}: stage {stage!r} needs {self.stages[i - 1]!r} finished first "
+                f"(last finished: {self.last_stage()!r})"
+            )
 
     def mark_done(self, stage: str, stats: dict) -> None:
         """Record a finished stage: its stats first, then the marker. A stage already counted as done
@@ -105,7 +111,11 @@ class RoundDir:
         atomic_write_text(self.stage_file, stage + "\n")
 
     def stats(self) -> dict[str, dict]:
-        return {s: read_json(self.stats_dir / f"{s}.json") for s in STAGE_NAMES if (self.stats_dir / f"{s}.json").exists()}
+        return {
+            s: read_json(self.stats_dir / f"{s}.json")
+            for s in STAGE_NAMES
+            if (self.stats_dir / f"{s}.json").exists()
+        }
 
 
 class RunDir:

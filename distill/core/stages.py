@@ -63,7 +63,8 @@ class Stage:
     # SlurmConfig key of that job's time limit.
     slurm_job: str = ""
     slurm_time: str = ""
-    # What `distill status` reads while it runs: "shards" (files done of shard_dir) or "steps" (the trainer's log).
+    # What `distill status` reads while it runs: "shards" (files done of shard_dir) or "steps"
+    # (the trainer's log).
     progress: str = ""
 
     @property
@@ -82,26 +83,73 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("sample", "distill.rollout.sample:run", reads=("../data/train.jsonl",), writes=("samples/",),
-          summary="n traces per (audio, question) from the round's model", shard_dir="samples", engine=True,
-          cold_start=False, slurm_job="sample", slurm_time="time_sample", progress="shards"),
-    Stage("ground", "distill.grounding.stage:run", reads=("samples/",), writes=("grounding/",),
-          summary="counterfactual probes per item, audio dependence per trace", shard_dir="grounding",
-          engine=True, cold_start=False, enabled_by="grounding.enabled", slurm_job="ground",
-          slurm_time="time_sample", progress="shards"),
-    Stage("filter", "distill.filter.stage:run", reads=("samples/", "grounding/"),
-          writes=("filtered.jsonl", "rejected.jsonl", "set_aside.json"),
-          summary="checks with reason codes, pass-rate band, selection per prompt (round 0: reference traces)",
-          slurm_job="filter", slurm_time="time_filter"),
-    Stage("train", "distill.training.stage:run", reads=("filtered.jsonl",), writes=("train/",),
-          summary="SFT of the next student (accelerate launch distill/train.py, DeepSpeed ZeRO)",
-          multi_node=True, slurm_job="train", slurm_time="time_train", progress="steps"),
-    Stage("export", "distill.export.stage:run", reads=("train/final/",), writes=("model/",),
-          summary="the checkpoint as a vLLM-loadable model, gated on vLLM agreeing with transformers",
-          engine=True, slurm_job="eval", slurm_time="time_eval"),
-    Stage("eval", "distill.eval.stage:run", reads=("model/", "../data/eval.jsonl"), writes=("eval.json",),
-          summary="held-out accuracy, pass@k, thinking budgets, grounding gap", engine=True, slurm_job="eval",
-          slurm_time="time_eval"),
+    Stage(
+        "sample",
+        "distill.rollout.sample:run",
+        reads=("../data/train.jsonl",),
+        writes=("samples/",),
+        summary="n traces per (audio, question) from the round's model",
+        shard_dir="samples",
+        engine=True,
+        cold_start=False,
+        slurm_job="sample",
+        slurm_time="time_sample",
+        progress="shards",
+    ),
+    Stage(
+        "ground",
+        "distill.grounding.stage:run",
+        reads=("samples/",),
+        writes=("grounding/",),
+        summary="counterfactual probes per item, audio dependence per trace",
+        shard_dir="grounding",
+        engine=True,
+        cold_start=False,
+        enabled_by="grounding.enabled",
+        slurm_job="ground",
+        slurm_time="time_sample",
+        progress="shards",
+    ),
+    Stage(
+        "filter",
+        "distill.filter.stage:run",
+        reads=("samples/", "grounding/"),
+        writes=("filtered.jsonl", "rejected.jsonl", "set_aside.json"),
+        summary="checks with reason codes, pass-rate band, selection per prompt (round 0: reference traces)",
+        slurm_job="filter",
+        slurm_time="time_filter",
+    ),
+    Stage(
+        "train",
+        "distill.training.stage:run",
+        reads=("filtered.jsonl",),
+        writes=("train/",),
+        summary="SFT of the next student (accelerate launch distill/train.py, DeepSpeed ZeRO)",
+        multi_node=True,
+        slurm_job="train",
+        slurm_time="time_train",
+        progress="steps",
+    ),
+    Stage(
+        "export",
+        "distill.export.stage:run",
+        reads=("train/final/",),
+        writes=("model/",),
+        summary="the checkpoint as a vLLM-loadable model, gated on vLLM agreeing with transformers",
+        engine=True,
+        slurm_job="eval",
+        slurm_time="time_eval",
+    ),
+    Stage(
+        "eval",
+        "distill.eval.stage:run",
+        reads=("model/", "../data/eval.jsonl"),
+        writes=("eval.json",),
+        summary="held-out accuracy, pass@k, thinking budgets, grounding gap",
+        engine=True,
+        slurm_job="eval",
+        slurm_time="time_eval",
+    ),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 STAGE_NAMES = tuple(BY_NAME)
@@ -125,8 +173,10 @@ def shard_plan(cfg: Config) -> tuple[int, list[int]]:
     if index < 0 and "SLURM_ARRAY_TASK_ID" in os.environ:
         slurm_count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", count))
         if slurm_count != count:
-            raise ValueError(f"Slurm array has {slurm_count} tasks but sample.num_shards={count}; "
-                             "submit one array task per shard")
+            raise ValueError(
+                f"Slurm array has {slurm_count} tasks but sample.num_shards={count}; "
+                "submit one array task per shard"
+            )
         index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
         if not 0 <= index < count:
             raise ValueError(f"SLURM_ARRAY_TASK_ID gives shard {index}, outside [0, {count})")

@@ -14,5 +14,10 @@ def distribution(values: list[float]) -> dict | None:
     def pct(q: float) -> float:
         return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 4)
 
-    return {"n": len(ordered), "mean": round(sum(ordered) / len(ordered), 4), "p10": pct(0.1), "p50": pct(0.5),
-            "p90": pct(0.9)}
+    return {
+        "n": len(ordered),
+        "mean": round(sum(ordered) / len(ordered), 4),
+        "p10": pct(0.1),
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+    }

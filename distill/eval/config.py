@@ -66,25 +66,40 @@ def validate(e: EvalConfig) -> None:
     if not 0.0 < e.top_p <= 1.0:
         raise ConfigError(f"eval.top_p={e.top_p!r}: must be in (0, 1]")
     if e.k > 1 and e.temperature == 0:
-        raise ConfigError(f"eval.temperature=0 with eval.k={e.k}: greedy decoding gives one answer; raise the "
-                          "temperature or set eval.k=1")
+        raise ConfigError(
+            f"eval.temperature=0 with eval.k={e.k}: greedy decoding gives one answer; raise the "
+            "temperature or set eval.k=1"
+        )
     if any(b < 0 for b in e.budgets) or sorted(set(e.budgets)) != list(e.budgets):
-        raise ConfigError(f"eval.budgets={list(e.budgets)}: must be distinct non-negative token counts in "
-                          "increasing order")
+        raise ConfigError(
+            f"eval.budgets={list(e.budgets)}: must be distinct non-negative token counts in increasing order"
+        )
     if e.budgets and e.budgets[-1] > e.max_tokens:
-        raise ConfigError(f"eval.budgets: {e.budgets[-1]} is above eval.max_tokens={e.max_tokens}, the longest "
-                          "reasoning eval generates; raise eval.max_tokens or lower the budget")
+        raise ConfigError(
+            f"eval.budgets: {e.budgets[-1]} is above eval.max_tokens={e.max_tokens}, the longest "
+            "reasoning eval generates; raise eval.max_tokens or lower the budget"
+        )
     if "</think>" not in e.force_answer:
-        raise ConfigError(f"eval.force_answer={e.force_answer!r}: must close the reasoning (contain </think>)")
+        raise ConfigError(
+            f"eval.force_answer={e.force_answer!r}: must close the reasoning (contain </think>)"
+        )
     unknown = [k for k in e.counterfactuals if k not in KINDS]
     if unknown:
-        raise ConfigError(f"eval.counterfactuals: unknown counterfactual(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(KINDS)})")
+        raise ConfigError(
+            f"eval.counterfactuals: unknown counterfactual(s) {', '.join(unknown)} "
+            f"(known: {', '.join(KINDS)})"
+        )
     names = [b.name for b in e.benchmarks]
     for i, bench in enumerate(e.benchmarks):
         where = f"eval.benchmarks[{i}]"
-        if not bench.name or not all(c.isalnum() or c in "-_." for c in bench.name) or names.count(bench.name) > 1:
-            raise ConfigError(f"{where}.name={bench.name!r}: must be a unique name of letters, digits, '-', '_', '.'")
+        if (
+            not bench.name
+            or not all(c.isalnum() or c in "-_." for c in bench.name)
+            or names.count(bench.name) > 1
+        ):
+            raise ConfigError(
+                f"{where}.name={bench.name!r}: must be a unique name of letters, digits, '-', '_', '.'"
+            )
         if bench.format not in FORMATS:
             raise ConfigError(f"{where}.format={bench.format!r}: must be one of {', '.join(FORMATS)}")
         if not Path(bench.path).exists():

@@ -64,7 +64,12 @@ def inverted_scaling(curve: dict[int, float], margin: float) -> dict | None:
     last = budgets[-1]
     best = max(budgets[:-1], key=lambda b: curve[b])
     if curve[last] < curve[best] - margin:
-        return {"from_budget": best, "from_accuracy": curve[best], "to_budget": last, "to_accuracy": curve[last]}
+        return {
+            "from_budget": best,
+            "from_accuracy": curve[best],
+            "to_budget": last,
+            "to_accuracy": curve[last],
+        }
     return None
 
 
@@ -79,7 +84,9 @@ def trace_stats(traces: list[dict]) -> dict:
     checks = [t["checks"] for t in traces]
     return {
         "traces": len(traces),
-        "reasoning_tokens": distribution([t["reasoning_tokens"] for t in traces if t["reasoning_tokens"] is not None]),
+        "reasoning_tokens": distribution(
+            [t["reasoning_tokens"] for t in traces if t["reasoning_tokens"] is not None]
+        ),
         "truncated_rate": rate([t["finish_reason"] == "length" for t in traces]),
         "format_error_rate": rate([c.get("format") is not None for c in checks]),
         "language_drift_rate": rate([c.get("language") is not None for c in checks]),

@@ -43,7 +43,8 @@ from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generat
 # Checks every eval trace goes through: what "correct" means is the filter's own (answer tag,
 # tolerance, custom verifier), so eval and filter never disagree; the others feed trace statistics.
 EVAL_CHECKS = ["finished", "format", "language", "degeneration", "correct"]
-# Eval seeds are the same every round (round -1 is no sampling round), so rounds are compared on the same draws.
+# Eval seeds are the same every round (round -1 is no sampling round), so rounds are compared on
+# the same draws.
 EVAL_ROUND = -1
 
 
@@ -82,20 +83,41 @@ class Evaluator:
         self.banned = audio_tokens(str(model_dir)) if cfg.sample.ban_audio_tokens else None
 
     def request(self, item: Item) -> Request:
-        return replace(item_request(self.cfg, self.tokenizer, item, self.cache),
-                       seed=sample_seed(self.cfg.seed, EVAL_ROUND, item.id, 0))
+        return replace(
+            item_request(self.cfg, self.tokenizer, item, self.cache),
+            seed=sample_seed(self.cfg.seed, EVAL_ROUND, item.id, 0),
+        )
 
     def judge(self, item: Item, completion: str, finish_reason: str = "stop") -> dict[str, str | None]:
-        return self.rules.run({"item_id": item.id, "completion": completion, "reference": item.answer,
-                               "choices": item.choices, "question": item.question, "finish_reason": finish_reason})
+        return self.rules.run(
+            {
+                "item_id": item.id,
+                "completion": completion,
+                "reference": item.answer,
+                "choices": item.choices,
+                "question": item.question,
+                "finish_reason": finish_reason,
+            }
+        )
 
-    def generate(self, llm, requests: list[Request], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 n: int = 1) -> list[Completion]:
+    def generate(
+        self,
+        llm,
+        requests: list[Request],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+    ) -> list[Completion]:
         if not requests:
             return []
-        return generate(llm, requests, temperature, top_p, max_tokens, self.think_close, n=n, banned=self.banned)
+        return generate(
+            llm, requests, temperature, top_p, max_tokens, self.think_close, n=n, banned=self.banned
+        )
 
-    def counterfactual_requests(self, items: list[Item], base: list[Request]) -> list[tuple[int, str, Request]]:
+    def counterfactual_requests(
+        self, items: list[Item], base: list[Request]
+    ) -> list[tuple[int, str, Request]]:
         """(item index, kind, request) for every eval counterfactual an item has (a swap needs a
         partner: a split of two items or more)."""
         cfg = self.cfg
@@ -115,8 +137,14 @@ class Evaluator:
         return out
 
 
-def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable,
-               benchmarks: dict[str, list[Item]] | None = None) -> dict:
+def eval_stage(
+    cfg: Config,
+    items: list[Item],
+    model_dir: Path,
+    rd: RoundDir,
+    get_engine: Callable,
+    benchmarks: dict[str, list[Item]] | None = None,
+) -> dict:
     """Evaluate round `rd`'s model on the held-out `items` (and `benchmarks`); write eval.json,
     eval_samples.jsonl and the benchmarks' rows; return the stats."""
     start = time.time()
@@ -133,20 +161,40 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     bench_items = [(name, it) for name, its in benchmarks.items() for it in its]
     bench_requests = [ev.request(it) for _, it in bench_items]
     outs = ev.generate(llm, base + [r for _, _, r in cf] + bench_requests, e.max_tokens)
-    greedy, cf_outs, bench_outs = outs[: len(base)], outs[len(base): len(base) + len(cf)], outs[len(base) + len(cf):]
+    greedy, cf_outs, bench_outs = (
+        outs[: len(base)],
+        outs[len(base) : len(base) + len(cf)],
+        outs[len(base) + len(cf) :],
+    )
     seconds["greedy"] = time.time() - t0
 
     rows = []
     for item, out in zip(items, greedy, strict=True):
         text = ev.prefix + out.text
         checks = ev.judge(item, text, out.finish_reason)
-        rows.append({"item_id": item.id, "audio": item.audio, "question": item.question, "choices": item.choices,
-                     "category": item.category, "family": item.family or item.category, "completion": text,
-                     "reference": item.answer, "correct": checks["correct"] is None, "checks": checks,
-                     "finish_reason": out.finish_reason, "num_tokens": out.num_tokens,
-                     "reasoning_tokens": out.reasoning_tokens, "budgets": {}, "counterfactual": {}})
+        rows.append(
+            {
+                "item_id": item.id,
+                "audio": item.audio,
+                "question": item.question,
+                "choices": item.choices,
+                "category": item.category,
+                "family": item.family or item.category,
+                "completion": text,
+                "reference": item.answer,
+                "correct": checks["correct"] is None,
+                "checks": checks,
+                "finish_reason": out.finish_reason,
+                "num_tokens": out.num_tokens,
+                "reasoning_tokens": out.reasoning_tokens,
+                "budgets": {},
+                "counterfactual": {},
+            }
+        )
     for (i, kind, _), out in zip(cf, cf_outs, strict=True):
-        rows[i]["counterfactual"][kind] = ev.judge(items[i], ev.prefix + out.text, out.finish_reason)["correct"] is None
+        rows[i]["counterfactual"][kind] = (
+            ev.judge(items[i], ev.prefix + out.text, out.finish_reason)["correct"] is None
+        )
 
     # Test-time scaling: the answers of traces cut at each budget.
     t0 = time.time()
@@ -158,7 +206,9 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
                 rows[i]["budgets"][str(b)] = rows[i]["correct"]
             else:
                 cut.append((i, b, continuation))
-    answers = ev.generate(llm, [replace(base[i], prompt=base[i].prompt + c) for i, _, c in cut], e.answer_max_tokens)
+    answers = ev.generate(
+        llm, [replace(base[i], prompt=base[i].prompt + c) for i, _, c in cut], e.answer_max_tokens
+    )
     for (i, b, c), out in zip(cut, answers, strict=True):
         rows[i]["budgets"][str(b)] = ev.judge(items[i], ev.prefix + c + out.text)["correct"] is None
     for row in rows:
@@ -171,14 +221,20 @@ def eval_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, ge
     if e.k:
         samples = ev.generate(llm, base, e.max_tokens, e.temperature, e.top_p, n=e.k)
         for i, item in enumerate(items):
-            mine = samples[i * e.k: (i + 1) * e.k]
+            mine = samples[i * e.k : (i + 1) * e.k]
             judged = [ev.judge(item, ev.prefix + s.text, s.finish_reason) for s in mine]
             rows[i]["samples"] = [j["correct"] is None for j in judged]
-            keys = [answer_key(extract_answer(ev.prefix + s.text, cfg.filter.answer_tag), item.answer, item.choices)
-                    for s in mine]
+            keys = [
+                answer_key(
+                    extract_answer(ev.prefix + s.text, cfg.filter.answer_tag), item.answer, item.choices
+                )
+                for s in mine
+            ]
             rows[i]["majority"] = majority_vote(keys, rows[i]["samples"])
-            sampled_traces += [{"reasoning_tokens": s.reasoning_tokens, "finish_reason": s.finish_reason, "checks": j}
-                               for s, j in zip(mine, judged, strict=True)]
+            sampled_traces += [
+                {"reasoning_tokens": s.reasoning_tokens, "finish_reason": s.finish_reason, "checks": j}
+                for s, j in zip(mine, judged, strict=True)
+            ]
     seconds["samples"] = time.time() - t0
 
     stats = summarize(cfg, items, rows, sampled_traces)
@@ -215,9 +271,14 @@ def summarize(cfg: Config, items: list[Item], rows: list[dict], sampled: list[di
     for kind in e.counterfactuals:
         heard = [r for r in rows if kind in r["counterfactual"]]
         if heard:  # the gap compares the same items with and without their audio
-            by_kind[kind] = {"accuracy": accuracy([r["counterfactual"][kind] for r in heard]),
-                             "real_accuracy": accuracy([r["correct"] for r in heard]), "items": len(heard)}
-            gaps[kind] = (sum(r["correct"] for r in heard) - sum(r["counterfactual"][kind] for r in heard)) / len(heard)
+            by_kind[kind] = {
+                "accuracy": accuracy([r["counterfactual"][kind] for r in heard]),
+                "real_accuracy": accuracy([r["correct"] for r in heard]),
+                "items": len(heard),
+            }
+            gaps[kind] = (
+                sum(r["correct"] for r in heard) - sum(r["counterfactual"][kind] for r in heard)
+            ) / len(heard)
     stats = {
         "items": len(items),
         "accuracy": real,
@@ -227,21 +288,26 @@ def summarize(cfg: Config, items: list[Item], rows: list[dict], sampled: list[di
         "per_category": grouped(rows, "category"),
         "budgets": {str(b): acc for b, acc in curve.items()},
         "inverted_scaling": inverted_scaling(curve, e.inverted_margin),
-        "grounding": {"by_kind": by_kind, "gap_by_kind": {k: round(v, 4) for k, v in gaps.items()},
-                      "gap": round(sum(gaps.values()) / len(gaps), 4) if gaps else None},
+        "grounding": {
+            "by_kind": by_kind,
+            "gap_by_kind": {k: round(v, 4) for k, v in gaps.items()},
+            "gap": round(sum(gaps.values()) / len(gaps), 4) if gaps else None,
+        },
         "traces": {"greedy": trace_stats(rows), "sampled": trace_stats(sampled) if sampled else None},
         "k": e.k,
     }
     if e.k and rows:
-        ks = sorted({*(2 ** p for p in range(e.k.bit_length()) if 2 ** p <= e.k), e.k})
-        stats["pass_at"] = {str(k): round(sum(pass_at_k(e.k, sum(r["samples"]), k) for r in rows) / len(rows), 4)
-                            for k in ks}
+        ks = sorted({*(2**p for p in range(e.k.bit_length()) if 2**p <= e.k), e.k})
+        stats["pass_at"] = {
+            str(k): round(sum(pass_at_k(e.k, sum(r["samples"]), k) for r in rows) / len(rows), 4) for k in ks
+        }
         stats["majority_accuracy"] = accuracy([r["majority"] for r in rows])
     return stats
 
 
-def benchmark_results(ev: Evaluator, bench_items: list[tuple[str, Item]], outs: list[Completion], rd: RoundDir
-                      ) -> dict[str, dict]:
+def benchmark_results(
+    ev: Evaluator, bench_items: list[tuple[str, Item]], outs: list[Completion], rd: RoundDir
+) -> dict[str, dict]:
     """Per benchmark: distill's accuracy, MMAU's standard multiple-choice accuracy (the answer after
     the reasoning, or the whole output without a think block, matched by MMAU's string_match), and
     per category; the rows go to eval_benchmarks/<name>.jsonl."""
@@ -251,27 +317,46 @@ def benchmark_results(ev: Evaluator, bench_items: list[tuple[str, Item]], outs: 
         checks = ev.judge(item, text, out.finish_reason)
         parts = split_trace(text)
         prediction = parts[1] if parts is not None else text.rsplit("</think>", 1)[-1]
-        standard = (mmau_match(item.answer, prediction, item.choices) if item.choices
-                    else checks["correct"] is None)
-        rows[name].append({"item_id": item.id, "category": item.category, "completion": text,
-                           "reference": item.answer, "choices": item.choices, "correct": checks["correct"] is None,
-                           "mmau_correct": standard, "finish_reason": out.finish_reason})
+        standard = (
+            mmau_match(item.answer, prediction, item.choices) if item.choices else checks["correct"] is None
+        )
+        rows[name].append(
+            {
+                "item_id": item.id,
+                "category": item.category,
+                "completion": text,
+                "reference": item.answer,
+                "choices": item.choices,
+                "correct": checks["correct"] is None,
+                "mmau_correct": standard,
+                "finish_reason": out.finish_reason,
+            }
+        )
     results = {}
     for name, judged in rows.items():
         atomic_write_jsonl(rd.path / "eval_benchmarks" / f"{name}.jsonl", judged)
-        results[name] = {"items": len(judged), "accuracy": accuracy([r["correct"] for r in judged]),
-                         "mmau_accuracy": accuracy([r["mmau_correct"] for r in judged]),
-                         "per_category": grouped(judged, "category")}
+        results[name] = {
+            "items": len(judged),
+            "accuracy": accuracy([r["correct"] for r in judged]),
+            "mmau_accuracy": accuracy([r["mmau_correct"] for r in judged]),
+            "per_category": grouped(judged, "category"),
+        }
     return results
 
 
 def summary_line(index: int, stats: dict, seconds: float) -> str:
     curve = "/".join(f"{acc:.0%}" for acc in stats["budgets"].values())
-    parts = [(f"eval: round {index} accuracy {stats['accuracy']:.1%} on {stats['items']} held-out items "
-              f"(format {stats['format_rate']:.0%})")]
+    parts = [
+        (
+            f"eval: round {index} accuracy {stats['accuracy']:.1%} on {stats['items']} held-out items "
+            f"(format {stats['format_rate']:.0%})"
+        )
+    ]
     if "pass_at" in stats:
-        parts.append(f"pass@{stats['k']} {stats['pass_at'][str(stats['k'])]:.1%}, "
-                     f"maj@{stats['k']} {stats['majority_accuracy']:.1%}")
+        parts.append(
+            f"pass@{stats['k']} {stats['pass_at'][str(stats['k'])]:.1%}, "
+            f"maj@{stats['k']} {stats['majority_accuracy']:.1%}"
+        )
     if curve:
         parts.append(f"budgets {'/'.join(stats['budgets'])}: {curve}")
     if stats["grounding"]["gap"] is not None:
@@ -281,8 +366,11 @@ def summary_line(index: int, stats: dict, seconds: float) -> str:
     line = ", ".join(parts) + f" in {seconds:.1f}s"
     inv = stats["inverted_scaling"]
     if inv:
-        line += (f"\neval: inverted scaling: accuracy falls from {inv['from_accuracy']:.1%} at {inv['from_budget']} "
-                 f"thinking tokens to {inv['to_accuracy']:.1%} at {inv['to_budget']}")
+        line += (
+            f"\neval: inverted scaling: accuracy falls from {inv['from_accuracy']:.1%} "
+            f"at {inv['from_budget']} "
+            f"thinking tokens to {inv['to_accuracy']:.1%} at {inv['to_budget']}"
+        )
     return line
 
 

@@ -29,8 +29,10 @@ class PushPlan:
     commit_message: str
 
     def describe(self) -> str:
-        files = "\n".join(f"  {op.path_in_repo} ({op.upload_info.size} bytes, sha256 {op.upload_info.sha256.hex()[:12]})"
-                          for op in self.operations)
+        files = "\n".join(
+            f"  {op.path_in_repo} ({op.upload_info.size} bytes, sha256 {op.upload_info.sha256.hex()[:12]})"
+            for op in self.operations
+        )
         return f"{self.repo_type} {self.repo_id}@{self.revision}: {self.commit_message}\n{files}"
 
 
@@ -45,8 +47,11 @@ def model_plan(rd: RoundDir, repo_id: str) -> PushPlan:
     manifest = rd.model_dir / EXPORT_MANIFEST
     if not manifest.exists() or read_json(manifest).get("gate") != "passed":
         raise RuntimeError(f"{rd.model_dir}: no export that passed the gate; run the export stage first")
-    ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-           for p in sorted(rd.model_dir.iterdir()) if p.is_file()]
+    ops = [
+        CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+        for p in sorted(rd.model_dir.iterdir())
+        if p.is_file()
+    ]
     digest = read_json(manifest)["weights_sha256"]
     return PushPlan(repo_id, "model", branch(rd), ops, f"Round {rd.index} (weights {digest[:12]})")
 
@@ -68,12 +73,20 @@ def dataset_plan(rd: RoundDir, repo_id: str, staging: Path) -> PushPlan:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (staging / "README.md").write_text(
-        f"---\ntags: [audio, reasoning, distill]\nconfigs:\n- config_name: default\n  data_files: data/train.jsonl\n---\n\n"
-        f"# Kept traces of round {rd.index}\n\n{len(rows)} reasoning traces that passed distill's filter (correct, "
-        f"well-formed, grounded in the audio), with {len(audio)} audio clips under `audio/`.\n")
-    ops = [CommitOperationAdd(path_in_repo="data/train.jsonl", path_or_fileobj=str(staging / "train.jsonl")),
-           CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(staging / "README.md"))]
-    ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in sorted(audio.items())]
+        f"---\ntags: [audio, reasoning, distill]\nconfigs:\n- config_name: default\n"
+        f"  data_files: data/train.jsonl\n---\n\n"
+        f"# Kept traces of round {rd.index}\n\n"
+        f"{len(rows)} reasoning traces that passed distill's filter (correct, "
+        f"well-formed, grounded in the audio), with {len(audio)} audio clips under `audio/`.\n"
+    )
+    ops = [
+        CommitOperationAdd(path_in_repo="data/train.jsonl", path_or_fileobj=str(staging / "train.jsonl")),
+        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(staging / "README.md")),
+    ]
+    ops += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+        for name, path in sorted(audio.items())
+    ]
     return PushPlan(repo_id, "dataset", branch(rd), ops, f"Round {rd.index}: {len(rows)} kept traces")
 
 
@@ -85,13 +98,19 @@ def push(plan: PushPlan, private: bool = True, api=None) -> str:
     api = api or HfApi()
     api.create_repo(plan.repo_id, repo_type=plan.repo_type, private=private, exist_ok=True)
     api.create_branch(plan.repo_id, branch=plan.revision, repo_type=plan.repo_type, exist_ok=True)
-    info = api.create_commit(plan.repo_id, plan.operations, commit_message=plan.commit_message,
-                             revision=plan.revision, repo_type=plan.repo_type)
+    info = api.create_commit(
+        plan.repo_id,
+        plan.operations,
+        commit_message=plan.commit_message,
+        revision=plan.revision,
+        repo_type=plan.repo_type,
+    )
     return info.commit_url
 
 
-def push_round(rd: RoundDir, repo_id: str, dataset_repo_id: str = "", private: bool = True,
-               dry_run: bool = False) -> list[str]:
+def push_round(
+    rd: RoundDir, repo_id: str, dataset_repo_id: str = "", private: bool = True, dry_run: bool = False
+) -> list[str]:
     """Push (or, dry, describe) a round's model and optionally its kept traces; returns what was done."""
     done = []
     with tempfile.TemporaryDirectory() as staging:
@@ -99,6 +118,9 @@ def push_round(rd: RoundDir, repo_id: str, dataset_repo_id: str = "", private: b
         if dataset_repo_id:
             plans.append(dataset_plan(rd, dataset_repo_id, Path(staging)))
         for plan in plans:
-            done.append(plan.describe() if dry_run else f"{plan.repo_type} {plan.repo_id}@{plan.revision}: "
-                        f"{push(plan, private)}")
+            done.append(
+                plan.describe()
+                if dry_run
+                else f"{plan.repo_type} {plan.repo_id}@{plan.revision}: {push(plan, private)}"
+            )
     return done

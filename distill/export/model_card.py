@@ -21,8 +21,14 @@ from distill.models.registry import family_of
 def serve_args(cfg: Config, model_dir: Path, audio_items: int) -> list[str]:
     """vLLM server arguments after the model path: the model's own chat template, the context and
     audio limits the run sampled with."""
-    return ["--chat-template", str(model_dir / "chat_template.jinja"), "--max-model-len", str(cfg.engine.max_model_len),
-            "--limit-mm-per-prompt", json.dumps({"audio": audio_items})]
+    return [
+        "--chat-template",
+        str(model_dir / "chat_template.jinja"),
+        "--max-model-len",
+        str(cfg.engine.max_model_len),
+        "--limit-mm-per-prompt",
+        json.dumps({"audio": audio_items}),
+    ]
 
 
 def serve_launcher() -> list[str]:
@@ -54,12 +60,21 @@ def render(cfg: Config, rd: RoundDir, export: dict, audio_items: int) -> str:
     train, filt, ground, sample = (_stats(rd, s) for s in ("train", "filter", "ground", "sample"))
     evaluation = read_json(rd.eval_json) if rd.eval_json.exists() else None
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: audio-text-to-text",
-        "tags: [audio, reasoning, distill]", "---", "",
-        f"# {cfg.run_name}, round {rd.index}", "",
-        ("Trained with distill: iterative self-distillation of acoustic-grounded reasoning "
-         "(sample traces, keep those that are correct and depend on the audio, fine-tune, repeat)."), "",
-        "## Lineage", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: audio-text-to-text",
+        "tags: [audio, reasoning, distill]",
+        "---",
+        "",
+        f"# {cfg.run_name}, round {rd.index}",
+        "",
+        (
+            "Trained with distill: iterative self-distillation of acoustic-grounded reasoning "
+            "(sample traces, keep those that are correct and depend on the audio, fine-tune, repeat)."
+        ),
+        "",
+        "## Lineage",
+        "",
         f"- weights sha256: `{export['weights_sha256']}`",
         f"- base model: `{cfg.model.path}`",
         f"- trained from: `{train.get('model', 'n/a')}`"
@@ -67,28 +82,52 @@ def render(cfg: Config, rd: RoundDir, export: dict, audio_items: int) -> str:
         f"- data: {', '.join(f'`{d}`' for d in train.get('data', [])) or 'n/a'}",
     ]
     if filt:
-        lines.append(f"- kept traces: {filt.get('kept')} (rejections: {json.dumps(filt.get('rejected_by_reason', {}))})")
+        lines.append(
+            f"- kept traces: {filt.get('kept')} "
+            f"(rejections: {json.dumps(filt.get('rejected_by_reason', {}))})"
+        )
     if ground:
-        lines.append(f"- grounding gap (real minus counterfactual audio accuracy): {ground.get('grounding_gap')}")
+        lines.append(
+            f"- grounding gap (real minus counterfactual audio accuracy): {ground.get('grounding_gap')}"
+        )
     if train:
         mix = {k: v["rows"] for k, v in train.get("mix", {}).items() if isinstance(v, dict)}
-        lines.append(f"- training: {train.get('steps')} steps on {train.get('rows')} rows {json.dumps(mix)}, "
-                     f"final loss {train.get('final_loss')}, ZeRO-{train.get('zero_stage')}, "
-                     f"{'LoRA merged' if train.get('lora') else 'full'}, {train.get('processes')} processes")
+        lines.append(
+            f"- training: {train.get('steps')} steps on {train.get('rows')} rows {json.dumps(mix)}, "
+            f"final loss {train.get('final_loss')}, ZeRO-{train.get('zero_stage')}, "
+            f"{'LoRA merged' if train.get('lora') else 'full'}, {train.get('processes')} processes"
+        )
     lines += ["", "## Evaluation", ""]
     if evaluation:
-        lines.append(f"Held-out accuracy {evaluation['accuracy']:.1%} on {evaluation['items']} items "
-                     f"(well-formed {evaluation['format_rate']:.0%}); per family: {json.dumps(evaluation['per_family'])}.")
+        lines.append(
+            f"Held-out accuracy {evaluation['accuracy']:.1%} on {evaluation['items']} items "
+            f"(well-formed {evaluation['format_rate']:.0%}); "
+            f"per family: {json.dumps(evaluation['per_family'])}."
+        )
     else:
         lines.append("Not evaluated yet.")
     gate = export.get("agreement", {})
-    lines += ["", "## Export gate", "",
-              (f"vLLM loaded these weights and generated; on {gate.get('tokens', 0)} probe tokens its "
-               f"log-probabilities and transformers' differ by {gate.get('mean_abs_diff')} nats on average "
-               f"(max {gate.get('max_abs_diff')})."), "",
-              "## Serving", "", "```bash", serve_command(cfg, rd.model_dir, audio_items), "```", ""]
+    lines += [
+        "",
+        "## Export gate",
+        "",
+        (
+            f"vLLM loaded these weights and generated; on {gate.get('tokens', 0)} probe tokens its "
+            f"log-probabilities and transformers' differ by {gate.get('mean_abs_diff')} nats on average "
+            f"(max {gate.get('max_abs_diff')})."
+        ),
+        "",
+        "## Serving",
+        "",
+        "```bash",
+        serve_command(cfg, rd.model_dir, audio_items),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_model_card(cfg: Config, rd: RoundDir, export: dict, audio_items: int, model_dir: Path | None = None) -> None:
+def write_model_card(
+    cfg: Config, rd: RoundDir, export: dict, audio_items: int, model_dir: Path | None = None
+) -> None:
     atomic_write_text((model_dir or rd.model_dir) / "README.md", render(cfg, rd, export, audio_items))

@@ -36,8 +36,9 @@ class ExportGateError(RuntimeError):
     """The exported model did not load or generate in vLLM; the loop must not go on from it."""
 
 
-def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items: list[Item],
-                 get_engine: Callable) -> dict:
+def export_stage(
+    cfg: Config, rd: RoundDir, processor_source: Path, probe_items: list[Item], get_engine: Callable
+) -> dict:
     """Build rd.model_dir from rd.checkpoint and the processor files of `processor_source`."""
     from transformers import AutoProcessor
 
@@ -54,26 +55,44 @@ def export_stage(cfg: Config, rd: RoundDir, processor_source: Path, probe_items:
             shutil.copy2(src, tmp / src.name)
     AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     digest = weights_hash(tmp)
-    manifest = {"weights_sha256": digest, "round": rd.index, "checkpoint": str(rd.checkpoint), "gate": "pending"}
+    manifest = {
+        "weights_sha256": digest,
+        "round": rd.index,
+        "checkpoint": str(rd.checkpoint),
+        "gate": "pending",
+    }
     atomic_write_json(tmp / EXPORT_MANIFEST, manifest)
     tmp.rename(rd.model_dir)
     # The gate runs on the final path so its engine serves eval and the next round's sampling;
     # until it passes, the manifest says so and no sampler accepts the model.
     probes, agreement = gate(cfg, rd.model_dir, probe_items, get_engine)
     audio_items = max_audio_items(cfg.data)
-    manifest = {**manifest, "gate": "passed", "agreement": agreement,
-                "serve": serve_command(cfg, rd.model_dir, audio_items)}
+    manifest = {
+        **manifest,
+        "gate": "passed",
+        "agreement": agreement,
+        "serve": serve_command(cfg, rd.model_dir, audio_items),
+    }
     write_model_card(cfg, rd, manifest, audio_items)
     atomic_write_json(rd.model_dir / EXPORT_MANIFEST, manifest)
     seconds = time.time() - start
-    print(f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM, generated {len(probes)} probe answers "
-          f"and agreed with transformers ({agreement['mean_abs_diff']} nats/token on {agreement['tokens']} tokens) "
-          f"in {seconds:.1f}s\nserve it with: {manifest['serve']}")
-    return {"model_dir": str(rd.model_dir), "weights_sha256": digest, "gate_probes": probes, "agreement": agreement,
-            "serve": manifest["serve"]}
+    print(
+        f"export: {rd.model_dir} (weights {digest[:12]}) loaded by vLLM, generated {len(probes)} "
+        f"probe answers and agreed with transformers ({agreement['mean_abs_diff']} nats/token on "
+        f"{agreement['tokens']} tokens) in {seconds:.1f}s\nserve it with: {manifest['serve']}"
+    )
+    return {
+        "model_dir": str(rd.model_dir),
+        "weights_sha256": digest,
+        "gate_probes": probes,
+        "agreement": agreement,
+        "serve": manifest["serve"],
+    }
 
 
-def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Callable) -> tuple[list[str], dict]:
+def gate(
+    cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Callable
+) -> tuple[list[str], dict]:
     """Load `model_dir` in vLLM, generate greedily for a few items, and check that transformers
     gives the generated tokens the log-probabilities vLLM does; raise ExportGateError if not."""
     tokenizer = load_tokenizer(str(model_dir))
@@ -89,18 +108,27 @@ def gate(cfg: Config, model_dir: Path, probe_items: list[Item], get_engine: Call
     # The two engines are compared on the generated tokens; a probe that generated only its end
     # token has none, so its reference answer is scored instead (agreement needs some tokens).
     items = probe_items[: cfg.export.probes]
-    jobs = [ScoreJob(r.prompt, o.text or it.answer, r.audio) for r, o, it in zip(requests, outs, items, strict=True)]
+    jobs = [
+        ScoreJob(r.prompt, o.text or it.answer, r.audio)
+        for r, o, it in zip(requests, outs, items, strict=True)
+    ]
     by_vllm = score(llm, tokenizer, jobs, cfg.data.sample_rate)
     by_hf = hf_completion_logprobs(model_dir, jobs, cfg.data.sample_rate)
-    diffs = np.concatenate([np.abs(np.array(lp.reasoning + lp.answer) - hf)
-                            for lp, hf in zip(by_vllm, by_hf, strict=True)])
-    agreement = {"tokens": int(diffs.size), "mean_abs_diff": round(float(diffs.mean()), 5),
-                 "max_abs_diff": round(float(diffs.max()), 5)}
+    diffs = np.concatenate(
+        [np.abs(np.array(lp.reasoning + lp.answer) - hf) for lp, hf in zip(by_vllm, by_hf, strict=True)]
+    )
+    agreement = {
+        "tokens": int(diffs.size),
+        "mean_abs_diff": round(float(diffs.mean()), 5),
+        "max_abs_diff": round(float(diffs.max()), 5),
+    }
     if agreement["mean_abs_diff"] > cfg.export.max_logprob_diff:
         raise ExportGateError(
-            f"{model_dir}: vLLM and transformers disagree on the exported model: the probe answers' tokens differ "
-            f"by {agreement['mean_abs_diff']} nats on average (max {agreement['max_abs_diff']}, allowed "
-            f"{cfg.export.max_logprob_diff}); a weight or config is read differently by the two")
+            f"{model_dir}: vLLM and transformers disagree on the exported model: the probe answers' "
+            f"tokens differ by {agreement['mean_abs_diff']} nats on average "
+            f"(max {agreement['max_abs_diff']}, allowed {cfg.export.max_logprob_diff}); "
+            f"a weight or config is read differently by the two"
+        )
     return [o.text for o in outs], agreement
 
 
@@ -116,16 +144,17 @@ def hf_completion_logprobs(model_dir: Path, jobs: list[ScoreJob], sample_rate: i
     result = []
     for job in jobs:
         audio = family.serving_audio(processor.feature_extractor, job.audio) if job.audio else None
-        enc = processor(text=[job.prompt + job.completion], audio=audio, sampling_rate=sample_rate,
-                        return_tensors="pt")
+        enc = processor(
+            text=[job.prompt + job.completion], audio=audio, sampling_rate=sample_rate, return_tensors="pt"
+        )
         ids, _ = completion_tokens(processor.tokenizer, job.prompt, job.completion)
         with torch.no_grad():
             logits = model(**enc).logits[0].float()
         targets = enc["input_ids"][0, 1:]
-        if targets[-len(ids):].tolist() != ids:
+        if targets[-len(ids) :].tolist() != ids:
             raise ExportGateError(f"{model_dir}: transformers tokenized a probe answer differently from vLLM")
         logprobs = torch.log_softmax(logits[:-1], -1)
-        result.append(logprobs[-len(ids):].gather(1, targets[-len(ids):, None])[:, 0].numpy())
+        result.append(logprobs[-len(ids) :].gather(1, targets[-len(ids) :, None])[:, 0].numpy())
     return result
 
 

@@ -31,14 +31,53 @@ _UNIT = re.compile(r"^\s*([a-z%]+)")
 _NUMERIC_REFERENCE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?\s*([a-z%]+)?")
 YES = frozenset({"yes", "yeah", "yep", "true", "correct"})
 NO = frozenset({"no", "nope", "false", "incorrect"})
-WORD_NUMBERS = {w: i for i, w in enumerate((
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}
+WORD_NUMBERS = {
+    w: i
+    for i, w in enumerate(
+        (
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        )
+    )
+}
 # Unit -> (dimension, factor to the base unit): "0.5 s" and "500 ms" are the same answer.
-UNITS = {"hz": ("hz", 1.0), "khz": ("hz", 1e3), "s": ("s", 1.0), "sec": ("s", 1.0), "secs": ("s", 1.0),
-         "second": ("s", 1.0), "seconds": ("s", 1.0), "ms": ("s", 1e-3), "min": ("s", 60.0), "mins": ("s", 60.0),
-         "minute": ("s", 60.0), "minutes": ("s", 60.0), "db": ("db", 1.0), "bpm": ("bpm", 1.0),
-         "%": ("%", 1.0), "percent": ("%", 1.0)}
+UNITS = {
+    "hz": ("hz", 1.0),
+    "khz": ("hz", 1e3),
+    "s": ("s", 1.0),
+    "sec": ("s", 1.0),
+    "secs": ("s", 1.0),
+    "second": ("s", 1.0),
+    "seconds": ("s", 1.0),
+    "ms": ("s", 1e-3),
+    "min": ("s", 60.0),
+    "mins": ("s", 60.0),
+    "minute": ("s", 60.0),
+    "minutes": ("s", 60.0),
+    "db": ("db", 1.0),
+    "bpm": ("bpm", 1.0),
+    "%": ("%", 1.0),
+    "percent": ("%", 1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +136,7 @@ def parse_number(text: str) -> Quantity | None:
                 return Quantity(float(WORD_NUMBERS[word]), 1.0, None)
         return None
     value = float(match.group())
-    unit = _UNIT.match(low[match.end():])
+    unit = _UNIT.match(low[match.end() :])
     if unit and unit.group(1) in UNITS:
         dimension, factor = UNITS[unit.group(1)]
         return Quantity(value, factor, dimension)
@@ -166,7 +205,9 @@ def answer_kind(reference: str, choices: list[str] | None) -> str:
     return _kind(reference, bool(choices))
 
 
-def answer_matches(answer: str, reference: str, choices: list[str] | None = None, tol: Tolerance = EXACT) -> bool:
+def answer_matches(
+    answer: str, reference: str, choices: list[str] | None = None, tol: Tolerance = EXACT
+) -> bool:
     """Whether `answer` gives `reference`, by the reference's kind (see answer_kind)."""
     answer = _LEAD_IN.sub("", answer.strip())
     kind = answer_kind(reference, choices)

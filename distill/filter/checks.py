@@ -34,7 +34,10 @@ SCRIPTS: dict[str, str] = {
     "cyrillic": "\u0400-\u04ff",
     "arabic": "\u0600-\u06ff",
     "devanagari": "\u0900-\u097f",
-    "cjk": "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef",
+    "cjk": (
+        "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f"
+        "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+    ),
     "hangul": "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af",
 }
 # A config's filter.allowed_scripts is checked against SCRIPT_NAMES (loading a config imports no filter code).
@@ -51,7 +54,8 @@ SELF_COGNITION = re.compile(
     r"'m not able to|don't|do not|have no (?:way|ability) to|lack the ability to|don't have the ability to|"
     r"do not have the ability to)(?: actually| directly| really)? (?:hear|listen)\b"
     r"|\bas an? (?:(?:text[- ]based|text|language|ai|large language|text-only) ){1,2}model\b"
-    r"|\bwithout (?:being able to )?(?:hearing|listening to) (?:the|this|any) (?:audio|clip|sound|recording)\b",
+    r"|\bwithout (?:being able to )?(?:hearing|listening to) "
+    r"(?:the|this|any) (?:audio|clip|sound|recording)\b",
     re.IGNORECASE,
 )
 # Runs that count as runaway whitespace (long needles: a string search skips through text faster).
@@ -119,7 +123,9 @@ def check_language(text: str, disallowed: re.Pattern) -> str | None:
     return None
 
 
-def check_degeneration(text: str, window: int = 40, max_repeats: int = 4, max_period: int = 400) -> str | None:
+def check_degeneration(
+    text: str, window: int = 40, max_repeats: int = 4, max_period: int = 400
+) -> str | None:
     """Loops and runaway whitespace. A loop is a block of at most `max_period` characters repeated
     `max_repeats` times back to back; it is looked for at a few probe points (the middle, three
     quarters and nine tenths in) and at the end, where a stuck generation runs into max_tokens."""
@@ -136,7 +142,9 @@ def check_degeneration(text: str, window: int = 40, max_repeats: int = 4, max_pe
     # And at the very end, where a loop cut off by max_tokens stops: the period is the distance
     # back to the previous occurrence of the last `window` characters.
     q = text.rfind(text[n - window :], max(0, n - window - max_period), n - 1)
-    if q >= 0 and text.endswith(text[q + window - n :] * max_repeats):  # the last (n - window - q) chars, repeated
+    if q >= 0 and text.endswith(
+        text[q + window - n :] * max_repeats
+    ):  # the last (n - window - q) chars, repeated
         return "degenerate:loop"
     return None
 
@@ -152,8 +160,15 @@ def check_self_cognition(text: str) -> str | None:
     return None
 
 
-def check_correct(answer: str | None, reference: str, choices: list[str] | None = None, *,
-                  tol: Tolerance = EXACT, verifier: Verifier | None = None, trace: dict | None = None) -> str | None:
+def check_correct(
+    answer: str | None,
+    reference: str,
+    choices: list[str] | None = None,
+    *,
+    tol: Tolerance = EXACT,
+    verifier: Verifier | None = None,
+    trace: dict | None = None,
+) -> str | None:
     """The extracted answer (answer_of / extract_answer) matches the reference, by a custom
     verifier when one is given."""
     if answer is None:
@@ -175,8 +190,14 @@ def last_word(text: str, word: str) -> int:
     return -1
 
 
-def check_agreement(reasoning: str | None, answer: str | None, choices: list[str] | None, reference: str,
-                    tol: Tolerance = EXACT, tail_chars: int = 240) -> str | None:
+def check_agreement(
+    reasoning: str | None,
+    answer: str | None,
+    choices: list[str] | None,
+    reference: str,
+    tol: Tolerance = EXACT,
+    tail_chars: int = 240,
+) -> str | None:
     """The reasoning's conclusion names the same answer as the answer line: the option mentioned
     last at the end of the reasoning (multiple choice), or one of the numbers there (numeric
     answers, units converted, within `tol`). Free text and conclusions that name nothing pass."""
@@ -188,8 +209,14 @@ def check_agreement(reasoning: str | None, answer: str | None, choices: list[str
         given = named_option(answer, choices or [])
         options, _ = option_patterns(tuple(choices or []))
         # The option that ends last wins, the longer one on a tie ("very low" over "low").
-        last = max(((at + len(o), len(o), i) for i, o in enumerate(options) if o and (at := last_word(tail, o)) >= 0),
-                   default=None)
+        last = max(
+            (
+                (at + len(o), len(o), i)
+                for i, o in enumerate(options)
+                if o and (at := last_word(tail, o)) >= 0
+            ),
+            default=None,
+        )
         return None if last is None or given is None or last[2] == given else "format:disagree"
     if kind == "number":
         said = number_mentions(tail)
@@ -210,8 +237,9 @@ def acoustic_terms(reasoning: str, terms: tuple[str, ...], enough: int = 0) -> l
     return found
 
 
-def check_acoustic_terms(reasoning: str | None, acoustic: tuple[str, ...], transcript: tuple[str, ...],
-                         min_terms: int = 1) -> str | None:
+def check_acoustic_terms(
+    reasoning: str | None, acoustic: tuple[str, ...], transcript: tuple[str, ...], min_terms: int = 1
+) -> str | None:
     """The reasoning cites at least `min_terms` distinct acoustic properties (pitch, Hz, loudness,
     duration, rhythm, ...). A cheap lexical signal, not proof of listening: the grounding stage
     measures that. A failing trace that talks about words instead is told apart in the reason."""
@@ -219,11 +247,14 @@ def check_acoustic_terms(reasoning: str | None, acoustic: tuple[str, ...], trans
         return None  # the format check reports it
     if len(acoustic_terms(reasoning, acoustic, min_terms)) >= min_terms:
         return None
-    return "lexical:transcript_only" if acoustic_terms(reasoning, transcript, 1) else "lexical:no_acoustic_terms"
+    return (
+        "lexical:transcript_only" if acoustic_terms(reasoning, transcript, 1) else "lexical:no_acoustic_terms"
+    )
 
 
-def check_audio_dependence(record: dict | None, min_dependence: float | None, min_answer_dependence: float | None
-                           ) -> str | None:
+def check_audio_dependence(
+    record: dict | None, min_dependence: float | None, min_answer_dependence: float | None
+) -> str | None:
     """The trace is more likely with the real audio than with every counterfactual, by at least
     `min_dependence` nats per reasoning token and `min_answer_dependence` nats over the answer
     (None: that part unchecked). `record` is the ground stage's measurement of the trace; a trace

@@ -17,8 +17,15 @@ def cold_start_rows(items: list[Item], tokenizer, system_prompt: str, cache: Aud
     for item in items:
         completion = item.reasoning or f"<think>\n\n{THINK_CLOSE}\n{item.answer}"
         chunks = len(cache.chunks(item.audio, item.audio_sha256))
-        rows.append({"id": item.id, "audio": item.audio, "audio_sha256": item.audio_sha256,
-                     "prompt": item_prompt(tokenizer, item, system_prompt, chunks), "completion": completion})
+        rows.append(
+            {
+                "id": item.id,
+                "audio": item.audio,
+                "audio_sha256": item.audio_sha256,
+                "prompt": item_prompt(tokenizer, item, system_prompt, chunks),
+                "completion": completion,
+            }
+        )
     return rows
 
 
@@ -26,6 +33,8 @@ def cold_start_filter(ctx: StageContext) -> dict:
     """Round 0's kept rows: the reference traces of the first cold_start.items items."""
     cfg = ctx.cfg
     seed_items = ctx.data.cold_start[: cfg.cold_start.items or None]
-    rows = cold_start_rows(seed_items, load_tokenizer(str(ctx.model)), cfg.data.system_prompt, audio_cache(cfg))
+    rows = cold_start_rows(
+        seed_items, load_tokenizer(str(ctx.model)), cfg.data.system_prompt, audio_cache(cfg)
+    )
     atomic_write_jsonl(ctx.rd.filtered, rows)
     return {"kept": len(rows), "source": "reference traces (cold start)"}

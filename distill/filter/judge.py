@@ -28,7 +28,9 @@ _SCORE = re.compile(r"score\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 @dataclass
 class Verdict:
     score: float | None
-    reason: str | None  # None when scored; else judge:timeout, judge:http_<code>, judge:error, judge:parse_error
+    reason: (
+        str | None
+    )  # None when scored; else judge:timeout, judge:http_<code>, judge:error, judge:parse_error
     attempts: int
     reply: str = ""
 
@@ -39,7 +41,9 @@ def parse_score(reply: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def judge_messages(cfg: JudgeConfig, question: str, trace: str, audio: np.ndarray | None, sample_rate: int) -> list:
+def judge_messages(
+    cfg: JudgeConfig, question: str, trace: str, audio: np.ndarray | None, sample_rate: int
+) -> list:
     content: list[dict] = audio_parts(audio, sample_rate) if audio is not None else []
     content.append({"type": "text", "text": f"Question: {question}\n\nAnswer to grade:\n{trace}"})
     return [{"role": "system", "content": cfg.rubric}, {"role": "user", "content": content}]
@@ -58,9 +62,13 @@ class Judge:
 
     def score(self, question: str, trace: str, audio: np.ndarray | None, sample_rate: int) -> Verdict:
         """Score one trace, retrying timeouts, connection errors and 5xx/429 answers."""
-        body = {"max_tokens": self.cfg.max_tokens, "temperature": 0.0,
-                "messages": judge_messages(self.cfg, question, trace, audio if self.cfg.send_audio else None,
-                                           sample_rate)}
+        body = {
+            "max_tokens": self.cfg.max_tokens,
+            "temperature": 0.0,
+            "messages": judge_messages(
+                self.cfg, question, trace, audio if self.cfg.send_audio else None, sample_rate
+            ),
+        }
         if self.cfg.score_regex:
             body["structured_outputs"] = {"regex": self.cfg.score_regex}
         reply = self.client.chat(body)

@@ -27,13 +27,18 @@ class RulePipeline:
         self._disallowed: dict[frozenset[str], re.Pattern] = {}
         # Every language's terms apply, lower-cased like the reasoning they are looked for in;
         # common terms come first, so a grounded trace stops early.
-        self.acoustic = tuple(dict.fromkeys(t.lower() for terms in cfg.lexical.acoustic_terms.values() for t in terms))
-        self.transcript = tuple(dict.fromkeys(t.lower() for terms in cfg.lexical.transcript_terms.values()
-                                              for t in terms))
+        self.acoustic = tuple(
+            dict.fromkeys(t.lower() for terms in cfg.lexical.acoustic_terms.values() for t in terms)
+        )
+        self.transcript = tuple(
+            dict.fromkeys(t.lower() for terms in cfg.lexical.transcript_terms.values() for t in terms)
+        )
 
     def disallowed(self, question: str) -> re.Pattern:
         """The characters a trace for `question` may not use (cached per set of scripts)."""
-        allowed = self.extra_scripts | (checks.question_scripts(question) if self.auto_scripts else frozenset())
+        allowed = self.extra_scripts | (
+            checks.question_scripts(question) if self.auto_scripts else frozenset()
+        )
         allowed = allowed or frozenset({"latin"})
         if allowed not in self._disallowed:
             self._disallowed[allowed] = checks.disallowed_pattern(allowed)
@@ -53,28 +58,49 @@ class RulePipeline:
             if name == "finished":
                 out[name] = checks.check_finished(trace.get("finish_reason", "stop"))
             elif name == "control_tokens":
-                out[name] = None if simple and parts is not None else checks.check_control_tokens(
-                    text, self.control_tokens)
+                out[name] = (
+                    None
+                    if simple and parts is not None
+                    else checks.check_control_tokens(text, self.control_tokens)
+                )
             elif name == "format":
                 out[name] = checks.check_format(parts, cfg.min_reasoning_chars)
             elif name == "length":
-                out[name] = checks.check_length(reasoning_tokens(trace), cfg.min_reasoning_tokens,
-                                                cfg.max_reasoning_tokens)
+                out[name] = checks.check_length(
+                    reasoning_tokens(trace), cfg.min_reasoning_tokens, cfg.max_reasoning_tokens
+                )
             elif name == "language":
                 out[name] = checks.check_language(text, self.disallowed(trace.get("question") or ""))
             elif name == "degeneration":
-                out[name] = checks.check_degeneration(text, cfg.repeat_window, cfg.max_repeats, cfg.repeat_max_period)
+                out[name] = checks.check_degeneration(
+                    text, cfg.repeat_window, cfg.max_repeats, cfg.repeat_max_period
+                )
             elif name == "self_cognition":
                 out[name] = checks.check_self_cognition(text)
             elif name == "correct":
-                out[name] = checks.check_correct(answer, trace["reference"], trace.get("choices"), tol=self.tol,
-                                                 verifier=self.verifier, trace=trace)
+                out[name] = checks.check_correct(
+                    answer,
+                    trace["reference"],
+                    trace.get("choices"),
+                    tol=self.tol,
+                    verifier=self.verifier,
+                    trace=trace,
+                )
             elif name == "agreement":
-                out[name] = checks.check_agreement(None if parts is None else parts[0], answer, trace.get("choices"),
-                                                   trace["reference"], self.tol)
+                out[name] = checks.check_agreement(
+                    None if parts is None else parts[0],
+                    answer,
+                    trace.get("choices"),
+                    trace["reference"],
+                    self.tol,
+                )
             else:  # acoustic_terms
-                out[name] = checks.check_acoustic_terms(None if parts is None else parts[0], self.acoustic,
-                                                        self.transcript, cfg.lexical.min_acoustic_terms)
+                out[name] = checks.check_acoustic_terms(
+                    None if parts is None else parts[0],
+                    self.acoustic,
+                    self.transcript,
+                    cfg.lexical.min_acoustic_terms,
+                )
         return out
 
 

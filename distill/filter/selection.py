@@ -40,8 +40,16 @@ def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def select(texts: list[str], passing: list[int], correct: int, total: int, keep: int, policy: str,
-           band: tuple[float, float], near_duplicate: float) -> Decision:
+def select(
+    texts: list[str],
+    passing: list[int],
+    correct: int,
+    total: int,
+    keep: int,
+    policy: str,
+    band: tuple[float, float],
+    near_duplicate: float,
+) -> Decision:
     """Decide which passing traces (indices into `texts`) of one prompt to keep."""
     rate = correct / total if total else 0.0
     if not band[0] <= rate <= band[1]:
@@ -64,30 +72,42 @@ def select(texts: list[str], passing: list[int], correct: int, total: int, keep:
     return Decision(kept, dropped, in_band=True)
 
 
-def prompt_decision(fc: FilterConfig, texts: list[str], results: list[dict[str, str | None]], graded: bool
-                    ) -> tuple[Decision, int]:
+def prompt_decision(
+    fc: FilterConfig, texts: list[str], results: list[dict[str, str | None]], graded: bool
+) -> tuple[Decision, int]:
     """The filter's decision for one prompt from its traces' texts and check results (in sample
     order; indices of the decision are into these lists), and its count of correct answers.
     Without the correctness check (`graded` false) every trace counts as correct."""
     correct = sum(r["correct"] is None for r in results) if graded else len(results)
     passing = [i for i, r in enumerate(results) if not any(r.values())]
-    return select(texts, passing, correct, len(results), fc.keep_per_prompt, fc.keep_policy,
-                  (fc.pass_rate_min, fc.pass_rate_max), fc.near_duplicate), correct
+    return select(
+        texts,
+        passing,
+        correct,
+        len(results),
+        fc.keep_per_prompt,
+        fc.keep_policy,
+        (fc.pass_rate_min, fc.pass_rate_max),
+        fc.near_duplicate,
+    ), correct
 
 
-def item_decision(fc: FilterConfig, traces: list[dict], results: dict[str, dict[str, str | None]], graded: bool
-                  ) -> tuple[list[dict], Decision, int]:
+def item_decision(
+    fc: FilterConfig, traces: list[dict], results: dict[str, dict[str, str | None]], graded: bool
+) -> tuple[list[dict], Decision, int]:
     """The decision for one item's traces (any order; `results`: trace id -> check results):
     (its traces in sample order, which the decision's indices point into, the decision, the
     count of correct answers)."""
     ordered = sorted(traces, key=lambda t: t["sample_index"])
-    decision, correct = prompt_decision(fc, [t["completion"] for t in ordered],
-                                        [results[t["trace_id"]] for t in ordered], graded)
+    decision, correct = prompt_decision(
+        fc, [t["completion"] for t in ordered], [results[t["trace_id"]] for t in ordered], graded
+    )
     return ordered, decision, correct
 
 
-def grounded_results(rules: dict[str, str | None], text_solvable: bool, gc: GroundingConfig
-                     ) -> dict[str, str | None]:
+def grounded_results(
+    rules: dict[str, str | None], text_solvable: bool, gc: GroundingConfig
+) -> dict[str, str | None]:
     """A trace's check results with the ground stage's two: "text_solvable" (its item is answerable
     from text, rejected under grounding.text_solvable=drop) and an "audio_dependence" slot that
     passes until the trace's score is known (`dependence_result`)."""

@@ -42,8 +42,14 @@ def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | Non
     judge = Judge(cfg.filter.judge)
     start = time.time()
     try:
-        jobs = [(traces[i].get("question", ""), traces[i]["completion"],
-                 cache.get(traces[i]["audio"], traces[i].get("audio_sha256")) if cache else None) for i in todo]
+        jobs = [
+            (
+                traces[i].get("question", ""),
+                traces[i]["completion"],
+                cache.get(traces[i]["audio"], traces[i].get("audio_sha256")) if cache else None,
+            )
+            for i in todo
+        ]
         verdicts = judge.score_all(jobs, cfg.data.sample_rate)
     finally:
         judge.close()
@@ -53,13 +59,17 @@ def run_judge(cfg: Config, traces: list[dict], results: list[dict[str, str | Non
         traces[i]["judge_score"] = verdict.score
         outcomes[verdict.reason or "scored"] += 1
     seconds = time.time() - start
-    print(f"filter: judge {judge.model} scored {outcomes['scored']}/{len(todo)} traces in {seconds:.1f}s "
-          f"({dict(outcomes)})", flush=True)
+    print(
+        f"filter: judge {judge.model} scored {outcomes['scored']}/{len(todo)} traces in {seconds:.1f}s "
+        f"({dict(outcomes)})",
+        flush=True,
+    )
     return {"judged": len(todo), "judge_outcomes": dict(outcomes), "judge_seconds": round(seconds, 2)}
 
 
-def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list[dict[str, str | None]]
-                    ) -> tuple[set[str], set[str]]:
+def apply_grounding(
+    cfg: Config, rd: RoundDir, traces: list[dict], results: list[dict[str, str | None]]
+) -> tuple[set[str], set[str]]:
     """Attach the ground stage's measurements to the traces and add the "text_solvable" and
     "audio_dependence" results; return the ids of the items answerable from text and of the
     passing traces the ground stage left unscored as ones the selection would not keep."""
@@ -72,8 +82,10 @@ def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list
     for trace, result in zip(traces, results, strict=True):
         row = rows.get(trace["item_id"])
         if row is None:
-            raise RuntimeError(f"{rd.grounding_dir}: no measurement of item {trace['item_id']!r}; the grounding "
-                               "shards do not match the samples (delete grounding/ to measure again)")
+            raise RuntimeError(
+                f"{rd.grounding_dir}: no measurement of item {trace['item_id']!r}; the grounding "
+                "shards do not match the samples (delete grounding/ to measure again)"
+            )
         record = row["traces"].get(trace["trace_id"])
         trace["text_solvable"] = row["text_solvable"]
         if record is not None:
@@ -89,8 +101,14 @@ def apply_grounding(cfg: Config, rd: RoundDir, traces: list[dict], results: list
     return flagged, passed_over
 
 
-def grounding_stats(cfg: Config, traces: list[dict], kept: list[dict], rejected: list[dict],
-                    results: list[dict[str, str | None]], flagged: set[str]) -> dict:
+def grounding_stats(
+    cfg: Config,
+    traces: list[dict],
+    kept: list[dict],
+    rejected: list[dict],
+    results: list[dict[str, str | None]],
+    flagged: set[str],
+) -> dict:
     """The filter's grounding metrics: audio dependence of kept and rejected traces, traces of
     text-solvable items, and the share of traces that cite acoustic properties."""
     stats: dict = {}
@@ -118,7 +136,9 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     rules = RulePipeline(fc, control_tokens(str(model_dir)))
     results = [rules.run(t) for t in traces]
     rules_seconds = time.time() - start
-    flagged, passed_over = apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else (set(), set())
+    flagged, passed_over = (
+        apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else (set(), set())
+    )
     judge_stats = run_judge(cfg, traces, results) if fc.judge.enabled else {}
 
     by_item: dict[str, list[int]] = defaultdict(list)
@@ -148,14 +168,18 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
             trace, result = traces[i], results[i]
             if i in kept_here and trace["trace_id"] in passed_over:
                 raise RuntimeError(
-                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground stage left "
-                    "unscored as one the selection would not keep; the filter or grounding settings changed since "
-                    "(or the LLM judge rejected others): delete grounding/ to measure again, or set "
-                    "grounding.score_traces=passing")
+                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground "
+                    "stage left unscored as one the selection would not keep; the filter or grounding "
+                    "settings changed since (or the LLM judge rejected others): delete grounding/ to "
+                    "measure again, or set grounding.score_traces=passing"
+                )
             failures = [r for r in result.values() if r is not None]
             failures_by_check.update(failures)
-            row = {**trace, "checks": {k: v or "pass" for k, v in result.items()},
-                   "reward": reward(result, fc.reward_weights)}
+            row = {
+                **trace,
+                "checks": {k: v or "pass" for k, v in result.items()},
+                "reward": reward(result, fc.reward_weights),
+            }
             category = trace.get("category") or "other"
             if i in kept_here:
                 if trace["item_id"] in flagged and cfg.grounding.text_solvable == "downweight":
@@ -169,7 +193,9 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
             rejected.append({**row, "rejected_because": failures})
     atomic_write_jsonl(rd.filtered, kept)
     atomic_write_jsonl(rd.rejected, rejected)
-    atomic_write_json(rd.set_aside, {"always_failed": sorted(always_failed), "always_solved": sorted(always_solved)})
+    atomic_write_json(
+        rd.set_aside, {"always_failed": sorted(always_failed), "always_solved": sorted(always_solved)}
+    )
     seconds = time.time() - start
     stats = {
         "traces": len(traces),
@@ -191,9 +217,12 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
         **judge_stats,
         **grounding_stats(cfg, traces, kept, rejected, results, flagged),
     }
-    print(f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {len(by_item)} "
-          f"prompts ({out_of_band} outside the pass-rate band, {len(always_solved)} always solved, "
-          f"{len(always_failed)} always failed) in {seconds:.1f}s; rejected: {dict(reasons) or 'none'}", flush=True)
+    print(
+        f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {len(by_item)} "
+        f"prompts ({out_of_band} outside the pass-rate band, {len(always_solved)} always solved, "
+        f"{len(always_failed)} always failed) in {seconds:.1f}s; rejected: {dict(reasons) or 'none'}",
+        flush=True,
+    )
     return stats
 
 
@@ -203,6 +232,8 @@ def run(ctx: StageContext) -> dict:
         return cold_start_filter(ctx)
     stats = filter_stage(ctx.cfg, ctx.rd, ctx.model)
     if stats["kept"] == 0:
-        raise RuntimeError(f"round {ctx.rd.index}: the filter kept no traces ({stats['rejected_by_reason']}); raise "
-                           "sample.n or sample.max_tokens, or start from a stronger model")
+        raise RuntimeError(
+            f"round {ctx.rd.index}: the filter kept no traces ({stats['rejected_by_reason']}); raise "
+            "sample.n or sample.max_tokens, or start from a stronger model"
+        )
     return stats

@@ -46,7 +46,8 @@ class GroundingConfig:
     probe_temperature: float = 1.0
     # An item is answerable from text when its counterfactual answers are right at chance + margin or more.
     text_solvable_margin: float = 0.3
-    # The traces of text-solvable items: "drop" them, "downweight" them in training, or "keep" them (flag only).
+    # The traces of text-solvable items: "drop" them, "downweight" them in training, or "keep" them
+    # (flag only).
     text_solvable: str = "downweight"
     text_solvable_weight: float = 0.25
     # Audio dependence: teacher-forced log-probability of each trace with the real audio minus with
@@ -85,28 +86,52 @@ class GroundingConfig:
 def validate(g: GroundingConfig) -> None:
     """Raise ConfigError for the first bad value of the `grounding` section (beyond the kinds it
     names, only when grounding is enabled)."""
-    check_choices("grounding", g, {"text_solvable": ("drop", "downweight", "keep"),
-                                   "score_traces": ("keepable", "passing", "all"), "probe_items": ("keepable", "all"),
-                                   "real_logprobs": ("sampled", "scored"), "probe_answers": ("options", "free")})
+    check_choices(
+        "grounding",
+        g,
+        {
+            "text_solvable": ("drop", "downweight", "keep"),
+            "score_traces": ("keepable", "passing", "all"),
+            "probe_items": ("keepable", "all"),
+            "real_logprobs": ("sampled", "scored"),
+            "probe_answers": ("options", "free"),
+        },
+    )
     check_positive("grounding", g, ("probe_max_tokens", "score_batch"))
-    check_non_negative("grounding", g, ("probe_samples", "probe_temperature", "text_solvable_margin",
-                                        "text_solvable_weight", "bank_seconds"))
+    check_non_negative(
+        "grounding",
+        g,
+        (
+            "probe_samples",
+            "probe_temperature",
+            "text_solvable_margin",
+            "text_solvable_weight",
+            "bank_seconds",
+        ),
+    )
     for key in ("counterfactuals", "score_against"):
         unknown = [k for k in getattr(g, key) if k not in KINDS]
         if unknown:
-            raise ConfigError(f"grounding.{key}: unknown counterfactual(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(KINDS)})")
+            raise ConfigError(
+                f"grounding.{key}: unknown counterfactual(s) {', '.join(unknown)} (known: {', '.join(KINDS)})"
+            )
     if not g.enabled:
         return
     if g.probe_samples and not g.counterfactuals:
-        raise ConfigError("grounding.probe_samples: probing needs at least one kind in grounding.counterfactuals "
-                          "(or set grounding.probe_samples=0)")
+        raise ConfigError(
+            "grounding.probe_samples: probing needs at least one kind in grounding.counterfactuals "
+            "(or set grounding.probe_samples=0)"
+        )
     if g.probe_samples > 1 and g.probe_temperature == 0:
-        raise ConfigError(f"grounding.probe_temperature=0 with grounding.probe_samples={g.probe_samples}: greedy "
-                          "decoding gives one answer; raise the temperature or set probe_samples=1")
+        raise ConfigError(
+            f"grounding.probe_temperature=0 with grounding.probe_samples={g.probe_samples}: greedy "
+            "decoding gives one answer; raise the temperature or set probe_samples=1"
+        )
     if g.text_solvable_weight > 1:
         raise ConfigError(f"grounding.text_solvable_weight={g.text_solvable_weight}: must be in [0, 1]")
     if g.probe_answers == "options" and g.probe_prefix.count(THINK_OPEN) > g.probe_prefix.count(THINK_CLOSE):
-        raise ConfigError(f"grounding.probe_answers=options with grounding.probe_prefix={g.probe_prefix!r}: an "
-                          "answer held to the options leaves no room for reasoning; close the think block in "
-                          "the prefix, or set probe_answers=free to probe with reasoning")
+        raise ConfigError(
+            f"grounding.probe_answers=options with grounding.probe_prefix={g.probe_prefix!r}: an "
+            "answer held to the options leaves no room for reasoning; close the think block in "
+            "the prefix, or set probe_answers=free to probe with reasoning"
+        )

@@ -78,8 +78,8 @@ def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
     """Item id -> the item whose audio stands in for it under "swap".
 
     Items are put in a seeded order; each takes the next item after it (cyclically) whose reference
-    answer differs, or the next item when none of the following SWAP_SEARCH items' does. The result depends on the
-    split and the seed only, so every shard and every array task agrees on it.
+    answer differs, or the next item when none of the following SWAP_SEARCH items' does. The result
+    depends on the split and the seed only, so every shard and every array task agrees on it.
     """
     if len(items) < 2:
         return {}
@@ -96,8 +96,9 @@ def swap_partners(items: list[Item], seed: int) -> dict[str, Item]:
     return partners
 
 
-def counterfactual(kind: str, chunks: list[np.ndarray], seed: int, step: int,
-                   partner_chunks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+def counterfactual(
+    kind: str, chunks: list[np.ndarray], seed: int, step: int, partner_chunks: list[np.ndarray] | None = None
+) -> list[np.ndarray]:
     """The counterfactual audio of one kind for a recording given as chunks (`step`: the bank's
     length step in samples)."""
     if kind == "silence":

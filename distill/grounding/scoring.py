@@ -47,11 +47,14 @@ class PrefixDonors:
     """Scored prompts whose log-probabilities can stand in for positions vLLM's prefix cache served
     in a later job: per audio input (its arrays, the same objects for the same content: that pins
     the content without hashing it), each scored prompt's token ids and its log-probability per
-    position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor ("filled") or
-    scored again without the cache ("rescored"), and prompt tokens the cache served ("reused")."""
+    position (None where the cache served it). `counts`: jobs whose trace head was filled from a donor
+    ("filled") or scored again without the cache ("rescored"), and prompt tokens the cache served
+    ("reused")."""
 
     # Keyed by audio_key; each entry holds its audio, so its arrays' ids stay theirs.
-    by_audio: dict[tuple[int, ...], list[tuple[list, list[int], list[float | None]]]] = field(default_factory=dict)
+    by_audio: dict[tuple[int, ...], list[tuple[list, list[int], list[float | None]]]] = field(
+        default_factory=dict
+    )
     counts: Counter = field(default_factory=Counter)
 
     def add(self, audio: list, ids: list[int], values: list[float | None]) -> None:
@@ -67,7 +70,7 @@ class PrefixDonors:
         head = self.fill(audio, ids, start, missing[-1] + 1)
         if head is None:
             return missing[-1] + 1
-        values[start:missing[-1] + 1] = head
+        values[start : missing[-1] + 1] = head
         self.counts["filled"] += 1
         return None
 
@@ -75,7 +78,11 @@ class PrefixDonors:
         """Log-probabilities of positions start..end-1 of prompt `ids` from a scored prompt with the
         same audio and the same tokens up to end-1 that computed them (None: no such prompt)."""
         for _, donor_ids, values in self.by_audio.get(audio_key(audio), ()):
-            if len(donor_ids) >= end and donor_ids[:end] == ids[:end] and all(v is not None for v in values[start:end]):
+            if (
+                len(donor_ids) >= end
+                and donor_ids[:end] == ids[:end]
+                and all(v is not None for v in values[start:end])
+            ):
                 return values[start:end]
         return None
 
@@ -119,8 +126,9 @@ def completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int
     belong to the reasoning: up to the end of the last `</think>`, all of them without one)."""
     enc = tokenizer(prompt + completion, add_special_tokens=False, return_offsets_mapping=True)
     cut = len(prompt)
-    first = next((i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= cut),
-                 len(enc["input_ids"]))
+    first = next(
+        (i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= cut), len(enc["input_ids"])
+    )
     ids = enc["input_ids"][first:]
     close = completion.rfind(THINK_CLOSE)
     if close < 0:
@@ -130,8 +138,9 @@ def completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int
     return ids, reasoning
 
 
-def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, counts: Counter | None = None
-          ) -> list[TraceLogprobs]:
+def score(
+    llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, counts: Counter | None = None
+) -> list[TraceLogprobs]:
     """The log-probability of each job's completion tokens given its prompt and audio. Jobs that
     read the prefix cache take served trace heads from the call's other jobs, so a call holds no
     more than its own outputs (module docstring); `counts` adds up PrefixDonors.counts."""
@@ -147,18 +156,24 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, counts: Counte
         else:
             spans.append((j.completion_ids, reasoning_split(j.completion_ids, think_close)))
             # The prompt tokenized as vLLM tokenizes a text prompt; vLLM expands its audio placeholders.
-            prompts.append({"prompt_token_ids": tokenizer.encode(j.prompt) + list(j.completion_ids),
-                            "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]}})
+            prompts.append(
+                {
+                    "prompt_token_ids": tokenizer.encode(j.prompt) + list(j.completion_ids),
+                    "multi_modal_data": {"audio": [(a, sample_rate) for a in j.audio]},
+                }
+            )
     scored = prompt_values(llm, prompts, [not j.reuse_prefix for j in jobs])
     starts = []
     for job, (ids, _), (prompt_ids, values) in zip(jobs, spans, scored, strict=True):
         starts.append(len(prompt_ids) - len(ids))
-        if prompt_ids[starts[-1]:] != ids:
-            raise RuntimeError(f"scoring: vLLM tokenized the trace differently from the tokenizer "
-                               f"({prompt_ids[starts[-1]:starts[-1] + 8]} vs {ids[:8]}); trace starts "
-                               f"{job.completion[:60]!r}")
+        if prompt_ids[starts[-1] :] != ids:
+            raise RuntimeError(
+                f"scoring: vLLM tokenized the trace differently from the tokenizer "
+                f"({prompt_ids[starts[-1] : starts[-1] + 8]} vs {ids[:8]}); trace starts "
+                f"{job.completion[:60]!r}"
+            )
         if job.reuse_prefix:
-            donors.counts["reused"] += sum(v is None for v in values[1:starts[-1]])
+            donors.counts["reused"] += sum(v is None for v in values[1 : starts[-1]])
     # Jobs the cache served into the trace, with no donor yet, are scored again without the cache
     # in waves: one of those that need the same head per wave, the others filled from it after.
     pending = [i for i, j in enumerate(jobs) if j.reuse_prefix]
@@ -169,24 +184,31 @@ def score(llm, tokenizer, jobs: list[ScoreJob], sample_rate: int, counts: Counte
             end = donors.complete(jobs[i].audio, prompt_ids, values, starts[i])
             if end is None:
                 donors.add(jobs[i].audio, prompt_ids, values)
-            elif any(audio_key(jobs[w].audio) == audio_key(jobs[i].audio) and scored[w][0][:end] == prompt_ids[:end]
-                     for w in wave):
+            elif any(
+                audio_key(jobs[w].audio) == audio_key(jobs[i].audio)
+                and scored[w][0][:end] == prompt_ids[:end]
+                for w in wave
+            ):
                 wait.append(i)
             else:
                 wave.append(i)
-        for i, result in zip(wave, prompt_values(llm, [prompts[i] for i in wave], [True] * len(wave)), strict=True):
+        for i, result in zip(
+            wave, prompt_values(llm, [prompts[i] for i in wave], [True] * len(wave)), strict=True
+        ):
             scored[i] = result
             donors.add(jobs[i].audio, *result)
         donors.counts["rescored"] += len(wave)
         pending = wait
     result = []
     for (ids, reasoning), (_, values) in zip(spans, scored, strict=True):
-        trace = values[len(values) - len(ids):]
+        trace = values[len(values) - len(ids) :]
         result.append(TraceLogprobs(trace[:reasoning], trace[reasoning:]))
     return result
 
 
-def prompt_values(llm, prompts: list[dict], skip_cache: list[bool]) -> list[tuple[list[int], list[float | None]]]:
+def prompt_values(
+    llm, prompts: list[dict], skip_cache: list[bool]
+) -> list[tuple[list[int], list[float | None]]]:
     """(prompt token ids, log-probability per position, None where vLLM computed none) of each
     prompt: not position 0, nor positions the prefix cache served (without `skip_cache`)."""
     from vllm import SamplingParams
@@ -196,15 +218,24 @@ def prompt_values(llm, prompts: list[dict], skip_cache: list[bool]) -> list[tupl
     # max_tokens=1 is vLLM's minimum; the one generated token is ignored. prompt_logprobs=0 returns
     # the log-probability of each prompt token itself (raw model output, before any sampling).
     # flat_logprobs: a few flat lists per request instead of one dict per prompt token.
-    params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True,
-                             skip_reading_prefix_cache=skip) for skip in skip_cache]
+    params = [
+        SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            flat_logprobs=True,
+            skip_reading_prefix_cache=skip,
+        )
+        for skip in skip_cache
+    ]
     result = []
     for out in llm.generate(prompts, params, use_tqdm=True):
         # Position p's log-probability comes from the logits at p - 1: with the cache serving
         # positions 0..cached-1, positions 1..cached have none (vLLM leaves them unset).
         cached = out.num_cached_tokens or 0
         values: list[float | None] = [None, *first_logprobs(out.prompt_logprobs[1:])]
-        values[1:cached + 1] = [None] * min(cached, len(values) - 1)
+        values[1 : cached + 1] = [None] * min(cached, len(values) - 1)
         result.append((list(out.prompt_token_ids), values))
     return result
 

@@ -39,8 +39,9 @@ from distill.models.tokens import audio_tokens, control_tokens, load_tokenizer
 from distill.rollout.engine import Request, generate, verified_weights_hash
 
 
-def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable
-                 ) -> dict | None:
+def ground_stage(
+    cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable
+) -> dict | None:
     """Measure the missing grounding shards of round `rd`; return the round's grounding stats once
     every shard is on disk (None while other array tasks still owe theirs)."""
     g = cfg.grounding
@@ -53,7 +54,9 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
     timing: Counter = Counter()
     for shard in indices:
         path = rd.grounding_path(shard, count)
-        samples_sha256 = sha256_file(rd.shard_path(shard, count)) if rd.shard_path(shard, count).exists() else None
+        samples_sha256 = (
+            sha256_file(rd.shard_path(shard, count)) if rd.shard_path(shard, count).exists() else None
+        )
         if path.exists():
             check_grounding_shard(path, model_hash, samples_sha256)
             skipped += 1
@@ -69,19 +72,31 @@ def ground_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         rows = ctx.measure(traces, rd.index, llm, model_hash, samples_sha256, timing)
         atomic_write_jsonl(path, rows)
         done += 1
-        print(f"ground: shard {shard + 1}/{count}: {len(rows)} items, {sum(r['probed'] for r in rows)} probed, "
-              f"{sum(len(r['traces']) for r in rows)} traces scored -> {path}", flush=True)
-    print(f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
-          f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s; prefix cache: {timing['prefix_reused']} "
-          f"prompt tokens reused, {timing['prefix_filled']} trace heads filled, {timing['prefix_rescored']} "
-          "traces scored again)", flush=True)
+        print(
+            f"ground: shard {shard + 1}/{count}: {len(rows)} items, {sum(r['probed'] for r in rows)} probed, "
+            f"{sum(len(r['traces']) for r in rows)} traces scored -> {path}",
+            flush=True,
+        )
+    print(
+        f"ground: {done} shard(s) measured, {skipped} already on disk, {time.time() - start:.1f}s "
+        f"(probes {timing['probe']:.1f}s, scoring {timing['score']:.1f}s; "
+        f"prefix cache: {timing['prefix_reused']} "
+        f"prompt tokens reused, {timing['prefix_filled']} trace heads filled, {timing['prefix_rescored']} "
+        "traces scored again)",
+        flush=True,
+    )
     if rd.missing_shards(rd.grounding_path, count):
         return None
     stats = summarize(read_grounding(rd, count).values(), g.counterfactuals)
     # This process's own timing (a resumed stage or one array task times only its shards).
-    return {**stats, "probe_seconds": round(timing["probe"], 2), "score_seconds": round(timing["score"], 2),
-            "prefix_tokens_reused": timing["prefix_reused"], "prefix_heads_filled": timing["prefix_filled"],
-            "prefix_rescored": timing["prefix_rescored"]}
+    return {
+        **stats,
+        "probe_seconds": round(timing["probe"], 2),
+        "score_seconds": round(timing["score"], 2),
+        "prefix_tokens_reused": timing["prefix_reused"],
+        "prefix_heads_filled": timing["prefix_filled"],
+        "prefix_rescored": timing["prefix_rescored"],
+    }
 
 
 class GroundingContext:
@@ -121,7 +136,9 @@ class GroundingContext:
         for kind in dict.fromkeys([*g.counterfactuals, *g.score_against]):
             if kind == "swap" and partner is None:
                 continue
-            out[kind] = counterfactual(kind, real, self.cfg.seed, step, recording(partner) if kind == "swap" else None)
+            out[kind] = counterfactual(
+                kind, real, self.cfg.seed, step, recording(partner) if kind == "swap" else None
+            )
         return out
 
     def informative_swap(self, item: Item) -> bool:
@@ -133,8 +150,9 @@ class GroundingContext:
     def prompt(self, item: Item, audio: list) -> str:
         return item_prompt(self.tokenizer, item, self.cfg.data.system_prompt, len(audio))
 
-    def measure(self, traces: list[dict], round_index: int, llm, model_hash: str, samples_sha256: str,
-                timing: Counter) -> list[dict]:
+    def measure(
+        self, traces: list[dict], round_index: int, llm, model_hash: str, samples_sha256: str, timing: Counter
+    ) -> list[dict]:
         """The grounding rows of one shard's items (in the order their traces come)."""
         g = self.cfg.grounding
         by_item: dict[str, list[dict]] = defaultdict(list)
@@ -142,18 +160,27 @@ class GroundingContext:
             by_item[t["item_id"]].append(t)
         missing = [i for i in by_item if i not in self.items]
         if missing:
-            raise RuntimeError(f"ground: traces of item(s) {missing[:5]} that are not in the train split; the "
-                               "samples belong to another data set (delete the round to resample)")
+            raise RuntimeError(
+                f"ground: traces of item(s) {missing[:5]} that are not in the train split; the "
+                "samples belong to another data set (delete the round to resample)"
+            )
         items = [self.items[i] for i in by_item]
         loaded: dict[str, list] = {}
         inputs = {item.id: self.inputs(item, loaded) for item in items}
         rules = {t["trace_id"]: self.prefilter.run(t) for t in traces}
-        probed = {item.id for item in items if g.probe_items == "all" or self.keepable(by_item[item.id], rules)}
+        probed = {
+            item.id for item in items if g.probe_items == "all" or self.keepable(by_item[item.id], rules)
+        }
         t0 = time.time()
         tallies, answers = self.probe([item for item in items if item.id in probed], inputs, round_index, llm)
         timing["probe"] += time.time() - t0
-        solvable = {i for i, tally in tallies.items()
-                    if text_solvable(tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin)}
+        solvable = {
+            i
+            for i, tally in tallies.items()
+            if text_solvable(
+                tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin
+            )
+        }
         t0 = time.time()
         cache_counts: Counter = Counter()
         scores, passed_over = self.score_traces(by_item, rules, inputs, llm, solvable, cache_counts)
@@ -163,31 +190,38 @@ class GroundingContext:
         for item in items:
             rate = chance(item.answer, item.choices)
             partner = self.partners.get(item.id)
-            rows.append({
-                "schema_version": GROUNDING_SCHEMA_VERSION,
-                "item_id": item.id,
-                "category": item.category,
-                "family": item.family,
-                "model_sha256": model_hash,
-                "swap_partner": partner.id if partner else None,
-                "samples_sha256": samples_sha256,
-                # Its traces have a counterfactual to be scored against (the filter expects a score
-                # on every trace that passed the rules only then).
-                "scorable": self.scorable(item),
-                "chance": round(rate, 4),
-                # Probed: it has a trace the filter can keep (grounding.probe_items=keepable), or all are.
-                "probed": item.id in probed,
-                "probe": tallies[item.id].counts if item.id in tallies else {},
-                "probe_answers": answers.get(item.id, {}),
-                "text_solvable": item.id in solvable,
-                "traces": {t["trace_id"]: scores[t["trace_id"]] for t in by_item[item.id] if t["trace_id"] in scores},
-                # Passing traces left unscored: the filter's selection would not keep them.
-                "passed_over": passed_over.get(item.id, []),
-            })
+            rows.append(
+                {
+                    "schema_version": GROUNDING_SCHEMA_VERSION,
+                    "item_id": item.id,
+                    "category": item.category,
+                    "family": item.family,
+                    "model_sha256": model_hash,
+                    "swap_partner": partner.id if partner else None,
+                    "samples_sha256": samples_sha256,
+                    # Its traces have a counterfactual to be scored against (the filter expects a score
+                    # on every trace that passed the rules only then).
+                    "scorable": self.scorable(item),
+                    "chance": round(rate, 4),
+                    # Probed: it has a trace the filter can keep (grounding.probe_items=keepable), or all are.
+                    "probed": item.id in probed,
+                    "probe": tallies[item.id].counts if item.id in tallies else {},
+                    "probe_answers": answers.get(item.id, {}),
+                    "text_solvable": item.id in solvable,
+                    "traces": {
+                        t["trace_id"]: scores[t["trace_id"]]
+                        for t in by_item[item.id]
+                        if t["trace_id"] in scores
+                    },
+                    # Passing traces left unscored: the filter's selection would not keep them.
+                    "passed_over": passed_over.get(item.id, []),
+                }
+            )
         return rows
 
-    def probe(self, items: list[Item], inputs: dict[str, dict[str, list]], round_index: int, llm
-              ) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
+    def probe(
+        self, items: list[Item], inputs: dict[str, dict[str, list]], round_index: int, llm
+    ) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
         """Sample probe_samples short answers per item and input (held to the item's options with
         grounding.probe_answers=options); tally the right ones."""
         g, sr = self.cfg.grounding, self.cfg.data.sample_rate
@@ -205,11 +239,18 @@ class GroundingContext:
         answers: dict[str, dict[str, list[str]]] = {it.id: {} for it in items}
         if not requests:
             return tallies, answers
-        outs = generate(llm, requests, g.probe_temperature, 1.0, g.probe_max_tokens, n=g.probe_samples,
-                        banned=self.banned)
+        outs = generate(
+            llm, requests, g.probe_temperature, 1.0, g.probe_max_tokens, n=g.probe_samples, banned=self.banned
+        )
         for (item, kind), out in zip(meta, outs, strict=True):
-            result = self.answer_check.run({"completion": g.probe_prefix + out.text, "reference": item.answer,
-                                            "choices": item.choices, "question": item.question})
+            result = self.answer_check.run(
+                {
+                    "completion": g.probe_prefix + out.text,
+                    "reference": item.answer,
+                    "choices": item.choices,
+                    "question": item.question,
+                }
+            )
             tallies[item.id].add(kind, result["correct"] is None)
             answers[item.id].setdefault(kind, []).append(out.text)
         return tallies, answers
@@ -218,7 +259,9 @@ class GroundingContext:
         """Whether the filter's selection keeps one of an item's traces (`rules`: trace id -> rule
         check results) before grounding has a say: text-solvability and audio dependence can only
         drop or down-weight traces, so an item without one is not worth probing."""
-        results = {t["trace_id"]: grounded_results(rules[t["trace_id"]], False, self.cfg.grounding) for t in traces}
+        results = {
+            t["trace_id"]: grounded_results(rules[t["trace_id"]], False, self.cfg.grounding) for t in traces
+        }
         _, decision, _ = item_decision(self.cfg.filter, traces, results, self.answer_graded)
         return bool(decision.kept)
 
@@ -226,8 +269,15 @@ class GroundingContext:
         """Whether the item has a counterfactual to score its traces against (a swap needs a partner)."""
         return any(kind != "swap" or item.id in self.partners for kind in self.cfg.grounding.score_against)
 
-    def score_traces(self, by_item: dict[str, list[dict]], rules: dict[str, dict], inputs: dict[str, dict[str, list]],
-                     llm, flagged: set[str], cache_counts: Counter) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    def score_traces(
+        self,
+        by_item: dict[str, list[dict]],
+        rules: dict[str, dict],
+        inputs: dict[str, dict[str, list]],
+        llm,
+        flagged: set[str],
+        cache_counts: Counter,
+    ) -> tuple[dict[str, dict], dict[str, list[str]]]:
         """(trace id -> audio dependence, item id -> passing traces left unscored). Which traces are
         scored follows grounding.score_traces; "keepable" asks the filter's own selection which
         traces it would keep, scores those, and asks again with the dependence rejections known
@@ -240,10 +290,15 @@ class GroundingContext:
         passed_over: dict[str, list[str]] = {}
         todo = {item_id: traces for item_id, traces in by_item.items() if self.scorable(self.items[item_id])}
         if mode == "all":
-            self.score_batch([t for traces in todo.values() for t in traces], inputs, llm, records, cache_counts)
+            self.score_batch(
+                [t for traces in todo.values() for t in traces], inputs, llm, records, cache_counts
+            )
             return records, passed_over
-        results = {t["trace_id"]: grounded_results(rules[t["trace_id"]], t["item_id"] in flagged, g)
-                   for traces in todo.values() for t in traces}
+        results = {
+            t["trace_id"]: grounded_results(rules[t["trace_id"]], t["item_id"] in flagged, g)
+            for traces in todo.values()
+            for t in traces
+        }
         passing = [t for traces in todo.values() for t in traces if not any(results[t["trace_id"]].values())]
         if mode == "passing":
             self.score_batch(passing, inputs, llm, records, cache_counts)
@@ -263,8 +318,14 @@ class GroundingContext:
                 passed_over.setdefault(t["item_id"], []).append(t["trace_id"])
         return records, passed_over
 
-    def score_batch(self, traces: list[dict], inputs: dict[str, dict[str, list]], llm, records: dict[str, dict],
-                    cache_counts: Counter) -> None:
+    def score_batch(
+        self,
+        traces: list[dict],
+        inputs: dict[str, dict[str, list]],
+        llm,
+        records: dict[str, dict],
+        cache_counts: Counter,
+    ) -> None:
         """Score `traces` against every counterfactual of grounding.score_against into `records`.
         Only the generated tokens count: the generation prefix (`<think>\n`) goes with the prompt.
         The real audio's log-probability comes from sampling where the trace carries it, else from
@@ -289,13 +350,22 @@ class GroundingContext:
             for kind, audio in item_inputs.items():
                 if kind == "real" and sampled is not None or kind != "real" and kind not in g.score_against:
                     continue
-                jobs.append(ScoreJob(self.prompt(item, audio) + head, t["completion"][len(head):], audio, ids,
-                                     reuse_prefix=g.reuse_prefix_cache))
+                jobs.append(
+                    ScoreJob(
+                        self.prompt(item, audio) + head,
+                        t["completion"][len(head) :],
+                        audio,
+                        ids,
+                        reuse_prefix=g.reuse_prefix_cache,
+                    )
+                )
                 meta.append((t["trace_id"], kind))
         for lo in range(0, len(jobs), g.score_batch):
-            for (trace_id, kind), lp in zip(meta[lo:lo + g.score_batch],
-                                            score(llm, self.tokenizer, jobs[lo:lo + g.score_batch], sr, cache_counts),
-                                            strict=True):
+            for (trace_id, kind), lp in zip(
+                meta[lo : lo + g.score_batch],
+                score(llm, self.tokenizer, jobs[lo : lo + g.score_batch], sr, cache_counts),
+                strict=True,
+            ):
                 per_trace[trace_id][kind] = lp.sums()
         for trace_id, lps in per_trace.items():
             if len(lps) > 1:
@@ -308,8 +378,12 @@ def sampled_logprob(trace: dict) -> LogprobSums | None:
     record, ids = trace.get("sampled_logprob"), trace.get("token_ids")
     if record is None or ids is None:
         return None
-    return LogprobSums(record["reasoning"], record["answer"], record["reasoning_tokens"],
-                       len(ids) - record["reasoning_tokens"])
+    return LogprobSums(
+        record["reasoning"],
+        record["answer"],
+        record["reasoning_tokens"],
+        len(ids) - record["reasoning_tokens"],
+    )
 
 
 def trace_dependence(lps: dict[str, LogprobSums]) -> dict:
@@ -317,10 +391,14 @@ def trace_dependence(lps: dict[str, LogprobSums]) -> dict:
     gain over them (the counterfactual the trace depends on least decides)."""
     real = lps["real"]
     against = {kind: dependence(real, lp) for kind, lp in lps.items() if kind != "real"}
-    record = {"logprob": round(real.total, 4), "reasoning_tokens": real.reasoning_tokens,
-              "answer_tokens": real.answer_tokens,
-              "against": {k: {"reasoning": round(d.reasoning, 4), "answer": round(d.answer, 4)}
-                          for k, d in against.items()}}
+    record = {
+        "logprob": round(real.total, 4),
+        "reasoning_tokens": real.reasoning_tokens,
+        "answer_tokens": real.answer_tokens,
+        "against": {
+            k: {"reasoning": round(d.reasoning, 4), "answer": round(d.answer, 4)} for k, d in against.items()
+        },
+    }
     if against:
         record["dependence"] = round(min(d.reasoning for d in against.values()), 4)
         record["answer_dependence"] = round(min(d.answer for d in against.values()), 4)
@@ -334,13 +412,14 @@ def check_grounding_shard(path: Path, model_hash: str, samples_sha256: str | Non
     if first is None:
         return
     if first["model_sha256"] != model_hash:
-        raise RuntimeError(f"{path}: measured with model {first['model_sha256'][:12]}, but this round samples from "
-                           f"{model_hash[:12]}; delete the stale shard (or the round) to measure again")
+        raise RuntimeError(
+            f"{path}: measured with model {first['model_sha256'][:12]}, but this round samples from "
+            f"{model_hash[:12]}; delete the stale shard (or the round) to measure again"
+        )
     if first.get("samples_sha256") != samples_sha256:
-        raise RuntimeError(f"{path}: measured on other samples than the sample shard on disk now; delete it to "
-                           "measure again")
-
-
+        raise RuntimeError(
+            f"{path}: measured on other samples than the sample shard on disk now; delete it to measure again"
+        )
 
 
 def summarize(rows, kinds: list[str]) -> dict:

@@ -25,16 +25,33 @@ AUDIO_TOKEN = "<sound>"
 # Qwen2.5's special tokens (its tokenizer marks these special; its tool and fill-in-the-middle
 # tokens are ordinary added tokens), then the audio placeholder AF3 adds.
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", AUDIO_TOKEN,
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    AUDIO_TOKEN,
 ]
 # The processor's defaults (AudioFlamingo3Processor.max_audio_len): 20 windows of 30 s.
 MAX_AUDIO_SECONDS = 600.0
 # The feature extractor settings nvidia/audio-flamingo-3-hf publishes (WhisperFeatureExtractor's
 # defaults with 128 mel bins), also the fallbacks when a config leaves one out.
-FEATURE_EXTRACTOR = {"feature_size": 128, "sampling_rate": 16000, "hop_length": 160, "chunk_length": 30,
-                     "return_attention_mask": True}
+FEATURE_EXTRACTOR = {
+    "feature_size": 128,
+    "sampling_rate": 16000,
+    "hop_length": 160,
+    "chunk_length": 30,
+    "return_attention_mask": True,
+}
 
 # The chat template published with nvidia/audio-flamingo-3-hf: `processor_chat_template` in
 # transformers' src/transformers/models/audioflamingo3/convert_audioflamingo3_to_hf.py, the script
@@ -88,8 +105,11 @@ class AudioFlamingo3(Family):
     name = "audio_flamingo3"
     title = "Audio Flamingo 3"
     model_types = ("audioflamingo3",)
-    parts: ClassVar[dict[str, tuple[str, ...]]] = {"audio_encoder": ("model.audio_tower.",), "projector": ("model.multi_modal_projector.",),
-             "language_model": ("model.language_model.", "lm_head.")}
+    parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "audio_encoder": ("model.audio_tower.",),
+        "projector": ("model.multi_modal_projector.",),
+        "language_model": ("model.language_model.", "lm_head."),
+    }
     lora_scope = r"model\.language_model\..*\.({})"
     max_audio_seconds = MAX_AUDIO_SECONDS
     max_audio_items = 1
@@ -99,8 +119,9 @@ class AudioFlamingo3(Family):
         """AudioFlamingo3ForConditionalGeneration from `model_dir`."""
         from transformers import AudioFlamingo3ForConditionalGeneration
 
-        return AudioFlamingo3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype,
-                                                                      attn_implementation=attention)
+        return AudioFlamingo3ForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attention
+        )
 
     def checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rename transformers-5 keys to the layout vLLM loads (CHECKPOINT_PREFIXES); others stay."""
@@ -128,19 +149,39 @@ class AudioFlamingo3(Family):
 
         tokenizer = train_tokenizer(cfg.vocab_size, SPECIAL_TOKENS, CHAT_TEMPLATE)
         processor = AudioFlamingo3Processor(
-            feature_extractor=WhisperFeatureExtractor(**FEATURE_EXTRACTOR), tokenizer=tokenizer,
-            chat_template=CHAT_TEMPLATE, audio_token=AUDIO_TOKEN, max_audio_len=int(MAX_AUDIO_SECONDS))
-        ids = {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+            feature_extractor=WhisperFeatureExtractor(**FEATURE_EXTRACTOR),
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            audio_token=AUDIO_TOKEN,
+            max_audio_len=int(MAX_AUDIO_SECONDS),
+        )
+        ids = {
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
         config = AudioFlamingo3Config(
-            audio_config={"hidden_size": cfg.audio_d_model, "num_hidden_layers": cfg.audio_layers,
-                          "num_attention_heads": cfg.audio_heads, "intermediate_size": cfg.audio_d_model * 4,
-                          # 1500 positions: a 30 s window's 3000 mel frames after the stride-2 conv.
-                          "num_mel_bins": FEATURE_EXTRACTOR["feature_size"], "max_source_positions": 1500},
-            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": cfg.text_hidden,
-                         "intermediate_size": cfg.text_intermediate, "num_hidden_layers": cfg.text_layers,
-                         "num_attention_heads": cfg.text_heads, "num_key_value_heads": cfg.text_kv_heads,
-                         "max_position_embeddings": 4096, "tie_word_embeddings": False, **ids},
+            audio_config={
+                "hidden_size": cfg.audio_d_model,
+                "num_hidden_layers": cfg.audio_layers,
+                "num_attention_heads": cfg.audio_heads,
+                "intermediate_size": cfg.audio_d_model * 4,
+                # 1500 positions: a 30 s window's 3000 mel frames after the stride-2 conv.
+                "num_mel_bins": FEATURE_EXTRACTOR["feature_size"],
+                "max_source_positions": 1500,
+            },
+            text_config={
+                "model_type": "qwen2",
+                "vocab_size": len(tokenizer),
+                "hidden_size": cfg.text_hidden,
+                "intermediate_size": cfg.text_intermediate,
+                "num_hidden_layers": cfg.text_layers,
+                "num_attention_heads": cfg.text_heads,
+                "num_key_value_heads": cfg.text_kv_heads,
+                "max_position_embeddings": 4096,
+                "tie_word_embeddings": False,
+                **ids,
+            },
             audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
         )
         torch.manual_seed(cfg.seed)
@@ -168,8 +209,8 @@ class AudioFlamingo3(Family):
         mask = flat_mask.new_zeros(len(chunks), max(counts), flat_mask.shape[-1])
         start = 0
         for i, count in enumerate(counts):
-            features[i, :count] = flat_features[start: start + count]
-            mask[i, :count] = flat_mask[start: start + count]
+            features[i, :count] = flat_features[start : start + count]
+            mask[i, :count] = flat_mask[start : start + count]
             start += count
         return features.permute(0, 2, 1, 3).flatten(2), mask.flatten(1)
 
@@ -177,17 +218,24 @@ class AudioFlamingo3(Family):
         """What AudioFlamingo3Processor gives the model's forward for these items: the windows of
         all items in order, each padded to 30 s, and their mask as `input_features_mask`."""
         windows = [w for chunk in chunks for w in self._windows(feature_extractor, chunk)]
-        enc = feature_extractor(windows, sampling_rate=feature_extractor.sampling_rate,
-                                return_attention_mask=True, padding="max_length", return_tensors="pt")
+        enc = feature_extractor(
+            windows,
+            sampling_rate=feature_extractor.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
         return {"input_features": enc["input_features"], "input_features_mask": enc["attention_mask"]}
 
     def _windows(self, feature_extractor, audio: np.ndarray) -> list[np.ndarray]:
         """The item's windows, as AudioFlamingo3Processor._process_audio cuts them (one at least)."""
         size = feature_extractor.n_samples
         audio = audio[: int(self.max_audio_seconds * feature_extractor.sampling_rate)]
-        return [audio[start: start + size] for start in range(0, max(len(audio), 1), size)]
+        return [audio[start : start + size] for start in range(0, max(len(audio), 1), size)]
 
-    def encode(self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def encode(
+        self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Each item's encoder output over the real frames of its windows, in order (what
         AudioFlamingo3Model.get_audio_features keeps, before the projector). The encoder runs on
         the windows that hold audio only, each as its own row, as in the model's forward."""
@@ -196,8 +244,9 @@ class AudioFlamingo3(Family):
         windows = features.unflatten(-1, (-1, width)).transpose(1, 2).flatten(0, 1)
         window_mask = mask.unflatten(-1, (-1, width)).flatten(0, 1)
         real = window_mask.sum(-1) > 0
-        hidden = tower(windows[real].to(tower.conv1.weight.dtype),
-                       input_features_mask=window_mask[real]).last_hidden_state
+        hidden = tower(
+            windows[real].to(tower.conv1.weight.dtype), input_features_mask=window_mask[real]
+        ).last_hidden_state
         lengths = post_pool_length(window_mask[real].sum(-1).long())
         frames = torch.cat([h[:n] for h, n in zip(hidden, lengths.tolist(), strict=True)])
         per_window = torch.zeros(len(real), dtype=torch.long).masked_scatter(real.cpu(), lengths.cpu())

@@ -48,8 +48,12 @@ def validate(model: ModelConfig) -> None:
         return
     tiny = model.tiny
     if tiny.text_heads % tiny.text_kv_heads:
-        raise ConfigError(f"model.tiny.text_heads={tiny.text_heads}: must be a multiple of "
-                          f"model.tiny.text_kv_heads={tiny.text_kv_heads}")
+        raise ConfigError(
+            f"model.tiny.text_heads={tiny.text_heads}: must be a multiple of "
+            f"model.tiny.text_kv_heads={tiny.text_kv_heads}"
+        )
     if tiny.text_hidden % tiny.text_heads or tiny.text_hidden // tiny.text_heads not in VLLM_CPU_HEAD_SIZES:
-        raise ConfigError(f"model.tiny.text_hidden/text_heads={tiny.text_hidden}/{tiny.text_heads}: the head size "
-                          f"must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)")
+        raise ConfigError(
+            f"model.tiny.text_hidden/text_heads={tiny.text_hidden}/{tiny.text_heads}: the head size "
+            f"must be one of {VLLM_CPU_HEAD_SIZES} (vLLM's CPU attention)"
+        )

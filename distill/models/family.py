@@ -64,7 +64,9 @@ class Family:
         """The training model's state dict renamed to the checkpoint layout vLLM loads."""
         raise NotImplementedError
 
-    def save(self, model: torch.nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    def save(
+        self, model: torch.nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Write config and weights (`state`, default the model's) where vLLM and transformers load them."""
         state = self.checkpoint_state_dict(state if state is not None else model.state_dict())
         model.save_pretrained(out_dir, state_dict=state, safe_serialization=True, save_original_format=False)
@@ -96,18 +98,30 @@ class Family:
 
     def features(self, feature_extractor, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_features, feature mask) for audio chunks, as the family's processor makes them."""
-        enc = feature_extractor(chunks, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
-                                padding="max_length", return_tensors="pt")
+        enc = feature_extractor(
+            chunks,
+            sampling_rate=feature_extractor.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
         return enc["input_features"], enc["attention_mask"]
 
     def processor_audio_inputs(self, feature_extractor, chunks: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """The audio arguments of the family's own forward as its processor makes them, padding
         included (what a plain transformers training loop feeds; the benchmark's baseline)."""
-        enc = feature_extractor(chunks, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
-                                padding="max_length", return_tensors="pt")
+        enc = feature_extractor(
+            chunks,
+            sampling_rate=feature_extractor.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
         return {"input_features": enc["input_features"], "feature_attention_mask": enc["attention_mask"]}
 
-    def encode(self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def encode(
+        self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         """The audio encoder's output for each chunk over its real frames: what a frozen encoder's
         cache keeps (before any trainable projector)."""
         raise NotImplementedError
@@ -138,16 +152,22 @@ class Family:
     def markup_tokens(self, tokenizer) -> tuple[str, ...]:
         """Tokens that mark audio input in a prompt: never to be generated (a trace holding one
         would be read as a slot for audio by every later stage)."""
-        return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special and "audio" in t.content.lower())
+        return tuple(
+            t.content
+            for t in tokenizer.added_tokens_decoder.values()
+            if t.special and "audio" in t.content.lower()
+        )
 
     # --- helpers for subclasses -------------------------------------------------------------
     @staticmethod
-    def renamed(state: dict[str, torch.Tensor], prefixes: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+    def renamed(
+        state: dict[str, torch.Tensor], prefixes: tuple[tuple[str, str], ...]
+    ) -> dict[str, torch.Tensor]:
         """`state` with each key's first matching (native, original) prefix replaced; others as they are."""
         out = {}
         for key, value in state.items():
             native = next((pair for pair in prefixes if key.startswith(pair[0])), None)
-            out[native[1] + key[len(native[0]):] if native else key] = value
+            out[native[1] + key[len(native[0]) :] if native else key] = value
         return out
 
     def lora_target(self, module_names: list[str]) -> str:

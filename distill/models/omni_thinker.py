@@ -74,23 +74,36 @@ class OmniThinker(Family):
             # Mismatched sizes are listed and refused below (a missing expert of an MoE shows as
             # one: the stack of the experts found is too short), not raised without naming them.
             model, info = self.thinker_class().from_pretrained(
-                model_dir, config=config, dtype=dtype, attn_implementation=attention,
-                output_loading_info=True, ignore_mismatched_sizes=True)
+                model_dir,
+                config=config,
+                dtype=dtype,
+                attn_implementation=attention,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
         finally:
             logging.set_verbosity(verbosity)
         unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(self.speech_prefixes))
-        problems = {"missing": sorted(info["missing_keys"]), "unexpected": unexpected,
-                    "mismatched": sorted(f"{key} {tuple(found)} for {tuple(wanted)}"
-                                         for key, found, wanted in info["mismatched_keys"])}
+        problems = {
+            "missing": sorted(info["missing_keys"]),
+            "unexpected": unexpected,
+            "mismatched": sorted(
+                f"{key} {tuple(found)} for {tuple(wanted)}" for key, found, wanted in info["mismatched_keys"]
+            ),
+        }
         if any(problems.values()):
             found = "; ".join(f"{kind}: {', '.join(keys[:5])}" for kind, keys in problems.items() if keys)
-            raise ValueError(f"{model_dir}: the checkpoint's thinker.* weights do not fit the thinker ({found})")
+            raise ValueError(
+                f"{model_dir}: the checkpoint's thinker.* weights do not fit the thinker ({found})"
+            )
         return model
 
     def checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {CHECKPOINT_PREFIX + key: value for key, value in state.items()}
 
-    def save(self, model: torch.nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    def save(
+        self, model: torch.nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """A full-Omni checkpoint without speech output: the family's full config around the
         thinker's, `thinker.*` weights (sharded with an index when large), the generation config."""
         from huggingface_hub import save_torch_state_dict
@@ -103,7 +116,9 @@ class OmniThinker(Family):
         model.generation_config.save_pretrained(out_dir)
         # Tied embeddings: keep embed_tokens, which vLLM and transformers tie lm_head to (the
         # default keeps the name that sorts first).
-        save_torch_state_dict(state, out_dir, shared_tensors_to_discard=[CHECKPOINT_PREFIX + "lm_head.weight"])
+        save_torch_state_dict(
+            state, out_dir, shared_tensors_to_discard=[CHECKPOINT_PREFIX + "lm_head.weight"]
+        )
 
     # --- the training forward -----------------------------------------------------------
     def text_config(self, config) -> Any:
@@ -123,5 +138,8 @@ class OmniThinker(Family):
 
     def markup_tokens(self, tokenizer) -> tuple[str, ...]:
         """The audio and the vision markup (the thinker reads images and video too)."""
-        return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
-                     if t.special and any(word in t.content.lower() for word in MARKUP_WORDS))
+        return tuple(
+            t.content
+            for t in tokenizer.added_tokens_decoder.values()
+            if t.special and any(word in t.content.lower() for word in MARKUP_WORDS)
+        )

@@ -19,14 +19,29 @@ from distill.models.omni_thinker import OmniThinker, mrope_section
 from distill.models.tokenizer import train_tokenizer
 
 # The published tokenizer's chat and multimodal special tokens, in the order of their ids.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>",
-                  "<|audio_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+]
 # Tokenizer attributes the Omni processor reads (tokenizer_config.json of Qwen/Qwen3-Omni-30B-A3B-*).
-TOKEN_ATTRIBUTES = {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>",
-                    "audio_eos_token": "<|audio_end|>", "image_token": "<|image_pad|>",
-                    "video_token": "<|video_pad|>", "vision_bos_token": "<|vision_start|>",
-                    "vision_eos_token": "<|vision_end|>"}
+TOKEN_ATTRIBUTES = {
+    "audio_token": "<|audio_pad|>",
+    "audio_bos_token": "<|audio_start|>",
+    "audio_eos_token": "<|audio_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
 
 # The chat template published with Qwen/Qwen3-Omni-30B-A3B-Thinking (revision 2f443cfc), verbatim.
 # Source: xorbitsai/inference, xinference/model/llm/llm_family.json, entry "Qwen3-Omni-Thinking"
@@ -34,15 +49,19 @@ TOKEN_ATTRIBUTES = {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_
 # which copies the Hub's template. Its generation prompt is "<|im_start|>assistant\n" alone: the
 # Thinking model writes "<think>\n" itself (distill pre-fills it, sample.generation_prefix); only
 # enable_thinking=False adds an empty think block. No default system prompt.
-CHAT_TEMPLATE = r"""{%- if tools %}
+CHAT_TEMPLATE = (
+    r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"""
+    r"""You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
     {%- for tool in tools %}
         {{- "\n" }}
         {{- tool | tojson }}
     {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments """
+    r"""within <tool_call></tool_call> XML tags:\n<tool_call>\n"""
+    r"""{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
 {%- else %}
     {%- if messages[0].role == 'system' %}
         {%- if messages[0].content is string %}
@@ -50,11 +69,13 @@ CHAT_TEMPLATE = r"""{%- if tools %}
         {%- else %}
             {%- for content in messages[0].content %}
                 {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {{- '<|im_start|>system\n' +"<|vision_start|><|image_pad|><|vision_end|>"+ '<|im_end|>\n' }}
+                    {{- '<|im_start|>system\n' """
+    r"""+"<|vision_start|><|image_pad|><|vision_end|>"+ '<|im_end|>\n' }}
                 {%- elif content.type == 'audio' or 'audio' in content or 'audio_url' in content %}
                     {{- '<|im_start|>system\n' +"<|audio_start|><|audio_pad|><|audio_end|>"+ '<|im_end|>\n' }}
                 {%- elif content.type == 'video' or 'video' in content %}
-                    {{- '<|im_start|>system\n' +"<|vision_start|><|video_pad|><|vision_end|>"+ '<|im_end|>\n' }}
+                    {{- '<|im_start|>system\n' """
+    r"""+"<|vision_start|><|video_pad|><|vision_end|>"+ '<|im_end|>\n' }}
                 {%- elif content.type == 'text' %}
                     {{- '<|im_start|>system\n' +content.text+ '<|im_end|>\n' }}
                 {%- endif %}
@@ -65,7 +86,9 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 {%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}
     {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and """
+    r"""not(message.content.startswith('<tool_response>') and """
+    r"""message.content.endswith('</tool_response>')) %}
         {%- set ns.multi_step_tool = false %}
         {%- set ns.last_query_index = index %}
     {%- endif %}
@@ -96,13 +119,15 @@ CHAT_TEMPLATE = r"""{%- if tools %}
             {%- set reasoning_content = message.reasoning_content %}
         {%- else %}
             {%- if '</think>' in content %}
-            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n')"""
+    r""".split('<think>')[-1].lstrip('\n') %}
             {%- set content = content.split('</think>')[-1].lstrip('\n') %}
         {%- endif %}
     {%- endif %}
     {%- if loop.index0 > ns.last_query_index %}
         {%- if loop.last or (not loop.last and reasoning_content) %}
-            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip("\n") + '\n</think>\n\n' + content.lstrip('\n') }}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip("\n") """
+    r"""+ '\n</think>\n\n' + content.lstrip('\n') }}
         {%- else %}
             {{- '<|im_start|>' + message.role + '\n' + content }}
         {%- endif %}
@@ -128,7 +153,8 @@ CHAT_TEMPLATE = r"""{%- if tools %}
     {%- endif %}
     {{- '<|im_end|>\n' }}
     {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}"""
+    r"""{{- '<|im_start|>user' }}{%- endif %}
         {{- '\n<tool_response>\n' }}
         {{- content }}
         {{- '\n</tool_response>' }}
@@ -137,9 +163,11 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+    {%- if enable_thinking is defined and enable_thinking is false %}"""
+    r"""{{- '<think>\n\n</think>\n\n' }}{%- endif %}
 {%- endif %}
 """
+)
 
 # Full-Omni modules distill never loads: the speech output side.
 SPEECH_PREFIXES = ("talker.", "code2wav.")
@@ -168,9 +196,17 @@ TINY_EXPERTS_PER_TOKEN = 2
 TINY_DOWNSAMPLE_CHANNELS = 32
 # A tiny vision tower: the thinker class needs one; audio-only use never runs it. Heads of 32
 # dimensions suit vLLM's CPU attention; 64 position embeddings make an 8 x 8 patch grid.
-TINY_VISION = {"depth": 1, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128, "patch_size": 16,
-               "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
-               "deepstack_visual_indexes": [0]}
+TINY_VISION = {
+    "depth": 1,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "intermediate_size": 128,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 64,
+    "deepstack_visual_indexes": [0],
+}
 TINY_ROPE_THETA = 1000000.0
 TINY_MAX_POSITIONS = 4096
 
@@ -178,13 +214,17 @@ TINY_MAX_POSITIONS = 4096
 # The time rows' share of M-RoPE frequencies in the published model (mrope_section).
 MROPE_TIME_SHARE = 0.375
 
+
 class Qwen3Omni(OmniThinker):
     name = "qwen3_omni_moe"
     title = "Qwen3-Omni-MoE"
     model_types = ("qwen3_omni_moe",)
     # The audio tower ends in its own projection (proj1, proj2) to the text width: no separate projector.
-    parts: ClassVar[dict[str, tuple[str, ...]]] = {"audio_encoder": ("audio_tower.",), "projector": (),
-             "language_model": ("model.", "lm_head.")}
+    parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "audio_encoder": ("audio_tower.",),
+        "projector": (),
+        "language_model": ("model.", "lm_head."),
+    }
     # The text model's attention projections only. Every published layer is MoE: its experts are fused
     # 3-D parameters, not Linear modules LoRA wraps, and its router (mlp.gate) must keep routing as
     # trained; both train under full fine-tuning only. Dense MLPs (mlp_only_layers, none published)
@@ -222,13 +262,16 @@ class Qwen3Omni(OmniThinker):
         )
 
         self.prepare_runtime()
-        tokenizer = train_tokenizer(cfg.vocab_size, SPECIAL_TOKENS, CHAT_TEMPLATE,
-                                    extra_special_tokens=TOKEN_ATTRIBUTES)
+        tokenizer = train_tokenizer(
+            cfg.vocab_size, SPECIAL_TOKENS, CHAT_TEMPLATE, extra_special_tokens=TOKEN_ATTRIBUTES
+        )
         torch.manual_seed(cfg.seed)
         model = Qwen3OmniMoeThinkerForConditionalGeneration(
-            Qwen3OmniMoeThinkerConfig(**tiny_thinker_config(cfg, tokenizer)))
-        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                                   pad_token_id=tokenizer.pad_token_id)
+            Qwen3OmniMoeThinkerConfig(**tiny_thinker_config(cfg, tokenizer))
+        )
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
         self.save(model, out_dir)
         tiny_processor(tokenizer).save_pretrained(out_dir)
 
@@ -260,10 +303,16 @@ class Qwen3Omni(OmniThinker):
 
     @staticmethod
     def _extract(feature_extractor, chunks: list[np.ndarray]):
-        return feature_extractor(chunks, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt",
-                                 **PROCESSOR_AUDIO_KWARGS)
+        return feature_extractor(
+            chunks,
+            sampling_rate=feature_extractor.sampling_rate,
+            return_tensors="pt",
+            **PROCESSOR_AUDIO_KWARGS,
+        )
 
-    def encode(self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def encode(
+        self, model: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Each chunk's audio embeddings (already projected to the text width), as the thinker's
         get_audio_features computes them: the real frames of all chunks, concatenated."""
         tower = model.audio_tower
@@ -280,6 +329,7 @@ class Qwen3Omni(OmniThinker):
         hop = feature_extractor_config.get("hop_length", HOP_LENGTH)
         samples = math.ceil(round(seconds * rate, 3))  # round: 1.3 * 16000 is 20800.000000000004
         return int(audio_output_lengths(math.ceil(samples / hop), N_WINDOW))
+
 
 def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' fused expert tensors -> one gate_proj, up_proj and down_proj weight per expert.
@@ -341,26 +391,46 @@ def tiny_thinker_config(cfg: Any, tokenizer) -> dict:
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TOKEN_ATTRIBUTES.items()}
     head_dim = cfg.text_hidden // cfg.text_heads
     return {
-        "audio_config": {"d_model": cfg.audio_d_model, "encoder_layers": cfg.audio_layers,
-                         "encoder_attention_heads": cfg.audio_heads, "encoder_ffn_dim": cfg.audio_d_model * 4,
-                         "num_mel_bins": MEL_BINS, "n_window": N_WINDOW,
-                         "downsample_hidden_size": TINY_DOWNSAMPLE_CHANNELS, "output_dim": cfg.text_hidden},
+        "audio_config": {
+            "d_model": cfg.audio_d_model,
+            "encoder_layers": cfg.audio_layers,
+            "encoder_attention_heads": cfg.audio_heads,
+            "encoder_ffn_dim": cfg.audio_d_model * 4,
+            "num_mel_bins": MEL_BINS,
+            "n_window": N_WINDOW,
+            "downsample_hidden_size": TINY_DOWNSAMPLE_CHANNELS,
+            "output_dim": cfg.text_hidden,
+        },
         "vision_config": {**TINY_VISION, "out_hidden_size": cfg.text_hidden},
-        "text_config": {"vocab_size": len(tokenizer), "hidden_size": cfg.text_hidden,
-                        "intermediate_size": cfg.text_intermediate, "num_hidden_layers": cfg.text_layers,
-                        "num_attention_heads": cfg.text_heads, "num_key_value_heads": cfg.text_kv_heads,
-                        "num_experts": TINY_EXPERTS, "num_experts_per_tok": TINY_EXPERTS_PER_TOKEN,
-                        "moe_intermediate_size": cfg.text_intermediate // TINY_EXPERTS_PER_TOKEN,
-                        "max_position_embeddings": TINY_MAX_POSITIONS, "tie_word_embeddings": False,
-                        # Interleaved M-RoPE as published: transformers always interleaves, vLLM when told.
-                        "rope_parameters": {"rope_type": "default", "rope_theta": TINY_ROPE_THETA,
-                                            "mrope_section": mrope_section(head_dim, MROPE_TIME_SHARE), "interleaved": True,
-                                            "mrope_interleaved": True},
-                        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                        "eos_token_id": tokenizer.eos_token_id},
-        "audio_token_id": ids["audio_token"], "image_token_id": ids["image_token"],
-        "video_token_id": ids["video_token"], "audio_start_token_id": ids["audio_bos_token"],
-        "audio_end_token_id": ids["audio_eos_token"], "vision_start_token_id": ids["vision_bos_token"],
+        "text_config": {
+            "vocab_size": len(tokenizer),
+            "hidden_size": cfg.text_hidden,
+            "intermediate_size": cfg.text_intermediate,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_heads,
+            "num_key_value_heads": cfg.text_kv_heads,
+            "num_experts": TINY_EXPERTS,
+            "num_experts_per_tok": TINY_EXPERTS_PER_TOKEN,
+            "moe_intermediate_size": cfg.text_intermediate // TINY_EXPERTS_PER_TOKEN,
+            "max_position_embeddings": TINY_MAX_POSITIONS,
+            "tie_word_embeddings": False,
+            # Interleaved M-RoPE as published: transformers always interleaves, vLLM when told.
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": TINY_ROPE_THETA,
+                "mrope_section": mrope_section(head_dim, MROPE_TIME_SHARE),
+                "interleaved": True,
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "audio_token_id": ids["audio_token"],
+        "image_token_id": ids["image_token"],
+        "video_token_id": ids["video_token"],
+        "audio_start_token_id": ids["audio_bos_token"],
+        "audio_end_token_id": ids["audio_eos_token"],
+        "vision_start_token_id": ids["vision_bos_token"],
         "vision_end_token_id": ids["vision_eos_token"],
     }
 
@@ -374,8 +444,14 @@ def tiny_processor(tokenizer):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     video_processor = VIDEO_PROCESSOR_MAPPING[Qwen3OmniMoeConfig]["torchvision"]()
-    feature_extractor = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE,
-                                                chunk_length=CHUNK_SECONDS, hop_length=HOP_LENGTH)
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE, chunk_length=CHUNK_SECONDS, hop_length=HOP_LENGTH
+    )
     image_processor = Qwen2VLImageProcessorPil(patch_size=TINY_VISION["patch_size"])
-    return Qwen3OmniMoeProcessor(image_processor=image_processor, video_processor=video_processor,
-                                 feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return Qwen3OmniMoeProcessor(
+        image_processor=image_processor,
+        video_processor=video_processor,
+        feature_extractor=feature_extractor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )

@@ -41,7 +41,9 @@ def _read(path: Path, key: str) -> dict:
     try:
         value = read_json(path)
     except FileNotFoundError:
-        raise ConfigError(f"{key}: no {path.name} in {path.parent} (not a Hugging Face model directory)") from None
+        raise ConfigError(
+            f"{key}: no {path.name} in {path.parent} (not a Hugging Face model directory)"
+        ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{key}: cannot read {path} ({exc})") from None
     if not isinstance(value, dict):
@@ -59,7 +61,9 @@ def family_named(name: str, key: str = "--family") -> Family:
     for family in FAMILIES:
         if family.name == name:
             return family
-    raise ConfigError(f"{key}={name!r}: no such model family; choose from {', '.join(f.name for f in FAMILIES)}")
+    raise ConfigError(
+        f"{key}={name!r}: no such model family; choose from {', '.join(f.name for f in FAMILIES)}"
+    )
 
 
 def family_of(model_dir: str | Path, key: str = "model.path") -> Family:
@@ -68,13 +72,17 @@ def family_of(model_dir: str | Path, key: str = "model.path") -> Family:
     path = Path(model_dir) / "config.json"
     model_type = _read(path, key).get("model_type")
     if model_type in SERVER_ONLY:
-        raise ConfigError(f"{key}: {path} is {SERVER_ONLY[model_type]} (model_type {model_type!r}), which has no "
-                          "transformers class and no upstream vLLM model, so distill can neither train nor serve it "
-                          "here. Sample from it through its own server (sample.backend=server, as in "
-                          f"configs/step_audio_r1_server.yaml) and train a student of a supported family: {supported()}")
+        raise ConfigError(
+            f"{key}: {path} is {SERVER_ONLY[model_type]} (model_type {model_type!r}), which has no "
+            "transformers class and no upstream vLLM model, so distill can neither train nor serve it "
+            "here. Sample from it through its own server (sample.backend=server, as in "
+            f"configs/step_audio_r1_server.yaml) and train a student of a supported family: {supported()}"
+        )
     if model_type not in BY_MODEL_TYPE:
-        raise ConfigError(f"{key}: {path} has model_type {model_type!r}, which distill does not train; supported: "
-                          f"{supported()}")
+        raise ConfigError(
+            f"{key}: {path} has model_type {model_type!r}, which distill does not train; supported: "
+            f"{supported()}"
+        )
     family = BY_MODEL_TYPE[model_type]
     family.prepare_runtime()
     return family
@@ -86,14 +94,19 @@ def check_model_dir(model_dir: Path, key: str = "model.path") -> Family:
     prompts are rendered with it). Returns the family."""
     family = family_of(model_dir, key)
     if not any((model_dir / name).exists() for name in PROCESSOR_FILES):
-        raise ConfigError(f"{key}: {model_dir} has no processor ({' or '.join(PROCESSOR_FILES)}); save the model's "
-                          "processor there (AutoProcessor.from_pretrained(...).save_pretrained(DIR))")
+        raise ConfigError(
+            f"{key}: {model_dir} has no processor ({' or '.join(PROCESSOR_FILES)}); save the model's "
+            "processor there (AutoProcessor.from_pretrained(...).save_pretrained(DIR))"
+        )
     tokenizer_config = model_dir / "tokenizer_config.json"
     has_template = any((model_dir / name).exists() for name in TEMPLATE_FILES) or (
-        tokenizer_config.exists() and _read(tokenizer_config, key).get("chat_template"))
+        tokenizer_config.exists() and _read(tokenizer_config, key).get("chat_template")
+    )
     if not has_template:
-        raise ConfigError(f"{key}: {model_dir} has no chat template ({', '.join(TEMPLATE_FILES)}, or chat_template in "
-                          "tokenizer_config.json); copy the one published with the model")
+        raise ConfigError(
+            f"{key}: {model_dir} has no chat template ({', '.join(TEMPLATE_FILES)}, or chat_template in "
+            "tokenizer_config.json); copy the one published with the model"
+        )
     return family
 
 

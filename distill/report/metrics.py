@@ -15,7 +15,9 @@ from distill.core.rundir import RoundDir, RunDir
 
 def round_record(rd: RoundDir) -> dict:
     stats = rd.stats()
-    sample, ground, filt, train, ev = (stats.get(s, {}) for s in ("sample", "ground", "filter", "train", "eval"))
+    sample, ground, filt, train, ev = (
+        stats.get(s, {}) for s in ("sample", "ground", "filter", "train", "eval")
+    )
     seconds = {s: v.get("seconds") for s, v in stats.items()}
     return {
         "round": rd.index,
@@ -28,7 +30,9 @@ def round_record(rd: RoundDir) -> dict:
         "rejected_by_category": filt.get("by_category"),
         "mean_reward": filt.get("mean_reward"),
         "prompts": filt.get("prompts"),
-        "prompts_in_band": None if filt.get("prompts") is None else filt["prompts"] - filt.get("prompts_out_of_band", 0),
+        "prompts_in_band": None
+        if filt.get("prompts") is None
+        else filt["prompts"] - filt.get("prompts_out_of_band", 0),
         "prompts_all_solved": filt.get("prompts_all_solved"),
         "prompts_all_failed": filt.get("prompts_all_failed"),
         # Grounding: probe accuracy with the real audio minus with counterfactual audio, items
@@ -43,8 +47,11 @@ def round_record(rd: RoundDir) -> dict:
         "dependence_kept": filt.get("dependence_kept"),
         "dependence_rejected": filt.get("dependence_rejected"),
         "acoustic_terms_rate": filt.get("acoustic_terms_rate"),
-        "grounding_cost": (round(seconds["ground"] / seconds["sample"], 4)
-                           if seconds.get("ground") is not None and seconds.get("sample") else None),
+        "grounding_cost": (
+            round(seconds["ground"] / seconds["sample"], 4)
+            if seconds.get("ground") is not None and seconds.get("sample")
+            else None
+        ),
         "train_steps": train.get("steps"),
         "train_loss": train.get("final_loss"),
         "train_tokens_per_s": train.get("tokens_per_s"),
@@ -63,14 +70,13 @@ def round_record(rd: RoundDir) -> dict:
         "eval_gap_by_kind": (ev.get("grounding") or {}).get("gap_by_kind"),
         "eval_traces": ev.get("traces"),
         "benchmarks": {name: b["mmau_accuracy"] for name, b in (ev.get("benchmarks") or {}).items()} or None,
-        "eval_share": (round(seconds["eval"] / sum(v for v in seconds.values() if v), 4)
-                       if seconds.get("eval") else None),
+        "eval_share": (
+            round(seconds["eval"] / sum(v for v in seconds.values() if v), 4) if seconds.get("eval") else None
+        ),
         "model_sha256": stats.get("export", {}).get("weights_sha256"),
         "sampled_from_sha256": sample.get("model_sha256"),
         "seconds": seconds,
     }
-
-
 
 
 def write_run_metrics(run: RunDir) -> list[dict]:
@@ -103,30 +109,49 @@ def _curve(budgets: dict | None, inverted: dict | None) -> str:
 
 def format_table(records: list[dict]) -> str:
     """The per-round table printed at the end of `distill run`."""
-    header = ["round", "stage", "samples", "kept", "kept%", "sample_acc", "in_band", "top_reject", "gap",
-              "text_solv", "dep_kept", "train_loss", "heldout_acc", "maj@k", "budget_acc", "eval_gap", "time_s"]
+    header = [
+        "round",
+        "stage",
+        "samples",
+        "kept",
+        "kept%",
+        "sample_acc",
+        "in_band",
+        "top_reject",
+        "gap",
+        "text_solv",
+        "dep_kept",
+        "train_loss",
+        "heldout_acc",
+        "maj@k",
+        "budget_acc",
+        "eval_gap",
+        "time_s",
+    ]
     lines = [header]
     for r in records:
         total = sum(v for v in r["seconds"].values() if v)
-        lines.append([
-            f"{r['round']:d}" + (" (cold start)" if r["round"] == 0 else ""),
-            _fmt(r["stage"]),
-            _fmt(r["samples"]),
-            _fmt(r["kept"]),
-            _fmt(r["kept_fraction"], ".0%"),
-            _fmt(r["sample_accuracy"], ".1%"),
-            "-" if r["prompts"] is None else f"{r['prompts_in_band']}/{r['prompts']}",
-            _top_reject(r),
-            _fmt(r.get("grounding_gap"), "+.1%"),
-            _fmt(r.get("text_solvable_share"), ".0%"),
-            _fmt((r.get("dependence_kept") or {}).get("p50"), "+.3f"),
-            _fmt(r["train_loss"], ".4f"),
-            _fmt(r["heldout_accuracy"], ".1%"),
-            _fmt(r.get("majority_accuracy"), ".1%"),
-            _curve(r.get("budget_accuracy"), r.get("inverted_scaling")),
-            _fmt(r.get("eval_grounding_gap"), "+.1%"),
-            f"{total:.0f}",
-        ])
+        lines.append(
+            [
+                f"{r['round']:d}" + (" (cold start)" if r["round"] == 0 else ""),
+                _fmt(r["stage"]),
+                _fmt(r["samples"]),
+                _fmt(r["kept"]),
+                _fmt(r["kept_fraction"], ".0%"),
+                _fmt(r["sample_accuracy"], ".1%"),
+                "-" if r["prompts"] is None else f"{r['prompts_in_band']}/{r['prompts']}",
+                _top_reject(r),
+                _fmt(r.get("grounding_gap"), "+.1%"),
+                _fmt(r.get("text_solvable_share"), ".0%"),
+                _fmt((r.get("dependence_kept") or {}).get("p50"), "+.3f"),
+                _fmt(r["train_loss"], ".4f"),
+                _fmt(r["heldout_accuracy"], ".1%"),
+                _fmt(r.get("majority_accuracy"), ".1%"),
+                _curve(r.get("budget_accuracy"), r.get("inverted_scaling")),
+                _fmt(r.get("eval_grounding_gap"), "+.1%"),
+                f"{total:.0f}",
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -149,12 +174,21 @@ class WandbLogger:
         id_file = run.path / "wandb_id"
         if not id_file.exists():
             atomic_write_text(id_file, secrets.token_hex(4) + "\n")
-        self.wb = wandb.init(project=project, name=run.path.name, dir=str(run.path), mode=mode, config=config,
-                             id=id_file.read_text().strip(), resume="allow", reinit="finish_previous")
+        self.wb = wandb.init(
+            project=project,
+            name=run.path.name,
+            dir=str(run.path),
+            mode=mode,
+            config=config,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            reinit="finish_previous",
+        )
 
     def log_round(self, rd: RoundDir, record: dict, run: RunDir, samples: int = 4) -> None:
         """Log a finished round once: its numbers, the report's charts of the run so far, and a table of
-        `samples` eval traces with their audio. A marker in the round directory remembers it across resumes."""
+        `samples` eval traces with their audio. A marker in the round directory remembers it across
+        resumes."""
         marker = rd.path / "wandb_logged"
         if self.wb is None or marker.exists():
             return
@@ -204,13 +238,24 @@ class WandbLogger:
         from distill.report.traces import sample_traces
 
         records = [round_record(r) for r in run.rounds() if r.index <= rd.index]
-        out: dict = {f"charts/{title}": wandb.Image(Image.open(io.BytesIO(png)), caption=title)
-                     for title, png in charts(run, records).items()}
-        table = wandb.Table(columns=["round", "item", "question", "reference", "correct", "completion", "audio"])
+        out: dict = {
+            f"charts/{title}": wandb.Image(Image.open(io.BytesIO(png)), caption=title)
+            for title, png in charts(run, records).items()
+        }
+        table = wandb.Table(
+            columns=["round", "item", "question", "reference", "correct", "completion", "audio"]
+        )
         for row in sample_traces(rd, samples):  # rows of older runs lack audio and question
             audio = wandb.Audio(row["audio"]) if row.get("audio") and Path(row["audio"]).exists() else None
-            table.add_data(rd.index, row["item_id"], row.get("question"), row["reference"], row["correct"],
-                           row["completion"], audio)
+            table.add_data(
+                rd.index,
+                row["item_id"],
+                row.get("question"),
+                row["reference"],
+                row["correct"],
+                row["completion"],
+                audio,
+            )
         out["sample_traces"] = table
         return out
 

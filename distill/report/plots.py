@@ -38,9 +38,11 @@ def accuracy_per_round(records: list[dict]) -> bytes:
     """Held-out greedy accuracy, majority vote and pass@k, and each benchmark, by round."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = _rounds(records)
-    series = {"greedy": [r.get("heldout_accuracy") for r in records],
-              "majority vote": [r.get("majority_accuracy") for r in records],
-              "pass@k": [r.get("pass_at_k") for r in records]}
+    series = {
+        "greedy": [r.get("heldout_accuracy") for r in records],
+        "majority vote": [r.get("majority_accuracy") for r in records],
+        "pass@k": [r.get("pass_at_k") for r in records],
+    }
     for name in sorted({b for r in records for b in (r.get("benchmarks") or {})}):
         series[name] = [(r.get("benchmarks") or {}).get(name) for r in records]
     for label, values in series.items():
@@ -64,8 +66,13 @@ def scaling_curves(records: list[dict]) -> bytes:
             continue
         budgets = sorted(int(b) for b in curve)
         inverted = r.get("inverted_scaling") is not None
-        ax.plot(budgets, [curve[str(b)] for b in budgets], marker="o", linestyle="--" if inverted else "-",
-                label=f"round {r['round']}" + (" (inverted)" if inverted else ""))
+        ax.plot(
+            budgets,
+            [curve[str(b)] for b in budgets],
+            marker="o",
+            linestyle="--" if inverted else "-",
+            label=f"round {r['round']}" + (" (inverted)" if inverted else ""),
+        )
     ax.set(xlabel="thinking budget (tokens)", ylabel="accuracy", ylim=(0, 1.02), title="Test-time scaling")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -81,12 +88,18 @@ def grounding_gap(records: list[dict]) -> bytes:
     width = 0.8 / max(1, len(kinds))
     for j, kind in enumerate(kinds):
         values = [(r.get("eval_gap_by_kind") or {}).get(kind) for r in records]
-        ax.bar([a - 0.4 + width * (j + 0.5) for a in x], [v or 0 for v in values], width, label=f"eval: {kind}")
-    probe = [(a, r["grounding_gap"]) for a, r in zip(x, records, strict=True) if r.get("grounding_gap") is not None]
+        ax.bar(
+            [a - 0.4 + width * (j + 0.5) for a in x], [v or 0 for v in values], width, label=f"eval: {kind}"
+        )
+    probe = [
+        (a, r["grounding_gap"]) for a, r in zip(x, records, strict=True) if r.get("grounding_gap") is not None
+    ]
     if probe:
         ax.plot(*zip(*probe, strict=True), color="black", marker="s", label="ground stage probes")
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set(xlabel="round", ylabel="accuracy gap (real - counterfactual)", title="Grounding gap: does it listen?")
+    ax.set(
+        xlabel="round", ylabel="accuracy gap (real - counterfactual)", title="Grounding gap: does it listen?"
+    )
     ax.set_xticks(x)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
@@ -108,13 +121,20 @@ def kept_and_rejected(records: list[dict]) -> bytes:
     for reason in top:
         layers[reason] = [(r.get("rejected_by_reason") or {}).get(reason, 0) / r["samples"] for r in rows]
     if len(totals) > len(top):
-        layers["other"] = [sum(n for k, n in (r.get("rejected_by_reason") or {}).items() if k not in top) / r["samples"]
-                           for r in rows]
+        layers["other"] = [
+            sum(n for k, n in (r.get("rejected_by_reason") or {}).items() if k not in top) / r["samples"]
+            for r in rows
+        ]
     colors = [KEPT_COLOR, *REASON_COLORS]
     for j, (label, values) in enumerate(layers.items()):
         ax.bar(x, values, 0.6, bottom=bottom, label=label, color=colors[j])
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set(xlabel="round", ylabel="share of sampled traces", ylim=(0, 1.0), title="Kept traces and rejection reasons")
+    ax.set(
+        xlabel="round",
+        ylabel="share of sampled traces",
+        ylim=(0, 1.0),
+        title="Kept traces and rejection reasons",
+    )
     ax.set_xticks(x or [0])
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
@@ -130,7 +150,9 @@ def trace_lengths(lengths: dict[int, dict[str, list[int]]]) -> bytes:
         if not data:
             continue
         pos = [i - 0.18 + 0.36 * j for i, _ in data]
-        box = ax.boxplot([v for _, v in data], positions=pos, widths=0.3, patch_artist=True, manage_ticks=False)
+        box = ax.boxplot(
+            [v for _, v in data], positions=pos, widths=0.3, patch_artist=True, manage_ticks=False
+        )
         for patch in box["boxes"]:
             patch.set_facecolor(color)
         ax.plot([], [], color=color, linewidth=6, label=f"{kind} traces")
@@ -148,11 +170,15 @@ def run_trace_lengths(run: RunDir) -> dict[int, dict[str, list[int]]]:
         lengths: dict[str, list[int]] = {}
         eval_rows = rd.path / "eval_samples.jsonl"
         if eval_rows.exists():
-            lengths["eval"] = [r["reasoning_tokens"] for r in read_jsonl(eval_rows)
-                               if r.get("reasoning_tokens") is not None]
+            lengths["eval"] = [
+                r["reasoning_tokens"] for r in read_jsonl(eval_rows) if r.get("reasoning_tokens") is not None
+            ]
         if rd.filtered.exists():
-            lengths["kept"] = [r["reasoning_tokens"] for r in read_jsonl(rd.filtered)
-                               if r.get("reasoning_tokens") is not None]
+            lengths["kept"] = [
+                r["reasoning_tokens"]
+                for r in read_jsonl(rd.filtered)
+                if r.get("reasoning_tokens") is not None
+            ]
         out[rd.index] = lengths
     return out
 

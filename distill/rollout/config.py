@@ -11,10 +11,16 @@ from distill.core.schema import ConfigError, check_choices, check_non_negative, 
 ENGINE_PROCESSES = ("auto", "inline", "separate")
 SAMPLE_BACKENDS = ("offline", "server")
 # Keys of the sample section a resumed run may change without invalidating finished work.
-RESUMABLE = ("shard_index",
-             # a server that moved, or a new key, still serves the same model:
-             "server.base_url", "server.api_key_env", "server.timeout_s", "server.retries", "server.backoff_s",
-             "server.concurrency")
+RESUMABLE = (
+    "shard_index",
+    # a server that moved, or a new key, still serves the same model:
+    "server.base_url",
+    "server.api_key_env",
+    "server.timeout_s",
+    "server.retries",
+    "server.backoff_s",
+    "server.concurrency",
+)
 
 
 @dataclass
@@ -105,10 +111,14 @@ def validate_engine(engine: EngineConfig) -> None:
     check_positive("engine", engine, ("max_model_len", "kv_cache_memory_bytes"))
     budget = engine.max_num_batched_tokens
     if budget is not None and budget < (1 if engine.enable_chunked_prefill else engine.max_model_len):
-        raise ConfigError(f"engine.max_num_batched_tokens={budget}: must be positive, and without chunked prefill at "
-                          f"least engine.max_model_len={engine.max_model_len} (a prompt is prefilled in one step)")
+        raise ConfigError(
+            f"engine.max_num_batched_tokens={budget}: must be positive, and without chunked prefill at "
+            f"least engine.max_model_len={engine.max_model_len} (a prompt is prefilled in one step)"
+        )
     if engine.block_size is not None and engine.block_size < 1:
-        raise ConfigError(f"engine.block_size={engine.block_size}: must be positive (or null: vLLM's default)")
+        raise ConfigError(
+            f"engine.block_size={engine.block_size}: must be positive (or null: vLLM's default)"
+        )
     if not 0.0 < engine.gpu_memory_utilization <= 1.0:
         raise ConfigError(f"engine.gpu_memory_utilization={engine.gpu_memory_utilization}: must be in (0, 1]")
 
@@ -124,4 +134,6 @@ def validate_sample(sample: SampleConfig) -> None:
     if sample.temperature < 0:
         raise ConfigError(f"sample.temperature={sample.temperature!r}: must be >= 0")
     if not -1 <= sample.shard_index < sample.num_shards:
-        raise ConfigError(f"sample.shard_index={sample.shard_index}: must be -1 or in [0, {sample.num_shards})")
+        raise ConfigError(
+            f"sample.shard_index={sample.shard_index}: must be -1 or in [0, {sample.num_shards})"
+        )

@@ -77,8 +77,10 @@ def verified_weights_hash(model_dir: str | Path) -> str:
     if manifest.exists():
         export = read_json(manifest)
         if export.get("gate") != "passed":
-            raise RuntimeError(f"{model_dir}: the export gate has not passed (vLLM never loaded this model and "
-                               "generated); re-run the export stage")
+            raise RuntimeError(
+                f"{model_dir}: the export gate has not passed (vLLM never loaded this model and "
+                "generated); re-run the export stage"
+            )
         recorded = export["weights_sha256"]
         if recorded != actual:
             raise RuntimeError(
@@ -99,8 +101,12 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return True
-    flags = {flag for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
-             for flag in line.split(":", 1)[1].split()}
+    flags = {
+        flag
+        for line in cpuinfo.splitlines()
+        if line.split(":")[0].strip() in ("flags", "Features")
+        for flag in line.split(":", 1)[1].split()
+    }
     return bool(flags & BF16_CPU_FLAGS)
 
 
@@ -168,9 +174,17 @@ def engine_prompt(text: str, audio: list[np.ndarray], sample_rate: int) -> dict:
     return {"prompt": text, "multi_modal_data": {"audio": [(a, sample_rate) for a in audio]}}
 
 
-def generate(llm, requests: list[Request], temperature: float, top_p: float, max_tokens: int,
-             think_close_id: int | None = None, n: int = 1, banned: list[str] | None = None,
-             logprobs: bool = False) -> list[Completion]:
+def generate(
+    llm,
+    requests: list[Request],
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    think_close_id: int | None = None,
+    n: int = 1,
+    banned: list[str] | None = None,
+    logprobs: bool = False,
+) -> list[Completion]:
     """`n` completions per request, request by request; each request carries its own seed (vLLM
     gives its n samples seeds seed, seed+1, ...). With `think_close_id`, each completion counts
     the tokens generated before that token. n > 1 prepares each prompt and its audio once, which
@@ -188,14 +202,21 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     backend = getattr(llm.get_tokenizer(), "backend_tokenizer", None) if logprobs else None
     # flat_logprobs: a few flat lists per request instead of one dict per token.
     params = [
-        SamplingParams(n=n, temperature=temperature, top_p=top_p, seed=r.seed,
-                       max_tokens=max_tokens if r.choices is None else choice_max_tokens(r.choices),
-                       structured_outputs=None if r.choices is None else StructuredOutputsParams(choice=list(r.choices)),
-                       # A choice grammar admits no banned token, and vLLM tokenizes the banned words
-                       # again for every request (a tenth of a short probe's cost).
-                       bad_words=(banned or None) if r.choices is None else None,
-                       skip_special_tokens=False, logprobs=0 if logprobs else None, flat_logprobs=logprobs,
-                       detokenize=backend is None)
+        SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            seed=r.seed,
+            max_tokens=max_tokens if r.choices is None else choice_max_tokens(r.choices),
+            structured_outputs=None if r.choices is None else StructuredOutputsParams(choice=list(r.choices)),
+            # A choice grammar admits no banned token, and vLLM tokenizes the banned words
+            # again for every request (a tenth of a short probe's cost).
+            bad_words=(banned or None) if r.choices is None else None,
+            skip_special_tokens=False,
+            logprobs=0 if logprobs else None,
+            flat_logprobs=logprobs,
+            detokenize=backend is None,
+        )
         for r in requests
     ]
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -203,12 +224,24 @@ def generate(llm, requests: list[Request], temperature: float, top_p: float, max
     for out in outs:
         for o in sorted(out.outputs, key=lambda o: o.index):
             ids = list(o.token_ids)
-            reasoning = ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
-            text = o.text if backend is None else \
-                stream_text(backend, list(out.prompt_token_ids), ids, o.finish_reason == "stop")
-            result.append(Completion(text=text, num_tokens=len(ids), finish_reason=str(o.finish_reason),
-                                     reasoning_tokens=reasoning, token_ids=tuple(ids),
-                                     logprobs=first_logprobs(o.logprobs) if logprobs else ()))
+            reasoning = (
+                ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
+            )
+            text = (
+                o.text
+                if backend is None
+                else stream_text(backend, list(out.prompt_token_ids), ids, o.finish_reason == "stop")
+            )
+            result.append(
+                Completion(
+                    text=text,
+                    num_tokens=len(ids),
+                    finish_reason=str(o.finish_reason),
+                    reasoning_tokens=reasoning,
+                    token_ids=tuple(ids),
+                    logprobs=first_logprobs(o.logprobs) if logprobs else (),
+                )
+            )
     return result
 
 

@@ -68,55 +68,84 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
                 requests.append(replace(request, seed=seed))
                 meta.append((item, prompt, audio_hash, j, seed))
         if client is not None:
-            jobs = [(item, r.audio, r.seed) for (item, _, _, j, _), r in zip(meta, requests, strict=True) if j == 0]
+            jobs = [
+                (item, r.audio, r.seed)
+                for (item, _, _, j, _), r in zip(meta, requests, strict=True)
+                if j == 0
+            ]
             per_item = sample_shard(cfg, client, jobs, partial_path(path), tokenizer)
             outs = [c for completions in per_item for c in completions]
         else:
-            outs = generate(get_engine(model_dir), requests, sc.temperature, sc.top_p, sc.max_tokens,
-                            think_close, banned=banned, logprobs=logprobs)
+            outs = generate(
+                get_engine(model_dir),
+                requests,
+                sc.temperature,
+                sc.top_p,
+                sc.max_tokens,
+                think_close,
+                banned=banned,
+                logprobs=logprobs,
+            )
         rows = []
         for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
-            rows.append({
-                "schema_version": TRACE_SCHEMA_VERSION,
-                "trace_id": f"{item.id}#{j}",
-                "item_id": item.id,
-                "sample_index": j,
-                "audio": item.audio,
-                "audio_sha256": audio_hash,
-                "prompt": prompt,
-                "completion": sc.generation_prefix + out.text,
-                "finish_reason": out.finish_reason,
-                "num_tokens": out.num_tokens,
-                "reasoning_tokens": out.reasoning_tokens,
-                # The very tokens sampled (after the generation prefix): grounding scores these, not
-                # a re-tokenization of the text, which can differ.
-                **({} if client else {"token_ids": list(out.token_ids)}),
-                **({"sampled_logprob": logprob_record(out, think_close)} if out.logprobs else {}),
-                "question": item.question,
-                "reference": item.answer,
-                "choices": item.choices,
-                "family": item.family,
-                "category": item.category,
-                "lineage": {
-                    "round": rd.index, "model_dir": str(model_dir), "model_sha256": model_hash,
-                    # A server request asks for all n traces under the item's first seed: choice j of it.
-                    "seed": seed if client is None else sample_seed(cfg.seed, rd.index, item.id, 0),
-                    **({} if client is None else {"choice": j}), "shard": f"{shard}/{count}",
-                    "temperature": sc.temperature, "top_p": sc.top_p, "max_tokens": sc.max_tokens,
-                },
-            })
+            rows.append(
+                {
+                    "schema_version": TRACE_SCHEMA_VERSION,
+                    "trace_id": f"{item.id}#{j}",
+                    "item_id": item.id,
+                    "sample_index": j,
+                    "audio": item.audio,
+                    "audio_sha256": audio_hash,
+                    "prompt": prompt,
+                    "completion": sc.generation_prefix + out.text,
+                    "finish_reason": out.finish_reason,
+                    "num_tokens": out.num_tokens,
+                    "reasoning_tokens": out.reasoning_tokens,
+                    # The very tokens sampled (after the generation prefix): grounding scores these, not
+                    # a re-tokenization of the text, which can differ.
+                    **({} if client else {"token_ids": list(out.token_ids)}),
+                    **({"sampled_logprob": logprob_record(out, think_close)} if out.logprobs else {}),
+                    "question": item.question,
+                    "reference": item.answer,
+                    "choices": item.choices,
+                    "family": item.family,
+                    "category": item.category,
+                    "lineage": {
+                        "round": rd.index,
+                        "model_dir": str(model_dir),
+                        "model_sha256": model_hash,
+                        # A server request asks for all n traces under the item's first seed: choice j of it.
+                        "seed": seed if client is None else sample_seed(cfg.seed, rd.index, item.id, 0),
+                        **({} if client is None else {"choice": j}),
+                        "shard": f"{shard}/{count}",
+                        "temperature": sc.temperature,
+                        "top_p": sc.top_p,
+                        "max_tokens": sc.max_tokens,
+                    },
+                }
+            )
         atomic_write_jsonl(path, rows)
         partial_path(path).unlink(missing_ok=True)
         new_traces += len(rows)
-        print(f"sample: shard {shard + 1}/{count}: {len(rows)} traces from {len(shard_items)} items -> {path}")
+        print(
+            f"sample: shard {shard + 1}/{count}: {len(rows)} traces from {len(shard_items)} items -> {path}"
+        )
     if client is not None:
         client.close()
     seconds = time.time() - start
-    print(f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
-          f"({new_traces / max(seconds, 1e-9):.1f} traces/s)")
+    print(
+        f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
+        f"({new_traces / max(seconds, 1e-9):.1f} traces/s)"
+    )
     # Counts of this process's work: a resumed run or one array task reports only what it sampled.
-    return {"new_traces": new_traces, "shards_skipped": skipped, "shards": count, "model_sha256": model_hash,
-            "items": len(pool), "skipped_solved": len(items) - len(pool)}
+    return {
+        "new_traces": new_traces,
+        "shards_skipped": skipped,
+        "shards": count,
+        "model_sha256": model_hash,
+        "items": len(pool),
+        "skipped_solved": len(items) - len(pool),
+    }
 
 
 def solved_before(rd: RoundDir) -> set[str]:
@@ -137,8 +166,10 @@ def check_shard_model(path: Path, model_hash: str) -> None:
         return  # an empty shard (more shards than items) holds nothing stale
     found = first["lineage"]["model_sha256"]
     if found != model_hash:
-        raise RuntimeError(f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
-                           f"{model_hash[:12]}; delete the stale shard (or the round) to resample")
+        raise RuntimeError(
+            f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
+            f"{model_hash[:12]}; delete the stale shard (or the round) to resample"
+        )
 
 
 def run(ctx: StageContext) -> dict | None:

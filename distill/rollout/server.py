@@ -37,12 +37,22 @@ def item_body(cfg: Config, item: Item, audio: list[np.ndarray], seed: int) -> di
     sc, rate = cfg.sample, cfg.data.sample_rate
     parts = [p for chunk in audio for p in audio_parts(chunk, rate, sc.server.chunk_seconds)]
     body = {
-        "messages": [{"role": "system", "content": cfg.data.system_prompt},
-                     {"role": "user", "content": [*parts, {"type": "text",
-                                                            "text": question_text(item.question, item.choices)}]},
-                     {"role": "assistant", "content": sc.generation_prefix}],
-        "n": sc.n, "temperature": sc.temperature, "top_p": sc.top_p, "max_tokens": sc.max_tokens, "seed": seed,
-        "add_generation_prompt": False, "continue_final_message": True, "skip_special_tokens": False,
+        "messages": [
+            {"role": "system", "content": cfg.data.system_prompt},
+            {
+                "role": "user",
+                "content": [*parts, {"type": "text", "text": question_text(item.question, item.choices)}],
+            },
+            {"role": "assistant", "content": sc.generation_prefix},
+        ],
+        "n": sc.n,
+        "temperature": sc.temperature,
+        "top_p": sc.top_p,
+        "max_tokens": sc.max_tokens,
+        "seed": seed,
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "skip_special_tokens": False,
     }
     if sc.server.stop_token_ids:
         body["stop_token_ids"] = list(sc.server.stop_token_ids)
@@ -69,21 +79,29 @@ def completions_of(reply: dict, n: int) -> list[dict]:
     choices = sorted(reply["choices"], key=lambda c: c["index"])
     if len(choices) != n:
         raise ValueError(f"the server returned {len(choices)} choices for n={n}")
-    return [{"text": c["message"]["content"] or "", "finish_reason": str(c.get("finish_reason"))} for c in choices]
+    return [
+        {"text": c["message"]["content"] or "", "finish_reason": str(c.get("finish_reason"))} for c in choices
+    ]
 
 
-def sample_shard(cfg: Config, client: ChatClient, jobs: list[tuple[Item, list[np.ndarray], int]], partial: Path,
-                 tokenizer) -> list[list[Completion]]:
+def sample_shard(
+    cfg: Config, client: ChatClient, jobs: list[tuple[Item, list[np.ndarray], int]], partial: Path, tokenizer
+) -> list[list[Completion]]:
     """sample.n completions per (item, audio, seed) job, from the partial file where present.
     Token counts are the student tokenizer's (what training will see), as the served model's
     vocabulary may differ."""
     done = read_partial(partial)
     todo = [job for job in jobs if job[0].id not in done]
     if done:
-        print(f"sample: {len(done)} item(s) of this shard already sampled ({partial.name}); asking for {len(todo)}")
+        print(
+            f"sample: {len(done)} item(s) of this shard already sampled ({partial.name}); "
+            f"asking for {len(todo)}"
+        )
     partial.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("a") as out, ThreadPoolExecutor(max_workers=cfg.sample.server.concurrency) as pool:
-        pending = {pool.submit(client.chat, item_body(cfg, item, audio, seed)): item for item, audio, seed in todo}
+        pending = {
+            pool.submit(client.chat, item_body(cfg, item, audio, seed)): item for item, audio, seed in todo
+        }
         bar = tqdm(total=len(todo), desc="sample (server)", unit="item", mininterval=1.0)
         failure = None
         while pending and failure is None:
@@ -93,7 +111,9 @@ def sample_shard(cfg: Config, client: ChatClient, jobs: list[tuple[Item, list[np
                 reply = future.result()
                 try:
                     if reply.body is None:
-                        raise ValueError(f"{reply.reason} after {reply.attempts} attempt(s) {reply.text[:200]}")
+                        raise ValueError(
+                            f"{reply.reason} after {reply.attempts} attempt(s) {reply.text[:200]}"
+                        )
                     done[item.id] = completions_of(reply.body, cfg.sample.n)
                 except (ValueError, KeyError, TypeError) as exc:
                     failure = failure or f"item {item.id}: {exc}"
@@ -106,8 +126,10 @@ def sample_shard(cfg: Config, client: ChatClient, jobs: list[tuple[Item, list[np
             for future in pending:
                 future.cancel()
             raise ServerSamplingError(
-                f"sampling from {client.base_url} failed on {failure}; {len(done)} of {len(jobs)} item(s) of this "
-                f"shard are saved in {partial}, and re-running the stage asks only for the rest")
+                f"sampling from {client.base_url} failed on {failure}; "
+                f"{len(done)} of {len(jobs)} item(s) of this "
+                f"shard are saved in {partial}, and re-running the stage asks only for the rest"
+            )
     close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
     return [[completion(c, tokenizer, close_id) for c in done[item.id]] for item, _, _ in jobs]
 
@@ -115,5 +137,6 @@ def sample_shard(cfg: Config, client: ChatClient, jobs: list[tuple[Item, list[np
 def completion(c: dict, tokenizer, close_id: int | None) -> Completion:
     ids = tokenizer(c["text"], add_special_tokens=False)["input_ids"]
     reasoning = ids.index(close_id) if close_id in ids else None
-    return Completion(text=c["text"], num_tokens=len(ids), finish_reason=c["finish_reason"],
-                      reasoning_tokens=reasoning)
+    return Completion(
+        text=c["text"], num_tokens=len(ids), finish_reason=c["finish_reason"], reasoning_tokens=reasoning
+    )

@@ -52,8 +52,10 @@ def resume(accelerator, out: Path, plan: dict) -> int:
     saved = read_json(path / "progress.json")
     changed = [k for k in plan if saved.get(k) != plan[k]]
     if changed:
-        raise RuntimeError(f"{path}: saved under another training plan ({', '.join(changed)} changed); "
-                           f"restore those settings, or delete {out / 'checkpoints'} to start over")
+        raise RuntimeError(
+            f"{path}: saved under another training plan ({', '.join(changed)} changed); "
+            f"restore those settings, or delete {out / 'checkpoints'} to start over"
+        )
     accelerator.load_state(str(path))
     if accelerator.is_main_process:
         print(f"train: resuming from {path} (step {saved['step']} of {plan['total_steps']})")

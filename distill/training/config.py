@@ -34,8 +34,9 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     # Projection names inside the language model's layers (the audio encoder's are never wrapped).
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
@@ -118,30 +119,71 @@ class ColdStartConfig:
 def validate_train(section: str, tcfg: TrainConfig) -> None:
     """Raise ConfigError for the first bad value of the train section `section` ("train" or
     "cold_start.train")."""
-    check_choices(section, tcfg, {"zero_stage": (0, 1, 2, 3), "device": ("auto", "cpu", "cuda"),
-                                  "mixed_precision": ("auto", "no", "bf16", "fp16"), "init": ("continue", "base"),
-                                  "attn_implementation": ATTN_IMPLEMENTATIONS})
-    check_positive(section, tcfg, ("micro_batch_size", "grad_accum", "num_processes", "max_seq_len", "learning_rate",
-                                   "epochs", "collective_timeout_s"))
+    check_choices(
+        section,
+        tcfg,
+        {
+            "zero_stage": (0, 1, 2, 3),
+            "device": ("auto", "cpu", "cuda"),
+            "mixed_precision": ("auto", "no", "bf16", "fp16"),
+            "init": ("continue", "base"),
+            "attn_implementation": ATTN_IMPLEMENTATIONS,
+        },
+    )
+    check_positive(
+        section,
+        tcfg,
+        (
+            "micro_batch_size",
+            "grad_accum",
+            "num_processes",
+            "max_seq_len",
+            "learning_rate",
+            "epochs",
+            "collective_timeout_s",
+        ),
+    )
     check_positive(f"{section}.lora", tcfg.lora, ("r", "alpha"))
-    check_non_negative(section, tcfg, ("max_steps", "warmup_steps", "max_grad_norm", "answer_loss_weight",
-                                       "save_steps", "audio_encoder_cache_mb"))
+    check_non_negative(
+        section,
+        tcfg,
+        (
+            "max_steps",
+            "warmup_steps",
+            "max_grad_norm",
+            "answer_loss_weight",
+            "save_steps",
+            "audio_encoder_cache_mb",
+        ),
+    )
     if tcfg.zero_stage == 0 and tcfg.num_processes > 1:
-        raise ConfigError(f"{section}.zero_stage=0 with {section}.num_processes={tcfg.num_processes}: "
-                          "multi-process training runs through DeepSpeed; use zero_stage 1, 2 or 3")
+        raise ConfigError(
+            f"{section}.zero_stage=0 with {section}.num_processes={tcfg.num_processes}: "
+            "multi-process training runs through DeepSpeed; use zero_stage 1, 2 or 3"
+        )
     parts = tcfg.trainable
     if not (parts.audio_encoder or parts.projector or parts.language_model or tcfg.lora.enabled):
-        raise ConfigError(f"{section}.trainable: nothing trains; make a part trainable or enable {section}.lora")
+        raise ConfigError(
+            f"{section}.trainable: nothing trains; make a part trainable or enable {section}.lora"
+        )
     if tcfg.lora.enabled and parts.audio_encoder:
-        raise ConfigError(f"{section}.lora.enabled with {section}.trainable.audio_encoder=true: LoRA adapts the "
-                          "language model only; train the encoder fully without LoRA, or keep it frozen")
+        raise ConfigError(
+            f"{section}.lora.enabled with {section}.trainable.audio_encoder=true: LoRA adapts the "
+            "language model only; train the encoder fully without LoRA, or keep it frozen"
+        )
     if tcfg.lora.enabled and not parts.language_model:
-        raise ConfigError(f"{section}.lora.enabled with {section}.trainable.language_model=false: the adapters are "
-                          "the language model's training; enable one without the other")
+        raise ConfigError(
+            f"{section}.lora.enabled with {section}.trainable.language_model=false: the adapters are "
+            "the language model's training; enable one without the other"
+        )
     if tcfg.zero_stage == 0 and (tcfg.offload_optimizer or tcfg.deepspeed_config):
-        raise ConfigError(f"{section}.offload_optimizer / deepspeed_config need DeepSpeed: set {section}.zero_stage")
+        raise ConfigError(
+            f"{section}.offload_optimizer / deepspeed_config need DeepSpeed: set {section}.zero_stage"
+        )
     if tcfg.attn_implementation.startswith("flash_attention") and tcfg.device == "cpu":
-        raise ConfigError(f"{section}.attn_implementation={tcfg.attn_implementation}: flash-attention runs on GPU only")
+        raise ConfigError(
+            f"{section}.attn_implementation={tcfg.attn_implementation}: flash-attention runs on GPU only"
+        )
     if not 0 <= tcfg.lora.dropout < 1:
         raise ConfigError(f"{section}.lora.dropout={tcfg.lora.dropout}: must be in [0, 1)")
     if tcfg.deepspeed_config and not Path(tcfg.deepspeed_config).is_file():
@@ -161,5 +203,7 @@ def validate_cold_start(cold_start: ColdStartConfig) -> None:
     check_non_negative("cold_start", cold_start, ("items",))
     # Checked before the train section's own choices, so that any other init names the cold start's rule.
     if cold_start.train.init != "continue":
-        raise ConfigError("cold_start.train.init: the cold start trains the base model; train.init picks the rounds'")
+        raise ConfigError(
+            "cold_start.train.init: the cold start trains the base model; train.init picks the rounds'"
+        )
     validate_train("cold_start.train", cold_start.train)

@@ -19,19 +19,26 @@ def deepspeed_config(tcfg: TrainConfig, world: int, hidden_size: int) -> dict:
     """The DeepSpeed config: train.deepspeed_config, or configs/deepspeed/zero{2,3}.json for
     train.zero_stage, with every "auto" filled from the train config (so accelerate and DeepSpeed
     agree on batch sizes and precision) and the optimizer offloaded when asked."""
-    path = Path(tcfg.deepspeed_config) if tcfg.deepspeed_config else \
-        DEEPSPEED_CONFIGS / f"zero{3 if tcfg.zero_stage == 3 else 2}.json"
+    path = (
+        Path(tcfg.deepspeed_config)
+        if tcfg.deepspeed_config
+        else DEEPSPEED_CONFIGS / f"zero{3 if tcfg.zero_stage == 3 else 2}.json"
+    )
     config = json.loads(path.read_text())
     zero = config.setdefault("zero_optimization", {})
     if not tcfg.deepspeed_config:
         zero["stage"] = tcfg.zero_stage
     elif zero.get("stage") != tcfg.zero_stage:
-        raise ConfigError(f"{path}: zero_optimization.stage={zero.get('stage')} but train.zero_stage="
-                          f"{tcfg.zero_stage}; make them agree")
+        raise ConfigError(
+            f"{path}: zero_optimization.stage={zero.get('stage')} but train.zero_stage="
+            f"{tcfg.zero_stage}; make them agree"
+        )
     if tcfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda(tcfg)}
     if zero["stage"] == 3:
-        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)  # the checkpoint needs whole weights
+        zero.setdefault(
+            "stage3_gather_16bit_weights_on_model_save", True
+        )  # the checkpoint needs whole weights
     # The batch plan, schedule and resume offsets follow the train config: a JSON may leave these
     # "auto" (filled here) but not set them otherwise.
     auto = {
@@ -44,16 +51,19 @@ def deepspeed_config(tcfg: TrainConfig, world: int, hidden_size: int) -> dict:
         if config.get(key, "auto") == "auto":
             config[key] = value
         elif config[key] != value:
-            raise ConfigError(f"{path}: {key}={config[key]} disagrees with the train config ({value}); "
-                              f'set it to "auto"')
+            raise ConfigError(
+                f'{path}: {key}={config[key]} disagrees with the train config ({value}); set it to "auto"'
+            )
     precision = mixed_precision(tcfg)
     for key in ("bf16", "fp16"):
         if config.get(key, {}).get("enabled", "auto") == "auto":
             config[key] = {**config.get(key, {}), "enabled": precision == key}
     # DeepSpeed's recommended sizes for these, from the model width (as the HF integration does).
-    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
-             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-             "stage3_param_persistence_threshold": 10 * hidden_size}
+    sizes = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
     zero.update({k: v for k, v in sizes.items() if zero.get(k) == "auto"})
     return config
 
@@ -79,8 +89,9 @@ def build_accelerator(tcfg: TrainConfig, hidden_size: int):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun)
     plugin = None
     if tcfg.zero_stage > 0:
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(tcfg, world, hidden_size),
-                                 zero3_save_16bit_model=True)
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=deepspeed_config(tcfg, world, hidden_size), zero3_save_16bit_model=True
+        )
     # On CPU the process group must be gloo, or accelerate and DeepSpeed disagree on the world size;
     # a single process has no group to set.
     timeout = bound_collectives(tcfg.collective_timeout_s)

@@ -54,30 +54,68 @@ def machines_from_env(env: dict[str, str] | None = None) -> Machines:
     env = os.environ if env is None else env
     if "DISTILL_MAIN_PROCESS_IP" not in env or int(env.get("SLURM_NNODES", "1")) <= 1:
         return Machines()
-    return Machines(int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"]), env["DISTILL_MAIN_PROCESS_IP"],
-                    int(env["DISTILL_MAIN_PROCESS_PORT"]))
+    return Machines(
+        int(env["SLURM_NNODES"]),
+        int(env["SLURM_NODEID"]),
+        env["DISTILL_MAIN_PROCESS_IP"],
+        int(env["DISTILL_MAIN_PROCESS_PORT"]),
+    )
 
 
-def train_command(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
-                  section: str, machines: Machines = Machines()) -> list[str]:
+def train_command(
+    tcfg: TrainConfig,
+    config_path: Path,
+    data: list[Path],
+    model: Path,
+    out: Path,
+    section: str,
+    machines: Machines = Machines(),
+) -> list[str]:
     """The accelerate command line for one training stage (what a user would type); on several
     machines, this node's part of it (train.num_processes counts the processes of all nodes)."""
     if tcfg.num_processes % machines.count:
-        raise ValueError(f"{section}.num_processes={tcfg.num_processes} does not split evenly over "
-                         f"{machines.count} nodes")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(tcfg.num_processes),
-           "--num_machines", str(machines.count), "--mixed_precision", mixed_precision(tcfg)]
+        raise ValueError(
+            f"{section}.num_processes={tcfg.num_processes} does not split evenly over {machines.count} nodes"
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(tcfg.num_processes),
+        "--num_machines",
+        str(machines.count),
+        "--mixed_precision",
+        mixed_precision(tcfg),
+    ]
     if machines.count > 1:
-        cmd += ["--machine_rank", str(machines.rank), "--main_process_ip", machines.main_ip,
-                "--main_process_port", str(machines.main_port)]
+        cmd += [
+            "--machine_rank",
+            str(machines.rank),
+            "--main_process_ip",
+            machines.main_ip,
+            "--main_process_port",
+            str(machines.main_port),
+        ]
     else:
         cmd += ["--main_process_port", str(free_port())]
     if tcfg.zero_stage > 0:
         cmd += ["--use_deepspeed", "--zero_stage", str(tcfg.zero_stage)]
         if machines.count > 1:  # each node's accelerate starts its own ranks (no pdsh/ssh)
             cmd += ["--deepspeed_multinode_launcher", "standard"]
-    cmd += [str(TRAIN_SCRIPT), "--config", str(config_path), "--data", *map(str, data), "--model", str(model),
-            "--out", str(out), "--section", section]
+    cmd += [
+        str(TRAIN_SCRIPT),
+        "--config",
+        str(config_path),
+        "--data",
+        *map(str, data),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--section",
+        section,
+    ]
     return cmd
 
 
@@ -105,13 +143,23 @@ def clear_stale_build_locks(extensions_dir: Path, max_age_s: float = STALE_BUILD
         except FileNotFoundError:
             continue  # its build finished meanwhile
     for lock in removed:
-        print(f"train: removed {lock}, left by a build that was killed (a build takes under a minute); "
-              "the op is built again", flush=True)
+        print(
+            f"train: removed {lock}, left by a build that was killed (a build takes under a minute); "
+            "the op is built again",
+            flush=True,
+        )
     return removed
 
 
-def run_training(tcfg: TrainConfig, config_path: Path, data: list[Path], model: Path, out: Path,
-                 section: str, machines: Machines = Machines()) -> None:
+def run_training(
+    tcfg: TrainConfig,
+    config_path: Path,
+    data: list[Path],
+    model: Path,
+    out: Path,
+    section: str,
+    machines: Machines = Machines(),
+) -> None:
     cmd = train_command(tcfg, config_path, data, model, out, section, machines)
     env = train_env(tcfg)
     clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"]))

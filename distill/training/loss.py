@@ -11,20 +11,27 @@ import torch.utils.checkpoint
 from distill.training.packing import IGNORE
 
 
-def step_normalizer(padded: list[list[int]], target_weights: list[float], step: int, world: int,
-                    grad_accum: int) -> float:
+def step_normalizer(
+    padded: list[list[int]], target_weights: list[float], step: int, world: int, grad_accum: int
+) -> float:
     """The divisor that makes each micro batch's loss a share of the optimizer step's loss, the
     weighted mean over every target token of every micro batch of every rank in the step.
     Every rank computes it from the plan, without communication. accelerate/DeepSpeed divide by
     the accumulation steps and average over ranks, so the divisor is scaled back by both."""
     unit = world * grad_accum
-    total = sum(target_weights[i] for batch in padded[step * unit:(step + 1) * unit] for i in batch)
+    total = sum(target_weights[i] for batch in padded[step * unit : (step + 1) * unit] for i in batch)
     return max(total, 1e-8) / unit
 
 
-def weighted_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                  weights: torch.Tensor, row_weights: torch.Tensor | None = None, normalizer: float | None = None,
-                  chunk: int = 4096) -> torch.Tensor:
+def weighted_loss(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    chunk: int = 4096,
+) -> torch.Tensor:
     """Next-token cross-entropy over the target tokens, each with its weight (answer tokens may
     weigh more), scaled by its row's weight, divided by `normalizer` (default: the batch's target
     weight). The normalizer leaves the row weights out, so a batch of down-weighted rows moves the
@@ -49,5 +56,7 @@ def weighted_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Ten
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(y), chunk):
         part = slice(start, start + chunk)
-        total = total + torch.utils.checkpoint.checkpoint(piece_loss, h[part], y[part], w[part], use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(
+            piece_loss, h[part], y[part], w[part], use_reentrant=False
+        )
     return total / (weights.sum().clamp(min=1e-8) if normalizer is None else normalizer)

@@ -48,13 +48,17 @@ def text_cot_rows(path: str | Path, tokenizer, system_prompt: str) -> list[dict]
         if row_id in seen:
             raise ValueError(f"{where}: duplicate id {row_id!r} (first on line {seen[row_id]})")
         seen[row_id] = lineno
-        rows.append({
-            "id": row_id,
-            "where": where,
-            "audio": None,
-            "prompt": chat_prompt(tokenizer, obj["question"], system_prompt, audio_items=0),
-            "completion": f"{THINK_OPEN}\n{obj['reasoning'].strip()}\n{THINK_CLOSE}\n{obj['answer'].strip()}",
-        })
+        rows.append(
+            {
+                "id": row_id,
+                "where": where,
+                "audio": None,
+                "prompt": chat_prompt(tokenizer, obj["question"], system_prompt, audio_items=0),
+                "completion": (
+                    f"{THINK_OPEN}\n{obj['reasoning'].strip()}\n{THINK_CLOSE}\n{obj['answer'].strip()}"
+                ),
+            }
+        )
     return rows
 
 
@@ -71,18 +75,22 @@ def direct_audio_rows(path: str | Path, cfg: Config, tokenizer, cache: AudioCach
     if report.rejects:
         first = "\n  ".join(str(r) for r in report.rejects[:5])
         more = f"\n  ... and {len(report.rejects) - 5} more" if len(report.rejects) > 5 else ""
-        raise ValueError(f"{path}: {len(report.rejects)} bad item(s) in a direct_audio mix source:\n  {first}{more}")
+        raise ValueError(
+            f"{path}: {len(report.rejects)} bad item(s) in a direct_audio mix source:\n  {first}{more}"
+        )
     rows = []
     for item in report.items:
         chunks = len(cache.chunks(item.audio, item.audio_sha256))
-        rows.append({
-            "id": item.id,
-            "where": item.source or str(path),
-            "audio": item.audio,
-            "audio_sha256": item.audio_sha256,
-            "prompt": item_prompt(tokenizer, item, cfg.data.system_prompt, chunks),
-            "completion": f"{THINK_OPEN}\n\n{THINK_CLOSE}\n{item.answer}",
-        })
+        rows.append(
+            {
+                "id": item.id,
+                "where": item.source or str(path),
+                "audio": item.audio,
+                "audio_sha256": item.audio_sha256,
+                "prompt": item_prompt(tokenizer, item, cfg.data.system_prompt, chunks),
+                "completion": f"{THINK_OPEN}\n\n{THINK_CLOSE}\n{item.answer}",
+            }
+        )
     return rows
 
 
@@ -93,8 +101,9 @@ def _draw(n_rows: int, quota: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(n_rows), passes), rng.choice(n_rows, size=rest, replace=False)])
 
 
-def mix_rows(traces: list[dict], sources: list[tuple[str, list[dict], float]],
-             seed: int) -> tuple[list[dict], dict]:
+def mix_rows(
+    traces: list[dict], sources: list[tuple[str, list[dict], float]], seed: int
+) -> tuple[list[dict], dict]:
     """All kept traces once, plus `round(len(traces) * weight)` rows of each (name, rows, weight)
     source, shuffled together; deterministic for a seed.
 
@@ -115,19 +124,24 @@ def mix_rows(traces: list[dict], sources: list[tuple[str, list[dict], float]],
         out += [{**rows[i], "source": name} for i in picked]
         counts[name] = (len(picked), len(set(picked.tolist())))
     total = len(out)
-    stats: dict = {name: {"rows": n, "unique": k, "share": n / total if total else 0.0}
-                   for name, (n, k) in counts.items()}
+    stats: dict = {
+        name: {"rows": n, "unique": k, "share": n / total if total else 0.0}
+        for name, (n, k) in counts.items()
+    }
     stats["total"] = total
     return [out[i] for i in rng.permutation(total)], stats
 
 
-def build_mix(traces: list[dict], mix_cfgs: list[MixSourceConfig], cfg: Config, tokenizer, cache: AudioCache,
-              seed: int) -> tuple[list[dict], dict]:
+def build_mix(
+    traces: list[dict], mix_cfgs: list[MixSourceConfig], cfg: Config, tokenizer, cache: AudioCache, seed: int
+) -> tuple[list[dict], dict]:
     """Read each configured mix source by kind and mix it with the kept traces (see mix_rows);
     sources are named `{kind}:{file name}`."""
     readers = {  # by MixSourceConfig.kind (the config refuses other kinds)
         "text_cot": lambda path: text_cot_rows(path, tokenizer, cfg.data.system_prompt),
         "direct_audio": lambda path: direct_audio_rows(path, cfg, tokenizer, cache),
     }
-    sources = [(f"{src.kind}:{Path(src.path).name}", readers[src.kind](src.path), src.weight) for src in mix_cfgs]
+    sources = [
+        (f"{src.kind}:{Path(src.path).name}", readers[src.kind](src.path), src.weight) for src in mix_cfgs
+    ]
     return mix_rows(traces, sources, seed)

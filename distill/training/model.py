@@ -52,8 +52,12 @@ class AudioEncoderCache:
 def part_of(family: Family, name: str) -> str | None:
     """The trainable part a parameter belongs to, by its longest matching prefix (a projector may
     sit inside the encoder's module); None: a module the loop never feeds, always frozen."""
-    matches = [(len(prefix), part) for part, prefixes in family.parts.items() for prefix in prefixes
-               if name.startswith(prefix)]
+    matches = [
+        (len(prefix), part)
+        for part, prefixes in family.parts.items()
+        for prefix in prefixes
+        if name.startswith(prefix)
+    ]
     return max(matches)[1] if matches else None
 
 
@@ -63,8 +67,9 @@ def set_trainable(model, family: Family, tcfg: TrainConfig) -> None:
     parts = tcfg.trainable
     for name, param in model.named_parameters():
         part = part_of(family, name)
-        param.requires_grad_(part is not None and getattr(parts, part)
-                             and not (tcfg.lora.enabled and part == "language_model"))
+        param.requires_grad_(
+            part is not None and getattr(parts, part) and not (tcfg.lora.enabled and part == "language_model")
+        )
 
 
 def add_lora(model, family: Family, tcfg: TrainConfig):
@@ -72,16 +77,25 @@ def add_lora(model, family: Family, tcfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     lcfg = tcfg.lora
-    config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                        target_modules=family.lora_target(list(lcfg.target_modules)),
-                        exclude_modules=family.lora_exclude)
+    config = LoraConfig(
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=family.lora_target(list(lcfg.target_modules)),
+        exclude_modules=family.lora_exclude,
+    )
     peft_model = get_peft_model(model, config)
     # peft's matching of a scope has changed between versions: check what it wrapped.
-    outside = [name for name, module in peft_model.base_model.model.named_modules() if hasattr(module, "lora_A")
-               and part_of(family, name + ".") != "language_model"]
+    outside = [
+        name
+        for name, module in peft_model.base_model.model.named_modules()
+        if hasattr(module, "lora_A") and part_of(family, name + ".") != "language_model"
+    ]
     if outside:
-        raise RuntimeError(f"LoRA wrapped modules outside the language model ({', '.join(outside[:3])}, ...): the "
-                           f"{family.title} family's lora_scope/lora_exclude no longer fit this peft version")
+        raise RuntimeError(
+            f"LoRA wrapped modules outside the language model ({', '.join(outside[:3])}, ...): the "
+            f"{family.title} family's lora_scope/lora_exclude no longer fit this peft version"
+        )
     # get_peft_model freezes everything but the adapters; give the projector its setting back.
     for name, param in peft_model.base_model.model.named_parameters():
         if part_of(family, name) == "projector":
@@ -112,8 +126,15 @@ def merged_state_dict(state: dict[str, torch.Tensor], alpha: int, r: int) -> dic
 class AudioLM(torch.nn.Module):
     """The HF model (or its LoRA wrapper) with the training forward pass: packed rows in, logits out."""
 
-    def __init__(self, model, family: Family, feature_extractor, audio_token_id: int,
-                 cache: AudioEncoderCache | None, distributed: bool):
+    def __init__(
+        self,
+        model,
+        family: Family,
+        feature_extractor,
+        audio_token_id: int,
+        cache: AudioEncoderCache | None,
+        distributed: bool,
+    ):
         super().__init__()
         self.model = model
         self.family = family
@@ -129,7 +150,9 @@ class AudioLM(torch.nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        encoder = [p for name, p in self.hf.named_parameters() if part_of(self.family, name) == "audio_encoder"]
+        encoder = [
+            p for name, p in self.hf.named_parameters() if part_of(self.family, name) == "audio_encoder"
+        ]
         if not any(p.requires_grad for p in encoder):
             # A frozen encoder is a fixed function: no dropout, so its outputs can be cached. (A
             # projector inside the tower's module has no dropout of its own to lose.)
@@ -163,9 +186,14 @@ class AudioLM(torch.nn.Module):
             out.append(value.to(device))
         return out
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None, audio: list[np.ndarray],
-                      audio_keys: list[str]) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        audio: list[np.ndarray],
+        audio_keys: list[str],
+    ) -> torch.Tensor:
         """The language model's last hidden states for packed (or padded) rows."""
         hf, family = self.hf, self.family
         embeds = hf.get_input_embeddings()(input_ids)
@@ -173,7 +201,9 @@ class AudioLM(torch.nn.Module):
             projected = family.project(hf, torch.cat(self.encode(audio, audio_keys)))
             slots = (input_ids == self.audio_token_id).unsqueeze(-1)
             if int(slots.sum()) != projected.shape[0]:
-                raise ValueError(f"{int(slots.sum())} audio placeholders but {projected.shape[0]} audio frames")
+                raise ValueError(
+                    f"{int(slots.sum())} audio placeholders but {projected.shape[0]} audio frames"
+                )
             embeds = embeds.masked_scatter(slots, projected.to(embeds.dtype))
         elif self.distributed:
             # A rank whose batch has no audio must still use the audio modules: ZeRO-3 gathers
@@ -182,16 +212,29 @@ class AudioLM(torch.nn.Module):
             silent = [np.zeros(self.feature_extractor.sampling_rate // 10, dtype=np.float32)]
             dummy = family.project(hf, self.run_encoder(silent)[0])
             embeds = embeds + 0.0 * dummy.sum()
-        return family.decoder(hf)(inputs_embeds=embeds, position_ids=family.position_ids(position_ids),
-                                  attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return family.decoder(hf)(
+            inputs_embeds=embeds,
+            position_ids=family.position_ids(position_ids),
+            attention_mask=attention_mask,
+            use_cache=False,
+        ).last_hidden_state
 
     def logits(self, *inputs) -> torch.Tensor:
         """Logits at every position (for checks; training computes them only where there is a target)."""
         return self.family.lm_head(self.hf)(self.hidden_states(*inputs))
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                audio: list[np.ndarray], audio_keys: list[str], labels: torch.Tensor, weights: torch.Tensor,
-                row_weights: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        audio: list[np.ndarray],
+        audio_keys: list[str],
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+        row_weights: torch.Tensor,
+        normalizer: float | None = None,
+    ) -> torch.Tensor:
         """The batch's training loss (loss.weighted_loss)."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, audio, audio_keys)
         return weighted_loss(hidden, self.family.lm_head(self.hf), labels, weights, row_weights, normalizer)
@@ -210,7 +253,9 @@ def use_packing(tcfg: TrainConfig, attention: str) -> bool:
     return tcfg.packing if tcfg.packing is not None else attention.startswith("flash_attention")
 
 
-def build_model(model_dir: str, processor, tcfg: TrainConfig, world: int = 1, attention: str = "sdpa") -> AudioLM:
+def build_model(
+    model_dir: str, processor, tcfg: TrainConfig, world: int = 1, attention: str = "sdpa"
+) -> AudioLM:
     """The model to train: loaded in float32 (mixed precision casts on the fly), parts frozen as
     configured, LoRA and gradient checkpointing when asked, and the encoder cache when it applies."""
     family = family_of(model_dir)

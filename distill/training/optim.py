@@ -11,6 +11,7 @@ from distill.training.config import TrainConfig
 
 def lr_lambda(warmup: int, total: int):
     """Linear warm-up over `warmup` steps, then a cosine down to a tenth of the peak at `total`."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

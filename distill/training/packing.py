@@ -24,16 +24,21 @@ IGNORE = -100
 GROUP_WINDOW = 50
 
 
-def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def plan_epoch(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """The epoch's batches of sample indices: shuffled with (seed, epoch), optionally grouped by length."""
     order = list(range(len(lengths)))
     rng = random.Random(f"{seed}:{epoch}")
     rng.shuffle(order)
     if group_by_length:
         window = batch_size * GROUP_WINDOW
-        order = [i for start in range(0, len(order), window)
-                 for i in sorted(order[start:start + window], key=lambda j: -lengths[j])]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: -lengths[j])
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if group_by_length:
         rng.shuffle(batches)  # otherwise each window would start with its longest batch
     return batches

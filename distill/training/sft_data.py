@@ -53,16 +53,23 @@ def split_prefix(prompt: str, completion: str, generation_prefix: str) -> tuple[
     prefix teaches the model to open a second think block after the pre-filled one.
     """
     if generation_prefix and completion.startswith(generation_prefix):
-        return prompt + generation_prefix, completion[len(generation_prefix):]
+        return prompt + generation_prefix, completion[len(generation_prefix) :]
     return prompt, completion
 
 
 class SFTDataset:
     """Tokenized SFT rows; `lengths[i]` is row i's token count, `self[i]` its Sample."""
 
-    def __init__(self, rows: list[dict], processor, cache: AudioCache, max_seq_len: int, answer_loss_weight: float,
-                 generation_prefix: str = "",
-                 serving_audio: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None):
+    def __init__(
+        self,
+        rows: list[dict],
+        processor,
+        cache: AudioCache,
+        max_seq_len: int,
+        answer_loss_weight: float,
+        generation_prefix: str = "",
+        serving_audio: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+    ):
         self.rows = rows
         self.cache = cache
         # The waveforms as the serving engine prepares them (Family.serving_audio), so that the
@@ -72,12 +79,16 @@ class SFTDataset:
         self.tokenizer = processor.tokenizer
         self.sample_rate = processor.feature_extractor.sampling_rate
         if cache.policy.sample_rate != self.sample_rate:
-            raise ValueError(f"data.sample_rate={cache.policy.sample_rate} but the model's feature extractor expects "
-                             f"{self.sample_rate} Hz; set data.sample_rate={self.sample_rate}")
+            raise ValueError(
+                f"data.sample_rate={cache.policy.sample_rate} but the model's feature extractor expects "
+                f"{self.sample_rate} Hz; set data.sample_rate={self.sample_rate}"
+            )
         self.think_close_id = think_close_token_id(self.tokenizer)
         if answer_loss_weight != 1.0 and self.think_close_id is None:
-            raise ValueError(f"answer_loss_weight={answer_loss_weight} needs {THINK_CLOSE} to be one token in this "
-                             "tokenizer; add it as a token or set the weight to 1")
+            raise ValueError(
+                f"answer_loss_weight={answer_loss_weight} needs {THINK_CLOSE} to be one token in this "
+                "tokenizer; add it as a token or set the weight to 1"
+            )
         self.audio_token = processor.audio_token
         self.answer_loss_weight = answer_loss_weight
         prompts: dict[tuple[str, str | None], list[int]] = {}
@@ -87,11 +98,16 @@ class SFTDataset:
         for index, row in enumerate(rows):
             prompt, completion = split_prefix(row["prompt"], row["completion"], generation_prefix)
             # Errors name the row's file and line (rows from load_rows and the mix sources carry them).
-            name = f"{row['where']}: SFT row {row.get('id')!r}" if row.get("where") else \
-                f"SFT row {row.get('id', index)!r}"
+            name = (
+                f"{row['where']}: SFT row {row.get('id')!r}"
+                if row.get("where")
+                else f"SFT row {row.get('id', index)!r}"
+            )
             if self.audio_token in completion:
-                raise ValueError(f"{name}: the completion contains the audio placeholder "
-                                 f"{self.audio_token}; the filter's control-token check should have rejected it")
+                raise ValueError(
+                    f"{name}: the completion contains the audio placeholder "
+                    f"{self.audio_token}; the filter's control-token check should have rejected it"
+                )
             where = (row["audio"], row.get("audio_sha256"))
             if where not in clips:
                 # The clip's content hash keys its encoder output, wherever the file lies.
@@ -100,11 +116,15 @@ class SFTDataset:
             key = (prompt, clips[where])
             if key not in prompts:
                 prompts[key] = self._prompt_ids(prompt, row, name)
-            completion_ids = self.tokenizer(completion + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            completion_ids = self.tokenizer(completion + self.tokenizer.eos_token, add_special_tokens=False)[
+                "input_ids"
+            ]
             if len(prompts[key]) + len(completion_ids) > max_seq_len:
                 # Truncation would cut the end-of-turn token (or the audio placeholders): refuse instead.
-                raise ValueError(f"{name}: {len(prompts[key])} prompt + {len(completion_ids)} completion "
-                                 f"tokens exceed train.max_seq_len={max_seq_len}")
+                raise ValueError(
+                    f"{name}: {len(prompts[key])} prompt + {len(completion_ids)} completion "
+                    f"tokens exceed train.max_seq_len={max_seq_len}"
+                )
             self.tokens.append((prompts[key], completion_ids))
         self.lengths = [len(p) + len(c) for p, c in self.tokens]
         # Each row's summed target-token weight: what the loss of a whole optimizer step divides by.
@@ -113,8 +133,10 @@ class SFTDataset:
     def _prompt_ids(self, prompt: str, row: dict, name) -> list[int]:
         audio = self.chunks(row)
         if prompt.count(self.audio_token) != len(audio):
-            raise ValueError(f"{name}: the prompt has {prompt.count(self.audio_token)} audio "
-                             f"placeholder(s) but the audio gives {len(audio)} chunk(s)")
+            raise ValueError(
+                f"{name}: the prompt has {prompt.count(self.audio_token)} audio "
+                f"placeholder(s) but the audio gives {len(audio)} chunk(s)"
+            )
         if not audio:
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         enc = self.processor(text=[prompt], audio=audio, sampling_rate=self.sample_rate, return_tensors="pt")
@@ -129,7 +151,11 @@ class SFTDataset:
         return weights
 
     def chunks(self, row: dict) -> list[np.ndarray]:
-        return [] if row["audio"] is None else self.serving_audio(self.cache.chunks(row["audio"], row.get("audio_sha256")))
+        return (
+            []
+            if row["audio"] is None
+            else self.serving_audio(self.cache.chunks(row["audio"], row.get("audio_sha256")))
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -140,6 +166,11 @@ class SFTDataset:
         weights = [0.0] * len(prompt_ids) + self.completion_weights(completion_ids)
         audio = self.chunks(row)
         clip = self.clip_keys[index]
-        return Sample(input_ids=prompt_ids + completion_ids, labels=[IGNORE] * len(prompt_ids) + completion_ids,
-                      weights=weights, row_weight=float(row.get("weight", 1.0)), audio=audio,
-                      audio_keys=[f"{clip}#{i}" for i in range(len(audio))])
+        return Sample(
+            input_ids=prompt_ids + completion_ids,
+            labels=[IGNORE] * len(prompt_ids) + completion_ids,
+            weights=weights,
+            row_weight=float(row.get("weight", 1.0)),
+            audio=audio,
+            audio_keys=[f"{clip}#{i}" for i in range(len(audio))],
+        )

@@ -35,6 +35,7 @@ def patch_module(name: str, mod) -> None:
         def get_possibly_dynamic_module(module_name):
             if module_name == "VideoProcessorMixin":  # lazy: importing it at startup is circular
                 from transformers.video_processing_utils import VideoProcessorMixin
+
                 return VideoProcessorMixin
             return original(module_name)
 
@@ -45,6 +46,7 @@ def patch_module(name: str, mod) -> None:
 
         class NullVideoProcessor(BaseVideoProcessor):
             """Audio-only placeholder with the geometry attributes the Omni processors read."""
+
             patch_size = 14
             temporal_patch_size = 2
             merge_size = 2
@@ -55,6 +57,7 @@ def patch_module(name: str, mod) -> None:
         globals()["NullVideoProcessor"] = NullVideoProcessor
         from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniConfig
         from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
+
         for config in (Qwen2_5OmniConfig, Qwen3OmniMoeConfig):
             mod.VIDEO_PROCESSOR_MAPPING.register(config, {"torchvision": NullVideoProcessor}, exist_ok=True)
 
@@ -69,6 +72,7 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module):
         if self.inner is None:  # the redirect
             from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
             module.smart_resize = pil.smart_resize
             module.Qwen2VLImageProcessor = pil.Qwen2VLImageProcessorPil
             return
