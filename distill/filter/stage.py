@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import Config
@@ -128,6 +129,80 @@ def grounding_stats(
     return stats
 
 
+@dataclass
+class Selection:
+    """The filter's outcome over a round's traces: what is kept, what is rejected and why."""
+
+    kept: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    # Each rejected trace under its first failed check, and every failed check of every trace.
+    reasons: Counter = field(default_factory=Counter)
+    failures_by_check: Counter = field(default_factory=Counter)
+    by_category: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    correct: int = 0
+    prompts: int = 0
+    out_of_band: int = 0
+    always_failed: list[str] = field(default_factory=list)
+    always_solved: list[str] = field(default_factory=list)
+
+
+def select_per_item(
+    cfg: Config,
+    rd: RoundDir,
+    traces: list[dict],
+    results: list[dict[str, str | None]],
+    scored: bool,
+    flagged: set[str],
+    passed_over: set[str],
+) -> Selection:
+    """Decide per item which traces are kept (selection.item_decision) and record every trace as
+    kept (with its checks and reward) or rejected (with all its reasons). Without the correctness
+    check (`scored` false) there is no pass rate: every prompt is in the band, none is set aside
+    (config validation refuses a band or skip_solved without it)."""
+    fc, out = cfg.filter, Selection()
+    by_item: dict[str, list[dict]] = defaultdict(list)
+    for trace in traces:
+        by_item[trace["item_id"]].append(trace)
+    results_of = {t["trace_id"]: r for t, r in zip(traces, results, strict=True)}
+    out.prompts = len(by_item)
+    for item_id, item_traces in by_item.items():
+        ordered, decision, correct = item_decision(fc, item_traces, results_of, scored)
+        out.correct += correct
+        if scored and correct == 0:
+            out.always_failed.append(item_id)
+        elif scored and correct == len(ordered):
+            out.always_solved.append(item_id)
+        out.out_of_band += not decision.in_band
+        for j, trace in enumerate(ordered):
+            result = results_of[trace["trace_id"]]
+            if j in decision.kept and trace["trace_id"] in passed_over:
+                raise RuntimeError(
+                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground "
+                    "stage left unscored as one the selection would not keep; the filter or grounding "
+                    "settings changed since (or the LLM judge rejected others): delete grounding/ to "
+                    "measure again, or set grounding.score_traces=passing"
+                )
+            failures = [r for r in result.values() if r is not None]
+            out.failures_by_check.update(failures)
+            row = {
+                **trace,
+                "checks": {k: v or "pass" for k, v in result.items()},
+                "reward": reward(result, fc.reward_weights),
+            }
+            category = trace.get("category") or "other"
+            if j in decision.kept:
+                if trace["item_id"] in flagged and cfg.grounding.text_solvable == "downweight":
+                    row["weight"] = cfg.grounding.text_solvable_weight
+                out.kept.append(row)
+                out.by_category[category]["kept"] += 1
+                continue
+            failures = failures or [decision.dropped[j]]
+            out.reasons[failures[0]] += 1
+            out.by_category[category][failures[0]] += 1
+            out.rejected.append({**row, "rejected_because": failures})
+    return out
+
+
 def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     """Check every trace of round `rd` (sampled from `model_dir`); write kept and rejected traces."""
     start = time.time()
@@ -140,87 +215,40 @@ def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
         apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else (set(), set())
     )
     judge_stats = run_judge(cfg, traces, results) if fc.judge.enabled else {}
-
-    by_item: dict[str, list[int]] = defaultdict(list)
-    for i, trace in enumerate(traces):
-        by_item[trace["item_id"]].append(i)
-    kept, rejected = [], []
-    reasons, failures_by_check, correct_total = Counter(), Counter(), 0
-    by_category: dict[str, Counter] = defaultdict(Counter)
-    always_failed, always_solved, out_of_band = [], [], 0
-    position = {t["trace_id"]: i for i, t in enumerate(traces)}
-    results_of = {t["trace_id"]: r for t, r in zip(traces, results, strict=True)}
-    # Without the correctness check there is no pass rate: every prompt is in the band, none is
-    # set aside (config validation refuses a band or skip_solved without it).
     scored = "correct" in rules.enabled
-    for item_id, idx in by_item.items():
-        ordered, decision, correct = item_decision(fc, [traces[i] for i in idx], results_of, scored)
-        idx = [position[t["trace_id"]] for t in ordered]
-        correct_total += correct
-        if scored and correct == 0:
-            always_failed.append(item_id)
-        elif scored and correct == len(idx):
-            always_solved.append(item_id)
-        out_of_band += not decision.in_band
-        kept_here = {idx[j] for j in decision.kept}
-        dropped = {idx[j]: why for j, why in decision.dropped.items()}
-        for i in idx:
-            trace, result = traces[i], results[i]
-            if i in kept_here and trace["trace_id"] in passed_over:
-                raise RuntimeError(
-                    f"{rd.grounding_dir}: the filter keeps trace {trace['trace_id']!r}, which the ground "
-                    "stage left unscored as one the selection would not keep; the filter or grounding "
-                    "settings changed since (or the LLM judge rejected others): delete grounding/ to "
-                    "measure again, or set grounding.score_traces=passing"
-                )
-            failures = [r for r in result.values() if r is not None]
-            failures_by_check.update(failures)
-            row = {
-                **trace,
-                "checks": {k: v or "pass" for k, v in result.items()},
-                "reward": reward(result, fc.reward_weights),
-            }
-            category = trace.get("category") or "other"
-            if i in kept_here:
-                if trace["item_id"] in flagged and cfg.grounding.text_solvable == "downweight":
-                    row["weight"] = cfg.grounding.text_solvable_weight
-                kept.append(row)
-                by_category[category]["kept"] += 1
-                continue
-            failures = failures or [dropped[i]]
-            reasons[failures[0]] += 1
-            by_category[category][failures[0]] += 1
-            rejected.append({**row, "rejected_because": failures})
+    sel = select_per_item(cfg, rd, traces, results, scored, flagged, passed_over)
+
+    kept, rejected = sel.kept, sel.rejected
     atomic_write_jsonl(rd.filtered, kept)
     atomic_write_jsonl(rd.rejected, rejected)
     atomic_write_json(
-        rd.set_aside, {"always_failed": sorted(always_failed), "always_solved": sorted(always_solved)}
+        rd.set_aside, {"always_failed": sorted(sel.always_failed), "always_solved": sorted(sel.always_solved)}
     )
     seconds = time.time() - start
     stats = {
         "traces": len(traces),
         "kept": len(kept),
         "kept_fraction": round(len(kept) / max(1, len(traces)), 4),
-        "sample_accuracy": round(correct_total / max(1, len(traces)), 4) if scored else None,
+        "sample_accuracy": round(sel.correct / max(1, len(traces)), 4) if scored else None,
         "mean_reward": round(sum(r["reward"] for r in kept + rejected) / max(1, len(traces)), 4),
         # Each rejected trace under its first failed check (these add up to the rejected count) ...
-        "rejected_by_reason": dict(reasons.most_common()),
+        "rejected_by_reason": dict(sel.reasons.most_common()),
         # ... and every failed check of every trace.
-        "failures_by_check": dict(failures_by_check.most_common()),
-        "by_category": {c: dict(n.most_common()) for c, n in sorted(by_category.items())},
-        "prompts": len(by_item),
-        "prompts_out_of_band": out_of_band,
-        "prompts_all_failed": len(always_failed),
-        "prompts_all_solved": len(always_solved),
-        "all_failed_ids": sorted(always_failed),
+        "failures_by_check": dict(sel.failures_by_check.most_common()),
+        "by_category": {c: dict(n.most_common()) for c, n in sorted(sel.by_category.items())},
+        "prompts": sel.prompts,
+        "prompts_out_of_band": sel.out_of_band,
+        "prompts_all_failed": len(sel.always_failed),
+        "prompts_all_solved": len(sel.always_solved),
+        "all_failed_ids": sorted(sel.always_failed),
         "rule_checks_per_s": round(len(traces) / max(rules_seconds, 1e-9), 1),
         **judge_stats,
         **grounding_stats(cfg, traces, kept, rejected, results, flagged),
     }
     print(
-        f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {len(by_item)} "
-        f"prompts ({out_of_band} outside the pass-rate band, {len(always_solved)} always solved, "
-        f"{len(always_failed)} always failed) in {seconds:.1f}s; rejected: {dict(reasons) or 'none'}",
+        f"filter: kept {len(kept)}/{len(traces)} traces ({stats['kept_fraction']:.0%}) from {sel.prompts} "
+        f"prompts ({sel.out_of_band} outside the pass-rate band, {len(sel.always_solved)} always solved, "
+        f"{len(sel.always_failed)} always failed) in {seconds:.1f}s; rejected: {dict(sel.reasons) or 'none'}",
         flush=True,
     )
     return stats
