@@ -235,3 +235,16 @@ def test_split_trace_fast_path_agrees_with_the_exact_one():
         if text.count("<") == 2:  # the only case in which the filter takes the fast path
             assert split_trace(text, tags_unique=True) == exact, text
     assert split_trace("<think>I overthink> it</think>B") == ("I overthink> it", "B")
+
+
+def test_one_measure_of_reasoning_length():
+    """The filter's length check and eval's lengths count the tokens before the first `</think>`:
+    as recorded, else by the caller's tokenizer, else estimated at four characters a token."""
+    from distill.core.prompts import reasoning_tokens
+
+    text = "<think>\n" + "abcd" * 10 + "</think>answer</think>"
+    assert reasoning_tokens(17, text) == 17
+    assert reasoning_tokens(None, text) == len("<think>\n" + "abcd" * 10) // 4 == 12
+    assert reasoning_tokens(None, text, count=lambda t: len(t.split("b"))) == 11
+    assert reasoning_tokens(None, "<think>never closed") is None
+    assert reasoning_tokens(None, "</think>at once") == 1

@@ -6,16 +6,33 @@ it is never sampled with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 
 def reasoning_split(token_ids, think_close_id: int | None) -> int:
     """Where audio dependence splits a completion's tokens into reasoning and answer: after the
-    last `</think>` token, or at the end without one (grounding/scoring.py). Not eval's
-    `reasoning_length`, which counts the tokens before the first `</think>`."""
+    last `</think>` token, or at the end without one (grounding/scoring.py). Not the reasoning's
+    length (`reasoning_tokens`), which counts the tokens before the first `</think>`."""
     ids = list(token_ids)
     return len(ids) - ids[::-1].index(think_close_id) if think_close_id in ids else len(ids)
+
+
+def reasoning_tokens(
+    recorded: int | None, text: str, count: Callable[[str], int] | None = None
+) -> int | None:
+    """The reasoning's length in tokens, before the first `</think>`: as the engine counted it
+    (`recorded`), else counted from the text by `count` (a tokenizer's), else estimated at about four
+    characters a token (a trace written without the count, where no tokenizer is at hand); None
+    when the reasoning was never closed."""
+    if recorded is not None:
+        return recorded
+    end = text.find(THINK_CLOSE)
+    if end < 0:
+        return None
+    return count(text[:end]) if count is not None else max(1, end // 4)
 
 
 def chat_prompt(tokenizer, question: str, system_prompt: str, audio_items: int = 1) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from data_pipelines.items import Item
 from distill.config import Config
 from distill.core.files import atomic_write_json, atomic_write_jsonl, read_json
-from distill.core.prompts import THINK_CLOSE, item_prompt, split_trace
+from distill.core.prompts import item_prompt, reasoning_tokens, split_trace
 from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
 from distill.core.stages import StageContext
@@ -50,12 +50,12 @@ EVAL_ROUND = -1
 
 def reasoning_length(out: Completion, tokenizer) -> int | None:
     """Tokens before `</think>` in a completion: as the engine counted them, else (a tokenizer
-    without `</think>` as one token, or a model that spelled it in pieces) counted from the text;
-    None when the reasoning was never closed."""
-    if out.reasoning_tokens is not None:
-        return out.reasoning_tokens
-    end = out.text.find(THINK_CLOSE)
-    return None if end < 0 else len(tokenizer(out.text[:end], add_special_tokens=False)["input_ids"])
+    without `</think>` as one token, or a model that spelled it in pieces) counted from the text."""
+    return reasoning_tokens(
+        out.reasoning_tokens,
+        out.text,
+        lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+    )
 
 
 def budget_continuation(out: Completion, budget: int, tokenizer, force: str) -> str | None:

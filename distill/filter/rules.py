@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from distill.core.prompts import THINK_CLOSE, split_trace
+from distill.core.prompts import reasoning_tokens, split_trace
 from distill.filter import checks
 from distill.filter.answers import Tolerance, answer_of, load_verifier
 from distill.filter.config import RULE_CHECKS, FilterConfig
@@ -67,7 +67,9 @@ class RulePipeline:
                 out[name] = checks.check_format(parts, cfg.min_reasoning_chars)
             elif name == "length":
                 out[name] = checks.check_length(
-                    reasoning_tokens(trace), cfg.min_reasoning_tokens, cfg.max_reasoning_tokens
+                    reasoning_tokens(trace.get("reasoning_tokens"), text),
+                    cfg.min_reasoning_tokens,
+                    cfg.max_reasoning_tokens,
                 )
             elif name == "language":
                 out[name] = checks.check_language(text, self.disallowed(trace.get("question") or ""))
@@ -102,16 +104,6 @@ class RulePipeline:
                     cfg.lexical.min_acoustic_terms,
                 )
         return out
-
-
-def reasoning_tokens(trace: dict) -> int | None:
-    """Tokens before `</think>`: as the sampler counted them, else estimated from the text (about
-    four characters a token) for traces written without the count."""
-    if trace.get("reasoning_tokens") is not None:
-        return trace["reasoning_tokens"]
-    text = trace["completion"]
-    end = text.find(THINK_CLOSE)
-    return None if end < 0 else max(1, end // 4)
 
 
 def reward(results: dict[str, str | None], weights: dict[str, float]) -> float:
