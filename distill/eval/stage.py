@@ -36,7 +36,7 @@ from distill.eval.scores import inverted_scaling, majority_vote, mmau_match, pas
 from distill.export.model_card import write_model_card
 from distill.filter.answers import answer_key, extract_answer
 from distill.filter.rules import RulePipeline
-from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
+from distill.grounding.counterfactual import bank_step, counterfactual_inputs, swap_partners
 from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
 from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generate, item_request
 
@@ -122,15 +122,24 @@ class Evaluator:
         partner: a split of two items or more)."""
         cfg = self.cfg
         partners = swap_partners(items, cfg.seed)
-        step = round(cfg.grounding.bank_seconds * cfg.data.sample_rate)
+        step = bank_step(cfg.grounding.bank_seconds, cfg.data.sample_rate)
+
+        def load(partner: Item) -> list:
+            return self.cache.chunks(partner.audio, partner.audio_sha256)
+
         out = []
         for i, (item, request) in enumerate(zip(items, base, strict=True)):
-            for kind in cfg.eval.counterfactuals:
-                partner = partners.get(item.id)
-                if kind == "swap" and (partner is None or same_answer(partner, item)):
-                    continue  # no partner, or one whose answer is this item's: it tells nothing
-                other = self.cache.chunks(partner.audio, partner.audio_sha256) if kind == "swap" else None
-                audio = counterfactual(kind, request.audio, cfg.seed, step, other)
+            heard = counterfactual_inputs(
+                item,
+                request.audio,
+                cfg.eval.counterfactuals,
+                partners,
+                load,
+                cfg.seed,
+                step,
+                informative_only=True,
+            )
+            for kind, audio in heard.items():
                 # The prompt has one placeholder per chunk: another item's audio may have other chunks.
                 prompt = item_prompt(self.tokenizer, item, cfg.data.system_prompt, len(audio)) + self.prefix
                 out.append((i, kind, replace(request, prompt=prompt, audio=audio)))

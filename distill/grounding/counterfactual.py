@@ -19,6 +19,7 @@ price: a counterfactual up to one step shorter than the clip (a few audio tokens
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -110,3 +111,31 @@ def counterfactual(
             raise ValueError("swap needs another item's audio (a split of at least two items)")
         return partner_chunks
     raise ValueError(f"unknown counterfactual {kind!r} (known: {', '.join(KINDS)})")
+
+
+def bank_step(bank_seconds: float, sample_rate: int) -> int:
+    """The bank's length step in samples (grounding.bank_seconds)."""
+    return round(bank_seconds * sample_rate)
+
+
+def counterfactual_inputs(
+    item: Item,
+    real: list[np.ndarray],
+    kinds: Iterable[str],
+    partners: dict[str, Item],
+    load: Callable[[Item], list[np.ndarray]],
+    seed: int,
+    step: int,
+    informative_only: bool = False,
+) -> dict[str, list[np.ndarray]]:
+    """The item's audio (`real`, as chunks) under each of `kinds`, in order, as the ground stage
+    and eval hear it. "swap" plays the partner's recording (`load`ed) and is left out where the
+    item has no partner (a one-item split) or, with `informative_only`, one of the same answer,
+    which tells nothing when the model answers right."""
+    partner = partners.get(item.id)
+    out = {}
+    for kind in kinds:
+        if kind == "swap" and (partner is None or informative_only and same_answer(partner, item)):
+            continue
+        out[kind] = counterfactual(kind, real, seed, step, load(partner) if kind == "swap" else None)
+    return out

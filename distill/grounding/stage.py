@@ -32,7 +32,7 @@ from distill.data import audio_cache
 from distill.filter.checks import check_control_tokens
 from distill.filter.rules import RulePipeline
 from distill.filter.selection import dependence_result, grounded_results, item_decision
-from distill.grounding.counterfactual import counterfactual, same_answer, swap_partners
+from distill.grounding.counterfactual import bank_step, counterfactual_inputs, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
 from distill.models.tokens import audio_tokens, control_tokens, load_tokenizer
@@ -130,16 +130,12 @@ class GroundingContext:
             return loaded[key]
 
         real = recording(item)
-        step = round(g.bank_seconds * self.cfg.data.sample_rate)
-        partner = self.partners.get(item.id)
-        out = {"real": real}
-        for kind in dict.fromkeys([*g.counterfactuals, *g.score_against]):
-            if kind == "swap" and partner is None:
-                continue
-            out[kind] = counterfactual(
-                kind, real, self.cfg.seed, step, recording(partner) if kind == "swap" else None
-            )
-        return out
+        kinds = dict.fromkeys([*g.counterfactuals, *g.score_against])
+        step = bank_step(g.bank_seconds, self.cfg.data.sample_rate)
+        return {
+            "real": real,
+            **counterfactual_inputs(item, real, kinds, self.partners, recording, self.cfg.seed, step),
+        }
 
     def informative_swap(self, item: Item) -> bool:
         """A swap partner with the same answer (a split with one answer) tells nothing when the
