@@ -43,3 +43,23 @@ def test_rounds_listed_in_order(tmp_path):
     (tmp_path / "round_x").mkdir()
     assert [r.index for r in run.rounds()] == [0, 1, 2]
     assert run.round(3).shard_path(7, 8).name == "shard-00007-of-00008.jsonl"
+
+
+def test_a_stale_shard_is_refused_naming_the_field(tmp_path):
+    """Sample and grounding shards on disk must come from the round's model (and a grounding shard
+    from the sample shard on disk now); an empty shard holds nothing stale."""
+    import pytest
+
+    from distill.core.files import atomic_write_jsonl
+    from distill.core.rows import check_shard_inputs
+
+    path = tmp_path / "shard-00000-of-00001.jsonl"
+    atomic_write_jsonl(path, [{"lineage": {"model_sha256": "a" * 64}, "samples_sha256": None}])
+    check_shard_inputs(path, {"lineage.model_sha256": "a" * 64, "samples_sha256": None}, "redo")
+    stale = r"stale: written with lineage.model_sha256 a+, .* b+ now; redo it"
+    with pytest.raises(RuntimeError, match=stale):
+        check_shard_inputs(path, {"lineage.model_sha256": "b" * 64}, "redo it")
+    with pytest.raises(RuntimeError, match="samples_sha256 None"):
+        check_shard_inputs(path, {"samples_sha256": "c" * 64}, "redo")
+    atomic_write_jsonl(path, [])
+    check_shard_inputs(path, {"lineage.model_sha256": "b" * 64}, "redo")

@@ -7,6 +7,7 @@ added or renamed shows in one place.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NotRequired, TypedDict
 
 from distill.core.files import read_jsonl
@@ -134,3 +135,22 @@ def read_grounding(rd: RoundDir, count: int) -> dict[str, GroundingRow]:
             f"{rd.path}: grounding shard(s) {missing} of {count} missing; run the ground stage"
         )
     return {row["item_id"]: row for i in range(count) for row in read_jsonl(rd.grounding_path(i, count))}  # type: ignore[misc]
+
+
+def check_shard_inputs(path: Path, expected: dict[str, object], redo: str) -> None:
+    """A shard on disk must come from what its stage reads now, or it is stale. `expected`: a
+    row field (dotted for a nested one: "lineage.model_sha256") -> its value now, checked on the
+    shard's first row (a shard is written at once, from one model and one input); raises naming
+    the field, both values and `redo` (what to delete to do the work again)."""
+    first = next(read_jsonl(path), None)
+    if first is None:
+        return  # an empty shard (more shards than items) holds nothing stale
+    for key, want in expected.items():
+        found: object = first
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if found != want:
+            raise RuntimeError(
+                f"{path}: stale: written with {key} {str(found)[:16]}, but the round has "
+                f"{str(want)[:16]} now; {redo}"
+            )

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
-from distill.core.files import atomic_write_jsonl, read_jsonl, sha256_file
+from distill.core.files import atomic_write_jsonl, sha256_file
 from distill.core.prompts import item_prompt
-from distill.core.rows import GROUNDING_SCHEMA_VERSION, read_grounding, read_samples
+from distill.core.rows import GROUNDING_SCHEMA_VERSION, check_shard_inputs, read_grounding, read_samples
 from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
 from distill.core.stages import StageContext, shard_plan
@@ -58,7 +58,13 @@ def ground_stage(
             sha256_file(rd.shard_path(shard, count)) if rd.shard_path(shard, count).exists() else None
         )
         if path.exists():
-            check_grounding_shard(path, model_hash, samples_sha256)
+            # From the model the round samples from, and from the sample shard on disk now (one
+            # resampled since is measured again).
+            check_shard_inputs(
+                path,
+                {"model_sha256": model_hash, "samples_sha256": samples_sha256},
+                "delete the shard (or grounding/) to measure again",
+            )
             skipped += 1
             continue
         traces = read_samples(rd, count, shards=[shard])
@@ -399,23 +405,6 @@ def trace_dependence(lps: dict[str, LogprobSums]) -> dict:
         record["dependence"] = round(min(d.reasoning for d in against.values()), 4)
         record["answer_dependence"] = round(min(d.answer for d in against.values()), 4)
     return record
-
-
-def check_grounding_shard(path: Path, model_hash: str, samples_sha256: str | None) -> None:
-    """A grounding shard on disk must come from the model the round samples from and from the
-    sample shard on disk now (one resampled since is measured again), or it is stale."""
-    first = next(read_jsonl(path), None)
-    if first is None:
-        return
-    if first["model_sha256"] != model_hash:
-        raise RuntimeError(
-            f"{path}: measured with model {first['model_sha256'][:12]}, but this round samples from "
-            f"{model_hash[:12]}; delete the stale shard (or the round) to measure again"
-        )
-    if first.get("samples_sha256") != samples_sha256:
-        raise RuntimeError(
-            f"{path}: measured on other samples than the sample shard on disk now; delete it to measure again"
-        )
 
 
 def summarize(rows, kinds: list[str]) -> dict:

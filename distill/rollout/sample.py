@@ -15,16 +15,16 @@ from pathlib import Path
 
 from data_pipelines.items import Item
 from distill.config import Config
-from distill.core.files import atomic_write_jsonl, read_json, read_jsonl, sha256_file
+from distill.core.files import atomic_write_jsonl, read_json, sha256_file
 from distill.core.prompts import reasoning_split
-from distill.core.rows import TRACE_SCHEMA_VERSION
+from distill.core.rows import TRACE_SCHEMA_VERSION, check_shard_inputs
 from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
 from distill.core.stages import StageContext, shard_plan
 from distill.data import audio_cache
 from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
 from distill.openai_client import ChatClient
-from distill.rollout.engine import Completion, generate, item_request, verified_weights_hash
+from distill.rollout.engine import Completion, Request, generate, item_request, verified_weights_hash
 from distill.rollout.server import partial_path, sample_shard
 
 
@@ -35,103 +35,117 @@ def logprob_record(out: Completion, think_close_id: int | None) -> dict:
     return {"reasoning": sum(out.logprobs[:cut]), "answer": sum(out.logprobs[cut:]), "reasoning_tokens": cut}
 
 
+class EngineBackend:
+    """Sampling on the round's vLLM engine: one request per trace, each with its own seed; the
+    traces keep their token ids and, for the ground stage, their log-probabilities."""
+
+    def __init__(self, cfg: Config, model_dir: Path, get_engine: Callable, tokenizer):
+        self.cfg, self.model_dir, self.get_engine = cfg, model_dir, get_engine
+        self.model_hash = verified_weights_hash(model_dir)  # what samples: the round's weights
+        self.banned = audio_tokens(str(model_dir)) if cfg.sample.ban_audio_tokens else None
+        self.think_close = think_close_token_id(tokenizer)
+        # The ground stage scores each kept trace with the real audio unless sampling already did.
+        self.logprobs = cfg.grounding.enabled and cfg.grounding.real_logprobs == "sampled"
+
+    def sample(self, requests: list[Request], items: list[Item], partial: Path) -> list[Completion]:
+        sc = self.cfg.sample
+        llm = self.get_engine(self.model_dir)
+        return generate(
+            llm,
+            requests,
+            sc.temperature,
+            sc.top_p,
+            sc.max_tokens,
+            self.think_close,
+            banned=self.banned,
+            logprobs=self.logprobs,
+        )
+
+    def trace_fields(self, out: Completion) -> dict:
+        # The very tokens sampled (after the generation prefix): grounding scores these, not a
+        # re-tokenization of the text, which can differ.
+        record = {"sampled_logprob": logprob_record(out, self.think_close)} if out.logprobs else {}
+        return {"token_ids": list(out.token_ids), **record}
+
+    def lineage(self, seeds: list[int], j: int) -> dict:
+        return {"seed": seeds[j]}
+
+    def close(self) -> None:
+        pass
+
+
+class ServerBackend:
+    """Sampling from a served model (sample.server): one request per item asks for all n traces
+    under the item's first seed; a shard's answers are kept as they come (server.py), so a
+    killed shard asks again only for what is missing."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.client = ChatClient(cfg.sample.server)
+        self.model_hash = (
+            f"server:{self.client.base_url}#{self.client.model}"  # what samples: the served model
+        )
+
+    def sample(self, requests: list[Request], items: list[Item], partial: Path) -> list[Completion]:
+        n = self.cfg.sample.n
+        jobs = [(item, r.audio, r.seed) for item, r in zip(items[::n], requests[::n], strict=True)]
+        per_item = sample_shard(self.cfg, self.client, jobs, partial, self.tokenizer)
+        return [c for completions in per_item for c in completions]
+
+    def trace_fields(self, out: Completion) -> dict:
+        return {}
+
+    def lineage(self, seeds: list[int], j: int) -> dict:
+        return {"seed": seeds[0], "choice": j}  # choice j of the item's one request
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     """Sample the missing shards of round `rd` from `model_dir`; return counts for the metrics."""
     count, indices = shard_plan(cfg)
     sc = cfg.sample
     solved = solved_before(rd) if sc.skip_solved else set()
     pool = [it for it in items if it.id not in solved]
-    client = ChatClient(sc.server) if sc.backend == "server" else None
-    # The identity of what samples: the round's model weights, or the served model.
-    model_hash = f"server:{client.base_url}#{client.model}" if client else verified_weights_hash(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
+    backend = (
+        ServerBackend(cfg, tokenizer)
+        if sc.backend == "server"
+        else EngineBackend(cfg, model_dir, get_engine, tokenizer)
+    )
     cache = audio_cache(cfg)
-    banned = audio_tokens(str(model_dir)) if sc.ban_audio_tokens else None
-    think_close = think_close_token_id(tokenizer)
-    # The ground stage scores each kept trace with the real audio unless sampling already did.
-    logprobs = client is None and cfg.grounding.enabled and cfg.grounding.real_logprobs == "sampled"
     start, new_traces, skipped = time.time(), 0, 0
     for shard in indices:
         path = rd.shard_path(shard, count)
         if path.exists():
-            check_shard_model(path, model_hash)
+            redo = "delete the shard (or the round) to resample"
+            check_shard_inputs(path, {"lineage.model_sha256": backend.model_hash}, redo)
             skipped += 1
             continue
         shard_items = pool[shard::count]
         requests, meta = [], []
         for item in shard_items:
             request = item_request(cfg, tokenizer, item, cache)
-            prompt = request.prompt.removesuffix(sc.generation_prefix)
             audio_hash = item.audio_sha256 or sha256_file(item.audio)  # items built before validation lack it
-            for j in range(sc.n):
-                seed = sample_seed(cfg.seed, rd.index, item.id, j)
-                requests.append(replace(request, seed=seed))
-                meta.append((item, prompt, audio_hash, j, seed))
-        if client is not None:
-            jobs = [
-                (item, r.audio, r.seed)
-                for (item, _, _, j, _), r in zip(meta, requests, strict=True)
-                if j == 0
-            ]
-            per_item = sample_shard(cfg, client, jobs, partial_path(path), tokenizer)
-            outs = [c for completions in per_item for c in completions]
-        else:
-            outs = generate(
-                get_engine(model_dir),
-                requests,
-                sc.temperature,
-                sc.top_p,
-                sc.max_tokens,
-                think_close,
-                banned=banned,
-                logprobs=logprobs,
+            seeds = [sample_seed(cfg.seed, rd.index, item.id, j) for j in range(sc.n)]
+            requests += [replace(request, seed=seed) for seed in seeds]
+            meta += [(item, request.prompt, audio_hash, j, backend.lineage(seeds, j)) for j in range(sc.n)]
+        outs = backend.sample(requests, [m[0] for m in meta], partial_path(path))
+        lineage = {"round": rd.index, "model_dir": str(model_dir), "model_sha256": backend.model_hash}
+        rows = [
+            trace_row(
+                cfg, item, prompt, audio_hash, j, out, backend, {**lineage, **seeding}, f"{shard}/{count}"
             )
-        rows = []
-        for (item, prompt, audio_hash, j, seed), out in zip(meta, outs, strict=True):
-            rows.append(
-                {
-                    "schema_version": TRACE_SCHEMA_VERSION,
-                    "trace_id": f"{item.id}#{j}",
-                    "item_id": item.id,
-                    "sample_index": j,
-                    "audio": item.audio,
-                    "audio_sha256": audio_hash,
-                    "prompt": prompt,
-                    "completion": sc.generation_prefix + out.text,
-                    "finish_reason": out.finish_reason,
-                    "num_tokens": out.num_tokens,
-                    "reasoning_tokens": out.reasoning_tokens,
-                    # The very tokens sampled (after the generation prefix): grounding scores these, not
-                    # a re-tokenization of the text, which can differ.
-                    **({} if client else {"token_ids": list(out.token_ids)}),
-                    **({"sampled_logprob": logprob_record(out, think_close)} if out.logprobs else {}),
-                    "question": item.question,
-                    "reference": item.answer,
-                    "choices": item.choices,
-                    "family": item.family,
-                    "category": item.category,
-                    "lineage": {
-                        "round": rd.index,
-                        "model_dir": str(model_dir),
-                        "model_sha256": model_hash,
-                        # A server request asks for all n traces under the item's first seed: choice j of it.
-                        "seed": seed if client is None else sample_seed(cfg.seed, rd.index, item.id, 0),
-                        **({} if client is None else {"choice": j}),
-                        "shard": f"{shard}/{count}",
-                        "temperature": sc.temperature,
-                        "top_p": sc.top_p,
-                        "max_tokens": sc.max_tokens,
-                    },
-                }
-            )
+            for (item, prompt, audio_hash, j, seeding), out in zip(meta, outs, strict=True)
+        ]
         atomic_write_jsonl(path, rows)
         partial_path(path).unlink(missing_ok=True)
         new_traces += len(rows)
         print(
             f"sample: shard {shard + 1}/{count}: {len(rows)} traces from {len(shard_items)} items -> {path}"
         )
-    if client is not None:
-        client.close()
+    backend.close()
     seconds = time.time() - start
     print(
         f"sample: {new_traces} new traces, {skipped} shard(s) already on disk, {seconds:.1f}s "
@@ -142,9 +156,50 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         "new_traces": new_traces,
         "shards_skipped": skipped,
         "shards": count,
-        "model_sha256": model_hash,
+        "model_sha256": backend.model_hash,
         "items": len(pool),
         "skipped_solved": len(items) - len(pool),
+    }
+
+
+def trace_row(
+    cfg: Config,
+    item: Item,
+    prompt: str,
+    audio_hash: str,
+    j: int,
+    out: Completion,
+    backend: EngineBackend | ServerBackend,
+    lineage: dict,
+    shard: str,
+) -> dict:
+    """One sampled trace as the sample shard holds it (core/rows.py SampleRow), with its lineage."""
+    sc = cfg.sample
+    return {
+        "schema_version": TRACE_SCHEMA_VERSION,
+        "trace_id": f"{item.id}#{j}",
+        "item_id": item.id,
+        "sample_index": j,
+        "audio": item.audio,
+        "audio_sha256": audio_hash,
+        "prompt": prompt.removesuffix(sc.generation_prefix),
+        "completion": sc.generation_prefix + out.text,
+        "finish_reason": out.finish_reason,
+        "num_tokens": out.num_tokens,
+        "reasoning_tokens": out.reasoning_tokens,
+        **backend.trace_fields(out),
+        "question": item.question,
+        "reference": item.answer,
+        "choices": item.choices,
+        "family": item.family,
+        "category": item.category,
+        "lineage": {
+            **lineage,
+            "shard": shard,
+            "temperature": sc.temperature,
+            "top_p": sc.top_p,
+            "max_tokens": sc.max_tokens,
+        },
     }
 
 
@@ -157,19 +212,6 @@ def solved_before(rd: RoundDir) -> set[str]:
         if path.exists():
             solved |= set(read_json(path)["always_solved"])
     return solved
-
-
-def check_shard_model(path: Path, model_hash: str) -> None:
-    """A shard on disk must come from the model this round samples from, or it is stale."""
-    first = next(read_jsonl(path), None)
-    if first is None:
-        return  # an empty shard (more shards than items) holds nothing stale
-    found = first["lineage"]["model_sha256"]
-    if found != model_hash:
-        raise RuntimeError(
-            f"{path}: sampled from model {str(found)[:12]}, but this round samples from "
-            f"{model_hash[:12]}; delete the stale shard (or the round) to resample"
-        )
 
 
 def run(ctx: StageContext) -> dict | None:
