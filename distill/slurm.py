@@ -233,26 +233,26 @@ def render(template: str, fields: dict[str, str], source: Path) -> str:
 
 
 def sbatch_options(cfg: Config, gpus: int) -> str:
-    sl = cfg.slurm
+    slurm_cfg = cfg.slurm
     opts = [
-        f"--partition={sl.partition}" if sl.partition else "",
-        f"--account={sl.account}" if sl.account else "",
-        f"--qos={sl.qos}" if sl.qos else "",
-        f"--mem={sl.mem}" if sl.mem else "",
+        f"--partition={slurm_cfg.partition}" if slurm_cfg.partition else "",
+        f"--account={slurm_cfg.account}" if slurm_cfg.account else "",
+        f"--qos={slurm_cfg.qos}" if slurm_cfg.qos else "",
+        f"--mem={slurm_cfg.mem}" if slurm_cfg.mem else "",
         f"--gpus-per-node={gpus}" if gpus else "",
-        *sl.extra_args,
+        *slurm_cfg.extra_args,
     ]
     return "\n".join(f"#SBATCH {o}" for o in opts if o)
 
 
 def script(cfg: Config, run: RunDir, job: Job) -> str:
     """The sbatch script of one job."""
-    sl = cfg.slurm
-    folder = Path(sl.template_dir) if sl.template_dir else TEMPLATES
+    slurm_cfg = cfg.slurm
+    folder = Path(slurm_cfg.template_dir) if slurm_cfg.template_dir else TEMPLATES
     stages = job_stages(job)
     multi_node = any(s.multi_node for s in stages)
     name = "train.sbatch" if multi_node else "stage.sbatch"
-    python = sl.python or sys.executable
+    python = slurm_cfg.python or sys.executable
     command = [
         python,
         "-m",
@@ -268,21 +268,21 @@ def script(cfg: Config, run: RunDir, job: Job) -> str:
     fields = {
         "job_name": f"distill-{run.path.name}-{job.key}",
         "log_file": str(logs / ("%x-%A_%a.out" if job.shards is not None else "%x-%j.out")),
-        "time": getattr(sl, stages[-1].slurm_time),
-        "cpus_per_task": str(sl.cpus_per_task),
-        "nodes": str(sl.train_nodes),
+        "time": getattr(slurm_cfg, stages[-1].slurm_time),
+        "cpus_per_task": str(slurm_cfg.cpus_per_task),
+        "nodes": str(slurm_cfg.train_nodes),
         "workdir": str(Path.cwd()),
         # Training takes every GPU of its nodes; a vLLM engine (sampling, grounding, eval) runs on one.
         "sbatch_options": sbatch_options(
             cfg,
-            sl.gpus_per_node
+            slurm_cfg.gpus_per_node
             if multi_node
-            else min(1, sl.gpus_per_node)
+            else min(1, slurm_cfg.gpus_per_node)
             if any(s.engine and s.enabled(cfg) for s in stages)
             else 0,
         ),
-        "setup": "\n".join(sl.setup),
-        "main_process_port": str(sl.main_process_port),
+        "setup": "\n".join(slurm_cfg.setup),
+        "main_process_port": str(slurm_cfg.main_process_port),
         "command": shlex.join(command) + shard,
     }
     path = folder / name

@@ -157,7 +157,7 @@ def eval_stage(
     """Evaluate round `rd`'s model on the held-out `items` (and `benchmarks`); write eval.json,
     eval_samples.jsonl and the benchmarks' rows; return the stats."""
     start = time.time()
-    e = cfg.eval
+    ecfg = cfg.eval
     ev = Evaluator(cfg, model_dir)
     llm = get_engine(model_dir)
     benchmarks = benchmarks or {}
@@ -169,7 +169,7 @@ def eval_stage(
     cf = ev.counterfactual_requests(items, base)
     bench_items = [(name, it) for name, its in benchmarks.items() for it in its]
     bench_requests = [ev.request(it) for _, it in bench_items]
-    outs = ev.generate(llm, base + [r for _, _, r in cf] + bench_requests, e.max_tokens)
+    outs = ev.generate(llm, base + [r for _, _, r in cf] + bench_requests, ecfg.max_tokens)
     greedy, cf_outs, bench_outs = (
         outs[: len(base)],
         outs[len(base) : len(base) + len(cf)],
@@ -209,28 +209,28 @@ def eval_stage(
     t0 = time.time()
     cut: list[tuple[int, int, str]] = []
     for i, out in enumerate(greedy):
-        for b in e.thinking_budgets:
-            continuation = budget_continuation(out, b, ev.tokenizer, e.force_answer)
+        for b in ecfg.thinking_budgets:
+            continuation = budget_continuation(out, b, ev.tokenizer, ecfg.force_answer)
             if continuation is None:
                 rows[i]["budgets"][str(b)] = rows[i]["correct"]
             else:
                 cut.append((i, b, continuation))
     answers = ev.generate(
-        llm, [replace(base[i], prompt=base[i].prompt + c) for i, _, c in cut], e.answer_max_tokens
+        llm, [replace(base[i], prompt=base[i].prompt + c) for i, _, c in cut], ecfg.answer_max_tokens
     )
     for (i, b, c), out in zip(cut, answers, strict=True):
         rows[i]["budgets"][str(b)] = ev.judge(items[i], ev.prefix + c + out.text)["correct"] is None
     for row in rows:
-        row["budgets"] = {str(b): row["budgets"][str(b)] for b in e.thinking_budgets}  # in budget order
+        row["budgets"] = {str(b): row["budgets"][str(b)] for b in ecfg.thinking_budgets}  # in budget order
     seconds["budgets"] = time.time() - t0
 
     # pass@k and majority vote over k samples.
     t0 = time.time()
     sampled_traces = []
-    if e.k:
-        samples = ev.generate(llm, base, e.max_tokens, e.temperature, e.top_p, n=e.k)
+    if ecfg.k:
+        samples = ev.generate(llm, base, ecfg.max_tokens, ecfg.temperature, ecfg.top_p, n=ecfg.k)
         for i, item in enumerate(items):
-            mine = samples[i * e.k : (i + 1) * e.k]
+            mine = samples[i * ecfg.k : (i + 1) * ecfg.k]
             judged = [ev.judge(item, ev.prefix + s.text, s.finish_reason) for s in mine]
             rows[i]["samples"] = [j["correct"] is None for j in judged]
             keys = [
@@ -249,7 +249,7 @@ def eval_stage(
     stats = summarize(cfg, items, rows, sampled_traces)
     stats["benchmarks"] = benchmark_results(ev, bench_items, bench_outs, rd)
     stats["model_dir"] = str(model_dir)
-    stats["requests"] = {"greedy": len(outs), "budget_answers": len(cut), "samples": len(base) * e.k}
+    stats["requests"] = {"greedy": len(outs), "budget_answers": len(cut), "samples": len(base) * ecfg.k}
     stats["phase_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     atomic_write_jsonl(rd.path / "eval_samples.jsonl", rows)
     atomic_write_json(rd.eval_json, stats)
@@ -273,11 +273,11 @@ def grouped(rows: list[dict], key: str) -> dict[str, float]:
 
 def summarize(cfg: Config, items: list[Item], rows: list[dict], sampled: list[dict]) -> dict:
     """eval.json's numbers from the judged rows."""
-    e = cfg.eval
+    ecfg = cfg.eval
     real = accuracy([r["correct"] for r in rows])
-    curve = {b: accuracy([r["budgets"][str(b)] for r in rows]) for b in e.thinking_budgets}
+    curve = {b: accuracy([r["budgets"][str(b)] for r in rows]) for b in ecfg.thinking_budgets}
     by_kind, gaps = {}, {}
-    for kind in e.counterfactuals:
+    for kind in ecfg.counterfactuals:
         heard = [r for r in rows if kind in r["counterfactual"]]
         if heard:  # the gap compares the same items with and without their audio
             by_kind[kind] = {
@@ -296,19 +296,20 @@ def summarize(cfg: Config, items: list[Item], rows: list[dict], sampled: list[di
         "per_family": grouped(rows, "family"),
         "per_category": grouped(rows, "category"),
         "budgets": {str(b): acc for b, acc in curve.items()},
-        "inverted_scaling": inverted_scaling(curve, e.inverted_margin),
+        "inverted_scaling": inverted_scaling(curve, ecfg.inverted_margin),
         "grounding": {
             "by_kind": by_kind,
             "gap_by_kind": {k: round(v, 4) for k, v in gaps.items()},
             "gap": round(sum(gaps.values()) / len(gaps), 4) if gaps else None,
         },
         "traces": {"greedy": trace_stats(rows), "sampled": trace_stats(sampled) if sampled else None},
-        "k": e.k,
+        "k": ecfg.k,
     }
-    if e.k and rows:
-        ks = sorted({*(2**p for p in range(e.k.bit_length()) if 2**p <= e.k), e.k})
+    if ecfg.k and rows:
+        ks = sorted({*(2**p for p in range(ecfg.k.bit_length()) if 2**p <= ecfg.k), ecfg.k})
         stats["pass_at"] = {
-            str(k): round(sum(pass_at_k(e.k, sum(r["samples"]), k) for r in rows) / len(rows), 4) for k in ks
+            str(k): round(sum(pass_at_k(ecfg.k, sum(r["samples"]), k) for r in rows) / len(rows), 4)
+            for k in ks
         }
         stats["majority_accuracy"] = accuracy([r["majority"] for r in rows])
     return stats

@@ -76,7 +76,7 @@ def apply_grounding(
     passing traces the ground stage left unscored as ones the selection would not keep."""
     from distill.core.rows import read_grounding
 
-    g = cfg.grounding
+    gcfg = cfg.grounding
     rows = read_grounding(rd, cfg.sample.num_shards)
     flagged = {item_id for item_id, row in rows.items() if row["text_solvable"]}
     passed_over = {tid for row in rows.values() for tid in row.get("passed_over", ())}
@@ -91,14 +91,14 @@ def apply_grounding(
         trace["text_solvable"] = row["text_solvable"]
         if record is not None:
             trace["grounding"] = record
-        result.update(grounded_results(result, row["text_solvable"], g))
+        result.update(grounded_results(result, row["text_solvable"], gcfg))
         if record is not None:
-            result["audio_dependence"] = dependence_result(record, g)
+            result["audio_dependence"] = dependence_result(record, gcfg)
         elif row.get("scorable", True) and not any(result.values()) and trace["trace_id"] not in passed_over:
             # The ground stage scores every trace that passes the rules and that the selection may
             # keep; a passing trace without a score that the selection may keep was skipped there
             # (it holds an audio token and the control_tokens check is off): it cannot be vouched for.
-            result["audio_dependence"] = dependence_result(None, g)
+            result["audio_dependence"] = dependence_result(None, gcfg)
     return flagged, passed_over
 
 
@@ -159,14 +159,14 @@ def select_per_item(
     kept (with its checks and reward) or rejected (with all its reasons). Without the correctness
     check (`scored` false) there is no pass rate: every prompt is in the band, none is set aside
     (config validation refuses a band or skip_solved without it)."""
-    fc, out = cfg.filter, Selection()
+    fcfg, out = cfg.filter, Selection()
     by_item: dict[str, list[dict]] = defaultdict(list)
     for trace in traces:
         by_item[trace["item_id"]].append(trace)
     results_of = {t["trace_id"]: r for t, r in zip(traces, results, strict=True)}
     out.prompts = len(by_item)
     for item_id, item_traces in by_item.items():
-        ordered, decision, correct = item_decision(fc, item_traces, results_of, scored)
+        ordered, decision, correct = item_decision(fcfg, item_traces, results_of, scored)
         out.correct += correct
         if scored and correct == 0:
             out.always_failed.append(item_id)
@@ -187,7 +187,7 @@ def select_per_item(
             row = {
                 **trace,
                 "checks": {k: v or "pass" for k, v in result.items()},
-                "reward": reward(result, fc.reward_weights),
+                "reward": reward(result, fcfg.reward_weights),
             }
             category = trace.get("category") or "other"
             if j in decision.kept:
@@ -206,15 +206,15 @@ def select_per_item(
 def filter_stage(cfg: Config, rd: RoundDir, model_dir: Path) -> dict:
     """Check every trace of round `rd` (sampled from `model_dir`); write kept and rejected traces."""
     start = time.time()
-    fc = cfg.filter
+    fcfg = cfg.filter
     traces = read_samples(rd, cfg.sample.num_shards)
-    rules = RulePipeline(fc, control_tokens(str(model_dir)))
+    rules = RulePipeline(fcfg, control_tokens(str(model_dir)))
     results = [rules.run(t) for t in traces]
     rules_seconds = time.time() - start
     flagged, passed_over = (
         apply_grounding(cfg, rd, traces, results) if cfg.grounding.enabled else (set(), set())
     )
-    judge_stats = run_judge(cfg, traces, results) if fc.judge.enabled else {}
+    judge_stats = run_judge(cfg, traces, results) if fcfg.judge.enabled else {}
     scored = "correct" in rules.enabled
     sel = select_per_item(cfg, rd, traces, results, scored, flagged, passed_over)
 

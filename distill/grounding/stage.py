@@ -44,8 +44,8 @@ def ground_stage(
 ) -> dict | None:
     """Measure the missing grounding shards of round `rd`; return the round's grounding stats once
     every shard is on disk (None while other array tasks still owe theirs)."""
-    g = cfg.grounding
-    if not g.enabled:
+    gcfg = cfg.grounding
+    if not gcfg.enabled:
         return {"enabled": False}
     count, indices = shard_plan(cfg)
     model_hash = verified_weights_hash(model_dir)
@@ -69,7 +69,7 @@ def ground_stage(
             continue
         traces = read_samples(rd, count, shards=[shard])
         llm = get_engine(model_dir)
-        if g.reuse_prefix_cache and not done:
+        if gcfg.reuse_prefix_cache and not done:
             # Sampling left its traces in the prefix cache. A scoring that reads it under a prompt
             # sampling asked (the real one; a swap whose partner asks the same question, as
             # templated questions do) would find the heads of traces that begin like a sampled one
@@ -93,7 +93,7 @@ def ground_stage(
     )
     if rd.missing_shards(rd.grounding_path, count):
         return None
-    stats = summarize(read_grounding(rd, count).values(), g.counterfactuals)
+    stats = summarize(read_grounding(rd, count).values(), gcfg.counterfactuals)
     # This process's own timing (a resumed stage or one array task times only its shards).
     return {
         **stats,
@@ -127,7 +127,7 @@ class GroundingContext:
         one-item split). Noise depends on the run's seed, not the item: clips of one length and
         level share it (counterfactual.py). `loaded`: recordings by sha256, so the items that
         share a swap partner hear the same arrays (which is how scoring knows they are the same)."""
-        g = self.cfg.grounding
+        gcfg = self.cfg.grounding
 
         def recording(it: Item) -> list:
             key = it.audio_sha256 or it.audio
@@ -136,8 +136,8 @@ class GroundingContext:
             return loaded[key]
 
         real = recording(item)
-        kinds = dict.fromkeys([*g.counterfactuals, *g.score_against])
-        step = bank_step(g.bank_seconds, self.cfg.data.sample_rate)
+        kinds = dict.fromkeys([*gcfg.counterfactuals, *gcfg.score_against])
+        step = bank_step(gcfg.bank_seconds, self.cfg.data.sample_rate)
         return {
             "real": real,
             **counterfactual_inputs(item, real, kinds, self.partners, recording, self.cfg.seed, step),
@@ -156,7 +156,7 @@ class GroundingContext:
         self, traces: list[dict], round_index: int, llm, model_hash: str, samples_sha256: str, timing: Counter
     ) -> list[dict]:
         """The grounding rows of one shard's items (in the order their traces come)."""
-        g = self.cfg.grounding
+        gcfg = self.cfg.grounding
         by_item: dict[str, list[dict]] = defaultdict(list)
         for t in traces:
             by_item[t["item_id"]].append(t)
@@ -171,7 +171,7 @@ class GroundingContext:
         inputs = {item.id: self.inputs(item, loaded) for item in items}
         rules = {t["trace_id"]: self.prefilter.run(t) for t in traces}
         probed = {
-            item.id for item in items if g.probe_items == "all" or self.keepable(by_item[item.id], rules)
+            item.id for item in items if gcfg.probe_items == "all" or self.keepable(by_item[item.id], rules)
         }
         t0 = time.time()
         tallies, answers = self.probe([item for item in items if item.id in probed], inputs, round_index, llm)
@@ -180,7 +180,7 @@ class GroundingContext:
             i
             for i, tally in tallies.items()
             if text_solvable(
-                tally, chance(self.items[i].answer, self.items[i].choices), g.text_solvable_margin
+                tally, chance(self.items[i].answer, self.items[i].choices), gcfg.text_solvable_margin
             )
         }
         t0 = time.time()
@@ -226,28 +226,36 @@ class GroundingContext:
     ) -> tuple[dict[str, ProbeTally], dict[str, dict]]:
         """Sample probe_samples short answers per item and input (held to the item's options with
         grounding.probe_answers=options); tally the right ones."""
-        g, sr = self.cfg.grounding, self.cfg.data.sample_rate
+        gcfg, sr = self.cfg.grounding, self.cfg.data.sample_rate
         requests, meta = [], []
         for item in items:
-            options = answer_options(item.answer, item.choices) if g.probe_answers == "options" else None
-            for kind in ("real", *g.counterfactuals):
-                if not g.probe_samples or (kind == "swap" and not self.informative_swap(item)):
+            options = answer_options(item.answer, item.choices) if gcfg.probe_answers == "options" else None
+            for kind in ("real", *gcfg.counterfactuals):
+                if not gcfg.probe_samples or (kind == "swap" and not self.informative_swap(item)):
                     continue
                 audio = inputs[item.id][kind]
                 seed = sample_seed(self.cfg.seed, round_index, f"{item.id}/probe/{kind}", 0)
-                requests.append(Request(self.prompt(item, audio) + g.probe_prefix, audio, sr, seed, options))
-                meta.extend([(item, kind)] * g.probe_samples)
+                requests.append(
+                    Request(self.prompt(item, audio) + gcfg.probe_prefix, audio, sr, seed, options)
+                )
+                meta.extend([(item, kind)] * gcfg.probe_samples)
         tallies = {it.id: ProbeTally() for it in items}
         answers: dict[str, dict[str, list[str]]] = {it.id: {} for it in items}
         if not requests:
             return tallies, answers
         outs = generate(
-            llm, requests, g.probe_temperature, 1.0, g.probe_max_tokens, n=g.probe_samples, banned=self.banned
+            llm,
+            requests,
+            gcfg.probe_temperature,
+            1.0,
+            gcfg.probe_max_tokens,
+            n=gcfg.probe_samples,
+            banned=self.banned,
         )
         for (item, kind), out in zip(meta, outs, strict=True):
             result = self.answer_check.run(
                 {
-                    "completion": g.probe_prefix + out.text,
+                    "completion": gcfg.probe_prefix + out.text,
                     "reference": item.answer,
                     "choices": item.choices,
                     "question": item.question,
@@ -286,8 +294,12 @@ class GroundingContext:
         until every trace it would keep is scored (`rules`: trace id -> rule check results,
         `flagged`: the items answerable from text, `cache_counts`: what the scorings shared through
         the prefix cache, counted as scoring.PrefixDonors counts it)."""
-        g = self.cfg.grounding
-        mode = "passing" if g.score_traces == "keepable" and self.cfg.filter.judge.enabled else g.score_traces
+        gcfg = self.cfg.grounding
+        mode = (
+            "passing"
+            if gcfg.score_traces == "keepable" and self.cfg.filter.judge.enabled
+            else gcfg.score_traces
+        )
         records: dict[str, dict] = {}
         passed_over: dict[str, list[str]] = {}
         todo = {item_id: traces for item_id, traces in by_item.items() if self.scorable(self.items[item_id])}
@@ -297,7 +309,7 @@ class GroundingContext:
             )
             return records, passed_over
         results = {
-            t["trace_id"]: grounded_results(rules[t["trace_id"]], t["item_id"] in flagged, g)
+            t["trace_id"]: grounded_results(rules[t["trace_id"]], t["item_id"] in flagged, gcfg)
             for traces in todo.values()
             for t in traces
         }
@@ -314,7 +326,9 @@ class GroundingContext:
                 break
             self.score_batch(wanted, inputs, llm, records, cache_counts)
             for t in wanted:  # a trace it could not score fails like the filter fails it
-                results[t["trace_id"]]["audio_dependence"] = dependence_result(records.get(t["trace_id"]), g)
+                results[t["trace_id"]]["audio_dependence"] = dependence_result(
+                    records.get(t["trace_id"]), gcfg
+                )
         for t in passing:
             if t["trace_id"] not in records and results[t["trace_id"]]["audio_dependence"] is None:
                 passed_over.setdefault(t["item_id"], []).append(t["trace_id"])
@@ -333,7 +347,7 @@ class GroundingContext:
         The real audio's log-probability comes from sampling where the trace carries it, else from
         one more teacher-forced pass. With grounding.reuse_prefix_cache the scorings read the prefix
         cache: an item's traces share each prompt they are scored under (scoring.py)."""
-        g, sr = self.cfg.grounding, self.cfg.data.sample_rate
+        gcfg, sr = self.cfg.grounding, self.cfg.data.sample_rate
         prefix = self.cfg.sample.generation_prefix
         jobs, meta = [], []
         per_trace: dict[str, dict] = defaultdict(dict)
@@ -345,12 +359,17 @@ class GroundingContext:
             item = self.items[t["item_id"]]
             head = prefix if prefix and t["completion"].startswith(prefix) else ""
             ids = t.get("token_ids")
-            sampled = sampled_logprob(t) if g.real_logprobs == "sampled" else None
+            sampled = sampled_logprob(t) if gcfg.real_logprobs == "sampled" else None
             sources[t["trace_id"]] = "scored" if sampled is None else "sampled"
             if sampled is not None:
                 per_trace[t["trace_id"]]["real"] = sampled
             for kind, audio in item_inputs.items():
-                if kind == "real" and sampled is not None or kind != "real" and kind not in g.score_against:
+                if (
+                    kind == "real"
+                    and sampled is not None
+                    or kind != "real"
+                    and kind not in gcfg.score_against
+                ):
                     continue
                 jobs.append(
                     ScoreJob(
@@ -358,14 +377,14 @@ class GroundingContext:
                         t["completion"][len(head) :],
                         audio,
                         ids,
-                        reuse_prefix=g.reuse_prefix_cache,
+                        reuse_prefix=gcfg.reuse_prefix_cache,
                     )
                 )
                 meta.append((t["trace_id"], kind))
-        for lo in range(0, len(jobs), g.score_batch):
+        for lo in range(0, len(jobs), gcfg.score_batch):
             for (trace_id, kind), lp in zip(
-                meta[lo : lo + g.score_batch],
-                score(llm, self.tokenizer, jobs[lo : lo + g.score_batch], sr, cache_counts),
+                meta[lo : lo + gcfg.score_batch],
+                score(llm, self.tokenizer, jobs[lo : lo + gcfg.score_batch], sr, cache_counts),
                 strict=True,
             ):
                 per_trace[trace_id][kind] = lp.sums()

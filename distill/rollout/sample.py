@@ -48,14 +48,14 @@ class EngineBackend:
         self.logprobs = cfg.grounding.enabled and cfg.grounding.real_logprobs == "sampled"
 
     def sample(self, requests: list[Request], items: list[Item], partial: Path) -> list[Completion]:
-        sc = self.cfg.sample
+        scfg = self.cfg.sample
         llm = self.get_engine(self.model_dir)
         return generate(
             llm,
             requests,
-            sc.temperature,
-            sc.top_p,
-            sc.max_tokens,
+            scfg.temperature,
+            scfg.top_p,
+            scfg.max_tokens,
             self.think_close,
             banned=self.banned,
             logprobs=self.logprobs,
@@ -105,13 +105,13 @@ class ServerBackend:
 def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, get_engine: Callable) -> dict:
     """Sample the missing shards of round `rd` from `model_dir`; return counts for the metrics."""
     count, indices = shard_plan(cfg)
-    sc = cfg.sample
-    solved = solved_before(rd) if sc.skip_solved else set()
+    scfg = cfg.sample
+    solved = solved_before(rd) if scfg.skip_solved else set()
     pool = [it for it in items if it.id not in solved]
     tokenizer = load_tokenizer(str(model_dir))
     backend = (
         ServerBackend(cfg, tokenizer)
-        if sc.backend == "server"
+        if scfg.backend == "server"
         else EngineBackend(cfg, model_dir, get_engine, tokenizer)
     )
     cache = audio_cache(cfg)
@@ -128,9 +128,9 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         for item in shard_items:
             request = item_request(cfg, tokenizer, item, cache)
             audio_hash = item.audio_sha256 or sha256_file(item.audio)  # items built before validation lack it
-            seeds = [sample_seed(cfg.seed, rd.index, item.id, j) for j in range(sc.n)]
+            seeds = [sample_seed(cfg.seed, rd.index, item.id, j) for j in range(scfg.n)]
             requests += [replace(request, seed=seed) for seed in seeds]
-            meta += [(item, request.prompt, audio_hash, j, backend.lineage(seeds, j)) for j in range(sc.n)]
+            meta += [(item, request.prompt, audio_hash, j, backend.lineage(seeds, j)) for j in range(scfg.n)]
         outs = backend.sample(requests, [m[0] for m in meta], partial_path(path))
         lineage = {"round": rd.index, "model_dir": str(model_dir), "model_sha256": backend.model_hash}
         rows = [
@@ -174,7 +174,7 @@ def trace_row(
     shard: str,
 ) -> dict:
     """One sampled trace as the sample shard holds it (core/rows.py SampleRow), with its lineage."""
-    sc = cfg.sample
+    scfg = cfg.sample
     return {
         "schema_version": TRACE_SCHEMA_VERSION,
         "trace_id": f"{item.id}#{j}",
@@ -182,8 +182,8 @@ def trace_row(
         "sample_index": j,
         "audio": item.audio,
         "audio_sha256": audio_hash,
-        "prompt": prompt.removesuffix(sc.generation_prefix),
-        "completion": sc.generation_prefix + out.text,
+        "prompt": prompt.removesuffix(scfg.generation_prefix),
+        "completion": scfg.generation_prefix + out.text,
         "finish_reason": out.finish_reason,
         "num_tokens": out.num_tokens,
         "reasoning_tokens": out.reasoning_tokens,
@@ -196,9 +196,9 @@ def trace_row(
         "lineage": {
             **lineage,
             "shard": shard,
-            "temperature": sc.temperature,
-            "top_p": sc.top_p,
-            "max_tokens": sc.max_tokens,
+            "temperature": scfg.temperature,
+            "top_p": scfg.top_p,
+            "max_tokens": scfg.max_tokens,
         },
     }
 
