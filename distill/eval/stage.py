@@ -146,37 +146,18 @@ class Evaluator:
         return out
 
 
-def eval_stage(
-    cfg: Config,
-    items: list[Item],
-    model_dir: Path,
-    rd: RoundDir,
-    get_engine: Callable,
-    benchmarks: dict[str, list[Item]] | None = None,
-) -> dict:
-    """Evaluate round `rd`'s model on the held-out `items` (and `benchmarks`); write eval.json,
-    eval_samples.jsonl and the benchmarks' rows; return the stats."""
-    start = time.time()
-    ecfg = cfg.eval
-    ev = Evaluator(cfg, model_dir)
-    llm = get_engine(model_dir)
-    benchmarks = benchmarks or {}
-    seconds: dict[str, float] = {}
-
-    # Greedy traces: real audio, counterfactuals and benchmarks in one batch.
-    t0 = time.time()
-    base = [ev.request(it) for it in items]
+def greedy_pass(
+    ev: Evaluator, llm, items: list[Item], base: list[Request], bench_requests: list[Request]
+) -> tuple[list[dict], list[Completion], list[Completion]]:
+    """Greedy traces with the real audio, each counterfactual and the benchmarks, in one batch:
+    (the items' judged rows, their greedy completions, the benchmarks' completions)."""
     cf = ev.counterfactual_requests(items, base)
-    bench_items = [(name, it) for name, its in benchmarks.items() for it in its]
-    bench_requests = [ev.request(it) for _, it in bench_items]
-    outs = ev.generate(llm, base + [r for _, _, r in cf] + bench_requests, ecfg.max_tokens)
+    outs = ev.generate(llm, base + [r for _, _, r in cf] + bench_requests, ev.cfg.eval.max_tokens)
     greedy, cf_outs, bench_outs = (
         outs[: len(base)],
         outs[len(base) : len(base) + len(cf)],
         outs[len(base) + len(cf) :],
     )
-    seconds["greedy"] = time.time() - t0
-
     rows = []
     for item, out in zip(items, greedy, strict=True):
         text = ev.prefix + out.text
@@ -204,9 +185,15 @@ def eval_stage(
         rows[i]["counterfactual"][kind] = (
             ev.judge(items[i], ev.prefix + out.text, out.finish_reason)["correct"] is None
         )
+    return rows, greedy, bench_outs
 
-    # Test-time scaling: the answers of traces cut at each budget.
-    t0 = time.time()
+
+def budget_pass(
+    ev: Evaluator, llm, items: list[Item], base: list[Request], greedy: list[Completion], rows: list[dict]
+) -> int:
+    """Test-time scaling: each greedy trace cut at every thinking budget and answered, into the
+    rows' "budgets"; returns how many answers were asked for."""
+    ecfg = ev.cfg.eval
     cut: list[tuple[int, int, str]] = []
     for i, out in enumerate(greedy):
         for b in ecfg.thinking_budgets:
@@ -222,34 +209,69 @@ def eval_stage(
         rows[i]["budgets"][str(b)] = ev.judge(items[i], ev.prefix + c + out.text)["correct"] is None
     for row in rows:
         row["budgets"] = {str(b): row["budgets"][str(b)] for b in ecfg.thinking_budgets}  # in budget order
-    seconds["budgets"] = time.time() - t0
+    return len(cut)
 
-    # pass@k and majority vote over k samples.
+
+def samples_pass(ev: Evaluator, llm, items: list[Item], base: list[Request], rows: list[dict]) -> list[dict]:
+    """pass@k and majority vote over eval.k samples per item, into the rows; returns each
+    sample's length, finish reason and checks (for the summary)."""
+    ecfg, sampled = ev.cfg.eval, []
+    if not ecfg.k:
+        return sampled
+    samples = ev.generate(llm, base, ecfg.max_tokens, ecfg.temperature, ecfg.top_p, n=ecfg.k)
+    for i, item in enumerate(items):
+        mine = samples[i * ecfg.k : (i + 1) * ecfg.k]
+        judged = [ev.judge(item, ev.prefix + s.text, s.finish_reason) for s in mine]
+        rows[i]["samples"] = [j["correct"] is None for j in judged]
+        keys = [
+            answer_key(
+                extract_answer(ev.prefix + s.text, ev.cfg.filter.answer_tag), item.answer, item.choices
+            )
+            for s in mine
+        ]
+        rows[i]["majority"] = majority_vote(keys, rows[i]["samples"])
+        sampled += [
+            {"reasoning_tokens": s.reasoning_tokens, "finish_reason": s.finish_reason, "checks": j}
+            for s, j in zip(mine, judged, strict=True)
+        ]
+    return sampled
+
+
+def eval_stage(
+    cfg: Config,
+    items: list[Item],
+    model_dir: Path,
+    rd: RoundDir,
+    get_engine: Callable,
+    benchmarks: dict[str, list[Item]] | None = None,
+) -> dict:
+    """Evaluate round `rd`'s model on the held-out `items` (and `benchmarks`); write eval.json,
+    eval_samples.jsonl and the benchmarks' rows; return the stats."""
+    start = time.time()
+    ev = Evaluator(cfg, model_dir)
+    llm = get_engine(model_dir)
+    bench_items = [(name, it) for name, its in (benchmarks or {}).items() for it in its]
+    base = [ev.request(it) for it in items]
+    seconds: dict[str, float] = {}
     t0 = time.time()
-    sampled_traces = []
-    if ecfg.k:
-        samples = ev.generate(llm, base, ecfg.max_tokens, ecfg.temperature, ecfg.top_p, n=ecfg.k)
-        for i, item in enumerate(items):
-            mine = samples[i * ecfg.k : (i + 1) * ecfg.k]
-            judged = [ev.judge(item, ev.prefix + s.text, s.finish_reason) for s in mine]
-            rows[i]["samples"] = [j["correct"] is None for j in judged]
-            keys = [
-                answer_key(
-                    extract_answer(ev.prefix + s.text, cfg.filter.answer_tag), item.answer, item.choices
-                )
-                for s in mine
-            ]
-            rows[i]["majority"] = majority_vote(keys, rows[i]["samples"])
-            sampled_traces += [
-                {"reasoning_tokens": s.reasoning_tokens, "finish_reason": s.finish_reason, "checks": j}
-                for s, j in zip(mine, judged, strict=True)
-            ]
+    rows, greedy, bench_outs = greedy_pass(ev, llm, items, base, [ev.request(it) for _, it in bench_items])
+    seconds["greedy"] = time.time() - t0
+    t0 = time.time()
+    budget_answers = budget_pass(ev, llm, items, base, greedy, rows)
+    seconds["budgets"] = time.time() - t0
+    t0 = time.time()
+    sampled_traces = samples_pass(ev, llm, items, base, rows)
     seconds["samples"] = time.time() - t0
 
     stats = summarize(cfg, items, rows, sampled_traces)
     stats["benchmarks"] = benchmark_results(ev, bench_items, bench_outs, rd)
     stats["model_dir"] = str(model_dir)
-    stats["requests"] = {"greedy": len(outs), "budget_answers": len(cut), "samples": len(base) * ecfg.k}
+    greedy_requests = len(greedy) + sum(len(r["counterfactual"]) for r in rows) + len(bench_outs)
+    stats["requests"] = {
+        "greedy": greedy_requests,
+        "budget_answers": budget_answers,
+        "samples": len(base) * cfg.eval.k,
+    }
     stats["phase_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     atomic_write_jsonl(rd.path / "eval_samples.jsonl", rows)
     atomic_write_json(rd.eval_json, stats)
