@@ -14,7 +14,15 @@ from distill.models.config import TinyModelConfig
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Iterative self-distillation for audio LMs")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_loop_commands(sub)
+    add_round_commands(sub)
+    add_run_dir_commands(sub)
+    add_tool_commands(sub)
+    return parser
 
+
+def add_loop_commands(sub) -> None:
+    """`run`, `stage`: the loop, or stages of one round."""
     p_run = sub.add_parser("run", help="run (or resume) the round loop")
     p_run.add_argument("config")
     p_run.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -32,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_stage.add_argument("--round", type=int, required=True)
     p_stage.add_argument("overrides", nargs="*")
 
+
+def add_round_commands(sub) -> None:
+    """`eval`, `export`, `push`: work on one round's directory."""
     p_eval = sub.add_parser("eval", help="(re-)evaluate a round's exported model (eval.* overrides allowed)")
     p_eval.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
     p_eval.add_argument("overrides", nargs="*", help="eval.key=value overrides (e.g. eval.k=8)")
@@ -44,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
     p_export.add_argument("overrides", nargs="*", help="export.key=value overrides (e.g. export.probes=8)")
 
+    add_push_command(sub)
+
+
+def add_run_dir_commands(sub) -> None:
+    """`report`, `status`, `slurm`: work on a whole run."""
     p_report = sub.add_parser("report", help="write a self-contained HTML report of a run")
     p_report.add_argument("run_dir", help="e.g. checkpoints/demo_cpu")
     p_report.add_argument("--out", default="", help="output file (default: RUN_DIR/report.html)")
@@ -70,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value config overrides (e.g. slurm.partition=gpu)"
     )
 
+
+def add_push_command(sub) -> None:
     p_push = sub.add_parser("push", help="upload a round's exported model (and kept traces) to the HF Hub")
     p_push.add_argument("round_dir", help="e.g. checkpoints/demo_cpu/round_002")
     p_push.add_argument(
@@ -85,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the files and the branch, upload nothing"
     )
 
+
+def add_tool_commands(sub) -> None:
+    """`make-tiny-model`, `data`: tools outside the loop."""
     p_tiny = sub.add_parser(
         "make-tiny-model", help="build a tiny random model of a supported family that vLLM loads"
     )
@@ -125,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "overrides", nargs="*", help="key=value config overrides (e.g. data.audio.max_seconds=10)"
         )
-    return parser
 
 
 def data_command(args: argparse.Namespace) -> int:
