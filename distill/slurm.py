@@ -198,7 +198,8 @@ def plan(cfg: Config, run: RunDir, rounds: int, queued: dict[str, list[Queued]])
             if fresh and live:
                 cancel += [q.job_id for q in live]
                 live = []
-            sharded = [s for s in map(stage_named, stages) if s.sharded]
+            # An array job: a stage in it writes shards (a stage its config turns off writes none).
+            sharded = [s for s in map(stage_named, stages) if s.sharded and s.enabled(cfg)]
             if sharded:
                 path_of = partial(rd.shard_file, sharded[0].shard_dir)
                 missing = set(rd.missing_shards(path_of, count))

@@ -70,6 +70,7 @@ def test_without_grounding_the_filter_job_runs_the_ground_stage(tmp_path):
         ("train", ["train"]),
         ("eval", ["export", "eval"]),
     ]
+    assert jobs[0].shards == [0, 1, 2] and jobs[1].shards is None  # the turned-off ground shards nothing
 
 
 def test_resubmission_asks_only_for_what_is_missing(tmp_path):
