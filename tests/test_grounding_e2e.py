@@ -21,7 +21,7 @@ from distill.grounding.counterfactual import noise, silence
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.grounding.stage import ground_stage
 from distill.loop import init_run_dir
-from distill.models.tokens import load_tokenizer, think_close_token_id
+from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
 from distill.rollout.engine import EngineCache, Request, generate
 from distill.rollout.sample import logprob_record, sample_stage
 
@@ -128,6 +128,19 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
             cfg.data.sample_rate,
         )
         retokenized = sum(completion_tokens(tokenizer, prompt, o.text)[0] != list(o.token_ids) for o in many)
+        # A trace's lineage seed reproduces it alone: the stage asks for an item's n traces in one
+        # request, vLLM seeds trace j with the item's seed + j, and the lineage records that seed.
+        second = next(t for t in traces if t["item_id"] == trace["item_id"] and t["sample_index"] == 1)
+        assert second["lineage"]["seed"] == trace["lineage"]["seed"] + 1
+        alone = generate(
+            llm,
+            [Request(prompt, real, cfg.data.sample_rate, second["lineage"]["seed"])],
+            cfg.sample.temperature,
+            cfg.sample.top_p,
+            cfg.sample.max_tokens,
+            banned=audio_tokens(str(tiny_model)) if cfg.sample.ban_audio_tokens else None,
+        )
+        assert list(alone[0].token_ids) == second["token_ids"]
 
     # 1. vLLM's teacher-forced log-probabilities are a real forward pass: transformers agrees, to
     # the precision of vLLM's bf16 (its "auto" dtype for a float32 model) ...

@@ -36,8 +36,9 @@ def logprob_record(out: Completion, think_close_id: int | None) -> dict:
 
 
 class EngineBackend:
-    """Sampling on the round's vLLM engine: one request per trace, each with its own seed; the
-    traces keep their token ids and, for the ground stage, their log-probabilities."""
+    """Sampling on the round's vLLM engine: one request per item asks for its n traces (vLLM
+    prepares the prompt and the audio once and seeds trace j with the item's seed + j); the traces
+    keep their token ids and, for the ground stage, their log-probabilities."""
 
     def __init__(self, cfg: Config, model_dir: Path, get_engine: Callable, tokenizer):
         self.cfg, self.model_dir, self.get_engine = cfg, model_dir, get_engine
@@ -57,6 +58,7 @@ class EngineBackend:
             scfg.top_p,
             scfg.max_tokens,
             self.think_close,
+            n=scfg.n,
             banned=self.banned,
             logprobs=self.logprobs,
         )
@@ -67,8 +69,8 @@ class EngineBackend:
         record = {"sampled_logprob": logprob_record(out, self.think_close)} if out.logprobs else {}
         return {"token_ids": list(out.token_ids), **record}
 
-    def lineage(self, seeds: list[int], j: int) -> dict:
-        return {"seed": seeds[j]}
+    def lineage(self, seed: int, j: int) -> dict:
+        return {"seed": seed + j}  # vLLM's seed of the request's sample j
 
     def close(self) -> None:
         pass
@@ -87,16 +89,18 @@ class ServerBackend:
         )
 
     def sample(self, requests: list[Request], items: list[Item], partial: Path) -> list[Completion]:
-        n = self.cfg.sample.n
-        jobs = [(item, r.audio, r.seed) for item, r in zip(items[::n], requests[::n], strict=True)]
+        jobs = [(item, r.audio, r.seed) for item, r in zip(items, requests, strict=True)]
         per_item = sample_shard(self.cfg, self.client, jobs, partial, self.tokenizer)
         return [c for completions in per_item for c in completions]
 
     def trace_fields(self, out: Completion) -> dict:
         return {}
 
-    def lineage(self, seeds: list[int], j: int) -> dict:
-        return {"seed": seeds[0], "choice": j}  # choice j of the item's one request
+    def lineage(self, seed: int, j: int) -> dict:
+        return {
+            "seed": seed,
+            "choice": j,
+        }  # choice j of the item's one request (a server may seed it otherwise)
 
     def close(self) -> None:
         self.client.close()
@@ -128,10 +132,10 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         for item in shard_items:
             request = item_request(cfg, tokenizer, item, cache)
             audio_hash = item.audio_sha256 or sha256_file(item.audio)  # items built before validation lack it
-            seeds = [sample_seed(cfg.seed, rd.index, item.id, j) for j in range(scfg.n)]
-            requests += [replace(request, seed=seed) for seed in seeds]
-            meta += [(item, request.prompt, audio_hash, j, backend.lineage(seeds, j)) for j in range(scfg.n)]
-        outs = backend.sample(requests, [m[0] for m in meta], partial_path(path))
+            seed = sample_seed(cfg.seed, rd.index, item.id, 0)
+            requests.append(replace(request, seed=seed))
+            meta += [(item, request.prompt, audio_hash, j, backend.lineage(seed, j)) for j in range(scfg.n)]
+        outs = backend.sample(requests, shard_items, partial_path(path))
         lineage = {"round": rd.index, "model_dir": str(model_dir), "model_sha256": backend.model_hash}
         rows = [
             trace_row(
