@@ -248,3 +248,21 @@ def test_one_measure_of_reasoning_length():
     assert reasoning_tokens(None, text, count=lambda t: len(t.split("b"))) == 11
     assert reasoning_tokens(None, "<think>never closed") is None
     assert reasoning_tokens(None, "</think>at once") == 1
+
+
+def test_acoustic_terms_found_past_the_opening():
+    """The check looks in the reasoning's opening first; a term only further in (or across the
+    opening's end) still counts, and the decision is the whole reasoning's."""
+    from distill.filter.checks import ACOUSTIC_HEAD_CHARS, check_acoustic_terms
+
+    filler = "so we think about it. " * (ACOUSTIC_HEAD_CHARS // 10)
+    terms, words = ("pitch", "hz"), ("word",)
+    assert check_acoustic_terms(filler + "the pitch rises", terms, words) is None
+    across = "x" * (ACOUSTIC_HEAD_CHARS - 2) + " Pitch"
+    assert check_acoustic_terms(across, terms, words) is None
+    assert (
+        check_acoustic_terms(filler + "the pitch rises", terms, words, min_terms=2)
+        == "lexical:no_acoustic_terms"
+    )
+    assert check_acoustic_terms("pitch " + filler + " 440 Hz", terms, words, min_terms=2) is None
+    assert check_acoustic_terms(filler + " the word", terms, words) == "lexical:transcript_only"

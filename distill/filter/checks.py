@@ -224,6 +224,11 @@ def check_agreement(
     return None
 
 
+# Characters of a trace's reasoning searched for acoustic terms first (check_acoustic_terms): a
+# passing trace is then lower-cased and searched 1 KB deep rather than whole.
+ACOUSTIC_HEAD_CHARS = 1024
+
+
 def acoustic_terms(reasoning: str, terms: tuple[str, ...], enough: int = 0) -> list[str]:
     """The distinct `terms` (lower-case substrings) the reasoning cites, in the order of `terms`;
     with `enough`, stops once that many are found (the check needs no more)."""
@@ -245,7 +250,11 @@ def check_acoustic_terms(
     measures that. A failing trace that talks about words instead is told apart in the reason."""
     if reasoning is None:
         return None  # the format check reports it
-    if len(acoustic_terms(reasoning, acoustic, min_terms)) >= min_terms:
+    # The opening usually names what is heard: enough terms there decide, as the whole would.
+    head = reasoning[:ACOUSTIC_HEAD_CHARS]
+    if len(acoustic_terms(head, acoustic, min_terms)) >= min_terms:
+        return None
+    if len(reasoning) > len(head) and len(acoustic_terms(reasoning, acoustic, min_terms)) >= min_terms:
         return None
     return (
         "lexical:transcript_only" if acoustic_terms(reasoning, transcript, 1) else "lexical:no_acoustic_terms"
