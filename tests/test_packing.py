@@ -273,3 +273,38 @@ def test_packing_by_default_only_where_attention_is_varlen(monkeypatch):
     assert train_model.use_packing(auto, "flash_attention_2") and not train_model.use_packing(auto, "sdpa")
     assert train_model.use_packing(TrainConfig(packing=True), "sdpa")
     assert not train_model.use_packing(TrainConfig(packing=False), "flash_attention_2")
+
+
+def test_rank_plan_keeps_each_clip_on_one_rank_with_even_tokens():
+    """train.rank_by_clip: every clip's rows train on one rank (its encoder cache then computes the
+    clip once), every row trains, the ranks' token counts stay even, and the plan is the same for
+    the same (seed, epoch); one process gets the round-robin plan unchanged."""
+    import numpy as np
+
+    from distill.training.packing import plan_ranks
+
+    rng = np.random.default_rng(0)
+    clips = [f"clip{i // 4}" for i in range(64)] + [None] * 6  # 16 clips x 4 traces, 6 text-only rows
+    lengths = [int(x) for x in rng.integers(50, 400, len(clips))]
+    one = plan_ranks(lengths, clips, 4, 0, 0, True, 1, 1)
+    assert one == pad_plan(plan_epoch(lengths, 4, 0, 0, True), 1, 1)
+    plan = plan_ranks(lengths, clips, 4, 0, 0, True, 2, 2)
+    assert (
+        plan
+        == plan_ranks(lengths, clips, 4, 0, 0, True, 2, 2)
+        != plan_ranks(lengths, clips, 4, 0, 1, True, 2, 2)
+    )
+    assert len(plan) % (2 * 2) == 0
+    ranks = [rank_batches(plan, r, 2) for r in range(2)]
+    rows = [{i for b in batches for i in b} for batches in ranks]
+    assert rows[0] | rows[1] == set(range(len(clips))) and not rows[0] & rows[1]
+    for clip in {c for c in clips if c}:
+        assert len({r for r in range(2) for i in rows[r] if clips[i] == clip}) == 1
+    tokens = [sum(lengths[i] for i in r) for r in rows]
+    assert abs(tokens[0] - tokens[1]) <= max(
+        sum(lengths[i] for i in range(k, k + 4)) for k in range(0, 64, 4)
+    )
+    # Fewer clips than ranks: the round-robin plan, so no rank is left without work.
+    assert plan_ranks(lengths[:4], ["a"] * 4, 2, 0, 0, True, 2, 1) == pad_plan(
+        plan_epoch(lengths[:4], 2, 0, 0, True), 2, 1
+    )

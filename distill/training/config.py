@@ -72,6 +72,9 @@ class TrainConfig:
     # block-diagonal mask computes attention over the whole packed row (measured slower on CPU).
     packing: bool | None = None
     group_by_length: bool = True
+    # With several ranks, give all the rows of one audio clip to one rank (clips dealt to keep the
+    # ranks' token counts even), so that each clip meets one rank's audio encoder cache once.
+    rank_by_clip: bool = True
     # "auto": flash_attention_2 on GPU when flash-attn is installed, else sdpa.
     attn_implementation: str = "auto"
     # Loss weight of the tokens after </think> relative to the reasoning tokens.

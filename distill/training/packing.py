@@ -52,6 +52,52 @@ def pad_plan(batches: list[list[int]], world: int, grad_accum: int) -> list[list
     return batches + [batches[i % len(batches)] for i in range(-len(batches) % unit)]
 
 
+def plan_ranks(
+    lengths: list[int],
+    clips: list,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool,
+    world: int,
+    grad_accum: int,
+) -> list[list[int]]:
+    """An epoch's padded plan (as pad_plan returns it) in which every clip's rows go to one rank, so
+    that the rank's audio encoder cache computes the clip once. Clips (None: a row without audio,
+    its own group) are dealt to ranks heaviest first, each to the rank with the fewest tokens so
+    far (ties in a (seed, epoch) shuffle), which keeps the ranks' token counts even; each rank's
+    rows are planned as plan_epoch plans them, its batches topped up with its first ones to the
+    longest rank's count (in whole optimizer steps), and the ranks' batches interleaved so that
+    rank_batches(plan, rank, world) is rank `rank`'s list. One process (or fewer clips than ranks):
+    plan_epoch's plan, padded."""
+    groups: dict = {}
+    for i, clip in enumerate(clips):
+        groups.setdefault(("clip", clip) if clip is not None else ("row", i), []).append(i)
+    if world == 1 or len(groups) < world:  # one process, or too few clips to give every rank one
+        return pad_plan(plan_epoch(lengths, batch_size, seed, epoch, group_by_length), world, grad_accum)
+    order = list(groups)
+    random.Random(f"{seed}:{epoch}:ranks").shuffle(order)
+    order.sort(key=lambda g: -sum(lengths[i] for i in groups[g]))  # stable: the shuffle breaks ties
+    members: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for g in order:
+        rank = min(range(world), key=lambda r: (load[r], r))
+        members[rank] += groups[g]
+        load[rank] += sum(lengths[i] for i in groups[g])
+    per_rank = []
+    for rank, rows in enumerate(members):
+        rows.sort()
+        local = plan_epoch(
+            [lengths[i] for i in rows], batch_size, seed, epoch * world + rank, group_by_length
+        )
+        per_rank.append([[rows[j] for j in batch] for batch in local])
+    count = max(len(b) for b in per_rank)
+    count += -count % grad_accum
+    for batches in per_rank:
+        batches += [batches[i % len(batches)] for i in range(count - len(batches))]
+    return [per_rank[rank][s] for s in range(count) for rank in range(world)]
+
+
 def rank_batches(padded: list[list[int]], rank: int, world: int) -> list[list[int]]:
     """This rank's share of a padded plan, in order."""
     return padded[rank::world]
