@@ -238,6 +238,7 @@ def baseline_worker(spec_path: Path) -> None:
 
     from distill.data import audio_cache
     from distill.models.registry import family_of
+    from distill.training.launch import mixed_precision, use_cuda
     from distill.training.packing import IGNORE
     from distill.training.sft_data import SFTDataset, load_rows
 
@@ -245,6 +246,9 @@ def baseline_worker(spec_path: Path) -> None:
     torch.set_num_threads(CORES)
     cfg = load_config(spec["config"])
     tcfg = cfg.train
+    # The train section's device and precision, as distill trains (on GPU: bf16 autocast over
+    # float32 weights, the Trainer's `bf16=True`).
+    cuda, bf16 = use_cuda(tcfg), mixed_precision(tcfg) == "bf16"
     family = family_of(spec["model"])
     processor = AutoProcessor.from_pretrained(spec["model"])
     pad_id, extractor = processor.tokenizer.pad_token_id, processor.feature_extractor
@@ -320,7 +324,8 @@ def baseline_worker(spec_path: Path) -> None:
 
     args = TrainingArguments(
         output_dir=str(Path(spec["out"]) / "trainer"),
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=bf16,
         report_to=[],
         save_strategy="no",
         per_device_train_batch_size=tcfg.micro_batch_size,
@@ -345,6 +350,8 @@ def baseline_worker(spec_path: Path) -> None:
         "seconds": round(seconds, 2),
         "tokens_per_s": round(counts["tokens"] / seconds, 1),
         "padding_share": round(1 - counts["tokens"] / counts["padded_tokens"], 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     (Path(spec["out"]) / "result.json").write_text(json.dumps(result) + "\n")
 
@@ -368,6 +375,8 @@ def run_distill(cfg: Config, config_path: Path, rows: Path, out: Path, overrides
         "processes": tcfg.num_processes,
         "overrides": overrides,
         "encoder_cache": summary.get("encoder_cache"),
+        "peak_memory_gib": summary.get("peak_memory_gib"),
+        "trainable_parameters": summary.get("trainable_parameters"),
         "process_seconds": round(time.time() - start, 1),
     }
 

@@ -38,7 +38,7 @@ from distill.training.loss import step_normalizer
 from distill.training.mixing import build_mix
 from distill.training.model import attention_implementation, build_model, merged_state_dict, use_packing
 from distill.training.optim import prepare_optimizer
-from distill.training.packing import collate, pad_plan, plan_epoch, rank_batches
+from distill.training.packing import collate, pad_plan, plan_epoch, plan_ranks, rank_batches
 from distill.training.sft_data import SFTDataset, load_rows
 
 
@@ -84,11 +84,18 @@ class Setup:
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """Every rank's micro batches of an epoch, padded to whole optimizer steps."""
-        tcfg, world = self.tcfg, self.accelerator.num_processes
-        batches = plan_epoch(
-            self.dataset.lengths, tcfg.micro_batch_size, tcfg.seed, epoch, tcfg.group_by_length
+        return epoch_plan(self.dataset, self.tcfg, self.accelerator.num_processes, epoch)
+
+
+def epoch_plan(dataset: SFTDataset, tcfg: TrainConfig, world: int, epoch: int) -> list[list[int]]:
+    """Every rank's micro batches of an epoch, padded to whole optimizer steps: each clip's rows on
+    one rank with train.rank_by_clip (packing.plan_ranks), else dealt round-robin."""
+    lengths, batch, accum = dataset.lengths, tcfg.micro_batch_size, tcfg.grad_accum
+    if tcfg.rank_by_clip:
+        return plan_ranks(
+            lengths, dataset.clip_keys, batch, tcfg.seed, epoch, tcfg.group_by_length, world, accum
         )
-        return pad_plan(batches, world, tcfg.grad_accum)
+    return pad_plan(plan_epoch(lengths, batch, tcfg.seed, epoch, tcfg.group_by_length), world, accum)
 
 
 def set_up(args: argparse.Namespace, cfg: Config, tcfg: TrainConfig) -> Setup:
@@ -124,8 +131,7 @@ def set_up(args: argparse.Namespace, cfg: Config, tcfg: TrainConfig) -> Setup:
     capacity = None if attention.startswith("flash_attention") else tcfg.max_seq_len
     model = build_model(args.model, processor, tcfg, world, attention)
 
-    batches = plan_epoch(dataset.lengths, tcfg.micro_batch_size, tcfg.seed, 0, tcfg.group_by_length)
-    steps_per_epoch = len(pad_plan(batches, world, tcfg.grad_accum)) // (world * tcfg.grad_accum)
+    steps_per_epoch = len(epoch_plan(dataset, tcfg, world, 0)) // (world * tcfg.grad_accum)
     total_steps = max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     if tcfg.max_steps > 0:
         total_steps = min(total_steps, tcfg.max_steps)
@@ -137,6 +143,7 @@ def set_up(args: argparse.Namespace, cfg: Config, tcfg: TrainConfig) -> Setup:
         "seed": tcfg.seed,
         "total_steps": total_steps,
         "group_by_length": tcfg.group_by_length,
+        "rank_by_clip": tcfg.rank_by_clip,
         "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
     }
 
@@ -309,6 +316,10 @@ def save(s: Setup, progress: Progress) -> None:
         "mixed_precision": mixed_precision(tcfg),
         "trainable_parameters": s.trainable_count,
         "encoder_cache": {"hits": hits, "misses": misses} if encoder_cache else None,
+        # The main rank's peak of allocated GPU memory (None on CPU).
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if accelerator.device.type == "cuda"
+        else None,
     }
     (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tmp.rename(out / "final")
