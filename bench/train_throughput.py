@@ -25,7 +25,8 @@ the same number of samples (`--epochs`); mid-run checkpoints and wandb are off i
 - distill_packed: the same with train.packing=true (samples packed into balanced rows).
 - distill_no_encoder_cache: the defaults with train.audio_encoder_cache_mb=0, so the three distill
   settings show how much of the gain is length grouping, the per-clip audio encoder cache and packing.
-- distill_zero2 (`--zero2`): 2 ranks of DeepSpeed ZeRO-2 (gloo), for reference.
+- distill_zero2 (`--zero2`): 2 ranks of DeepSpeed ZeRO-2 (gloo), each clip's rows on one rank
+  (train.rank_by_clip); distill_zero2_round_robin: the same with batches dealt round-robin.
 Trained tokens: non-padding token positions (prompt and completion, audio placeholders included) fed
 to the model; tokens/s divides them by the training loop's wall time (model load and save excluded).
 Padding share: padding positions / all token positions computed. distill's figures come from
@@ -78,7 +79,12 @@ DISTILL_SETTINGS: dict[str, list[str]] = {
     "distill_packed": ["train.packing=true"],
     "distill_no_encoder_cache": ["train.audio_encoder_cache_mb=0"],
 }
-ZERO2_SETTING = {"distill_zero2": ["train.zero_stage=2", "train.num_processes=2"]}
+ZERO2_SETTING = {
+    "distill_zero2": ["train.zero_stage=2", "train.num_processes=2"],
+    # The same with batches dealt to the ranks round-robin (before train.rank_by_clip): each rank
+    # then meets most clips and encodes them itself.
+    "distill_zero2_round_robin": ["train.zero_stage=2", "train.num_processes=2", "train.rank_by_clip=false"],
+}
 
 
 def bench_config(work: Path, items: int, epochs: float, family: str) -> Config:
