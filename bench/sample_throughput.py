@@ -35,16 +35,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from grounding_cost import cold_caches  # the bench folder is not a package
+
 REPEATS = 2
-
-
-def cold_caches(llm) -> None:
-    """Empty what vLLM kept from earlier requests, so each side starts as a round's sampling does."""
-    llm.reset_mm_cache()
-    llm.llm_engine.reset_encoder_cache()
-    llm.reset_prefix_cache()
 
 
 def raw_side(cfg, items, model: Path, llm) -> tuple[float, int]:
