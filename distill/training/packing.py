@@ -65,7 +65,7 @@ def plan_ranks(
     """An epoch's padded plan (as pad_plan returns it) in which every clip's rows go to one rank, so
     that the rank's audio encoder cache computes the clip once. Clips (None: a row without audio,
     its own group) are dealt to ranks heaviest first, each to the rank with the fewest tokens so
-    far (ties in a (seed, epoch) shuffle), which keeps the ranks' token counts even; each rank's
+    far (ties in a seeded shuffle), which keeps the ranks' token counts even; each rank's
     rows are planned as plan_epoch plans them, its batches topped up with its first ones to the
     longest rank's count (in whole optimizer steps), and the ranks' batches interleaved so that
     rank_batches(plan, rank, world) is rank `rank`'s list. One process (or fewer clips than ranks):
@@ -76,7 +76,9 @@ def plan_ranks(
     if world == 1 or len(groups) < world:  # one process, or too few clips to give every rank one
         return pad_plan(plan_epoch(lengths, batch_size, seed, epoch, group_by_length), world, grad_accum)
     order = list(groups)
-    random.Random(f"{seed}:{epoch}:ranks").shuffle(order)
+    # The ranks' rows are the same every epoch (so every epoch has as many steps, which resuming
+    # mid-run counts on); each rank's own batches are planned anew per epoch below.
+    random.Random(f"{seed}:ranks").shuffle(order)
     order.sort(key=lambda g: -sum(lengths[i] for i in groups[g]))  # stable: the shuffle breaks ties
     members: list[list[int]] = [[] for _ in range(world)]
     load = [0] * world
