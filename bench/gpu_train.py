@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -168,13 +167,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             ap.error("no CUDA device: run on a GPU machine, or pass --device cpu (with --size tiny)")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    if args.work:
-        result = bench(Path(args.work).resolve(), args)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = bench(Path(tmp), args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = tt.run_and_save(bench, args)
     print(json.dumps({k: result[k] for k in ("device", "size", "ratio_vs_baseline")}))
     for name, s in result["settings"].items():
         print(

@@ -493,14 +493,20 @@ def main() -> None:
     if args.baseline_worker:
         baseline_worker(Path(args.baseline_worker))
         return
+    result = run_and_save(bench, args)
+    print_table(result)
+
+
+def run_and_save(run: Callable[[Path, argparse.Namespace], dict], args: argparse.Namespace) -> dict:
+    """`run` in args.work (kept, reused) or a temporary folder; its result written to args.out."""
     if args.work:
-        result = bench(Path(args.work).resolve(), args)
+        result = run(Path(args.work).resolve(), args)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = bench(Path(tmp), args)
+            result = run(Path(tmp), args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result)
+    return result
 
 
 if __name__ == "__main__":
