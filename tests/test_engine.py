@@ -50,3 +50,31 @@ def test_stream_text_decodes_as_vllm_streams(tiny_model):
     assert len(tokenizer.encode("音")) > 1
     assert stream_text(backend, prompt, head[:-1], stop_terminated=False) == "pitch "
     assert tokenizer.decode(head[:-1]).endswith("\ufffd")
+
+
+def test_an_engine_without_the_ban_processor_is_refused():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from distill.rollout.engine import BANNED_TOKENS_PROCESSOR, Sampling
+
+    def engine(processors):
+        return SimpleNamespace(
+            llm_engine=SimpleNamespace(model_config=SimpleNamespace(logits_processors=processors))
+        )
+
+    banning = Sampling(1.0, 1.0, 8, banned=(5,))
+    with pytest.raises(RuntimeError, match="cannot ban tokens"):
+        banning.check_engine(engine(None))
+    banning.check_engine(engine([BANNED_TOKENS_PROCESSOR]))
+    Sampling(1.0, 1.0, 8).check_engine(engine(None))  # nothing banned: any engine will do
+
+
+def test_audio_markup_is_banned_by_its_single_token_ids(tiny_model):
+    from distill.models.tokens import audio_token_ids, audio_tokens
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    ids = audio_token_ids(str(tiny_model))
+    assert len(ids) == len(audio_tokens(str(tiny_model))) >= 3
+    assert [tokenizer.convert_ids_to_tokens(i) for i in ids] == audio_tokens(str(tiny_model))

@@ -21,8 +21,8 @@ from distill.grounding.counterfactual import noise, silence
 from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.grounding.stage import ground_stage
 from distill.loop import init_run_dir
-from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
-from distill.rollout.engine import EngineCache, Request, generate
+from distill.models.tokens import audio_token_ids, load_tokenizer, think_close_token_id
+from distill.rollout.engine import EngineCache, Request, engine_prompt, generate
 from distill.rollout.sample import logprob_record, sample_stage
 
 pytestmark = pytest.mark.e2e
@@ -121,6 +121,27 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         # With log-probabilities the text is decoded by distill, not vLLM: the same as vLLM's, even
         # for a random model's byte soup (characters split across tokens, cut at the end).
         plain = generate(llm, many_requests, 1.0, 1.0, 24, think_close_token_id(tokenizer))
+        # Banned tokens (rollout/banned.py) are never sampled, and the samples are those of vLLM's
+        # exact mask (allowed_token_ids: every other id) under the same seeds: banning the random
+        # model's three most frequent tokens changes its traces, but only where they would have been.
+        frequent = Counter(i for o in plain for i in o.token_ids).most_common(3)
+        banned = tuple(i for i, _ in frequent)
+        ours = generate(llm, many_requests, 1.0, 1.0, 24, banned=banned)
+        vocab = llm.llm_engine.model_config.get_vocab_size()
+        allowed = [i for i in range(vocab) if i not in banned]
+        from vllm import SamplingParams
+
+        reference = llm.generate(
+            [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in many_requests],
+            [
+                SamplingParams(temperature=1.0, max_tokens=24, seed=r.seed, allowed_token_ids=allowed)
+                for r in many_requests
+            ],
+            use_tqdm=False,
+        )
+        assert not set(banned) & {i for o in ours for i in o.token_ids}
+        assert [o.token_ids for o in ours] == [tuple(r.outputs[0].token_ids) for r in reference]
+        assert [o.token_ids for o in ours] != [o.token_ids for o in plain]
         forced = score(
             llm,
             tokenizer,
@@ -138,7 +159,7 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
             cfg.sample.temperature,
             cfg.sample.top_p,
             cfg.sample.max_tokens,
-            banned=audio_tokens(str(tiny_model)) if cfg.sample.ban_audio_tokens else None,
+            banned=audio_token_ids(str(tiny_model)) if cfg.sample.ban_audio_tokens else None,
         )
         assert list(alone[0].token_ids) == second["token_ids"]
 

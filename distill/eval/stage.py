@@ -37,7 +37,7 @@ from distill.export.model_card import write_model_card
 from distill.filter.answers import answer_key, extract_answer
 from distill.filter.rules import RulePipeline
 from distill.grounding.counterfactual import bank_step, counterfactual_inputs, swap_partners
-from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
+from distill.models.tokens import audio_token_ids, load_tokenizer, think_close_token_id
 from distill.rollout.engine import EXPORT_MANIFEST, Completion, Request, generate, item_request
 
 # Checks every eval trace goes through: what "correct" means is the filter's own (answer tag,
@@ -80,7 +80,7 @@ class Evaluator:
         self.rules = RulePipeline(replace(cfg.filter, checks=EVAL_CHECKS), ())
         self.prefix = cfg.sample.generation_prefix
         self.think_close = think_close_token_id(self.tokenizer)
-        self.banned = audio_tokens(str(model_dir)) if cfg.sample.ban_audio_tokens else None
+        self.banned = audio_token_ids(str(model_dir)) if cfg.sample.ban_audio_tokens else None
 
     def request(self, item: Item) -> Request:
         return replace(

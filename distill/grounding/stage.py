@@ -35,7 +35,7 @@ from distill.filter.selection import dependence_result, grounded_results, item_d
 from distill.grounding.counterfactual import bank_step, counterfactual_inputs, same_answer, swap_partners
 from distill.grounding.probe import ProbeTally, answer_options, chance, text_solvable
 from distill.grounding.scoring import LogprobSums, ScoreJob, dependence, score
-from distill.models.tokens import audio_tokens, control_tokens, load_tokenizer
+from distill.models.tokens import audio_token_ids, audio_tokens, control_tokens, load_tokenizer
 from distill.rollout.engine import Request, generate, verified_weights_hash
 
 
@@ -116,7 +116,7 @@ class GroundingContext:
         self.cache = audio_cache(cfg)
         self.control_tokens = control_tokens(str(model_dir))
         self.audio_tokens = tuple(audio_tokens(str(model_dir)))
-        self.banned = list(self.audio_tokens) if cfg.sample.ban_audio_tokens else None
+        self.banned = audio_token_ids(str(model_dir)) if cfg.sample.ban_audio_tokens else None
         self.prefilter = RulePipeline(cfg.filter, self.control_tokens)
         self.answer_check = RulePipeline(replace(cfg.filter, checks=["correct"]), ())
         self.answer_graded = "correct" in self.prefilter.enabled

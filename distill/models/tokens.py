@@ -30,6 +30,23 @@ def audio_tokens(model_dir: str) -> list[str]:
     return sorted(family_of(model_dir).markup_tokens(load_tokenizer(model_dir)))
 
 
+@lru_cache(maxsize=8)
+def audio_token_ids(model_dir: str) -> tuple[int, ...]:
+    """The ids of `audio_tokens`, which the engine bans by id: each must be one token (the
+    families' markup are added tokens), else banning its id would not ban the word."""
+    tokenizer = load_tokenizer(model_dir)
+    ids = []
+    for token in audio_tokens(model_dir):
+        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise ValueError(
+                f"{model_dir}: the audio markup {token!r} is {len(encoded)} tokens, not one "
+                "(the model family's markup_tokens must name the tokenizer's added tokens)"
+            )
+        ids.append(encoded[0])
+    return tuple(ids)
+
+
 def think_close_token_id(tokenizer) -> int | None:
     """The id of `</think>` when the tokenizer has it as one token (Qwen-family models do), else None."""
     ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]

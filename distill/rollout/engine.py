@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from distill.models.registry import family_of
 from distill.rollout.config import EngineConfig
 
 EXPORT_MANIFEST = "distill_export.json"
+# Installed on every engine distill opens: bans tokens in one batched write (rollout/banned.py).
+BANNED_TOKENS_PROCESSOR = "distill.rollout.banned:BannedTokens"
 
 
 @dataclass
@@ -161,6 +165,7 @@ def open_engine(model_dir: str | Path, cfg: EngineConfig, seed: int, audio_items
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             limit_mm_per_prompt={"audio": audio_items},
             seed=seed,
+            logits_processors=[BANNED_TOKENS_PROCESSOR],
         )
     finally:
         if before is None:
@@ -174,6 +179,10 @@ def engine_prompt(text: str, audio: list[np.ndarray], sample_rate: int) -> dict:
     return {"prompt": text, "multi_modal_data": {"audio": [(a, sample_rate) for a in audio]}}
 
 
+# Request ids of generate_batches, unique in this process (vLLM reports outputs under the ids given).
+REQUEST_IDS = itertools.count()
+
+
 def generate(
     llm,
     requests: list[Request],
@@ -182,67 +191,150 @@ def generate(
     max_tokens: int,
     think_close_id: int | None = None,
     n: int = 1,
-    banned: list[str] | None = None,
+    banned: tuple[int, ...] | None = None,
     logprobs: bool = False,
 ) -> list[Completion]:
     """`n` completions per request, request by request; each request carries its own seed (vLLM
     gives its n samples seeds seed, seed+1, ...). With `think_close_id`, each completion counts
     the tokens generated before that token. n > 1 prepares each prompt and its audio once, which
-    on CPU costs more than decoding a short answer. `banned` tokens are never generated. With
+    on CPU costs more than decoding a short answer. `banned` token ids are never generated. With
     `logprobs`, each completion carries its tokens' log-probabilities. A request with `choices`
     answers exactly one of them (and `max_tokens` does not cut it short)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+    settings = Sampling(temperature, top_p, max_tokens, think_close_id, n, banned, logprobs)
+    settings.check_engine(llm)
+    detokenizer = settings.detokenizer(llm)
+    outs = llm.generate(
+        [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests],
+        [settings.params(r, detokenizer) for r in requests],
+        use_tqdm=True,
+    )
+    return [c for out in outs for c in settings.completions(out, detokenizer)]
 
-    prompts = [engine_prompt(r.prompt, r.audio, r.sample_rate) for r in requests]
-    # vLLM detokenizes every log-probability's token on its own, and repairs the ones that end
-    # inside a UTF-8 character by decoding them again with their neighbours: sampling with
-    # log-probabilities took a third longer for that alone (docs/benchmarks.md, "Grounding"). So with
-    # log-probabilities vLLM does not detokenize, and the text is decoded here as vLLM would.
-    backend = getattr(llm.get_tokenizer(), "backend_tokenizer", None) if logprobs else None
-    # flat_logprobs: a few flat lists per request instead of one dict per token.
-    params = [
-        SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
+
+def generate_batches(
+    llm, batches: Iterable[list[Request]], settings: Sampling
+) -> Iterator[tuple[int, list[Completion]]]:
+    """`generate` over a stream of batches on one engine run: yields (batch index, its completions)
+    as each batch finishes. The next batch joins the engine while the ones before it still run,
+    so the engine's batch stays full across batch boundaries instead of draining to a tail at the
+    end of each; batches are taken from `batches` only as the engine has room (about two full
+    engine batches of sequences waiting), so only those hold their prompts and audio."""
+    from vllm.sampling_params import RequestOutputKind
+
+    settings.check_engine(llm)
+    engine = llm.llm_engine
+    room = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    detokenizer = settings.detokenizer(llm)
+    source = enumerate(batches)
+    waiting: dict[int, dict[str, object]] = {}  # batch index -> request id -> output (None: running)
+    owner: dict[str, int] = {}
+    exhausted = False
+    while True:
+        # Sequences, not requests: vLLM counts each of a request's n samples as its own request.
+        while not exhausted and engine.get_num_unfinished_requests() < room:
+            index, batch = next(source, (None, None))
+            if batch is None:
+                exhausted = True
+            elif not batch:
+                yield index, []
+            else:
+                ids = [f"distill-{next(REQUEST_IDS)}" for _ in batch]
+                for request_id, r in zip(ids, batch, strict=True):
+                    params = settings.params(r, detokenizer)
+                    params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+                    engine.add_request(request_id, engine_prompt(r.prompt, r.audio, r.sample_rate), params)
+                waiting[index] = dict.fromkeys(ids)
+                owner.update(dict.fromkeys(ids, index))
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if not out.finished:
+                continue
+            index = owner.pop(out.request_id)
+            waiting[index][out.request_id] = out
+            if all(o is not None for o in waiting[index].values()):
+                outs = waiting.pop(index).values()  # in the order the batch's requests were added
+                yield index, [c for o in outs for c in settings.completions(o, detokenizer)]
+    if waiting:
+        raise RuntimeError(f"vLLM's engine stopped with batches {sorted(waiting)} unfinished")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What `generate` asks of every request but its prompt, audio and seed."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    think_close_id: int | None = None
+    n: int = 1
+    banned: tuple[int, ...] | None = None  # token ids never to generate (audio_token_ids)
+    logprobs: bool = False
+
+    def detokenizer(self, llm):
+        """The `tokenizers.Tokenizer` that decodes the text here, or None where vLLM decodes it.
+        vLLM detokenizes every log-probability's token on its own, and repairs the ones that end
+        inside a UTF-8 character by decoding them again with their neighbours: sampling with
+        log-probabilities took a third longer for that alone (docs/benchmarks.md, "Grounding"). So
+        with log-probabilities vLLM does not detokenize, and the text is decoded here as vLLM would."""
+        return getattr(llm.get_tokenizer(), "backend_tokenizer", None) if self.logprobs else None
+
+    def check_engine(self, llm) -> None:
+        """Refuse an engine that would ignore the ban: one opened without `open_engine`'s logits
+        processor."""
+        if self.banned and BANNED_TOKENS_PROCESSOR not in (
+            llm.llm_engine.model_config.logits_processors or ()
+        ):
+            raise RuntimeError(
+                f"this vLLM engine was opened without {BANNED_TOKENS_PROCESSOR}, so it cannot ban tokens; "
+                "open it with distill.rollout.engine.open_engine"
+            )
+
+    def params(self, r: Request, detokenizer):
+        """vLLM's SamplingParams of request `r`."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from distill.rollout.banned import BANNED_KEY
+
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
             seed=r.seed,
-            max_tokens=max_tokens if r.choices is None else choice_max_tokens(r.choices),
+            max_tokens=self.max_tokens if r.choices is None else choice_max_tokens(r.choices),
             structured_outputs=None if r.choices is None else StructuredOutputsParams(choice=list(r.choices)),
-            # A choice grammar admits no banned token, and vLLM tokenizes the banned words
-            # again for every request (a tenth of a short probe's cost).
-            bad_words=(banned or None) if r.choices is None else None,
+            # A choice grammar admits no banned token (and the processor would cost a probe time).
+            extra_args={BANNED_KEY: list(self.banned)} if self.banned and r.choices is None else None,
             skip_special_tokens=False,
-            logprobs=0 if logprobs else None,
-            flat_logprobs=logprobs,
-            detokenize=backend is None,
+            logprobs=0 if self.logprobs else None,
+            # A few flat lists per request instead of one dict per token.
+            flat_logprobs=self.logprobs,
+            detokenize=detokenizer is None,
         )
-        for r in requests
-    ]
-    outs = llm.generate(prompts, params, use_tqdm=True)
-    result = []
-    for out in outs:
+
+    def completions(self, out, detokenizer) -> list[Completion]:
+        """The n completions of one vLLM RequestOutput, in sample order."""
+        result = []
         for o in sorted(out.outputs, key=lambda o: o.index):
             ids = list(o.token_ids)
-            reasoning = (
-                ids.index(think_close_id) if think_close_id is not None and think_close_id in ids else None
-            )
+            close = self.think_close_id
             text = (
                 o.text
-                if backend is None
-                else stream_text(backend, list(out.prompt_token_ids), ids, o.finish_reason == "stop")
+                if detokenizer is None
+                else stream_text(detokenizer, list(out.prompt_token_ids), ids, o.finish_reason == "stop")
             )
             result.append(
                 Completion(
                     text=text,
                     num_tokens=len(ids),
                     finish_reason=str(o.finish_reason),
-                    reasoning_tokens=reasoning,
+                    reasoning_tokens=ids.index(close) if close is not None and close in ids else None,
                     token_ids=tuple(ids),
-                    logprobs=first_logprobs(o.logprobs) if logprobs else (),
+                    logprobs=first_logprobs(o.logprobs) if self.logprobs else (),
                 )
             )
-    return result
+        return result
 
 
 def stream_text(tokenizer, prompt_ids: list[int], ids: list[int], stop_terminated: bool) -> str:

@@ -9,8 +9,8 @@ lineage: item, audio hash, round, model weights hash, sampling parameters and it
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data_pipelines.items import Item
@@ -22,9 +22,16 @@ from distill.core.rundir import RoundDir
 from distill.core.seeds import sample_seed
 from distill.core.stages import StageContext, shard_plan
 from distill.data import audio_cache
-from distill.models.tokens import audio_tokens, load_tokenizer, think_close_token_id
+from distill.models.tokens import audio_token_ids, load_tokenizer, think_close_token_id
 from distill.openai_client import ChatClient
-from distill.rollout.engine import Completion, Request, generate, item_request, verified_weights_hash
+from distill.rollout.engine import (
+    Completion,
+    Request,
+    Sampling,
+    generate_batches,
+    item_request,
+    verified_weights_hash,
+)
 from distill.rollout.server import partial_path, sample_shard
 
 
@@ -43,25 +50,33 @@ class EngineBackend:
     def __init__(self, cfg: Config, model_dir: Path, get_engine: Callable, tokenizer):
         self.cfg, self.model_dir, self.get_engine = cfg, model_dir, get_engine
         self.model_hash = verified_weights_hash(model_dir)  # what samples: the round's weights
-        self.banned = audio_tokens(str(model_dir)) if cfg.sample.ban_audio_tokens else None
+        self.banned = audio_token_ids(str(model_dir)) if cfg.sample.ban_audio_tokens else None
         self.think_close = think_close_token_id(tokenizer)
         # The ground stage scores each kept trace with the real audio unless sampling already did.
         self.logprobs = cfg.grounding.enabled and cfg.grounding.real_logprobs == "sampled"
 
-    def sample(self, requests: list[Request], items: list[Item], partial: Path) -> list[Completion]:
+    def sample(self, jobs: Iterable[ShardJob]) -> Iterator[tuple[ShardJob, list[Completion]]]:
+        """Each shard's completions as it finishes, the shards on one engine run (generate_batches):
+        the next shard's requests fill the engine while the last of the one before still decode."""
         scfg = self.cfg.sample
-        llm = self.get_engine(self.model_dir)
-        return generate(
-            llm,
-            requests,
+        settings = Sampling(
             scfg.temperature,
             scfg.top_p,
             scfg.max_tokens,
             self.think_close,
-            n=scfg.n,
-            banned=self.banned,
-            logprobs=self.logprobs,
+            scfg.n,
+            self.banned,
+            self.logprobs,
         )
+        started: dict[int, ShardJob] = {}
+
+        def batches() -> Iterator[list[Request]]:
+            for index, job in enumerate(jobs):
+                started[index] = job
+                yield job.requests
+
+        for index, outs in generate_batches(self.get_engine(self.model_dir), batches(), settings):
+            yield started.pop(index), outs
 
     def trace_fields(self, out: Completion) -> dict:
         # The very tokens sampled (after the generation prefix): grounding scores these, not a
@@ -88,10 +103,12 @@ class ServerBackend:
             f"server:{self.client.base_url}#{self.client.model}"  # what samples: the served model
         )
 
-    def sample(self, requests: list[Request], items: list[Item], partial: Path) -> list[Completion]:
-        jobs = [(item, r.audio, r.seed) for item, r in zip(items, requests, strict=True)]
-        per_item = sample_shard(self.cfg, self.client, jobs, partial, self.tokenizer)
-        return [c for completions in per_item for c in completions]
+    def sample(self, jobs: Iterable[ShardJob]) -> Iterator[tuple[ShardJob, list[Completion]]]:
+        """Each shard's completions, shard after shard."""
+        for job in jobs:
+            requests = [(item, r.audio, r.seed) for item, r in zip(job.items, job.requests, strict=True)]
+            per_item = sample_shard(self.cfg, self.client, requests, partial_path(job.path), self.tokenizer)
+            yield job, [c for completions in per_item for c in completions]
 
     def trace_fields(self, out: Completion) -> dict:
         return {}
@@ -118,36 +135,40 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         if scfg.backend == "server"
         else EngineBackend(cfg, model_dir, get_engine, tokenizer)
     )
-    cache = audio_cache(cfg)
-    start, new_traces, skipped = time.time(), 0, 0
+    start, skipped, todo = time.time(), 0, []
     for shard in indices:
         path = rd.shard_path(shard, count)
         if path.exists():
             redo = "delete the shard (or the round) to resample"
             check_shard_inputs(path, {"lineage.model_sha256": backend.model_hash}, redo)
             skipped += 1
-            continue
-        shard_items = pool[shard::count]
-        requests, meta = [], []
-        for item in shard_items:
-            request = item_request(cfg, tokenizer, item, cache)
-            audio_hash = item.audio_sha256 or sha256_file(item.audio)  # items built before validation lack it
-            seed = sample_seed(cfg.seed, rd.index, item.id, 0)
-            requests.append(replace(request, seed=seed))
-            meta += [(item, request.prompt, audio_hash, j, backend.lineage(seed, j)) for j in range(scfg.n)]
-        outs = backend.sample(requests, shard_items, partial_path(path))
-        lineage = {"round": rd.index, "model_dir": str(model_dir), "model_sha256": backend.model_hash}
+        else:
+            todo.append(shard)
+    lineage = {"round": rd.index, "model_dir": str(model_dir), "model_sha256": backend.model_hash}
+    cache, new_traces = audio_cache(cfg), 0
+    # Built as the backend asks for them, so that only the shards in flight hold their audio.
+    jobs = (shard_job(cfg, rd, tokenizer, cache, backend, pool[shard::count], shard, count) for shard in todo)
+    for job, outs in backend.sample(jobs):
         rows = [
             trace_row(
-                cfg, item, prompt, audio_hash, j, out, backend, {**lineage, **seeding}, f"{shard}/{count}"
+                cfg,
+                item,
+                prompt,
+                audio_hash,
+                j,
+                out,
+                backend,
+                {**lineage, **seeding},
+                f"{job.shard}/{job.count}",
             )
-            for (item, prompt, audio_hash, j, seeding), out in zip(meta, outs, strict=True)
+            for (item, prompt, audio_hash, j, seeding), out in zip(job.meta, outs, strict=True)
         ]
-        atomic_write_jsonl(path, rows)
-        partial_path(path).unlink(missing_ok=True)
+        atomic_write_jsonl(job.path, rows)
+        partial_path(job.path).unlink(missing_ok=True)
         new_traces += len(rows)
         print(
-            f"sample: shard {shard + 1}/{count}: {len(rows)} traces from {len(shard_items)} items -> {path}"
+            f"sample: shard {job.shard + 1}/{job.count}: {len(rows)} traces "
+            f"from {len(job.items)} items -> {job.path}"
         )
     backend.close()
     seconds = time.time() - start
@@ -164,6 +185,40 @@ def sample_stage(cfg: Config, items: list[Item], model_dir: Path, rd: RoundDir, 
         "items": len(pool),
         "skipped_solved": len(items) - len(pool),
     }
+
+
+@dataclass
+class ShardJob:
+    """One shard's items, their engine requests (one per item, seeded), where the shard is
+    written, and per trace what its row needs (item, prompt, audio hash, sample index, seeding)."""
+
+    path: Path
+    shard: int
+    count: int
+    items: list[Item]
+    requests: list[Request]
+    meta: list[tuple[Item, str, str, int, dict]]
+
+
+def shard_job(
+    cfg: Config,
+    rd: RoundDir,
+    tokenizer,
+    cache,
+    backend: EngineBackend | ServerBackend,
+    items: list[Item],
+    shard: int,
+    count: int,
+) -> ShardJob:
+    """The requests of one shard: item i's n traces are one request under its seed."""
+    requests, meta = [], []
+    for item in items:
+        request = item_request(cfg, tokenizer, item, cache)
+        audio_hash = item.audio_sha256 or sha256_file(item.audio)  # items built before validation lack it
+        seed = sample_seed(cfg.seed, rd.index, item.id, 0)
+        requests.append(replace(request, seed=seed))
+        meta += [(item, request.prompt, audio_hash, j, backend.lineage(seed, j)) for j in range(cfg.sample.n)]
+    return ShardJob(rd.shard_path(shard, count), shard, count, items, requests, meta)
 
 
 def trace_row(
