@@ -1,22 +1,27 @@
 """Benchmark: the sample stage's output tokens/s against raw vLLM on the same prompts, audio and engine.
 
     .venv/bin/python bench/sample_throughput.py [--out bench/results/sample_throughput.json]
-                                                [--settings demo,long] [--profile]
+                                                [--settings demo,long,server] [--profile]
 
 Settings:
 - demo: round 1 of the CPU demo (configs/demo_cpu.yaml: 256 items x 8 samples of up to 64 tokens)
   from the model its real cold start trained (round 0's export), as the loop samples it;
 - long: the demo's tiny random base model, 64 items x 8 samples of up to 512 tokens (a random
-  model rarely stops early, so about 2,600 tokens per item's samples).
+  model rarely stops early, so about 2,600 tokens per item's samples);
+- server: the long setting with sample.backend=server, from a vLLM server on the same model
+  (`vllm.entrypoints.openai.api_server`, as tests/serving.py starts it). Its baseline is the server
+  on its own: every item's request (the stage's very bodies and seeds) sent at once from a thread
+  pool, the most this server delivers for the work; tokens are the server's own count
+  (/metrics), its prefix, audio and encoder caches emptied before each side.
 Raw vLLM: `LLM.generate(prompts, SamplingParams(n=8, ...))`, one request per item, with the prompts
 and audio prepared beforehand and no log-probabilities. distill: the sample stage into a fresh round
 directory, as the loop runs it: reading the audio through the cache, asking for the log-probabilities
 the ground stage reuses, writing the shard. Both on one warm engine, its caches (processed audio,
 encoder outputs, prompt prefixes) emptied before each side, the order rotated, two passes each;
-the faster pass of each side counts. The demo's config samples 4 shards, each shard one engine call
-(so that a killed stage loses one shard at most); "distill_one_shard" samples the same items as one
-shard, which shows what the shards' separate, smaller batches cost. `--profile` writes the sample
-stage's cProfile (top 30 by cumulative time) beside the results.
+the faster pass of each side counts. The demo's config samples 4 shards (one engine run feeds them
+all, writing each as it finishes, so that a killed stage keeps the shards done); "distill_one_shard"
+samples the same items as one shard, which shows what the shards cost. `--profile` writes the
+sample stage's cProfile (top 30 by cumulative time) beside the results.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grounding_cost import cold_caches  # the bench folder is not a package
+from server_client import generation_tokens, start_server
 
 REPEATS = 2
 
@@ -106,15 +114,26 @@ def measure(cfg, items, model: Path, llm, run, profile: Path | None) -> dict:
         ),
         "distill_one_shard": lambda first: distill_side(one, items, model, llm, run.round(2), None),
     }
+    return summary(cfg, len(items), rotate(sides))
+
+
+def rotate(sides: dict[str, Callable[[bool], tuple[float, int]]]) -> dict[str, list[tuple[float, int]]]:
+    """(seconds, tokens) of each side (called with whether it is the first pass), REPEATS passes,
+    the order rotating between passes."""
     runs: dict[str, list[tuple[float, int]]] = {side: [] for side in sides}
     names = list(sides)
     for i in range(REPEATS):
         for side in names[i % len(names) :] + names[: i % len(names)]:
             runs[side].append(sides[side](i == 0))
+    return runs
+
+
+def summary(cfg, items: int, runs: dict[str, list[tuple[float, int]]]) -> dict:
+    """The faster pass of each side, and distill's tokens/s over raw vLLM's."""
     best = {side: min(r, key=lambda x: x[0]) for side, r in runs.items()}
     rates = {side: tokens / seconds for side, (seconds, tokens) in best.items()}
     return {
-        "items": len(items),
+        "items": items,
         "samples_per_item": cfg.sample.n,
         "max_tokens": cfg.sample.max_tokens,
         **{f"{side}_runs": [{"seconds": round(s, 2), "tokens": t} for s, t in r] for side, r in runs.items()},
@@ -142,6 +161,16 @@ def demo(out: Path, profile: Path | None) -> dict:
         return measure(cfg, data.train, model, engines.get(model), run, profile)
 
 
+# The long setting: the random base model, 64 items x 8 samples of up to 512 tokens.
+LONG = [
+    "data.synthetic.train_items=64",
+    "sample.max_tokens=512",
+    "engine.max_model_len=2048",
+    "train.max_seq_len=2048",
+    "cold_start.train.max_seq_len=2048",
+]
+
+
 def long(out: Path, profile: Path | None) -> dict:
     """The random base model's long traces."""
     from distill.config import load_config
@@ -149,18 +178,7 @@ def long(out: Path, profile: Path | None) -> dict:
     from distill.loop import init_run_dir
     from distill.rollout.engine import EngineCache
 
-    cfg = load_config(
-        "configs/demo_cpu.yaml",
-        [
-            f"output_dir={out}",
-            "run_name=long",
-            "data.synthetic.train_items=64",
-            "sample.max_tokens=512",
-            "engine.max_model_len=2048",
-            "train.max_seq_len=2048",
-            "cold_start.train.max_seq_len=2048",
-        ],
-    )
+    cfg = load_config("configs/demo_cpu.yaml", [f"output_dir={out}", "run_name=long", *LONG])
     run = RunDir(cfg.run_dir)
     data = init_run_dir(cfg, run)
     model = Path(cfg.model.path)
@@ -170,13 +188,110 @@ def long(out: Path, profile: Path | None) -> dict:
         return measure(cfg, data.train, model, llm, run, profile)
 
 
-SETTINGS = {"demo": demo, "long": long}
+def server(out: Path, profile: Path | None) -> dict:
+    """The long setting from a vLLM server (sample.backend=server): the sample stage against every
+    item's request sent at once (the most this server delivers for the work), on the same server,
+    its caches emptied before each side; tokens as the server counts them. The plain client is
+    also timed at the stage's concurrency (sample.server.concurrency requests in flight)."""
+    import httpx
+
+    from distill.config import load_config
+    from distill.core.rundir import RunDir
+    from distill.loop import init_run_dir
+    from distill.openai_client import ChatClient
+    from distill.training.launch import free_port
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    cfg = load_config(
+        "configs/demo_cpu.yaml",
+        [
+            f"output_dir={out}",
+            "run_name=server",
+            *LONG,
+            "sample.backend=server",
+            f"sample.server.base_url={base_url}",
+        ],
+    )
+    run = RunDir(cfg.run_dir)
+    data = init_run_dir(cfg, run)
+    model = Path(cfg.model.path)
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # the cache-reset endpoints
+    proc = start_server(model, port, out / "server.log", cfg.engine.max_model_len)
+    client = ChatClient(cfg.sample.server)
+
+    def cold() -> None:
+        for cache in ("prefix", "mm", "encoder"):
+            httpx.post(f"http://127.0.0.1:{port}/reset_{cache}_cache", timeout=60).raise_for_status()
+
+    def served(side: Callable[[], None]) -> tuple[float, int]:
+        cold()
+        before = generation_tokens(base_url)
+        t0 = time.perf_counter()
+        side()
+        seconds = time.perf_counter() - t0
+        return seconds, int(generation_tokens(base_url) - before)
+
+    def raw(concurrency: int | None) -> Callable[[], None]:
+        def side() -> None:
+            bodies = server_bodies(cfg, data.train)
+            with ThreadPoolExecutor(max_workers=concurrency or len(bodies)) as pool:
+                replies = list(pool.map(client.chat, bodies))
+            assert all(r.body is not None for r in replies), [r.reason for r in replies if r.body is None]
+
+        return side
+
+    def stage(config, rd) -> Callable[[], None]:
+        def side() -> None:
+            shutil.rmtree(rd.samples_dir, ignore_errors=True)
+            sample_stage(config, data.train, model, rd, lambda _: None)
+
+        return side
+
+    from distill.rollout.sample import sample_stage
+
+    one = replace(cfg, sample=replace(cfg.sample, num_shards=1))
+    try:
+        served(lambda: client.chat(server_bodies(cfg, data.train[:4])[0]))  # warms the server
+        sides = {
+            "raw": raw(None),
+            # The plain client at the stage's concurrency: what the client costs apart from how
+            # many requests it keeps in flight.
+            "raw_same_concurrency": raw(cfg.sample.server.concurrency),
+            "distill": stage(cfg, run.round(1)),
+            "distill_one_shard": stage(one, run.round(2)),
+        }
+        runs = rotate({name: lambda _, f=f: served(f) for name, f in sides.items()})
+        result = summary(cfg, len(data.train), runs)
+        seconds, tokens = min(runs["raw_same_concurrency"])
+        result["ratio_same_concurrency"] = round(result["distill_tokens_per_s"] * seconds / tokens, 3)
+        return {"concurrency": cfg.sample.server.concurrency, **result}
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def server_bodies(cfg, items) -> list[dict]:
+    """The sample stage's request bodies for `items` (server.item_body, the same seeds)."""
+    from distill.core.seeds import sample_seed
+    from distill.data import audio_cache
+    from distill.rollout.server import item_body
+
+    cache = audio_cache(cfg)
+    return [
+        item_body(cfg, it, cache.chunks(it.audio, it.audio_sha256), sample_seed(cfg.seed, 1, it.id, 0))
+        for it in items
+    ]
+
+
+SETTINGS = {"demo": demo, "long": long, "server": server}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/sample_throughput.json")
-    ap.add_argument("--settings", default="demo,long", help="comma-separated: demo, long")
+    ap.add_argument("--settings", default="demo,long,server", help="comma-separated: demo, long, server")
     ap.add_argument("--profile", action="store_true", help="write the sample stage's cProfile beside --out")
     args = ap.parse_args()
     out = Path(args.out)

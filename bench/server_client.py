@@ -251,7 +251,7 @@ def generation_tokens(base_url: str) -> float | None:
     return sum(values) if values else None
 
 
-def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(model: Path, port: int, log: Path, max_model_len: int = 1024) -> subprocess.Popen:
     """As tests/serving.py starts its servers."""
     import httpx
 
@@ -272,7 +272,7 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
             "--served-model-name",
             "teacher",
             "--max-model-len",
-            "1024",
+            str(max_model_len),
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

@@ -32,7 +32,7 @@ from distill.rollout.engine import (
     item_request,
     verified_weights_hash,
 )
-from distill.rollout.server import partial_path, sample_shard
+from distill.rollout.server import partial_path, sample_shards
 
 
 def logprob_record(out: Completion, think_close_id: int | None) -> dict:
@@ -104,10 +104,17 @@ class ServerBackend:
         )
 
     def sample(self, jobs: Iterable[ShardJob]) -> Iterator[tuple[ShardJob, list[Completion]]]:
-        """Each shard's completions, shard after shard."""
-        for job in jobs:
-            requests = [(item, r.audio, r.seed) for item, r in zip(job.items, job.requests, strict=True)]
-            per_item = sample_shard(self.cfg, self.client, requests, partial_path(job.path), self.tokenizer)
+        """Each shard's completions as it finishes, the shards' requests from one pool
+        (server.sample_shards)."""
+        shards = (
+            (
+                job,
+                partial_path(job.path),
+                [(item, r.audio, r.seed) for item, r in zip(job.items, job.requests, strict=True)],
+            )
+            for job in jobs
+        )
+        for job, per_item in sample_shards(self.cfg, self.client, shards, self.tokenizer):
             yield job, [c for completions in per_item for c in completions]
 
     def trace_fields(self, out: Completion) -> dict:
