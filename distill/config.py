@@ -4,7 +4,7 @@ dataclasses), loaded, checked and compared.
 A run is configured by a YAML preset (configs/*.yaml) plus `key=value` overrides. Unknown keys
 and values of the wrong type fail in `load_config`, before any work starts, naming the key.
 Each section lives beside the code it configures, with the checks of its own values (its
-`config.py`: data_pipelines, models, rollout, grounding, filter, training, export, eval); this
+`config.py`: data_pipelines, models, rollout, grounding, filter, training, rl, export, eval); this
 module adds the loop, wandb and Slurm sections and the checks that span sections.
 """
 
@@ -36,6 +36,7 @@ from distill.models.config import ModelConfig
 from distill.models.config import validate as validate_model
 from distill.rollout.config import RESUMABLE as SAMPLE_RESUMABLE
 from distill.rollout.config import EngineConfig, SampleConfig, validate_engine, validate_sample
+from distill.rl.config import RLConfig, validate_rl
 from distill.training.config import RESUMABLE as TRAIN_RESUMABLE
 from distill.training.config import ColdStartConfig, TrainConfig, validate_cold_start, validate_train
 
@@ -97,6 +98,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -141,6 +143,7 @@ def _validate(cfg: Config) -> None:
     validate_filter(cfg.filter)
     validate_train("train", cfg.train)
     validate_cold_start(cfg.cold_start)
+    validate_rl(cfg.rl, cfg.sample.n)
     validate_export(cfg.export)
     validate_eval(cfg.eval)
     check_positive("loop", cfg.loop, ("rounds",))

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
         "distill.grounding.config",
         "distill.filter.config",
         "distill.training.config",
+        "distill.rl.config",
         "distill.export.config",
         "distill.eval.config",
     ),
@@ -31,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("distill.rollout",),  # sample
     ("distill.grounding", "distill.filter"),  # ground and filter: one decision (filter/selection.py)
     ("distill.training",),  # train
+    ("distill.rl",),  # GRPO on the round's pass-rate band
     ("distill.export",),
     ("distill.eval",),
     ("distill.report",),
