@@ -197,6 +197,7 @@ def server(out: Path, profile: Path | None) -> dict:
 
     from distill.config import load_config
     from distill.core.rundir import RunDir
+    from distill.export.model_card import serve_args
     from distill.loop import init_run_dir
     from distill.openai_client import ChatClient
     from distill.training.launch import free_port
@@ -211,13 +212,17 @@ def server(out: Path, profile: Path | None) -> dict:
             *LONG,
             "sample.backend=server",
             f"sample.server.base_url={base_url}",
+            "grounding.enabled=false",  # grounding needs the model in an offline engine
         ],
     )
     run = RunDir(cfg.run_dir)
     data = init_run_dir(cfg, run)
     model = Path(cfg.model.path)
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # the cache-reset endpoints
-    proc = start_server(model, port, out / "server.log", cfg.engine.max_model_len)
+    # The offline engine's batch size and dtype, as the serve command distill prints gives them.
+    args = serve_args(cfg, model, 1)
+    extra = tuple(args[args.index("--max-num-batched-tokens") :])
+    proc = start_server(model, port, out / "server.log", cfg.engine.max_model_len, extra)
     client = ChatClient(cfg.sample.server)
 
     def cold() -> None:
@@ -237,7 +242,9 @@ def server(out: Path, profile: Path | None) -> dict:
             bodies = server_bodies(cfg, data.train)
             with ThreadPoolExecutor(max_workers=concurrency or len(bodies)) as pool:
                 replies = list(pool.map(client.chat, bodies))
-            assert all(r.body is not None for r in replies), [r.reason for r in replies if r.body is None]
+            assert all(r.body is not None for r in replies), [
+                (r.reason, r.text[:300]) for r in replies if r.body is None
+            ][:2]
 
         return side
 
@@ -301,7 +308,10 @@ def main() -> None:
             profile = out.with_name(f"{out.stem}_{name}_profile.txt") if args.profile else None
             results[name] = SETTINGS[name](Path(tmp), profile)
             print(name, json.dumps(results[name]), flush=True)
+    # Settings not run this time keep their last results (each setting is its own measurement).
+    earlier = json.loads(out.read_text()) if out.exists() else {}
     result = {
+        **earlier,
         "bench": "sample_throughput",
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

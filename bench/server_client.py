@@ -251,8 +251,11 @@ def generation_tokens(base_url: str) -> float | None:
     return sum(values) if values else None
 
 
-def start_server(model: Path, port: int, log: Path, max_model_len: int = 1024) -> subprocess.Popen:
-    """As tests/serving.py starts its servers."""
+def start_server(
+    model: Path, port: int, log: Path, max_model_len: int = 1024, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """As tests/serving.py starts its servers (chunked prefill off: seeded requests crash vLLM's
+    CPU sampler when a prefill is chunked)."""
     import httpx
 
     proc = subprocess.Popen(
@@ -273,6 +276,8 @@ def start_server(model: Path, port: int, log: Path, max_model_len: int = 1024) -
             "teacher",
             "--max-model-len",
             str(max_model_len),
+            "--no-enable-chunked-prefill",
+            *extra,
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

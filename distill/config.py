@@ -34,9 +34,9 @@ from distill.grounding.config import GroundingConfig
 from distill.grounding.config import validate as validate_grounding
 from distill.models.config import ModelConfig
 from distill.models.config import validate as validate_model
+from distill.rl.config import RLConfig, validate_rl
 from distill.rollout.config import RESUMABLE as SAMPLE_RESUMABLE
 from distill.rollout.config import EngineConfig, SampleConfig, validate_engine, validate_sample
-from distill.rl.config import RLConfig, validate_rl
 from distill.training.config import RESUMABLE as TRAIN_RESUMABLE
 from distill.training.config import ColdStartConfig, TrainConfig, validate_cold_start, validate_train
 

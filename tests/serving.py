@@ -9,8 +9,16 @@ from pathlib import Path
 
 import httpx
 
-# What every test server adds: this machine's address and port, a small KV cache, no graph capture.
-LOCAL = ("--host", "127.0.0.1", "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager")
+# What every test server adds: this machine's address and port, a small KV cache, no graph capture,
+# no chunked prefill (vLLM's CPU sampler crashes on a seeded request whose prefill is chunked).
+LOCAL = (
+    "--host",
+    "127.0.0.1",
+    "--kv-cache-memory-bytes",
+    str(256 << 20),
+    "--enforce-eager",
+    "--no-enable-chunked-prefill",
+)
 
 
 def start_server(model: str | Path, port: int, log_path: Path, *args: str) -> subprocess.Popen:

@@ -55,6 +55,7 @@ def test_defaults_reproduce_step_audio_r1():
         ("rl.group_size=1", "rl.group_size"),
         ("rl.rewards.length=0.5", "rl.rewards.length"),
         ("rl.overlong_buffer=2000", "rl.overlong_buffer"),
+        ("rl.group_size=8", "rl.enabled"),  # not part of the round yet: refused, not ignored
     ],
 )
 def test_bad_rl_values_fail_at_load_naming_the_key(override, key):

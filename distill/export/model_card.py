@@ -16,18 +16,33 @@ from distill.config import Config
 from distill.core.files import atomic_write_text, read_json
 from distill.core.rundir import RoundDir
 from distill.models.registry import family_of
+from distill.rollout.engine import engine_dtype
 
 
 def serve_args(cfg: Config, model_dir: Path, audio_items: int) -> list[str]:
     """vLLM server arguments after the model path: the model's own chat template, the context and
-    audio limits the run sampled with."""
+    audio limits the run sampled with, and its prefill settings: distill's server backend seeds
+    every request, and with chunked prefill on (vLLM's server default) vLLM's CPU sampler crashes on
+    a seeded request whose prefill is chunked, which concurrent requests soon cause. The dtype is
+    the one distill's engine runs in here (float32 on a CPU that would only emulate bf16)."""
+    import torch
+
+    engine = cfg.engine
+    dtype = engine_dtype(engine.dtype, torch.cuda.is_available())
     return [
         "--chat-template",
         str(model_dir / "chat_template.jinja"),
         "--max-model-len",
-        str(cfg.engine.max_model_len),
+        str(engine.max_model_len),
         "--limit-mm-per-prompt",
         json.dumps({"audio": audio_items}),
+        "--enable-chunked-prefill" if engine.enable_chunked_prefill else "--no-enable-chunked-prefill",
+        *(
+            ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
+            if engine.max_num_batched_tokens
+            else []
+        ),
+        *(["--dtype", dtype] if dtype != "auto" else []),
     ]
 
 

@@ -123,3 +123,9 @@ def validate_rl(r: RLConfig, sample_n: int) -> None:
             raise ConfigError(f"rl.rewards.{name}: unknown reward term (known: {', '.join(REWARD_TERMS)})")
     if "length" in r.rewards and not r.length_target:
         raise ConfigError("rl.rewards.length: set rl.length_target (reasoning tokens) for the length term")
+    if r.enabled:
+        # The parts are in place (rewards, GRPO arithmetic, weight sync); the stage that joins them
+        # into the round is not, and a switch that silently did nothing would mislead.
+        raise ConfigError(
+            "rl.enabled: the rl stage is not part of the round yet (issue 26); set rl.enabled=false"
+        )

@@ -219,6 +219,7 @@ def generate_batches(
     so the engine's batch stays full across batch boundaries instead of draining to a tail at the
     end of each; batches are taken from `batches` only as the engine has room (about two full
     engine batches of sequences waiting), so only those hold their prompts and audio."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
     from vllm.sampling_params import RequestOutputKind
 
     settings.check_engine(llm)
@@ -239,10 +240,18 @@ def generate_batches(
                 yield index, []
             else:
                 ids = [f"distill-{next(REQUEST_IDS)}" for _ in batch]
-                for request_id, r in zip(ids, batch, strict=True):
+                # Rendered as LLM.generate renders (the audio processed here, in this process).
+                rendered = llm.renderer.render_cmpl(
+                    [
+                        parse_model_prompt(llm.model_config, engine_prompt(r.prompt, r.audio, r.sample_rate))
+                        for r in batch
+                    ],
+                    llm.renderer.default_cmpl_tok_params,
+                )
+                for request_id, r, prompt in zip(ids, batch, rendered, strict=True):
                     params = settings.params(r, detokenizer)
                     params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
-                    engine.add_request(request_id, engine_prompt(r.prompt, r.audio, r.sample_rate), params)
+                    engine.add_request(request_id, prompt, params)
                 waiting[index] = dict.fromkeys(ids)
                 owner.update(dict.fromkeys(ids, index))
         if not engine.has_unfinished_requests():
