@@ -266,3 +266,14 @@ def test_acoustic_terms_found_past_the_opening():
     )
     assert check_acoustic_terms("pitch " + filler + " 440 Hz", terms, words, min_terms=2) is None
     assert check_acoustic_terms(filler + " the word", terms, words) == "lexical:transcript_only"
+
+
+def test_chinese_terms_count_in_text_that_holds_them():
+    """An ASCII trace is searched for the ASCII terms only; a trace with other characters for all."""
+    from distill.filter.checks import check_acoustic_terms
+
+    terms, words = ("pitch", "音高"), ("word", "说")
+    assert check_acoustic_terms("the 音高 rises", terms, words) is None
+    assert check_acoustic_terms("so it rises, it 说", terms, words) == "lexical:transcript_only"
+    assert check_acoustic_terms("so it rises", terms, words) == "lexical:no_acoustic_terms"
+    assert check_acoustic_terms("the PITCH rises", terms, words) is None

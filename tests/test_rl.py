@@ -189,3 +189,21 @@ def test_policy_loss_by_hand():
     ].backward()
     assert (logp_g.grad[0, 0], logp_g.grad[1, 0], logp_g.grad[1, 2]) == (0, 0, 0)
     assert logp_g.grad[0, 1] != 0 and logp_g.grad[1, 1] != 0
+
+
+def test_band_and_step_prompts():
+    from distill.rl.prompts import EmptyBandError, band_items, pass_counts, step_prompts
+
+    traces = [{"item_id": f"i{k}", "right": j < k} for k in range(9) for j in range(8)]
+    counts = pass_counts(traces, lambda t: t["right"])
+    assert counts["i3"] == (3, 8) and counts["i0"] == (0, 8) and counts["i8"] == (8, 8)
+    assert band_items(counts, [3, 6]) == ["i3", "i4", "i5", "i6"]
+    with pytest.raises(EmptyBandError, match="of 2 items, 1 have fewer and 1 more"):
+        band_items({"a": (0, 8), "b": (8, 8)}, [3, 6])
+    items = [f"p{k}" for k in range(10)]
+    steps = [step_prompts(items, s, 4, "0:1") for s in range(5)]
+    # Each pass over the band takes every prompt once; steps follow from (seed, step) alone.
+    assert sorted(steps[0] + steps[1] + steps[2][:2]) == items
+    assert sorted(steps[2][2:] + steps[3] + steps[4]) == items
+    assert steps[3] == step_prompts(items, 3, 4, "0:1") and steps[0] != step_prompts(items, 0, 4, "0:2")
+    assert step_prompts(["a", "b"], 0, 5, "s").count("a") in (2, 3)  # more prompts than the band
