@@ -258,12 +258,12 @@ def check_acoustic_terms(
     measures that. A failing trace that talks about words instead is told apart in the reason."""
     if reasoning is None:
         return None  # the format check reports it
-    if reasoning.isascii():  # a flag lookup; lower-cased ASCII text holds no other term
-        acoustic, transcript = ascii_terms(acoustic), ascii_terms(transcript)
     # The opening usually names what is heard: enough terms there decide, as the whole would.
     head = reasoning[:ACOUSTIC_HEAD_CHARS]
     if len(acoustic_terms(head, acoustic, min_terms)) >= min_terms:
         return None
+    if reasoning.isascii():  # a flag lookup; lower-cased ASCII text holds no other term
+        acoustic, transcript = ascii_terms(acoustic), ascii_terms(transcript)
     if len(reasoning) > len(head) and len(acoustic_terms(reasoning, acoustic, min_terms)) >= min_terms:
         return None
     return (
