@@ -1,6 +1,6 @@
 """The `rl` config section: on-policy GRPO on the questions the round's model solves only
 sometimes (the Step-Audio-R1 recipe's RL), with the checks of its own values. Where each default
-comes from is cited beside it and in docs/rl.md."""
+comes from is cited beside it."""
 
 from __future__ import annotations
 
