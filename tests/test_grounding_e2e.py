@@ -22,7 +22,7 @@ from distill.grounding.scoring import ScoreJob, completion_tokens, score
 from distill.grounding.stage import ground_stage
 from distill.loop import init_run_dir
 from distill.models.tokens import audio_token_ids, load_tokenizer, think_close_token_id
-from distill.rollout.engine import EngineCache, Request, engine_prompt, generate
+from distill.rollout.engine import EngineCache, Request, Sampling, engine_prompt, generate, generate_batches
 from distill.rollout.sample import logprob_record, sample_stage
 
 pytestmark = pytest.mark.e2e
@@ -142,6 +142,23 @@ def test_grounding_scores_are_real_forward_passes(tmp_path, tiny_model):
         assert not set(banned) & {i for o in ours for i in o.token_ids}
         assert [o.token_ids for o in ours] == [tuple(r.outputs[0].token_ids) for r in reference]
         assert [o.token_ids for o in ours] != [o.token_ids for o in plain]
+        # Batches streamed through one engine run (the sample stage's shards) sample what separate
+        # calls do; a caller that stops after the first leaves nothing running in the engine.
+        stream = generate_batches(
+            llm, [many_requests[:2], many_requests[2:4], many_requests[4:]], Sampling(1.0, 1.0, 24)
+        )
+        index, first = next(stream)
+        stream.close()
+        assert index == 0 and [o.token_ids for o in first] == [o.token_ids for o in plain[:2]]
+        assert llm.llm_engine.get_num_unfinished_requests() == 0
+        again = generate(llm, many_requests[2:4], 1.0, 1.0, 24)
+        assert [o.token_ids for o in again] == [o.token_ids for o in plain[2:4]]
+        streamed = dict(
+            generate_batches(llm, [many_requests[:5], [], many_requests[5:]], Sampling(1.0, 1.0, 24))
+        )
+        assert streamed[1] == [] and [o.token_ids for o in streamed[0] + streamed[2]] == [
+            o.token_ids for o in plain
+        ]
         forced = score(
             llm,
             tokenizer,

@@ -230,40 +230,49 @@ def generate_batches(
     waiting: dict[int, dict[str, object]] = {}  # batch index -> request id -> output (None: running)
     owner: dict[str, int] = {}
     exhausted = False
-    while True:
-        # Sequences, not requests: vLLM counts each of a request's n samples as its own request.
-        while not exhausted and engine.get_num_unfinished_requests() < room:
-            index, batch = next(source, (None, None))
-            if batch is None:
-                exhausted = True
-            elif not batch:
-                yield index, []
-            else:
-                ids = [f"distill-{next(REQUEST_IDS)}" for _ in batch]
-                # Rendered as LLM.generate renders (the audio processed here, in this process).
-                rendered = llm.renderer.render_cmpl(
-                    [
-                        parse_model_prompt(llm.model_config, engine_prompt(r.prompt, r.audio, r.sample_rate))
-                        for r in batch
-                    ],
-                    llm.renderer.default_cmpl_tok_params,
-                )
-                for request_id, r, prompt in zip(ids, batch, rendered, strict=True):
-                    params = settings.params(r, detokenizer)
-                    params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
-                    engine.add_request(request_id, prompt, params)
-                waiting[index] = dict.fromkeys(ids)
-                owner.update(dict.fromkeys(ids, index))
-        if not engine.has_unfinished_requests():
-            break
-        for out in engine.step():
-            if not out.finished:
-                continue
-            index = owner.pop(out.request_id)
-            waiting[index][out.request_id] = out
-            if all(o is not None for o in waiting[index].values()):
-                outs = waiting.pop(index).values()  # in the order the batch's requests were added
-                yield index, [c for o in outs for c in settings.completions(o, detokenizer)]
+    try:
+        while True:
+            # Sequences, not requests: vLLM counts each of a request's n samples as its own request.
+            while not exhausted and engine.get_num_unfinished_requests() < room:
+                index, batch = next(source, (None, None))
+                if batch is None:
+                    exhausted = True
+                elif not batch:
+                    yield index, []
+                else:
+                    waiting[index] = {}
+                    # Rendered as LLM.generate renders (the audio processed here, in this process).
+                    rendered = llm.renderer.render_cmpl(
+                        [
+                            parse_model_prompt(
+                                llm.model_config, engine_prompt(r.prompt, r.audio, r.sample_rate)
+                            )
+                            for r in batch
+                        ],
+                        llm.renderer.default_cmpl_tok_params,
+                    )
+                    for r, prompt in zip(batch, rendered, strict=True):
+                        params = settings.params(r, detokenizer)
+                        params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+                        request_id = f"distill-{next(REQUEST_IDS)}"
+                        engine.add_request(request_id, prompt, params)
+                        waiting[index][request_id] = None
+                        owner[request_id] = index
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                index = owner.pop(out.request_id)
+                waiting[index][out.request_id] = out
+                if all(o is not None for o in waiting[index].values()):
+                    outs = waiting.pop(index).values()  # in the order the batch's requests were added
+                    yield index, [c for o in outs for c in settings.completions(o, detokenizer)]
+    finally:
+        # A caller that stops early (an error writing a shard) leaves nothing running in the engine
+        # for the next generation to meet.
+        if owner:
+            engine.abort_request(list(owner))
     if waiting:
         raise RuntimeError(f"vLLM's engine stopped with batches {sorted(waiting)} unfinished")
 
