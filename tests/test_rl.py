@@ -207,3 +207,18 @@ def test_band_and_step_prompts():
     assert sorted(steps[2][2:] + steps[3] + steps[4]) == items
     assert steps[3] == step_prompts(items, 3, 4, "0:1") and steps[0] != step_prompts(items, 0, 4, "0:2")
     assert step_prompts(["a", "b"], 0, 5, "s").count("a") in (2, 3)  # more prompts than the band
+
+
+def test_step_metrics_and_the_collapse_warning():
+    from distill.rl.metrics import collapse_warning, step_metrics
+
+    traces = [trace(GOOD, reasoning_tokens=n) for n in (10, 20, 30, 40, 100)]
+    terms = [{"correct": c, "format": 1.0, "overlong": 0.0, "reward": 0.8 * c + 0.2} for c in (1, 1, 0, 0, 1)]
+    m = step_metrics(3, terms, traces, dropped=1, groups=4)
+    assert (
+        m["step"] == 3 and m["accuracy"] == pytest.approx(0.6) and m["reward/reward"] == pytest.approx(0.68)
+    )
+    assert m["reasoning_tokens_mean"] == 40 and m["reasoning_tokens_p90"] == pytest.approx(76)
+    assert m["groups_dropped_zero_variance"] == 1 and m["reward/format"] == 1
+    assert collapse_warning(3000, 1400, 0.5) and "47%" in collapse_warning(3000, 1400, 0.5)
+    assert collapse_warning(3000, 1600, 0.5) is None and collapse_warning(3000, 10, 0) is None
