@@ -138,55 +138,29 @@ def test_policy_loss_by_hand():
     # response 1 (A=1): -min(r, clip(r)) = [-1.2, -1.0, -1.1]; 1.6 is clipped
     # response 2 (A=-2): -min(-2r, -2 clip(r)) = max(2r, 2 clip(r)) = [1.6, 2.0]; 0.4 is clipped
     per_token = [-1.2, -1.0, -1.1, 1.6, 2.0]
-    loss, metrics = policy_loss(
-        logp, logp_old, adv, mask, clip_low=0.2, clip_high=0.2, aggregation="token", denominator=5
-    )
+
+    def loss_of(policy=logp, **options):
+        settings = {"clip_low": 0.2, "clip_high": 0.2, "aggregation": "token", "denominator": 5, **options}
+        return policy_loss(policy, logp_old, adv, mask, **settings)
+
+    loss, metrics = loss_of()
     assert loss.item() == pytest.approx(sum(per_token) / 5, abs=1e-6)
     assert metrics["clip_fraction"].item() == pytest.approx(2 / 5)
-    seq, _ = policy_loss(
-        logp, logp_old, adv, mask, clip_low=0.2, clip_high=0.2, aggregation="sequence", denominator=2
-    )
+    seq, _ = loss_of(aggregation="sequence", denominator=2)
     assert seq.item() == pytest.approx((sum(per_token[:3]) / 3 + sum(per_token[3:]) / 2) / 2, abs=1e-6)
     # Clip-higher lets the positive-advantage token go to 1.6 (DAPO).
-    high, m = policy_loss(
-        logp, logp_old, adv, mask, clip_low=0.2, clip_high=0.7, aggregation="token", denominator=5
-    )
+    high, m = loss_of(clip_high=0.7)
     assert high.item() == pytest.approx((-1.6 - 1.0 - 1.1 + 1.6 + 2.0) / 5, abs=1e-6)
     assert m["clip_fraction"].item() == pytest.approx(1 / 5)
     # KL (k3) to a reference equal to the policy is 0; to another, positive and added.
-    _, same = policy_loss(
-        logp,
-        logp_old,
-        adv,
-        mask,
-        clip_low=0.2,
-        clip_high=0.2,
-        aggregation="token",
-        denominator=5,
-        logp_ref=logp,
-        kl_coef=0.1,
-    )
-    assert same["kl"].item() == pytest.approx(0)
-    with_kl, other = policy_loss(
-        logp,
-        logp_old,
-        adv,
-        mask,
-        clip_low=0.2,
-        clip_high=0.2,
-        aggregation="token",
-        denominator=5,
-        logp_ref=logp_old,
-        kl_coef=0.1,
-    )
+    assert loss_of(logp_ref=logp, kl_coef=0.1)[1]["kl"].item() == pytest.approx(0)
+    with_kl, other = loss_of(logp_ref=logp_old, kl_coef=0.1)
     k3 = torch.exp(logp_old - logp) - (logp_old - logp) - 1
     assert other["kl"].item() == pytest.approx((k3 * mask).sum().item() / 5, abs=1e-6)
     assert with_kl.item() == pytest.approx(loss.item() + 0.1 * other["kl"].item(), abs=1e-6)
     # The gradient reaches only unclipped tokens.
     logp_g = logp.clone().requires_grad_(True)
-    policy_loss(logp_g, logp_old, adv, mask, clip_low=0.2, clip_high=0.2, aggregation="token", denominator=5)[
-        0
-    ].backward()
+    loss_of(logp_g)[0].backward()
     assert (logp_g.grad[0, 0], logp_g.grad[1, 0], logp_g.grad[1, 2]) == (0, 0, 0)
     assert logp_g.grad[0, 1] != 0 and logp_g.grad[1, 1] != 0
 
