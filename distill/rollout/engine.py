@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipelines.audio_cache import AudioCache
 from data_pipelines.items import Item
@@ -230,6 +231,7 @@ def generate_batches(
     waiting: dict[int, dict[str, object]] = {}  # batch index -> request id -> output (None: running)
     owner: dict[str, int] = {}
     exhausted = False
+    bar = tqdm(desc="sample", unit="trace", total=0, mininterval=1.0)  # LLM.generate's bar, across batches
     try:
         while True:
             # Sequences, not requests: vLLM counts each of a request's n samples as its own request.
@@ -258,6 +260,8 @@ def generate_batches(
                         engine.add_request(request_id, prompt, params)
                         waiting[index][request_id] = None
                         owner[request_id] = index
+                    bar.total += len(batch) * settings.n
+                    bar.refresh()
             if not engine.has_unfinished_requests():
                 break
             for out in engine.step():
@@ -265,10 +269,12 @@ def generate_batches(
                     continue
                 index = owner.pop(out.request_id)
                 waiting[index][out.request_id] = out
+                bar.update(len(out.outputs))
                 if all(o is not None for o in waiting[index].values()):
                     outs = waiting.pop(index).values()  # in the order the batch's requests were added
                     yield index, [c for o in outs for c in settings.completions(o, detokenizer)]
     finally:
+        bar.close()
         # A caller that stops early (an error writing a shard) leaves nothing running in the engine
         # for the next generation to meet.
         if owner:
