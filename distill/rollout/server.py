@@ -10,7 +10,7 @@ A shard is resumable item by item: each item's traces are appended to a hidden p
 they arrive, and a re-run asks the server only for the items that file lacks. The shard is
 written (atomically, in item order) once every item is in, and the partial file removed. A
 server that goes away mid-shard therefore costs only the requests in flight. The requests of
-all the shards a process samples share one pool, so the next shard's start while the last of the
+all the shards a process samples share one pool, so the next shard's requests start while the last of the
 one before are still out.
 """
 
