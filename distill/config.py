@@ -157,6 +157,8 @@ def _validate(cfg: Config) -> None:
             "model in an offline vLLM engine, which a served-only model does not have; set "
             "grounding.enabled=false"
         )
+    if cfg.rl.enabled:
+        _validate_rl_run(cfg)
     for section, tcfg in (("train", cfg.train), ("cold_start.train", cfg.cold_start.train)):
         if tcfg.max_seq_len < max_model_len:
             # A sampled trace fills up to max_model_len; a shorter training window would cut it.
@@ -192,6 +194,27 @@ def _validate(cfg: Config) -> None:
     if cfg.sample.skip_solved and "correct" not in cfg.filter.checks:
         raise ConfigError(
             "sample.skip_solved: needs the 'correct' check in filter.checks (it decides what is solved)"
+        )
+
+
+def _validate_rl_run(cfg: Config) -> None:
+    """What the rl stage needs of the other sections: it runs under train's processes and its
+    samples are the engine's."""
+    r = cfg.rl
+    if r.prompts_per_step % cfg.train.num_processes:
+        raise ConfigError(
+            f"rl.prompts_per_step={r.prompts_per_step}: must be a multiple of "
+            f"train.num_processes={cfg.train.num_processes} (each rank samples its share)"
+        )
+    if cfg.sample.backend == "server":
+        raise ConfigError(
+            "rl.enabled with sample.backend=server: RL samples from the policy it trains, on an "
+            "engine beside the trainer; set sample.backend=engine"
+        )
+    if r.max_response_tokens >= cfg.engine.max_model_len:
+        raise ConfigError(
+            f"rl.max_response_tokens={r.max_response_tokens}: must leave room for the prompt in "
+            f"engine.max_model_len={cfg.engine.max_model_len}"
         )
 
 

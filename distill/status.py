@@ -67,8 +67,10 @@ def shard_progress(run: RunDir, rd: RoundDir, stage: Stage, shards: int, now: fl
     return text + eta(len(done), shards, stage_start(run, rd, stage.name), last, now)
 
 
-def train_progress(rd: RoundDir, now: float) -> str:
-    plan, log = rd.train_dir / "plan.json", rd.train_dir / "log.jsonl"
+def train_progress(folder: Path, now: float) -> str:
+    """Steps done of a trainer's plan (train/ or rl/: plan.json, log.jsonl), with the last loss (and
+    an RL step's reward and accuracy) and the ETA."""
+    plan, log = folder / "plan.json", folder / "log.jsonl"
     if not plan.exists():
         return "not started"
     total = read_json(plan)["total_steps"]
@@ -76,7 +78,10 @@ def train_progress(rd: RoundDir, now: float) -> str:
     if not lines:
         return f"0/{total} steps (starting)"
     step = lines[-1]["step"]
-    text = f"step {step}/{total}, loss {lines[-1]['loss']:.4f}"
+    last = lines[-1]
+    text = f"step {step}/{total}, loss {last['loss']:.4f}"
+    if "reward/reward" in last:
+        text += f", reward {last['reward/reward']:.3f}, accuracy {last['accuracy']:.1%}"
     # Seconds per step from this process's log (elapsed_s restarts when a resumed stage starts).
     timed = [r for r in lines if "elapsed_s" in r]
     run_start = max(
@@ -115,7 +120,7 @@ def round_status(run: RunDir, rd: RoundDir, shards: int, now: float) -> list[str
     if stage.progress == "shards":
         progress = shard_progress(run, rd, stage, shards, now)
     elif stage.progress == "steps":
-        progress = train_progress(rd, now)
+        progress = train_progress(rd.path / stage.writes[0], now)
     else:
         progress = "no progress on disk until it finishes"
     lines.append(f"  next: {stage.name}: {progress}")

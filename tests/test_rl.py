@@ -55,7 +55,9 @@ def test_defaults_reproduce_step_audio_r1():
         ("rl.group_size=1", "rl.group_size"),
         ("rl.rewards.length=0.5", "rl.rewards.length"),
         ("rl.overlong_buffer=2000", "rl.overlong_buffer"),
-        ("rl.group_size=8", "rl.enabled"),  # not part of the round yet: refused, not ignored
+        ("rl.prompts_per_step=3", "rl.prompts_per_step"),  # 2 training ranks share a step's prompts
+        ("rl.max_response_tokens=1024", "rl.max_response_tokens"),  # no room left for the prompt
+        ("sample.backend=server", "sample.backend"),  # RL samples on an engine beside the trainer
     ],
 )
 def test_bad_rl_values_fail_at_load_naming_the_key(override, key):

@@ -68,9 +68,22 @@ def test_without_grounding_the_filter_job_runs_the_ground_stage(tmp_path):
         ("sample", ["sample"]),
         ("filter", ["ground", "filter"]),
         ("train", ["train"]),
-        ("eval", ["export", "eval"]),
+        ("eval", ["rl", "export", "eval"]),  # RL is off: its marker runs in the next job
     ]
     assert jobs[0].shards == [0, 1, 2] and jobs[1].shards is None  # the turned-off ground shards nothing
+
+
+def test_rl_runs_in_the_training_job_on_its_nodes(tmp_path):
+    cfg = config(tmp_path, "rl.enabled=true", "cold_start.enabled=false", "slurm.train_nodes=2")
+    jobs = plan(cfg, RunDir(cfg.run_dir), 1, {}).jobs
+    assert [(j.kind, j.stages) for j in jobs] == [
+        ("sample", ["sample"]),
+        ("ground", ["ground"]),
+        ("filter", ["filter"]),
+        ("train", ["train", "rl"]),
+        ("eval", ["export", "eval"]),
+    ]
+    assert "--nodes=2" in script(cfg, RunDir(cfg.run_dir), jobs[3])
 
 
 def test_resubmission_asks_only_for_what_is_missing(tmp_path):

@@ -37,5 +37,5 @@ def test_the_config_keys_a_stage_names_exist():
 def test_round_zero_is_the_cold_start_and_names_are_checked():
     assert [s.name for s in round_stages(0)] == ["filter", "train", "export", "eval"]
     assert tuple(s.name for s in round_stages(1)) == STAGE_NAMES
-    with pytest.raises(ValueError, match="unknown stage 'rl'"):
-        stage_named("rl")
+    with pytest.raises(ValueError, match="unknown stage 'distil'"):
+        stage_named("distil")

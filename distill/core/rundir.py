@@ -13,6 +13,7 @@
         rejected.jsonl          every rejected trace with its reasons
         set_aside.json          ids of prompts every sample failed / solved
         train/final/            trainer output (full checkpoint)
+        rl/                     the rl stage (rl.enabled): band.json, log.jsonl, rollouts/, final/
         model/                  exported, vLLM-loadable model
         eval.json               held-out accuracy
         stats/<stage>.json      what each finished stage measured (counts, seconds)
@@ -48,11 +49,19 @@ class RoundDir:
     set_aside = property(lambda self: self.path / "set_aside.json")
     train_dir = property(lambda self: self.path / "train")
     checkpoint = property(lambda self: self.path / "train" / "final")
+    rl_dir = property(lambda self: self.path / "rl")
     model_dir = property(lambda self: self.path / "model")
     eval_json = property(lambda self: self.path / "eval.json")
     stats_dir = property(lambda self: self.path / "stats")
     stage_file = property(lambda self: self.path / "STAGE")
     pushed = property(lambda self: self.path / "pushed.txt")
+
+    @property
+    def policy(self) -> Path:
+        """The checkpoint the round ends with, which the export reads: the rl stage's policy when it
+        made one, else the SFT student."""
+        rl = self.rl_dir / "final"
+        return rl if rl.exists() else self.checkpoint
 
     def shard_file(self, shard_dir: str, shard: int, count: int) -> Path:
         """One shard file of a sharded stage (its registry entry's shard_dir)."""

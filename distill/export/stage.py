@@ -39,26 +39,28 @@ class ExportGateError(RuntimeError):
 def export_stage(
     cfg: Config, rd: RoundDir, processor_source: Path, probe_items: list[Item], get_engine: Callable
 ) -> dict:
-    """Build rd.model_dir from rd.checkpoint and the processor files of `processor_source`."""
+    """Build rd.model_dir from rd.policy (the RL policy, else the SFT student) and the processor
+    files of `processor_source`."""
     from transformers import AutoProcessor
 
     start = time.time()
     family_of(processor_source)  # the processor of a CPU install may need the family's import hooks
-    if not rd.checkpoint.exists():
-        raise FileNotFoundError(f"{rd.checkpoint}: no trainer checkpoint; run the train stage")
+    checkpoint = rd.policy
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no trainer checkpoint; run the train stage")
     tmp = rd.path / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(rd.model_dir, ignore_errors=True)  # a model left by a failed gate is not trusted
     tmp.mkdir(parents=True)
-    for src in rd.checkpoint.iterdir():
-        if src.suffix in (".safetensors", ".json") and src.name != "train_summary.json":
+    for src in checkpoint.iterdir():
+        if src.suffix in (".safetensors", ".json") and src.name not in ("train_summary.json", "rl_summary.json"):
             shutil.copy2(src, tmp / src.name)
     AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     digest = weights_hash(tmp)
     manifest = {
         "weights_sha256": digest,
         "round": rd.index,
-        "checkpoint": str(rd.checkpoint),
+        "checkpoint": str(checkpoint),
         "gate": "pending",
     }
     atomic_write_json(tmp / EXPORT_MANIFEST, manifest)

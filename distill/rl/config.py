@@ -35,7 +35,7 @@ class RLConfig:
     top_p: float = 1.0
     # Response cap; DAPO's soft over-length punishment: within `overlong_buffer` tokens of the cap
     # the reward falls linearly, by up to `overlong_penalty` at the cap (0: off).
-    max_response_tokens: int = 1024
+    max_response_tokens: int = 512
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     # PPO clip range of the ratio: [1 - clip_low, 1 + clip_high] (GRPO: 0.2 both; DAPO's
@@ -54,7 +54,13 @@ class RLConfig:
     drop_zero_variance: bool = True
     # Optimizer steps per rollout batch (1: strictly on-policy, the ratio is 1 at the first step).
     updates_per_step: int = 1
+    # Constant after no warm-up (verl's and DAPO's RL default); the optimizer is the train
+    # section's AdamW under its ZeRO stage, LoRA and trainable parts.
     learning_rate: float = 1e-6
+    # Sampled responses per forward/backward pass on a rank (memory, not the result: the step's
+    # loss is the same for any value).
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
     # Weighted reward terms (rl/rewards.py). Step-Audio-R1: 0.8 x correct + 0.2 x reasoning present.
     rewards: dict[str, float] = field(default_factory=lambda: {"correct": 0.8, "format": 0.2})
     # The length term: 1 at `length_target` reasoning tokens, falling linearly to 0 at 0 and at twice it.
@@ -91,6 +97,7 @@ def validate_rl(r: RLConfig, sample_n: int) -> None:
             "steps",
             "max_response_tokens",
             "updates_per_step",
+            "micro_batch_size",
             "save_every",
             "temperature",
             "learning_rate",
@@ -98,7 +105,7 @@ def validate_rl(r: RLConfig, sample_n: int) -> None:
         ),
     )
     check_non_negative(
-        "rl", r, ("overlong_buffer", "overlong_penalty", "clip_low", "clip_high", "kl_coef", "length_target")
+        "rl", r, ("overlong_buffer", "overlong_penalty", "clip_low", "clip_high", "kl_coef", "length_target", "max_grad_norm")
     )
     # The band counts right answers among the round's sample.n traces (held to it once RL is on).
     top = sample_n if r.enabled else max(sample_n, *r.band)
@@ -123,9 +130,3 @@ def validate_rl(r: RLConfig, sample_n: int) -> None:
             raise ConfigError(f"rl.rewards.{name}: unknown reward term (known: {', '.join(REWARD_TERMS)})")
     if "length" in r.rewards and not r.length_target:
         raise ConfigError("rl.rewards.length: set rl.length_target (reasoning tokens) for the length term")
-    if r.enabled:
-        # The parts are in place (rewards, GRPO arithmetic, weight sync); the stage that joins them
-        # into the round is not, and a switch that silently did nothing would mislead.
-        raise ConfigError(
-            "rl.enabled: the rl stage is not part of the round yet (issue 26); set rl.enabled=false"
-        )

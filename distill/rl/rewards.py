@@ -100,18 +100,28 @@ class Rewards:
         self.weights = {name: w for name, w in cfg.rewards.items() if w}
         self.pipeline = RulePipeline(replace(filter_cfg, checks=CHECKS), control_tokens)
 
-    def __call__(self, trace: dict) -> dict[str, float]:
-        """Each weighted term's value (unweighted), `overlong`, and `reward`: their weighted sum."""
+    def checks(self, trace: dict) -> Checks:
+        """The rule checks of a trace; a reply with no reasoning block is read whole as the answer
+        (and the format term withholds its share)."""
         checks = self.pipeline.run(trace)
-        text = trace["completion"]
-        if checks["correct"] is not None and THINK_CLOSE not in text:
-            # No reasoning block: the whole reply is the answer (and the format term withholds its share).
+        if checks["correct"] is not None and THINK_CLOSE not in trace["completion"]:
             p = self.pipeline
-            answer = answer_of(text, p.cfg.answer_tag)
+            answer = answer_of(trace["completion"], p.cfg.answer_tag)
             checks["correct"] = check_correct(
                 answer, trace["reference"], trace.get("choices"), tol=p.tol, verifier=p.verifier, trace=trace
             )
-        terms = {name: TERMS[name](trace, checks, self.cfg) for name in self.weights}
+        return checks
+
+    def right(self, trace: dict) -> bool:
+        """Whether the trace's answer is right (what the pass-rate band counts)."""
+        return self.checks(trace)["correct"] is None
+
+    def __call__(self, trace: dict) -> dict[str, float]:
+        """Each weighted term's value (unweighted; "correct" always), `overlong`, and `reward`:
+        their weighted sum."""
+        checks = self.checks(trace)
+        # "correct" always: the step's accuracy is reported whatever the weights.
+        terms = {name: TERMS[name](trace, checks, self.cfg) for name in dict.fromkeys(["correct", *self.weights])}
         terms["overlong"] = overlong(trace["num_tokens"], self.cfg)
         terms["reward"] = sum(self.weights[n] * terms[n] for n in self.weights) + terms["overlong"]
         return terms

@@ -62,17 +62,11 @@ def machines_from_env(env: dict[str, str] | None = None) -> Machines:
     )
 
 
-def train_command(
-    tcfg: TrainConfig,
-    config_path: Path,
-    data: list[Path],
-    model: Path,
-    out: Path,
-    section: str,
-    machines: Machines = Machines(),
+def accelerate_command(
+    tcfg: TrainConfig, section: str, script: Path, args: list[str], machines: Machines = Machines()
 ) -> list[str]:
-    """The accelerate command line for one training stage (what a user would type); on several
-    machines, this node's part of it (train.num_processes counts the processes of all nodes)."""
+    """`accelerate launch` of `script` with `args` under a TrainConfig's processes, precision and
+    ZeRO stage; on several machines, this node's part (num_processes counts those of all nodes)."""
     if tcfg.num_processes % machines.count:
         raise ValueError(
             f"{section}.num_processes={tcfg.num_processes} does not split evenly over {machines.count} nodes"
@@ -103,20 +97,22 @@ def train_command(
         cmd += ["--use_deepspeed", "--zero_stage", str(tcfg.zero_stage)]
         if machines.count > 1:  # each node's accelerate starts its own ranks (no pdsh/ssh)
             cmd += ["--deepspeed_multinode_launcher", "standard"]
-    cmd += [
-        str(TRAIN_SCRIPT),
-        "--config",
-        str(config_path),
-        "--data",
-        *map(str, data),
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--section",
-        section,
-    ]
-    return cmd
+    return cmd + [str(script), *args]
+
+
+def train_command(
+    tcfg: TrainConfig,
+    config_path: Path,
+    data: list[Path],
+    model: Path,
+    out: Path,
+    section: str,
+    machines: Machines = Machines(),
+) -> list[str]:
+    """The accelerate command line for one training stage (what a user would type); on several
+    machines, this node's part of it (train.num_processes counts the processes of all nodes)."""
+    args = ["--config", str(config_path), "--data", *map(str, data), "--model", str(model), "--out", str(out)]
+    return accelerate_command(tcfg, section, TRAIN_SCRIPT, [*args, "--section", section], machines)
 
 
 def train_env(tcfg: TrainConfig) -> dict[str, str]:
@@ -160,10 +156,14 @@ def run_training(
     section: str,
     machines: Machines = Machines(),
 ) -> None:
-    cmd = train_command(tcfg, config_path, data, model, out, section, machines)
+    launch(train_command(tcfg, config_path, data, model, out, section, machines), tcfg, "train")
+
+
+def launch(cmd: list[str], tcfg: TrainConfig, label: str) -> None:
+    """Run an accelerate command with the training environment; raise if it fails."""
     env = train_env(tcfg)
     clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"]))
-    print("train: " + shlex.join(["accelerate", "launch", *cmd[3:]]), flush=True)
+    print(f"{label}: " + shlex.join(["accelerate", "launch", *cmd[3:]]), flush=True)
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"training failed (exit {result.returncode}); command: {' '.join(cmd)}")
+        raise RuntimeError(f"{label} failed (exit {result.returncode}); command: {' '.join(cmd)}")

@@ -21,13 +21,17 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def prepare_optimizer(accelerator, model, trainable: list, tcfg: TrainConfig, total_steps: int):
-    """(model, optimizer, scheduler) prepared by accelerate: AdamW over `trainable`.
+def prepare_optimizer(
+    accelerator, model, trainable: list, tcfg: TrainConfig, total_steps: int, schedule: str = "cosine"
+):
+    """(model, optimizer, scheduler) prepared by accelerate: AdamW over `trainable`, the rate
+    following lr_lambda ("cosine", SFT's) or held ("constant", RL's).
     With the optimizer offloaded, accelerate swaps AdamW for DeepSpeed's CPU Adam, so the schedule
     is built on the optimizer prepare returns. It is not handed to accelerate, whose wrapper steps
     once per process (num_processes times too fast); the loop steps it once per optimizer step."""
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.warmup_steps, total_steps))
+    factor = lr_lambda(tcfg.warmup_steps, total_steps) if schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler

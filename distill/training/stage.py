@@ -24,6 +24,8 @@ def train_inputs(cfg: Config, run: RunDir, index: int, model: Path) -> tuple[Pat
 
 def run(ctx: StageContext) -> dict | None:
     """Train round `ctx.rd`'s student; None on a node other than the main one, which marks the stage."""
+    if ctx.rd.index > 0 and ctx.cfg.rl.enabled and ctx.cfg.rl.mode == "instead_of_train":
+        return {"skipped": "rl.mode=instead_of_train: the rl stage trains this round's policy"}
     ctx.engines.close()  # training needs the accelerator memory and the cores the engine holds
     cfg, rd = ctx.cfg, ctx.rd
     tcfg = cfg.cold_start.train if rd.index == 0 else cfg.train
