@@ -34,6 +34,7 @@ from distill.grounding.config import GroundingConfig
 from distill.grounding.config import validate as validate_grounding
 from distill.models.config import ModelConfig
 from distill.models.config import validate as validate_model
+from distill.rl.config import RESUMABLE as RL_RESUMABLE
 from distill.rl.config import RLConfig, validate_rl
 from distill.rollout.config import RESUMABLE as SAMPLE_RESUMABLE
 from distill.rollout.config import EngineConfig, SampleConfig, validate_engine, validate_sample
@@ -247,6 +248,7 @@ RESUMABLE_CHANGES = frozenset(
         ("filter", FILTER_RESUMABLE),
         ("train", TRAIN_RESUMABLE),
         ("cold_start.train", TRAIN_RESUMABLE),
+        ("rl", RL_RESUMABLE),
     )
     for key in keys
 )

@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,10 +33,10 @@ import torch
 from data_pipelines.items import Item
 from distill.config import Config, load_config
 from distill.core.files import atomic_write_json, read_json
-from distill.data import audio_cache
+from distill.data import audio_cache, max_audio_items
 from distill.models.registry import Family, family_of
 from distill.models.tokens import audio_token_ids, control_tokens, think_close_token_id
-from distill.rl.config import RLConfig
+from distill.rl.config import RESUMABLE, RLConfig
 from distill.rl.grpo import group_advantages, policy_loss, zero_variance_groups
 from distill.rl.metrics import collapse_warning, step_metrics
 from distill.rl.policy import PromptIds, group_samples, token_logprobs
@@ -116,7 +116,9 @@ class Setup:
 def read_band(path: Path) -> tuple[dict[str, Item], dict[str, Item]]:
     """The band's items and their swap partners, as the rl stage wrote them."""
     band = read_json(path)
-    items = {row["id"]: Item(**{k: v for k, v in row.items() if k != "schema_version"}) for row in band["items"]}
+    items = {
+        row["id"]: Item(**{k: v for k, v in row.items() if k != "schema_version"}) for row in band["items"]
+    }
     partners = {
         key: Item(**{k: v for k, v in row.items() if k != "schema_version"})
         for key, row in band["partners"].items()
@@ -151,14 +153,13 @@ def set_up(args: argparse.Namespace, cfg: Config) -> Setup:
         reference = build_model(args.model, processor, frozen, 1).to(accelerator.device).eval()
         reference.requires_grad_(False)
     # Each rank's own engine, seeded apart; it samples only after the trainer's weights are pushed.
-    llm = open_engine(args.model, cfg.engine, cfg.seed + accelerator.process_index, max_audio(band))
+    llm = open_engine(args.model, cfg.engine, cfg.seed + accelerator.process_index, max_audio_items(cfg.data))
     model_dir = str(args.model)
     plan = {
         "world": world,
         "seed": cfg.seed,
         "round": args.round,
-        "steps": cfg.rl.steps,
-        "rl": hashlib.sha256(json.dumps(vars_of(cfg.rl), sort_keys=True).encode()).hexdigest(),
+        "rl_settings": settings_key(cfg.rl),
         "band": sorted(band),
         "total_steps": cfg.rl.steps,
     }
@@ -186,15 +187,10 @@ def set_up(args: argparse.Namespace, cfg: Config) -> Setup:
     )
 
 
-def vars_of(r: RLConfig) -> dict:
-    from dataclasses import asdict
-
-    # What a saved state depends on: everything but the step count and the save interval.
-    return {k: v for k, v in asdict(r).items() if k not in ("steps", "save_every", "enabled")}
-
-
-def max_audio(band: dict[str, Item]) -> int:
-    return 1  # one recording per item; its chunks are the model family's concern (data.max_audio)
+def settings_key(r: RLConfig) -> str:
+    """A digest of the rl settings a saved state depends on (all but those a resume may change)."""
+    settings = {k: v for k, v in asdict(r).items() if k not in (*RESUMABLE, "enabled")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def policy_weights(s: Setup) -> dict[str, torch.Tensor]:
@@ -265,7 +261,11 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
     world, accum = accelerator.num_processes, s.tcfg.grad_accum
     advantages = group_advantages(rewards, r.group_size, scale=r.scale_rewards)
     flat = zero_variance_groups(rewards, r.group_size)
-    keep = (~flat).repeat_interleave(r.group_size) if r.drop_zero_variance else torch.ones_like(rewards, dtype=torch.bool)
+    keep = (
+        (~flat).repeat_interleave(r.group_size)
+        if r.drop_zero_variance
+        else torch.ones_like(rewards, dtype=torch.bool)
+    )
     samples = group_samples(groups, s.prompt_ids)
     sizes = [len(x.labels) - x.labels.count(-100) for x in samples]
     local = sum(n for n, k in zip(sizes, keep.tolist(), strict=True) if k)
@@ -291,11 +291,15 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
                         batch["audio"],
                         batch["audio_keys"],
                     )
-                    logp, raw, mask = token_logprobs(hidden, s.family.lm_head(lm.hf), batch["labels"].to(device), r.temperature)
+                    logp, raw, mask = token_logprobs(
+                        hidden, s.family.lm_head(lm.hf), batch["labels"].to(device), r.temperature
+                    )
                     if update_index == 0:
                         old[b] = logp.detach()  # the policy that sampled: ratio 1 at the first update
                         sampled = sampled_logprobs(groups, rows, mask)
-                        metrics["logprob_diff"].append(float(((raw - sampled).abs() * mask).sum() / mask.sum().clamp(min=1)))
+                        metrics["logprob_diff"].append(
+                            float(((raw - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
+                        )
                         ref[b] = reference_logprobs(s, batch) if s.reference is not None else None
                     mask = mask & keep[rows].to(device)[:, None]
                     loss, m = policy_loss(
@@ -316,12 +320,16 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
                     loss = sum(p.sum() for p in s.model.parameters() if p.requires_grad) * 0.0
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and s.tcfg.zero_stage == 0 and s.tcfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], s.tcfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(
+                        [p for p in s.model.parameters() if p.requires_grad], s.tcfg.max_grad_norm
+                    )
                 s.optimizer.step()
                 s.optimizer.zero_grad()
             losses.append(loss.detach())
         s.scheduler.step()
-        metrics["loss"].append(accelerator.reduce(torch.stack(losses).sum(), reduction="sum").item() / (world * accum))
+        metrics["loss"].append(
+            accelerator.reduce(torch.stack(losses).sum(), reduction="sum").item() / (world * accum)
+        )
     return {
         "loss": metrics["loss"][-1],
         "clip_fraction": mean(metrics["clip_fraction"]),
@@ -342,7 +350,9 @@ def reference_logprobs(s: Setup, batch: dict) -> torch.Tensor:
             batch["audio"],
             batch["audio_keys"],
         )
-        return token_logprobs(hidden, s.family.lm_head(s.reference.hf), batch["labels"].to(device), s.rl.temperature)[0]
+        return token_logprobs(
+            hidden, s.family.lm_head(s.reference.hf), batch["labels"].to(device), s.rl.temperature
+        )[0]
 
 
 def mean(values: list[float]) -> float:
@@ -371,7 +381,9 @@ def step_record(s: Setup, step: int, groups: list[Group], terms: list[dict], tim
     from accelerate.utils import gather_object
 
     traces = [
-        {"completion": t["completion"], "reasoning_tokens": t["reasoning_tokens"]} for g in groups for t in g.traces
+        {"completion": t["completion"], "reasoning_tokens": t["reasoning_tokens"]}
+        for g in groups
+        for t in g.traces
     ]
     rewards = torch.tensor([t["reward"] for t in terms])
     dropped = int(zero_variance_groups(rewards, s.rl.group_size).sum()) if s.rl.drop_zero_variance else 0
@@ -446,7 +458,9 @@ def train(s: Setup, step: int) -> Progress:
         if main_proc:
             record["elapsed_s"] = round(time.time() - start, 3)
             first_length = record["reasoning_tokens_mean"] if first_length is None else first_length
-            warning = collapse_warning(first_length, record["reasoning_tokens_mean"], s.rl.collapse_warn_fraction)
+            warning = collapse_warning(
+                first_length, record["reasoning_tokens_mean"], s.rl.collapse_warn_fraction
+            )
             if warning:
                 record["warning"] = warning
                 print(f"rl: step {step + 1}: {warning}", flush=True)
@@ -490,10 +504,12 @@ def save(s: Setup, progress: Progress) -> None:
     tmp.rename(out / "final")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if lines:
+        first, last = lines[0], lines[-1]
         print(
-            f"rl: {progress.step} steps on {len(s.band)} band items: reward {lines[0]['reward/reward']:.3f} -> "
-            f"{lines[-1]['reward/reward']:.3f}, accuracy {lines[0]['accuracy']:.1%} -> {lines[-1]['accuracy']:.1%}, "
-            f"reasoning {lines[0]['reasoning_tokens_mean']:.0f} -> {lines[-1]['reasoning_tokens_mean']:.0f} tokens"
+            f"rl: {progress.step} steps on {len(s.band)} band items: reward "
+            f"{first['reward/reward']:.3f} -> {last['reward/reward']:.3f}, accuracy "
+            f"{first['accuracy']:.1%} -> {last['accuracy']:.1%}, reasoning "
+            f"{first['reasoning_tokens_mean']:.0f} -> {last['reasoning_tokens_mean']:.0f} tokens"
         )
 
 

@@ -53,7 +53,10 @@ def export_stage(
     shutil.rmtree(rd.model_dir, ignore_errors=True)  # a model left by a failed gate is not trusted
     tmp.mkdir(parents=True)
     for src in checkpoint.iterdir():
-        if src.suffix in (".safetensors", ".json") and src.name not in ("train_summary.json", "rl_summary.json"):
+        if src.suffix in (".safetensors", ".json") and src.name not in (
+            "train_summary.json",
+            "rl_summary.json",
+        ):
             shutil.copy2(src, tmp / src.name)
     AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     digest = weights_hash(tmp)

@@ -13,6 +13,8 @@ REWARD_TERMS = ("correct", "format", "length", "language", "degeneration", "judg
 LOSS_AGGREGATIONS = ("token", "sequence")
 RL_MODES = ("after_train", "instead_of_train")
 EMPTY_BAND = ("skip", "fail")
+# Keys of the rl section a resumed run may change: how the work is done, not what it produces.
+RESUMABLE = ("save_every", "collapse_warn_fraction")
 
 
 @dataclass
@@ -105,7 +107,17 @@ def validate_rl(r: RLConfig, sample_n: int) -> None:
         ),
     )
     check_non_negative(
-        "rl", r, ("overlong_buffer", "overlong_penalty", "clip_low", "clip_high", "kl_coef", "length_target", "max_grad_norm")
+        "rl",
+        r,
+        (
+            "overlong_buffer",
+            "overlong_penalty",
+            "clip_low",
+            "clip_high",
+            "kl_coef",
+            "length_target",
+            "max_grad_norm",
+        ),
     )
     # The band counts right answers among the round's sample.n traces (held to it once RL is on).
     top = sample_n if r.enabled else max(sample_n, *r.band)

@@ -121,7 +121,9 @@ class Rewards:
         their weighted sum."""
         checks = self.checks(trace)
         # "correct" always: the step's accuracy is reported whatever the weights.
-        terms = {name: TERMS[name](trace, checks, self.cfg) for name in dict.fromkeys(["correct", *self.weights])}
+        terms = {
+            name: TERMS[name](trace, checks, self.cfg) for name in dict.fromkeys(["correct", *self.weights])
+        }
         terms["overlong"] = overlong(trace["num_tokens"], self.cfg)
         terms["reward"] = sum(self.weights[n] * terms[n] for n in self.weights) + terms["overlong"]
         return terms

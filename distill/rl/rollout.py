@@ -115,13 +115,18 @@ def add_dependence(
         for out, t in zip(g.completions, g.traces, strict=True):
             if not out.token_ids:
                 continue
-            jobs.append(ScoreJob(g.request.prompt, t["completion"], audio, completion_ids=list(out.token_ids)))
+            jobs.append(
+                ScoreJob(g.request.prompt, t["completion"], audio, completion_ids=list(out.token_ids))
+            )
             owners.append((out, t))
     scored = score(llm, tokenizer, jobs, cfg.data.sample_rate)
     for (out, t), counter in zip(owners, scored, strict=True):
         record = logprob_record(out, think_close_id)  # split where the scoring splits
         real = LogprobSums(
-            record["reasoning"], record["answer"], record["reasoning_tokens"], out.num_tokens - record["reasoning_tokens"]
+            record["reasoning"],
+            record["answer"],
+            record["reasoning_tokens"],
+            out.num_tokens - record["reasoning_tokens"],
         )
         t["dependence"] = dependence(real, counter.sums()).reasoning
     return time.perf_counter() - start

@@ -102,7 +102,16 @@ def skip(cfg: Config, rd: RoundDir, round_model: Path, message: str) -> dict:
 
 def rl_command(cfg: Config, config_path: Path, model: Path, rd: RoundDir, machines: Machines) -> list[str]:
     """The accelerate command line of the stage (what a user would type)."""
-    args = ["--config", str(config_path), "--model", str(model), "--round", str(rd.index), "--out", str(rd.rl_dir)]
+    args = [
+        "--config",
+        str(config_path),
+        "--model",
+        str(model),
+        "--round",
+        str(rd.index),
+        "--out",
+        str(rd.rl_dir),
+    ]
     return accelerate_command(cfg.train, "train", RL_SCRIPT, args, machines)
 
 
