@@ -193,3 +193,13 @@ def test_status_shows_finished_rounds_and_the_running_stage(tmp_path):
     text = run_status(run)
     # 90 steps left at 2 s a step, less the moment since the last log line.
     assert "next: train: step 10/100, loss 0.1000, 2.00 s/step, ETA 2m" in text, text
+    # RL under way: its step, reward and accuracy from rl/log.jsonl, the ETA from its pace.
+    rd4.mark_done("train", {"seconds": 1.0})
+    atomic_write_json(rd4.rl_dir / "plan.json", {"total_steps": 20})
+    log = [
+        {"step": s, "loss": 0.01, "reward/reward": 0.5 + s / 100, "accuracy": 0.25, "elapsed_s": 3.0 * s}
+        for s in range(1, 5)
+    ]
+    atomic_write_text(rd4.rl_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
+    text = run_status(run)
+    assert "next: rl: step 4/20, loss 0.0100, reward 0.540, accuracy 25.0%, 3.00 s/step, ETA" in text, text

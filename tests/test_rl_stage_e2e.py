@@ -81,15 +81,6 @@ def finished(proc: subprocess.Popen, out: Path, timeout: int = 900) -> None:
     assert proc.returncode == 0, (out / "stage.log").read_text(errors="replace")[-4000:]
 
 
-def fork(src: Path, dst: Path) -> None:
-    """A copy of the run in `src` under `dst`, its config pointing at its new place (as a user
-    moving a run directory rewrites it)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    config = dst / "demo_cpu" / "config.yaml"
-    config.write_text(config.read_text().replace(str(src), str(dst)))
-    (dst / "stage.log").unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A run through round 1's SFT student (the cold start, then sample, ground, filter, train)."""
@@ -100,12 +91,10 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rl_round(trained, tmp_path_factory) -> Path:
+def rl_round(trained) -> Path:
     """The round finished with its rl stage, never interrupted."""
-    out = tmp_path_factory.mktemp("rl_uninterrupted")
-    fork(trained, out)
-    finished(stage(out, "rl,export,eval"), out)
-    return out / "demo_cpu"
+    finished(stage(trained, "rl,export,eval"), trained)
+    return trained / "demo_cpu"
 
 
 def log_lines(run: Path) -> list[dict]:
@@ -140,9 +129,14 @@ def test_rl_raises_the_reward_and_the_round_exports_its_policy(rl_round):
 
 
 def test_a_killed_rl_stage_resumes_to_the_uninterrupted_state(trained, rl_round, tmp_path):
-    fork(trained, tmp_path)
-    rl_dir = tmp_path / "demo_cpu" / "round_001" / "rl"
-    first = stage(tmp_path, "rl", 1, "rl.save_every=1", start_new_session=True)
+    # The round set back to before its rl stage, the uninterrupted stage's output kept aside.
+    rd = rl_round / "round_001"
+    uninterrupted = tmp_path / "rl"
+    shutil.move(rd / "rl", uninterrupted)
+    (rd / "STAGE").write_text("train\n")
+    rl_dir = rd / "rl"
+    before = len((trained / "stage.log").read_text(errors="replace"))
+    first = stage(trained, "rl", 1, "rl.save_every=1", start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and first.poll() is None:
         log = rl_dir / "log.jsonl"
@@ -153,17 +147,17 @@ def test_a_killed_rl_stage_resumes_to_the_uninterrupted_state(trained, rl_round,
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (rl_dir / "final").exists() and list((rl_dir / "checkpoints").glob("step-*"))
-    finished(stage(tmp_path, "rl", 1, "rl.save_every=1"), tmp_path)
-    assert "resuming from" in (tmp_path / "stage.log").read_text()
-    resumed = tmp_path / "demo_cpu"
+    finished(stage(trained, "rl", 1, "rl.save_every=1"), trained)
+    assert "resuming from" in (trained / "stage.log").read_text(errors="replace")[before:]
     weights = load_file(rl_dir / "final" / "model.safetensors")
-    reference = load_file(rl_round / "round_001" / "rl" / "final" / "model.safetensors")
+    reference = load_file(uninterrupted / "final" / "model.safetensors")
     assert weights.keys() == reference.keys()
     for name, value in reference.items():
         assert (weights[name] == value).all(), name
     same = ("reward/reward", "accuracy", "reasoning_tokens_mean", "loss")
-    assert [[r[k] for k in same] for r in log_lines(resumed)] == [
-        [r[k] for k in same] for r in log_lines(rl_round)
+    resumed = list(read_jsonl(rl_dir / "log.jsonl"))
+    assert [[r[k] for k in same] for r in resumed] == [
+        [r[k] for k in same] for r in read_jsonl(uninterrupted / "log.jsonl")
     ]
 
 

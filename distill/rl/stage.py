@@ -121,17 +121,18 @@ def run(ctx: StageContext) -> dict | None:
     if not cfg.rl.enabled:
         return {"enabled": False}
     ctx.engines.close()  # the trainer's ranks open engines of their own
-    model = start_model(cfg, rd, ctx.model)
     final = rd.rl_dir / "final"
     if not final.exists() and not (rd.rl_dir / "band.json").exists():
         try:
-            write_band(cfg, rd, ctx.data.train, model)
+            write_band(cfg, rd, ctx.data.train, ctx.model)  # the round's tokenizer: the student's
         except EmptyBandError as exc:
             if cfg.rl.on_empty_band == "fail":
                 raise EmptyBandStop(f"{exc} (rl.on_empty_band=fail)") from exc
             return skip(cfg, rd, ctx.model, str(exc))
+    model = start_model(cfg, rd, ctx.model)
     machines = machines_from_env()
-    launch(rl_command(cfg, ctx.run.config, model, rd, machines), cfg.train, "rl")
+    if not final.exists():  # else a kill came after the trainer saved it, before the marker
+        launch(rl_command(cfg, ctx.run.config, model, rd, machines), cfg.train, "rl")
     if machines.rank != 0:
         return None
     summary = read_json(final / "rl_summary.json")
