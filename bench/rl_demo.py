@@ -76,7 +76,8 @@ def variant_numbers(run: Path) -> dict:
 
 def table(results: dict) -> str:
     rows = [
-        "| variant | held-out acc | maj@k | reasoning tokens | grounding gap | RL reward first -> last | RL reasoning first -> last | RL s |",
+        "| variant | held-out acc | maj@k | reasoning tokens | grounding gap "
+        "| RL reward first -> last | RL reasoning first -> last | RL s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():

@@ -336,6 +336,8 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
         "kl": mean(metrics["kl"]),
         "logprob_diff": mean(metrics["logprob_diff"]),
         "response_tokens": int(all_sum(s, sum(sizes))),
+        # Every position the updates fed the model (prompts too), over the ranks: training tok/s.
+        "train_tokens": int(all_sum(s, r.updates_per_step * sum(len(x.input_ids) for x in samples))),
     }
 
 

@@ -12,6 +12,7 @@ from data_pipelines.audio import write_wav
 from distill.core.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from distill.core.rundir import RunDir
 from distill.report import write_report
+from distill.report.metrics import format_table, round_record
 from distill.status import run_status
 
 CHARTS = 5
@@ -203,3 +204,34 @@ def test_status_shows_finished_rounds_and_the_running_stage(tmp_path):
     atomic_write_text(rd4.rl_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     text = run_status(run)
     assert "next: rl: step 4/20, loss 0.0100, reward 0.540, accuracy 25.0%, 3.00 s/step, ETA" in text, text
+
+
+def test_the_report_and_the_table_show_what_rl_did(tmp_path):
+    run = fake_run(tmp_path)
+    # Round 1's band was empty (RL skipped); round 2 ran 3 RL steps, its reasoning collapsing.
+    atomic_write_json(
+        RunDir(run).round(1).stats_dir / "rl.json", {"skipped": "no item has 3 to 6", "steps": 0}
+    )
+    rd = RunDir(run).round(2)
+    atomic_write_json(rd.stats_dir / "rl.json", {"steps": 3, "band_items": 5})
+    warning = "mean reasoning length fell to 40 tokens, 40% of the 100 RL started from"
+    lines = [
+        {
+            "step": s,
+            "reward/reward": 0.4 + 0.15 * s,
+            "accuracy": 0.3 + 0.1 * s,
+            "reasoning_tokens_mean": 100 / s,
+            "reasoning_tokens_p90": 150 / s,
+            "kl": 0.0,
+            "clip_fraction": 0.01,
+            **({"warning": warning} if s == 3 else {}),
+        }
+        for s in (1, 2, 3)
+    ]
+    atomic_write_jsonl(rd.rl_dir / "log.jsonl", lines)
+    page = write_report(run, tmp_path / "report.html", samples=1).read_text()
+    assert page.count('<img alt="') == CHARTS + 1 and '<img alt="RL steps"' in page
+    assert "RL: 3 steps on 5 items of the pass-rate band; mean reward 0.550 &rarr; 0.850" in page
+    assert f"RL step 3: {warning}" in page and "RL skipped: no item has 3 to 6" in page
+    table = format_table([round_record(r) for r in RunDir(run).rounds()])
+    assert "0.55->0.85" in table and " skip " in table

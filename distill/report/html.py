@@ -160,6 +160,19 @@ def round_section(rd: RoundDir, record: dict, samples: int) -> str:
             f"language drift {_pct(traces['language_drift_rate'])}, degenerate "
             f"{_pct(traces['degeneration_rate'])}.</p>"
         )
+    rl = record.get("rl")
+    if rl and rl["steps"]:
+        first, last = rl["first"], rl["last"]
+        parts.append(
+            f"<p>RL: {rl['steps']} steps on {rl['band_items']} items of the pass-rate band; mean reward "
+            f"{first['reward/reward']:.3f} &rarr; {last['reward/reward']:.3f}, accuracy "
+            f"{_pct(first['accuracy'])} &rarr; {_pct(last['accuracy'])}, reasoning tokens (mean / p90) "
+            f"{first['reasoning_tokens_mean']:.0f} / {first['reasoning_tokens_p90']:.0f} &rarr; "
+            f"{last['reasoning_tokens_mean']:.0f} / {last['reasoning_tokens_p90']:.0f}.</p>"
+        )
+        parts.extend(f'<p class="warn">RL {_e(w)}</p>' for w in rl["warnings"])
+    elif rl:
+        parts.append(f"<p>RL skipped: {_e(rl['skipped'])}</p>")
     inv = record.get("inverted_scaling")
     if inv:
         parts.append(

@@ -9,8 +9,39 @@ from __future__ import annotations
 import os
 import secrets
 
-from distill.core.files import atomic_write_jsonl, atomic_write_text
+from distill.core.files import atomic_write_jsonl, atomic_write_text, read_jsonl
 from distill.core.rundir import RoundDir, RunDir
+
+# What the record keeps of an RL step (the first and the last of the stage): rl/log.jsonl has all.
+RL_KEYS = (
+    "reward/reward",
+    "accuracy",
+    "reasoning_tokens_mean",
+    "reasoning_tokens_p90",
+    "kl",
+    "clip_fraction",
+)
+
+
+def rl_steps(rd: RoundDir) -> list[dict]:
+    """The rl stage's step records (rl/log.jsonl; none where RL did not run)."""
+    log = rd.rl_dir / "log.jsonl"
+    return list(read_jsonl(log)) if log.exists() else []
+
+
+def rl_record(rd: RoundDir, stats: dict) -> dict | None:
+    """The round's RL in brief: steps, band, the first and last step, warnings; None without RL."""
+    steps = rl_steps(rd)
+    if not steps and not stats.get("skipped"):
+        return None
+    return {
+        "steps": len(steps),
+        "band_items": stats.get("band_items"),
+        "skipped": stats.get("skipped"),
+        "first": {k: steps[0].get(k) for k in RL_KEYS} if steps else None,
+        "last": {k: steps[-1].get(k) for k in RL_KEYS} if steps else None,
+        "warnings": [f"step {r['step']}: {r['warning']}" for r in steps if r.get("warning")],
+    }
 
 
 def round_record(rd: RoundDir) -> dict:
@@ -56,6 +87,7 @@ def round_record(rd: RoundDir) -> dict:
         "train_loss": train.get("final_loss"),
         "train_tokens_per_s": train.get("tokens_per_s"),
         "train_padding_share": train.get("padding_share"),
+        "rl": rl_record(rd, stats.get("rl", {})),
         "heldout_accuracy": ev.get("accuracy"),
         "heldout_per_family": ev.get("per_family"),
         "heldout_per_category": ev.get("per_category"),
@@ -107,6 +139,15 @@ def _curve(budgets: dict | None, inverted: dict | None) -> str:
     return "/".join(f"{100 * a:.0f}" for a in budgets.values()) + ("!" if inverted else "")
 
 
+def _rl_reward(rl: dict | None) -> str:
+    """'0.46->0.81': the rl stage's mean reward at its first and last step ('skip': empty band)."""
+    if not rl:
+        return "-"
+    if not rl["steps"]:
+        return "skip"
+    return f"{rl['first']['reward/reward']:.2f}->{rl['last']['reward/reward']:.2f}"
+
+
 def format_table(records: list[dict]) -> str:
     """The per-round table printed at the end of `distill run`."""
     header = [
@@ -122,6 +163,7 @@ def format_table(records: list[dict]) -> str:
         "text_solv",
         "dep_kept",
         "train_loss",
+        "rl_reward",
         "heldout_acc",
         "maj@k",
         "budget_acc",
@@ -145,6 +187,7 @@ def format_table(records: list[dict]) -> str:
                 _fmt(r.get("text_solvable_share"), ".0%"),
                 _fmt((r.get("dependence_kept") or {}).get("p50"), "+.3f"),
                 _fmt(r["train_loss"], ".4f"),
+                _rl_reward(r.get("rl")),
                 _fmt(r["heldout_accuracy"], ".1%"),
                 _fmt(r.get("majority_accuracy"), ".1%"),
                 _curve(r.get("budget_accuracy"), r.get("inverted_scaling")),
@@ -223,6 +266,10 @@ class WandbLogger:
         for stage, seconds in record["seconds"].items():
             if seconds is not None:
                 flat[f"seconds/{stage}"] = seconds
+        for side in ("first", "last"):
+            for key, value in ((record.get("rl") or {}).get(side) or {}).items():
+                if isinstance(value, int | float):
+                    flat[f"rl_{side}/{key}"] = value
         self.wb.log({**flat, **self.media(rd, run, samples)}, step=record["round"])
         atomic_write_text(marker, self.wb.id + "\n")
 
@@ -257,6 +304,13 @@ class WandbLogger:
                 audio,
             )
         out["sample_traces"] = table
+        steps = rl_steps(rd)
+        if steps:  # every RL step of the round, as the stage logged it
+            columns = sorted({k for r in steps for k in r if isinstance(r[k], int | float)})
+            rl_table = wandb.Table(columns=columns)
+            for r in steps:
+                rl_table.add_data(*(r.get(k) for k in columns))
+            out["rl_steps"] = rl_table
         return out
 
     def finish(self) -> None:

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 from distill.core.files import read_jsonl
 from distill.core.rundir import RunDir
+from distill.report.metrics import rl_steps
 
 # Rejection reasons drawn one by one; the rest are summed as "other".
 TOP_REASONS = 6
@@ -183,12 +184,34 @@ def run_trace_lengths(run: RunDir) -> dict[int, dict[str, list[int]]]:
     return out
 
 
+def rl_progress(steps: dict[int, list[dict]]) -> bytes:
+    """Per RL step of each round: mean reward and accuracy (left), mean and p90 reasoning length
+    (right: the collapse Step-Audio-R1 warns of shows as a falling line)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    for index, lines in sorted(steps.items()):
+        x = [r["step"] for r in lines]
+        left.plot(x, [r["reward/reward"] for r in lines], marker="o", label=f"round {index}: reward")
+        left.plot(x, [r["accuracy"] for r in lines], linestyle="--", label=f"round {index}: accuracy")
+        right.plot(x, [r["reasoning_tokens_mean"] for r in lines], marker="o", label=f"round {index}: mean")
+        right.plot(x, [r["reasoning_tokens_p90"] for r in lines], linestyle="--", label=f"round {index}: p90")
+    left.set(xlabel="RL step", ylabel="mean over the step's samples", title="RL: reward and accuracy")
+    right.set(xlabel="RL step", ylabel="reasoning tokens", title="RL: reasoning length")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def charts(run: RunDir, records: list[dict]) -> dict[str, bytes]:
-    """The report's PNG charts by title (also logged to wandb)."""
-    return {
+    """The report's PNG charts by title (also logged to wandb); the RL chart when a round ran RL."""
+    figures = {
         "Held-out accuracy per round": accuracy_per_round(records),
         "Test-time scaling": scaling_curves(records),
         "Grounding gap": grounding_gap(records),
         "Kept traces and rejection reasons": kept_and_rejected(records),
         "Trace lengths": trace_lengths(run_trace_lengths(run)),
     }
+    steps = {rd.index: lines for rd in run.rounds() if (lines := rl_steps(rd))}
+    if steps:
+        figures["RL steps"] = rl_progress(steps)
+    return figures
