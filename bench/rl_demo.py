@@ -5,16 +5,17 @@ same SFT student, and each way's held-out accuracy, reasoning length and groundi
 
 Round 0 (the cold start) and round 1's sample, ground, filter and train stages run once; the run
 directory is then kept aside and each variant continues it with its own rl settings (written into
-the run's config.yaml before its stages run, so each is the run it would be had it been started with
-them) through rl, export and eval:
+the run's config.yaml before its stages run: the preset's config with the variant's overrides, so
+each is the run it would be had it been started with them) through rl, export and eval:
 - sft_only: rl.enabled=false (the round's export and eval are the SFT student's: "before RL");
 - rl_correct_format: the preset's RL, Step-Audio-R1's reward 0.8 x correct + 0.2 x format;
 - rl_correct_only: the format term off (rl.rewards.format=0), the report's ablation;
-- rl_grounding: the report's reward plus the grounding reward (rl.rewards.grounding=0.5): audio
+- rl_grounding: the report's reward plus the grounding reward (rl.rewards.grounding=0.2): audio
   dependence against a swapped clip, per reasoning token.
-Numbers per variant: held-out accuracy (greedy), maj@k, the eval's mean reasoning tokens (greedy
-traces), the eval's grounding gap (accuracy with the real audio minus with the counterfactuals), and
-the RL log's first and last step (mean reward, accuracy, reasoning tokens), with the stage's seconds.
+Numbers per variant: held-out accuracy (greedy), maj@k, the greedy traces' format error rate and
+mean reasoning tokens, the eval's grounding gap (accuracy with the real audio minus with the
+counterfactuals), and the RL log's mean reward, accuracy and reasoning tokens over its first 5 and
+its last 5 steps (one step's 16 prompts are too few to read alone), with the stage's seconds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import load_config, to_yaml
+from distill.config import config_diff, load_config, to_yaml
 from distill.core.files import read_json, read_jsonl
 
 CONFIG = "configs/demo_rl_cpu.yaml"
@@ -37,7 +38,7 @@ VARIANTS = {
     "sft_only": ["rl.enabled=false"],
     "rl_correct_format": [],
     "rl_correct_only": ["rl.rewards.format=0"],
-    "rl_grounding": ["rl.rewards.grounding=0.5"],
+    "rl_grounding": ["rl.rewards.grounding=0.2"],
 }
 
 
@@ -50,13 +51,30 @@ def distill(*args: str, log: Path) -> None:
         raise RuntimeError(f"distill {' '.join(args)} failed; see {log}")
 
 
+def variant_config(work: Path, saved: Path, overrides: list[str]):
+    """The preset's config (as it is now) with a variant's overrides; refused when the kept run
+    was made with other settings than the preset's outside the rl section."""
+    cfg = load_config(CONFIG, [f"output_dir={work}", "loop.rounds=1", *overrides])
+    changed = [k for k in config_diff(load_config(saved), cfg) if not k.startswith("rl.")]
+    if changed:
+        raise SystemExit(f"{saved.parent}: made with other settings ({', '.join(changed)}); delete {work}")
+    return cfg
+
+
+def window(lines: list[dict], key: str) -> float:
+    """The mean of `key` over up to 5 steps: one step's prompts are too few to read alone."""
+    return round(sum(r[key] for r in lines) / len(lines), 4)
+
+
 def variant_numbers(run: Path) -> dict:
     rd = run / "round_001"
     ev = read_json(rd / "eval.json")
     record = {
         "heldout_accuracy": ev["accuracy"],
         "majority_accuracy": ev["majority_accuracy"],
-        "reasoning_tokens": ev["traces"]["greedy"]["reasoning_tokens"]["mean"],
+        # None: no greedy trace closed its reasoning.
+        "reasoning_tokens": (ev["traces"]["greedy"]["reasoning_tokens"] or {}).get("mean"),
+        "format_error_rate": ev["traces"]["greedy"]["format_error_rate"],
         "grounding_gap": ev["grounding"]["gap"],
         "rl": None,
     }
@@ -66,8 +84,8 @@ def variant_numbers(run: Path) -> dict:
         keys = ("reward/reward", "accuracy", "reasoning_tokens_mean")
         record["rl"] = {
             "steps": len(lines),
-            "first": {k: lines[0][k] for k in keys},
-            "last": {k: lines[-1][k] for k in keys},
+            "first_5_steps": {k: window(lines[:5], k) for k in keys},
+            "last_5_steps": {k: window(lines[-5:], k) for k in keys},
             "band_items": read_json(rd / "stats" / "rl.json")["band_items"],
             "seconds": read_json(rd / "stats" / "rl.json")["seconds"],
         }
@@ -76,22 +94,21 @@ def variant_numbers(run: Path) -> dict:
 
 def table(results: dict) -> str:
     rows = [
-        "| variant | held-out acc | maj@k | reasoning tokens | grounding gap "
-        "| RL reward first -> last | RL reasoning first -> last | RL s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | held-out acc | maj@k | format errors | reasoning tokens | grounding gap "
+        "| RL reward, steps 1-5 -> last 5 | RL reasoning tokens | RL s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         rl = r["rl"]
-        reward = f"{rl['first']['reward/reward']:.2f} -> {rl['last']['reward/reward']:.2f}" if rl else "-"
-        length = (
-            f"{rl['first']['reasoning_tokens_mean']:.0f} -> {rl['last']['reasoning_tokens_mean']:.0f}"
-            if rl
-            else "-"
-        )
+        a, b = (rl["first_5_steps"], rl["last_5_steps"]) if rl else ({}, {})
+        reward = f"{a['reward/reward']:.2f} -> {b['reward/reward']:.2f}" if rl else "-"
+        length = f"{a['reasoning_tokens_mean']:.0f} -> {b['reasoning_tokens_mean']:.0f}" if rl else "-"
+        tokens = "-" if r["reasoning_tokens"] is None else f"{r['reasoning_tokens']:.1f}"
         gap = "-" if r["grounding_gap"] is None else f"{r['grounding_gap']:+.1%}"
         rows.append(
             f"| {name} | {r['heldout_accuracy']:.1%} | {r['majority_accuracy']:.1%} | "
-            f"{r['reasoning_tokens']:.1f} | {gap} | {reward} | {length} | {rl['seconds'] if rl else '-'} |"
+            f"{r['format_error_rate']:.0%} | {tokens} | {gap} | {reward} | {length} | "
+            f"{rl['seconds'] if rl else '-'} |"
         )
     return "\n".join(rows)
 
@@ -117,7 +134,7 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(kept, run, symlinks=True)
         config = run / "config.yaml"
-        config.write_text(to_yaml(load_config(config, overrides)))
+        config.write_text(to_yaml(variant_config(work, config, overrides)))
         distill("stage", "rl,export,eval", "--round", "1", str(config), log=log)
         results[name] = variant_numbers(run)
         shutil.rmtree(work / name, ignore_errors=True)

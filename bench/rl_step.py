@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import load_config, to_yaml
+from distill.config import config_diff, load_config, to_yaml
 from distill.core.files import read_json, read_jsonl
 from distill.training.launch import train_command, train_env
 
@@ -67,7 +67,13 @@ def prepare(work: Path, steps: int) -> Path:
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(kept, run, symlinks=True)
     config = run / "config.yaml"
-    config.write_text(to_yaml(load_config(config, [f"rl.steps={steps}", f"rl.save_every={steps}"])))
+    cfg = load_config(
+        CONFIG, [f"output_dir={work}", "loop.rounds=1", f"rl.steps={steps}", f"rl.save_every={steps}"]
+    )
+    changed = [k for k in config_diff(load_config(config), cfg) if not k.startswith("rl.")]
+    if changed:
+        raise SystemExit(f"{kept}: made with other settings ({', '.join(changed)}); delete {work}")
+    config.write_text(to_yaml(cfg))
     distill("stage", "rl", "--round", "1", str(config), log=log)
     return run
 

@@ -18,6 +18,7 @@ step alone. The final policy lands in OUT/final in the family's vLLM layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ from distill.models.tokens import audio_token_ids, control_tokens, think_close_t
 from distill.rl.config import RESUMABLE, RLConfig
 from distill.rl.grpo import group_advantages, policy_loss, zero_variance_groups
 from distill.rl.metrics import collapse_warning, step_metrics
-from distill.rl.policy import PromptIds, group_samples, token_logprobs
+from distill.rl.policy import PromptIds, group_samples
 from distill.rl.prompts import step_prompts
 from distill.rl.rewards import Rewards
 from distill.rl.rollout import Group, add_dependence, sample_groups
@@ -193,28 +194,25 @@ def settings_key(r: RLConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def policy_weights(s: Setup) -> dict[str, torch.Tensor]:
-    """The policy's full weights under checkpoint names (LoRA merged), on every rank: ZeRO-3
-    gathers each rank's partitions first."""
-    import deepspeed
-
+def policy_state(s: Setup) -> dict[str, torch.Tensor]:
+    """The policy's full weights under the training model's names (LoRA merged), on every rank:
+    under ZeRO-3 each rank's partitions are gathered first."""
     lm = s.accelerator.unwrap_model(s.model)
-    params = list(lm.model.parameters())
-    gather = s.tcfg.zero_stage == 3
-    context = deepspeed.zero.GatheredParameters(params) if gather else _Nothing()
-    with context, torch.no_grad():
+    gather = contextlib.nullcontext()
+    if s.tcfg.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(lm.model.parameters()))
+    with gather, torch.no_grad():
         state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
     if s.tcfg.lora.enabled:
         state = merged_state_dict(state, s.tcfg.lora.alpha, s.tcfg.lora.r)
-    return s.family.checkpoint_state_dict(state)
+    return state
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def push(s: Setup, step: int) -> float:
+    """The policy into the rank's engine, named as the checkpoint vLLM loads; seconds."""
+    return push_weights(s.llm, s.family.checkpoint_state_dict(policy_state(s)).items(), step)
 
 
 def rollout(s: Setup, step: int) -> tuple[list[Group], list[dict], dict]:
@@ -272,52 +270,44 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
     total = all_sum(s, local if r.loss_aggregation == "token" else int(keep.sum()))
     denominator = max(total, 1.0) / (world * accum)
     mb = r.micro_batch_size
-    batches = [list(range(i, min(i + mb, len(samples)))) for i in range(0, accum * mb, mb)]
+    batches = [list(range(i, min(i + mb, len(samples)))) for i in range(0, len(samples), mb)]
+    if len(batches) != accum:
+        raise RuntimeError(
+            f"{len(batches)} micro batches on rank {accelerator.process_index}, expected {accum}"
+        )
     old: list[torch.Tensor | None] = [None] * len(batches)
     ref: list[torch.Tensor | None] = [None] * len(batches)
     metrics: dict[str, list[float]] = {"clip_fraction": [], "kl": [], "logprob_diff": [], "loss": []}
     device = accelerator.device
     for update_index in range(r.updates_per_step):
         losses = []
-        for b, rows in enumerate(batches):
+        for b, rows in enumerate(batches):  # every rank has the same count: prompts_per_step / world x G
+            batch = collate([samples[i] for i in rows], s.pad_id, False, None)
             with accelerator.accumulate(s.model):
-                if rows:
-                    batch = collate([samples[i] for i in rows], s.pad_id, False, None)
-                    lm = accelerator.unwrap_model(s.model)
-                    hidden = lm.hidden_states(
-                        batch["input_ids"].to(device),
-                        batch["position_ids"].to(device),
-                        batch["attention_mask"].to(device),
-                        batch["audio"],
-                        batch["audio_keys"],
+                logp, raw, mask = batch_logprobs(s, s.model, batch)
+                if update_index == 0:
+                    old[b] = logp.detach()  # the policy that sampled: ratio 1 at the first update
+                    sampled = sampled_logprobs(groups, rows, mask)
+                    metrics["logprob_diff"].append(
+                        float(((raw - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
                     )
-                    logp, raw, mask = token_logprobs(
-                        hidden, s.family.lm_head(lm.hf), batch["labels"].to(device), r.temperature
-                    )
-                    if update_index == 0:
-                        old[b] = logp.detach()  # the policy that sampled: ratio 1 at the first update
-                        sampled = sampled_logprobs(groups, rows, mask)
-                        metrics["logprob_diff"].append(
-                            float(((raw - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
-                        )
-                        ref[b] = reference_logprobs(s, batch) if s.reference is not None else None
-                    mask = mask & keep[rows].to(device)[:, None]
-                    loss, m = policy_loss(
-                        logp,
-                        old[b],
-                        advantages[rows].to(device),
-                        mask,
-                        clip_low=r.clip_low,
-                        clip_high=r.clip_high,
-                        aggregation=r.loss_aggregation,
-                        denominator=denominator,
-                        logp_ref=ref[b],
-                        kl_coef=r.kl_coef,
-                    )
-                    metrics["clip_fraction"].append(float(m["clip_fraction"]))
-                    metrics["kl"].append(float(m["kl"]))
-                else:  # a rank with fewer samples than its micro batches still takes part in each
-                    loss = sum(p.sum() for p in s.model.parameters() if p.requires_grad) * 0.0
+                    if s.reference is not None:
+                        with torch.no_grad():
+                            ref[b] = batch_logprobs(s, s.reference, batch)[0]
+                loss, m = policy_loss(
+                    logp,
+                    old[b],
+                    advantages[rows].to(device),
+                    mask & keep[rows].to(device)[:, None],
+                    clip_low=r.clip_low,
+                    clip_high=r.clip_high,
+                    aggregation=r.loss_aggregation,
+                    denominator=denominator,
+                    logp_ref=ref[b],
+                    kl_coef=r.kl_coef,
+                )
+                metrics["clip_fraction"].append(float(m["clip_fraction"]))
+                metrics["kl"].append(float(m["kl"]))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and s.tcfg.zero_stage == 0 and s.tcfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(
@@ -341,20 +331,17 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
     }
 
 
-def reference_logprobs(s: Setup, batch: dict) -> torch.Tensor:
-    """The start model's log-probabilities of a micro batch's sampled tokens (the KL term's)."""
+def batch_logprobs(s: Setup, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A model's log-probabilities of a micro batch's sampled tokens, through its forward (the
+    DeepSpeed engine's for the policy); see training/loss.py token_logprobs."""
     device = s.accelerator.device
-    with torch.no_grad():
-        hidden = s.reference.hidden_states(
-            batch["input_ids"].to(device),
-            batch["position_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["audio"],
-            batch["audio_keys"],
-        )
-        return token_logprobs(
-            hidden, s.family.lm_head(s.reference.hf), batch["labels"].to(device), s.rl.temperature
-        )[0]
+    return model(
+        **{k: batch[k].to(device) for k in ("input_ids", "position_ids", "labels", "weights", "row_weights")},
+        attention_mask=batch["attention_mask"].to(device),
+        audio=batch["audio"],
+        audio_keys=batch["audio_keys"],
+        temperature=s.rl.temperature,
+    )
 
 
 def mean(values: list[float]) -> float:
@@ -443,7 +430,7 @@ def train(s: Setup, step: int) -> Progress:
     progress, start = Progress(step, step), time.time()
     s.model.train()
     # The engine opened on the start model; it holds the trainer's weights only once they are pushed.
-    sync_s = push_weights(s.llm, policy_weights(s).items(), step)
+    push(s, step)
     bar = tqdm(total=total, initial=step, desc="rl", disable=not main_proc, dynamic_ncols=True)
     while progress.step < total:
         step = progress.step
@@ -452,8 +439,7 @@ def train(s: Setup, step: int) -> Progress:
         train_start = time.perf_counter()
         learned = update(s, groups, rewards)
         timing["train_s"] = time.perf_counter() - train_start
-        sync_s = push_weights(s.llm, policy_weights(s).items(), step + 1)
-        timing["sync_s"] = sync_s
+        timing["sync_s"] = push(s, step + 1)
         record = {**step_record(s, step, groups, terms, timing), **learned}
         write_rollouts(s, step, groups, terms)
         progress.step, progress.last = step + 1, record
@@ -480,7 +466,7 @@ def train(s: Setup, step: int) -> Progress:
 def save(s: Setup, progress: Progress) -> None:
     """The final policy in the family's vLLM layout, and the stage's summary, to OUT/final."""
     accelerator, out = s.accelerator, s.out
-    state = policy_weights(s)
+    state = policy_state(s)
     if not accelerator.is_main_process:
         return
     inner = accelerator.unwrap_model(s.model).model

@@ -1,5 +1,6 @@
 """The SFT loss: weighted next-token cross-entropy over the completion tokens, and the divisor
-that makes every micro batch's loss its share of the optimizer step's."""
+that makes every micro batch's loss its share of the optimizer step's; and the per-token
+log-probabilities RL's loss is made of."""
 
 from __future__ import annotations
 
@@ -60,3 +61,35 @@ def weighted_loss(
             piece_loss, h[part], y[part], w[part], use_reentrant=False
         )
     return total / (weights.sum().clamp(min=1e-8) if normalizer is None else normalizer)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probability of each target token under logits / temperature, the same at temperature 1
+    detached (what vLLM reports, to compare), the target mask), each [rows, positions - 1]. The head
+    runs on target positions only, `chunk` at a time, recomputed in the backward pass (the logits
+    of a long trace over a 150k vocabulary would take gigabytes)."""
+    hidden, labels = hidden[:, :-1], labels[:, 1:]
+    targets = labels != IGNORE
+    h, y = hidden[targets], labels[targets]
+
+    def piece(h_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:
+        logits = head(h_part).float()
+        scaled = torch.log_softmax(logits / temperature, dim=-1).gather(1, y_part[:, None])[:, 0]
+        raw = torch.log_softmax(logits.detach(), dim=-1).gather(1, y_part[:, None])[:, 0]
+        return torch.stack([scaled, raw])
+
+    parts = [
+        torch.utils.checkpoint.checkpoint(piece, h[s : s + chunk], y[s : s + chunk], use_reentrant=False)
+        for s in range(0, len(y), chunk)
+    ]
+    flat = torch.cat(parts, dim=1) if parts else hidden.new_zeros((2, 0), dtype=torch.float32)
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    logp = zeros.masked_scatter(targets, flat[0])
+    raw = zeros.masked_scatter(targets, flat[1].detach())
+    return logp, raw, targets

@@ -17,7 +17,7 @@ import torch
 
 from distill.models.registry import Family, family_of
 from distill.training.config import TrainConfig
-from distill.training.loss import weighted_loss
+from distill.training.loss import token_logprobs, weighted_loss
 
 
 class AudioEncoderCache:
@@ -234,10 +234,16 @@ class AudioLM(torch.nn.Module):
         weights: torch.Tensor,
         row_weights: torch.Tensor,
         normalizer: float | None = None,
-    ) -> torch.Tensor:
-        """The batch's training loss (loss.weighted_loss)."""
+        temperature: float | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's training loss (loss.weighted_loss); with a `temperature`, instead the
+        log-probability of every target token (loss.token_logprobs, what RL's loss is made of).
+        Both go through here, the module DeepSpeed wraps: ZeRO-3 gathers weights in its forward."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, audio, audio_keys)
-        return weighted_loss(hidden, self.family.lm_head(self.hf), labels, weights, row_weights, normalizer)
+        head = self.family.lm_head(self.hf)
+        if temperature is not None:
+            return token_logprobs(hidden, head, labels, temperature)
+        return weighted_loss(hidden, head, labels, weights, row_weights, normalizer)
 
 
 def attention_implementation(tcfg: TrainConfig, cuda: bool) -> str:
