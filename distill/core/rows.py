@@ -154,3 +154,10 @@ def check_shard_inputs(path: Path, expected: dict[str, object], redo: str) -> No
                 f"{path}: stale: written with {key} {str(found)[:16]}, but the round has "
                 f"{str(want)[:16]} now; {redo}"
             )
+
+
+def read_rl_log(rd: RoundDir) -> list[dict]:
+    """The rl stage's step records (rl/log.jsonl, one per step: distill/rl_train.py); none where RL
+    did not run in the round."""
+    log = rd.rl_dir / "log.jsonl"
+    return list(read_jsonl(log)) if log.exists() else []

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import secrets
 
-from distill.core.files import atomic_write_jsonl, atomic_write_text, read_jsonl
+from distill.core.files import atomic_write_jsonl, atomic_write_text
+from distill.core.rows import read_rl_log
 from distill.core.rundir import RoundDir, RunDir
 
 # What the record keeps of an RL step (the first and the last of the stage): rl/log.jsonl has all.
@@ -23,15 +24,9 @@ RL_KEYS = (
 )
 
 
-def rl_steps(rd: RoundDir) -> list[dict]:
-    """The rl stage's step records (rl/log.jsonl; none where RL did not run)."""
-    log = rd.rl_dir / "log.jsonl"
-    return list(read_jsonl(log)) if log.exists() else []
-
-
 def rl_record(rd: RoundDir, stats: dict) -> dict | None:
     """The round's RL in brief: steps, band, the first and last step, warnings; None without RL."""
-    steps = rl_steps(rd)
+    steps = read_rl_log(rd)
     if not steps and not stats.get("skipped"):
         return None
     return {
@@ -304,7 +299,7 @@ class WandbLogger:
                 audio,
             )
         out["sample_traces"] = table
-        steps = rl_steps(rd)
+        steps = read_rl_log(rd)
         if steps:  # every RL step of the round, as the stage logged it
             columns = sorted({k for r in steps for k in r if isinstance(r[k], int | float)})
             rl_table = wandb.Table(columns=columns)

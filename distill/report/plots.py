@@ -13,8 +13,8 @@ matplotlib.use("Agg")  # no display: reports are written on clusters and in CI
 import matplotlib.pyplot as plt
 
 from distill.core.files import read_jsonl
+from distill.core.rows import read_rl_log
 from distill.core.rundir import RunDir
-from distill.report.metrics import rl_steps
 
 # Rejection reasons drawn one by one; the rest are summed as "other".
 TOP_REASONS = 6
@@ -211,7 +211,7 @@ def charts(run: RunDir, records: list[dict]) -> dict[str, bytes]:
         "Kept traces and rejection reasons": kept_and_rejected(records),
         "Trace lengths": trace_lengths(run_trace_lengths(run)),
     }
-    steps = {rd.index: lines for rd in run.rounds() if (lines := rl_steps(rd))}
+    steps = {rd.index: lines for rd in run.rounds() if (lines := read_rl_log(rd))}
     if steps:
         figures["RL steps"] = rl_progress(steps)
     return figures

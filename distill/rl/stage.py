@@ -10,7 +10,9 @@ An empty band ends the stage with a message; by rl.on_empty_band the round goes 
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 from distill.config import Config
@@ -52,9 +54,7 @@ def loadable(checkpoint: Path, processor_source: Path, dest: Path) -> None:
     from distill.models.registry import family_of
 
     family_of(processor_source)  # a CPU install's processor may need the family's import hooks
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = private_tmp(dest)
     AutoProcessor.from_pretrained(processor_source).save_pretrained(tmp)
     for pattern in MODEL_FILES:
         for src in checkpoint.glob(pattern):
@@ -63,7 +63,26 @@ def loadable(checkpoint: Path, processor_source: Path, dest: Path) -> None:
                 (tmp / src.name).symlink_to(src.resolve())
             else:
                 shutil.copy2(src, tmp / src.name)
-    tmp.rename(dest)
+    publish(tmp, dest)
+
+
+def private_tmp(dest: Path) -> Path:
+    """An empty folder beside `dest` that only this process writes: on Slurm every node of the job
+    runs the stage and builds the same folder."""
+    tmp = dest.with_name(f".{dest.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished folder into place; another node's identical one may have got there first."""
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not dest.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_band(cfg: Config, rd: RoundDir, items: list, model_dir: Path) -> dict:
@@ -89,14 +108,12 @@ def skip(cfg: Config, rd: RoundDir, round_model: Path, message: str) -> dict:
     model is handed on unchanged (as rl/final, which the export reads)."""
     print(f"rl: {message}; the round goes on without RL (rl.on_empty_band=skip)", flush=True)
     if cfg.rl.mode == "instead_of_train":
-        tmp = rd.rl_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = private_tmp(rd.rl_dir / "final")
         for pattern in MODEL_FILES:
             for src in round_model.glob(pattern):
                 shutil.copy2(src, tmp / src.name)
         atomic_write_json(tmp / "rl_summary.json", {"skipped": message, "steps": 0})
-        tmp.rename(rd.rl_dir / "final")
+        publish(tmp, rd.rl_dir / "final")
     return {"skipped": message, "steps": 0}
 
 
