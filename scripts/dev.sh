@@ -38,11 +38,12 @@ case "$cmd" in
     setup) setup ;;
     demo) setup; exec "$VENV/bin/distill" run configs/demo_cpu.yaml "$@" ;;
     demo-omni) setup; exec "$VENV/bin/distill" run configs/demo_omni_cpu.yaml "$@" ;;
+    demo-rl) setup; exec "$VENV/bin/distill" run configs/demo_rl_cpu.yaml "$@" ;;
     # Two test processes (DISTILL_TEST_WORKERS; 0 runs in this one): most of an end-to-end test is
     # one process starting or one engine stepping, so two share a 2-core machine well. Tests of
     # one xdist_group (a module's shared server) stay in one process; `-n N` after it overrides.
     test) setup; exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${DISTILL_TEST_WORKERS:-2}" \
         --dist loadgroup "$@" ;;
     lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
-    *) echo "usage: scripts/dev.sh {demo|demo-omni|test|lint|setup} [args]" >&2; exit 2 ;;
+    *) echo "usage: scripts/dev.sh {demo|demo-omni|demo-rl|test|lint|setup} [args]" >&2; exit 2 ;;
 esac
