@@ -19,7 +19,8 @@ From the stage's rl/log.jsonl, per step:
   ZeRO stage and micro batch) on the same traces as SFT rows for one epoch (its train_summary.json
   tokens / seconds);
 - the share of the step's wall time each part takes (rollout, grounding reward scoring, update, sync,
-  and the rest: rewards, metrics, the gather across ranks, writing the rollouts).
+  and the rest: rewards, metrics, the gather across ranks, writing the rollouts). Each part is the
+  slower rank's time, so the parts can add up to a little more than the step (a negative rest).
 The first step is left out of the means (engine warm-up, the first DeepSpeed step).
 """
 
@@ -218,6 +219,13 @@ def sft_trainer(run: Path, work: Path) -> dict:
     return read_json(out / "final" / "train_summary.json")
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -244,7 +252,7 @@ def main() -> None:
     raw_tps = sum(r["tokens"] for r in raw[1:]) / sum(r["seconds"] for r in raw[1:])
     train_tps = sum(s["train_tokens"] for s in steps) / sum(s["train_s"] for s in steps)
     result = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "cores": os.cpu_count(),
         "steps_measured": len(steps),
         "step_seconds": round(step_s, 3),

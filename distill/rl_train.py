@@ -269,8 +269,10 @@ def update(s: Setup, groups: list[Group], rewards: torch.Tensor) -> dict:
     local = sum(n for n, k in zip(sizes, keep.tolist(), strict=True) if k)
     total = all_sum(s, local if r.loss_aggregation == "token" else int(keep.sum()))
     denominator = max(total, 1.0) / (world * accum)
+    # Micro batches of similar lengths (less padding); the step's loss does not depend on them.
+    by_length = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     mb = r.micro_batch_size
-    batches = [list(range(i, min(i + mb, len(samples)))) for i in range(0, len(samples), mb)]
+    batches = [by_length[i : i + mb] for i in range(0, len(samples), mb)]
     if len(batches) != accum:
         raise RuntimeError(
             f"{len(batches)} micro batches on rank {accelerator.process_index}, expected {accum}"

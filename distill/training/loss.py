@@ -81,6 +81,8 @@ def token_logprobs(
     def piece(h_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:
         logits = head(h_part).float()
         scaled = torch.log_softmax(logits / temperature, dim=-1).gather(1, y_part[:, None])[:, 0]
+        if temperature == 1.0:
+            return torch.stack([scaled, scaled.detach()])
         raw = torch.log_softmax(logits.detach(), dim=-1).gather(1, y_part[:, None])[:, 0]
         return torch.stack([scaled, raw])
 
