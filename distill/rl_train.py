@@ -136,23 +136,27 @@ def set_up(args: argparse.Namespace, cfg: Config) -> Setup:
     hidden = family.text_config(AutoConfig.from_pretrained(args.model)).hidden_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tcfg = rl_train_config(cfg, world)
+    processor = AutoProcessor.from_pretrained(args.model)
+    reference = None
+    if cfg.rl.kl_coef > 0:
+        # Loaded before the accelerator exists: once DeepSpeed's ZeRO-3 config is registered,
+        # transformers loads every model partitioned, and no engine would ever gather this one.
+        frozen = replace(tcfg, lora=replace(tcfg.lora, enabled=False), gradient_checkpointing=False)
+        reference = build_model(args.model, processor, frozen, 1).eval()
+        reference.requires_grad_(False)
     accelerator = build_accelerator(tcfg, hidden)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     set_seed(cfg.seed)
     out = Path(args.out)
     band, partners = read_band(out / "band.json")
-    processor = AutoProcessor.from_pretrained(args.model)
     model = build_model(args.model, processor, tcfg, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model, optimizer, scheduler = prepare_optimizer(
         accelerator, model, trainable, tcfg, cfg.rl.steps * cfg.rl.updates_per_step, schedule="constant"
     )
-    reference = None
-    if cfg.rl.kl_coef > 0:
-        frozen = replace(tcfg, lora=replace(tcfg.lora, enabled=False), gradient_checkpointing=False)
-        reference = build_model(args.model, processor, frozen, 1).to(accelerator.device).eval()
-        reference.requires_grad_(False)
+    if reference is not None:
+        reference = reference.to(accelerator.device)
     # Each rank's own engine, seeded apart; it samples only after the trainer's weights are pushed.
     llm = open_engine(args.model, cfg.engine, cfg.seed + accelerator.process_index, max_audio_items(cfg.data))
     model_dir = str(args.model)
