@@ -199,6 +199,9 @@ OLD_RESUMABLE_CHANGES = (
     "sample.server.retries",
     "sample.server.backoff_s",
     "sample.server.concurrency",
+    # The rl section's (issue 26): how often it saves, and when it warns.
+    "rl.save_every",
+    "rl.collapse_warn_fraction",
 )
 
 
