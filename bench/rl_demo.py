@@ -51,19 +51,38 @@ def distill(*args: str, log: Path) -> None:
         raise RuntimeError(f"distill {' '.join(args)} failed; see {log}")
 
 
-def variant_config(work: Path, saved: Path, overrides: list[str]):
-    """The preset's config (as it is now) with a variant's overrides; refused when the kept run
-    was made with other settings than the preset's outside the rl section."""
+def from_sft(work: Path, overrides: list[str]) -> Path:
+    """The preset's run in `work` as it stood after round 1's SFT (made once, then kept aside in
+    work/after_sft), with its config set to the preset's as it is now plus `overrides`; refused
+    when the kept run was made with other settings than the preset's outside the rl section."""
+    run, kept, log = work / "demo_rl_cpu", work / "after_sft", work / "distill.log"
+    work.mkdir(parents=True, exist_ok=True)
+    if not kept.exists():
+        shutil.rmtree(run, ignore_errors=True)
+        common = [CONFIG, f"output_dir={work}", "loop.rounds=1"]
+        distill("stage", "filter,train,export,eval", "--round", "0", *common, log=log)
+        distill("stage", "sample,ground,filter,train", "--round", "1", *common, log=log)
+        shutil.copytree(run, kept, symlinks=True)
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(kept, run, symlinks=True)
     cfg = load_config(CONFIG, [f"output_dir={work}", "loop.rounds=1", *overrides])
-    changed = [k for k in config_diff(load_config(saved), cfg) if not k.startswith("rl.")]
+    changed = [k for k in config_diff(load_config(run / "config.yaml"), cfg) if not k.startswith("rl.")]
     if changed:
-        raise SystemExit(f"{saved.parent}: made with other settings ({', '.join(changed)}); delete {work}")
-    return cfg
+        raise SystemExit(f"{kept}: made with other settings ({', '.join(changed)}); delete {work}")
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
 
 
 def window(lines: list[dict], key: str) -> float:
     """The mean of `key` over up to 5 steps: one step's prompts are too few to read alone."""
     return round(sum(r[key] for r in lines) / len(lines), 4)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def variant_numbers(run: Path) -> dict:
@@ -119,32 +138,18 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/rl_demo.json")
     args = p.parse_args()
     work = Path(args.work)
-    run = work / "demo_rl_cpu"
-    kept = work / "after_sft"
     log = work / "distill.log"
-    work.mkdir(parents=True, exist_ok=True)
-    if not kept.exists():
-        shutil.rmtree(run, ignore_errors=True)
-        common = [CONFIG, f"output_dir={work}", "loop.rounds=1"]
-        distill("stage", "filter,train,export,eval", "--round", "0", *common, log=log)
-        distill("stage", "sample,ground,filter,train", "--round", "1", *common, log=log)
-        shutil.copytree(run, kept, symlinks=True)
     results = {}
     for name, overrides in VARIANTS.items():
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(kept, run, symlinks=True)
+        run = from_sft(work, overrides)
         config = run / "config.yaml"
-        config.write_text(to_yaml(variant_config(work, config, overrides)))
         distill("stage", "rl,export,eval", "--round", "1", str(config), log=log)
         results[name] = variant_numbers(run)
         shutil.rmtree(work / name, ignore_errors=True)
         shutil.copytree(run, work / name, symlinks=True)
         print(name, json.dumps(results[name]), flush=True)
     print(table(results))
-    Path(args.out).write_text(
-        json.dumps({"machine": platform.processor() or platform.machine(), "variants": results}, indent=2)
-        + "\n"
-    )
+    Path(args.out).write_text(json.dumps({"machine": cpu_name(), "variants": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

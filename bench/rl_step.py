@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,44 +37,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.config import config_diff, load_config, to_yaml
+from bench.rl_demo import cpu_name, distill, from_sft
+from distill.config import load_config, to_yaml
 from distill.core.files import read_json, read_jsonl
 from distill.training.launch import train_command, train_env
 
-CONFIG = "configs/demo_rl_cpu.yaml"
 WORLD = 2
 
 
-def distill(*args: str, log: Path) -> None:
-    with log.open("a") as handle:
-        done = subprocess.run(
-            [sys.executable, "-m", "distill.cli", *args], stdout=handle, stderr=subprocess.STDOUT
-        )
-    if done.returncode:
-        raise RuntimeError(f"distill {' '.join(args)} failed; see {log}")
-
-
 def prepare(work: Path, steps: int) -> Path:
-    """The run after its rl stage of `steps` steps (round 1), from a kept SFT state if there is one."""
-    run, kept, log = work / "demo_rl_cpu", work / "after_sft", work / "distill.log"
-    work.mkdir(parents=True, exist_ok=True)
-    if not kept.exists():
-        shutil.rmtree(run, ignore_errors=True)
-        common = [CONFIG, f"output_dir={work}", "loop.rounds=1"]
-        distill("stage", "filter,train,export,eval", "--round", "0", *common, log=log)
-        distill("stage", "sample,ground,filter,train", "--round", "1", *common, log=log)
-        shutil.copytree(run, kept, symlinks=True)
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(kept, run, symlinks=True)
-    config = run / "config.yaml"
-    cfg = load_config(
-        CONFIG, [f"output_dir={work}", "loop.rounds=1", f"rl.steps={steps}", f"rl.save_every={steps}"]
-    )
-    changed = [k for k in config_diff(load_config(config), cfg) if not k.startswith("rl.")]
-    if changed:
-        raise SystemExit(f"{kept}: made with other settings ({', '.join(changed)}); delete {work}")
-    config.write_text(to_yaml(cfg))
-    distill("stage", "rl", "--round", "1", str(config), log=log)
+    """The run after its rl stage of `steps` steps (round 1), from bench/rl_demo.py's kept SFT state."""
+    run = from_sft(work, [f"rl.steps={steps}", f"rl.save_every={steps}"])
+    distill("stage", "rl", "--round", "1", str(run / "config.yaml"), log=work / "distill.log")
     return run
 
 
@@ -217,13 +190,6 @@ def sft_trainer(run: Path, work: Path) -> dict:
         if subprocess.run(cmd, env=train_env(tcfg), stdout=log, stderr=subprocess.STDOUT).returncode:
             raise RuntimeError(f"the SFT trainer failed; see {work}/sft.log")
     return read_json(out / "final" / "train_summary.json")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def mean(values: list[float]) -> float:

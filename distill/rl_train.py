@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,7 +47,7 @@ from distill.rl.sync import push_weights
 from distill.rollout.engine import open_engine
 from distill.training.checkpoints import read_log, resume, save_checkpoint
 from distill.training.config import TrainConfig
-from distill.training.distributed import build_accelerator, lost_peers
+from distill.training.distributed import build_accelerator, run_rank
 from distill.training.model import build_model, merged_state_dict
 from distill.training.optim import prepare_optimizer
 from distill.training.packing import collate
@@ -525,19 +524,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        # As distill/train.py: skip interpreter shutdown, where gloo's and DeepSpeed's threads can abort.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    except Exception as exc:
-        if not lost_peers(exc):
-            raise
-        print(
-            f"rl: rank {os.environ.get('RANK', '?')} lost contact with the other ranks and stops: "
-            f"{str(exc).splitlines()[0]}",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
+    run_rank(main, "rl")

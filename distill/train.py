@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +31,7 @@ from distill.data import audio_cache
 from distill.models.registry import Family, family_of
 from distill.training.checkpoints import read_log, resume, save_checkpoint
 from distill.training.config import TrainConfig
-from distill.training.distributed import basic_optimizer_name, build_accelerator, lost_peers
+from distill.training.distributed import basic_optimizer_name, build_accelerator, run_rank
 from distill.training.launch import mixed_precision
 from distill.training.loss import step_normalizer
 from distill.training.mixing import build_mix
@@ -349,23 +348,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        # A finished rank skips interpreter shutdown: there, C++ destructors of gloo's and DeepSpeed's
-        # still-joinable threads can abort it with SIGABRT ("terminate called without an active
-        # exception") after its work is saved; seen twice in fresh-clone CI (6 December 2026, rank 1
-        # of a ZeRO-3 stage after its checkpoint), once even after destroy_process_group.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    except Exception as exc:
-        if not lost_peers(exc):
-            raise
-        print(
-            f"train: rank {os.environ.get('RANK', '?')} lost contact with the other ranks and stops: "
-            f"{str(exc).splitlines()[0]}\nAnother rank died or hangs (its output says why); a rank waits for "
-            "its peers at most train.collective_timeout_s seconds.",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)  # the process group's destructors would wait on the lost peers
+    run_rank(main, "train")

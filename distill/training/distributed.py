@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from distill.core.schema import ConfigError
 from distill.training.config import TrainConfig
@@ -118,3 +121,28 @@ def lost_peers(exc: BaseException) -> bool:
     import torch.distributed as dist
 
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
+
+
+def run_rank(main: Callable[[], None], label: str) -> NoReturn:
+    """Run an `accelerate launch` entry point's `main` on this rank, then leave without the
+    interpreter's shutdown: there, C++ destructors of gloo's and DeepSpeed's still-joinable
+    threads can abort a finished rank with SIGABRT ("terminate called without an active
+    exception") after its work is saved; seen twice in fresh-clone CI (6 December 2026, rank 1 of a
+    ZeRO-3 stage after its checkpoint), once even after destroy_process_group. A rank that lost its
+    peers says so and exits 1 at once (the process group's destructors would wait on them)."""
+    try:
+        main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    except Exception as exc:
+        if not lost_peers(exc):
+            raise
+        print(
+            f"{label}: rank {os.environ.get('RANK', '?')} lost contact with the other ranks and stops: "
+            f"{str(exc).splitlines()[0]}\nAnother rank died or hangs (its output says why); a rank waits "
+            "for its peers at most train.collective_timeout_s seconds.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)

@@ -147,18 +147,6 @@ def clear_stale_build_locks(extensions_dir: Path, max_age_s: float = STALE_BUILD
     return removed
 
 
-def run_training(
-    tcfg: TrainConfig,
-    config_path: Path,
-    data: list[Path],
-    model: Path,
-    out: Path,
-    section: str,
-    machines: Machines = Machines(),
-) -> None:
-    launch(train_command(tcfg, config_path, data, model, out, section, machines), tcfg, "train")
-
-
 def launch(cmd: list[str], tcfg: TrainConfig, label: str) -> None:
     """Run an accelerate command with the training environment; raise if it fails."""
     env = train_env(tcfg)

@@ -9,7 +9,7 @@ from distill.config import Config
 from distill.core.files import read_json
 from distill.core.rundir import RunDir
 from distill.core.stages import StageContext
-from distill.training.launch import machines_from_env, run_training
+from distill.training.launch import launch, machines_from_env, train_command
 
 
 def train_inputs(cfg: Config, run: RunDir, index: int, model: Path) -> tuple[Path, list[Path]]:
@@ -32,7 +32,11 @@ def run(ctx: StageContext) -> dict | None:
     section = "cold_start.train" if rd.index == 0 else "train"
     student, data_files = train_inputs(cfg, ctx.run, rd.index, ctx.model)
     machines = machines_from_env()
-    run_training(tcfg, ctx.run.config, data_files, student, rd.train_dir, section, machines)
+    launch(
+        train_command(tcfg, ctx.run.config, data_files, student, rd.train_dir, section, machines),
+        tcfg,
+        "train",
+    )
     if machines.rank != 0:
         return None
     return read_json(rd.checkpoint / "train_summary.json")
