@@ -14,12 +14,24 @@ rollout refuses an engine whose step is not the trainer's: a stale policy cannot
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
 import torch
 
 POLICY_STEP = "distill_policy_step"
+
+
+def _not_rotary(record: logging.LogRecord) -> bool:
+    # Rotary embeddings hold a computed cache, no checkpoint weight: vLLM keeps it and says so.
+    return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+# Every push logs these, twice a step per rank; the push's own seconds go to the RL log instead.
+logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
+logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_not_rotary)
 
 
 class StalePolicyError(RuntimeError):
