@@ -153,6 +153,11 @@ def export_round(cfg: Config, run: RunDir, index: int) -> dict:
         with unit_lock(run.path, RUN_UNIT, exclusive=False):
             data = prepare_data(cfg, run.data_dir)
             with EngineCache(cfg.engine, cfg.seed, max_audio_items(cfg.data)) as engines:
+                # A stage between train and export that the config turns off (rl) is only its marker.
+                for name in rd.stages[: rd.stages.index("export")]:
+                    stage = stage_named(name)
+                    if stage.enabled_by and not stage.enabled(cfg) and not rd.is_done(name):
+                        run_stage(cfg, run, index, name, data, engines)
                 run_stage(cfg, run, index, "export", data, engines)
     return rd.stats()["export"]
 
