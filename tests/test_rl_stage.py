@@ -90,3 +90,5 @@ def test_rl_instead_of_sft_skips_training_and_hands_on_the_model_when_the_band_i
         tiny_model / "model.safetensors"
     ).read_bytes()
     assert read_json(ctx.rd.policy / "rl_summary.json")["steps"] == 0
+    # Killed after the hand-on, before the marker: the stage runs again and finds it done.
+    assert rl_stage.run(ctx) == read_json(ctx.rd.policy / "rl_summary.json")

@@ -139,6 +139,8 @@ def run(ctx: StageContext) -> dict | None:
         return {"enabled": False}
     ctx.engines.close()  # the trainer's ranks open engines of their own
     final = rd.rl_dir / "final"
+    if final.exists() and not (rd.rl_dir / "band.json").exists():
+        return read_json(final / "rl_summary.json")  # a skip handed the model on; the marker was not set
     if not final.exists() and not (rd.rl_dir / "band.json").exists():
         try:
             write_band(cfg, rd, ctx.data.train, ctx.model)  # the round's tokenizer: the student's
