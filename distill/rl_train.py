@@ -367,7 +367,6 @@ class Progress:
     step: int
     resumed_at: int
     seconds: float = 0.0
-    last: dict | None = None
 
 
 def step_record(s: Setup, step: int, groups: list[Group], terms: list[dict], timing: dict) -> dict:
@@ -390,8 +389,7 @@ def step_record(s: Setup, step: int, groups: list[Group], terms: list[dict], tim
     # The slowest rank's time is the step's.
     for key in timing:
         record[key] = round(max(p[4][key] for p in everything), 3)
-    record["sampled_tokens"] = sum(o.num_tokens for g in groups for o in g.completions)
-    record["sampled_tokens"] = int(all_sum(s, record["sampled_tokens"]))
+    record["sampled_tokens"] = int(all_sum(s, sum(o.num_tokens for g in groups for o in g.completions)))
     return record
 
 
@@ -447,7 +445,7 @@ def train(s: Setup, step: int) -> Progress:
         timing["sync_s"] = push(s, step + 1)
         record = {**step_record(s, step, groups, terms, timing), **learned}
         write_rollouts(s, step, groups, terms)
-        progress.step, progress.last = step + 1, record
+        progress.step = step + 1
         if main_proc:
             record["elapsed_s"] = round(time.time() - start, 3)
             first_length = record["reasoning_tokens_mean"] if first_length is None else first_length
