@@ -258,11 +258,12 @@ def test_two_rounds_end_to_end(uninterrupted, tmp_path):
     assert len(stats["gate_probes"]) == 2 and stats["serve"] == serve
     assert done.stdout.strip().endswith(f"serve it with: {serve}")
 
-    # A stage run before the one it reads from has finished is refused, before any work.
+    # A stage run before the one it reads from has finished is refused, before any work (the stage
+    # before export is rl, a marker when RL is off).
     stage = [sys.executable, "-m", "distill.cli", "stage"]
     args = ["configs/demo_cpu.yaml", "--round", "3", f"output_dir={out}", *TINY_RUN, "loop.rounds=3"]
     early = subprocess.run([*stage, "export", *args], capture_output=True, text=True)
-    assert early.returncode == 1 and "stage 'export' needs 'train' finished first" in early.stderr
+    assert early.returncode == 1 and "stage 'export' needs 'rl' finished first" in early.stderr
 
 
 def run_processes(out: Path, token: str) -> list[psutil.Process]:
