@@ -114,16 +114,16 @@ class Setup:
 
 
 def read_band(path: Path) -> tuple[dict[str, Item], dict[str, Item]]:
-    """The band's items and their swap partners, as the rl stage wrote them."""
+    """The band's items and their swap partners, as the rl stage wrote them (Item.to_json rows)."""
     band = read_json(path)
-    items = {
-        row["id"]: Item(**{k: v for k, v in row.items() if k != "schema_version"}) for row in band["items"]
-    }
-    partners = {
-        key: Item(**{k: v for k, v in row.items() if k != "schema_version"})
-        for key, row in band["partners"].items()
-    }
-    return items, partners
+
+    def item(row: dict) -> Item:
+        return Item(**{k: v for k, v in row.items() if k != "schema_version"})
+
+    return (
+        {row["id"]: item(row) for row in band["items"]},
+        {key: item(row) for key, row in band["partners"].items()},
+    )
 
 
 def set_up(args: argparse.Namespace, cfg: Config) -> Setup:

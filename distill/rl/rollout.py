@@ -37,7 +37,7 @@ def rl_seed(base_seed: int, round_index: int, item_id: str, step: int) -> int:
     return sample_seed(base_seed, round_index, f"{item_id}@rl-step-{step}", 0)
 
 
-def trace(cfg: Config, item: Item, request: Request, out: Completion) -> dict:
+def trace(cfg: Config, item: Item, out: Completion) -> dict:
     """A sampled completion as the reward terms read it (the fields of a sample row they use)."""
     return {
         "item_id": item.id,
@@ -84,7 +84,7 @@ def sample_groups(
     groups = []
     for i, (it, req) in enumerate(zip(items, requests, strict=True)):
         completions = outs[i * r.group_size : (i + 1) * r.group_size]
-        groups.append(Group(it, req, completions, [trace(cfg, it, req, o) for o in completions]))
+        groups.append(Group(it, req, completions, [trace(cfg, it, o) for o in completions]))
     return groups
 
 
